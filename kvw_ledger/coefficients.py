@@ -1,0 +1,217 @@
+"""Coefficient collection: how strongly each knowledge vector fires for some data.
+
+The coefficient of value vector i at a token is the absolute value of the i-th
+input of the FFN's value projection. :class:`CoefficientHooks` puts forward
+pre-hooks on the sites in range only, gathers the selected positions, and sums
+them on the device in float32; token counts are known on the host from the
+batch, so nothing waits for the device per batch. Once every needed site has run,
+the hook raises :class:`StopForward`: later layers, the LM head and the loss
+never run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from kvw_ledger.data import Batch
+from kvw_ledger.errors import BadInputError, NonFiniteActivationError
+from kvw_ledger.sites import Site
+
+
+class StopForward(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """Raised inside a hook to end a forward pass once its last needed site has run."""
+
+
+@dataclass
+class Coefficients:
+    """Per-site sums of |coefficient| over selected tokens, and their token counts."""
+
+    sums: dict[str, torch.Tensor]  # site -> (n_vectors,) float32, on the site's device
+    counts: dict[str, torch.Tensor]  # site -> () int64 on the same device
+
+    def means(self) -> dict[str, torch.Tensor]:
+        """Pooled mean per site: sum over tokens / token count (0 where no token was seen)."""
+        return {
+            name: self.sums[name] / self.counts[name].clamp(min=1).to(torch.float32)
+            for name in self.sums
+        }
+
+    def add(self, other: Coefficients) -> None:
+        """Adds another measurement in place (sums and counts reduce exactly)."""
+        for name, value in other.sums.items():
+            self.sums[name] += value
+            self.counts[name] += other.counts[name]
+
+    def check_finite(self, what: str) -> None:
+        """Raises NonFiniteActivationError naming the first site whose sums are NaN or infinite."""
+        for name, value in self.sums.items():
+            if not bool(torch.isfinite(value).all()):
+                raise NonFiniteActivationError(
+                    f"{what}: the activations at site {name} are NaN or infinite; the model "
+                    "overflows on this data (try float32, or check the weights)"
+                )
+
+
+class CoefficientHooks:
+    """Context manager that hooks the given sites and measures one batch at a time.
+
+    The hooks are always removed on exit, even when the forward raises.
+
+    Args:
+        model: the model to hook.
+        sites: the sites to measure (usually those in the layer range).
+        stop_early: end each forward once every needed site has run.
+    """
+
+    def __init__(self, model: nn.Module, sites: Sequence[Site], stop_early: bool = True) -> None:
+        self.model = model
+        self.sites = list(sites)
+        self.stop_early = stop_early
+        self._by_module: dict[str, list[Site]] = {}
+        for site in self.sites:
+            self._by_module.setdefault(site.module, []).append(site)
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._batch: Batch | None = None
+        self._needed: set[str] = set()
+        self._fired: set[str] = set()
+        self._current: Coefficients | None = None
+
+    def __enter__(self) -> CoefficientHooks:
+        modules = dict(self.model.named_modules())
+        try:
+            for module_name in self._by_module:
+                hook = self._make_hook(module_name)
+                self._handles.append(modules[module_name].register_forward_pre_hook(hook))
+        except BaseException:
+            self._remove()
+            raise
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._remove()
+
+    def _remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def measure(self, batch: Batch) -> Coefficients:
+        """Runs one forward pass over ``batch`` (already on the device) and returns its sums."""
+        self._batch = batch
+        self._fired = set()
+        self._needed = {
+            module
+            for module, sites in self._by_module.items()
+            if batch.has_images or sites[0].tower == "language"
+        }
+        self._current = Coefficients({}, {})
+        with torch.no_grad():
+            try:
+                self.model(**batch.inputs, use_cache=False)
+            except StopForward:
+                pass
+        result = self._current
+        self._current = self._batch = None
+        # A site that did not run (e.g. the vision tower on a text-only batch) saw no tokens.
+        for site in self.sites:
+            if site.name not in result.sums:
+                weight = self.model.get_parameter(site.param)
+                result.sums[site.name] = torch.zeros(site.n_vectors, device=weight.device)
+                result.counts[site.name] = torch.zeros((), dtype=torch.long, device=weight.device)
+        return result
+
+    def _make_hook(self, module_name: str) -> Any:
+        sites = self._by_module[module_name]
+
+        def hook(module: nn.Module, args: tuple[Any, ...], *_: Any) -> None:
+            if self._current is None or self._batch is None:
+                return  # a forward outside measure(): not ours to record
+            if sites[0].kind == "experts":
+                self._record_experts(module, sites, args)
+            else:
+                self._record_linear(sites[0], args[0])
+            self._fired.add(module_name)
+            if self.stop_early and self._needed <= self._fired:
+                raise StopForward
+
+        return hook
+
+    def _store(self, name: str, summed: torch.Tensor, count: torch.Tensor) -> None:
+        assert self._current is not None
+        if name in self._current.sums:  # a module called twice in one forward
+            self._current.sums[name] += summed
+            self._current.counts[name] += count
+        else:
+            self._current.sums[name] = summed
+            self._current.counts[name] = count
+
+    def _record_linear(self, site: Site, x: torch.Tensor) -> None:
+        assert self._batch is not None
+        flat = x.reshape(-1, x.shape[-1])  # (B*T, d_ff), or (patches, d_ff) in a vision tower
+        if site.tower == "language":
+            flat = flat.index_select(0, self._batch.positions)  # (B*T, d_ff) -> (N, d_ff)
+        summed = flat.to(torch.float32).abs().sum(0)  # (N, d_ff) -> (d_ff,)
+        count = torch.tensor(flat.shape[0], dtype=torch.long, device=summed.device)
+        self._store(site.name, summed, count)
+
+    def _record_experts(self, module: nn.Module, sites: list[Site], args: tuple[Any, ...]) -> None:
+        # Fused MoE experts never call a down-projection module we could hook, so the
+        # per-expert input act(gate) * up is recomputed here for the selected tokens.
+        assert self._batch is not None
+        hidden, top_k_index = args[0], args[1]
+        hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, self._batch.positions)  # (N, H)
+        routed = top_k_index.reshape(-1, top_k_index.shape[-1]).index_select(0, self._batch.positions)
+        gate_up = module.gate_up_proj
+        for site in sites:
+            assert site.expert is not None
+            takes = (routed == site.expert).any(dim=-1)  # (N,) bool: tokens routed to this expert
+            gate, up = nn.functional.linear(hidden, gate_up[site.expert]).chunk(2, dim=-1)
+            coeff = (module.act_fn(gate) * up).to(torch.float32).abs()  # (N, d_ff)
+            summed = (coeff * takes.unsqueeze(1)).sum(0)  # (N, d_ff) -> (d_ff,)
+            self._store(site.name, summed, takes.sum())
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the model's input embeddings (where batches go)."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embeddings is not None and getattr(embeddings, "weight", None) is not None:
+        return embeddings.weight.device
+    return next(model.parameters()).device
+
+
+def collect(
+    model: nn.Module,
+    sites: Sequence[Site],
+    batches: Iterable[Batch],
+    *,
+    total: int | None = None,
+    desc: str = "coefficients",
+    progress: bool = True,
+) -> Coefficients:
+    """Sums coefficients over all ``batches`` (e.g. a whole retain set) on the unchanged model.
+
+    Raises:
+        NonFiniteActivationError: the forward produced NaN or infinite coefficients.
+    """
+    device = model_device(model)
+    totals: Coefficients | None = None
+    with CoefficientHooks(model, sites) as hooks:
+        for batch in tqdm(batches, total=total, desc=desc, disable=not progress, leave=False):
+            measured = hooks.measure(batch.to(device))
+            if totals is None:
+                totals = measured
+            else:
+                totals.add(measured)
+    if totals is None:
+        raise BadInputError(f"{desc}: no data to measure")
+    totals.check_finite(desc)
+    return totals

@@ -1,0 +1,285 @@
+"""Forget and retain data: JSONL records to model inputs with answer-only labels.
+
+A record is ``{"question": str, "answer": str, "image"?: path, "id"?: str}``, image
+paths relative to the JSONL file; other fields are ignored. Each record becomes
+the prompt's ids followed by the answer's ids (never tokenized together, so the
+answer's tokens are the same whatever precedes them), with labels -100 everywhere
+but the answer. A data set's fingerprint is a sha256 over its canonical records
+and image bytes: the ledger keeps it instead of the data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvw_ledger.errors import BadInputError, DataError
+
+IGNORE_INDEX = -100
+
+# Processors whose image placeholder is more than their `image_token`: Qwen2-VL's
+# rope index looks for the vision-start token in front of the image pads.
+_IMAGE_PLACEHOLDERS = {
+    "Qwen2VLProcessor": "<|vision_start|><|image_pad|><|vision_end|>",
+    "Qwen2_5_VLProcessor": "<|vision_start|><|image_pad|><|vision_end|>",
+}
+
+# Processor outputs that hold one value per token and are padded like input_ids.
+_PER_TOKEN_KEYS = ("mm_token_type_ids", "token_type_ids")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One question/answer pair as read from a JSONL file."""
+
+    question: str
+    answer: str
+    image: Path | None  # absolute path, resolved against the JSONL file's folder
+    id: str | None
+    where: str  # "file:line", for error messages
+
+
+@dataclass
+class Example:
+    """One encoded record."""
+
+    input_ids: torch.Tensor  # (T,) int64
+    labels: torch.Tensor  # (T,) int64, IGNORE_INDEX outside the answer
+    vision: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. pixel_values, image_grid_thw
+    per_token: dict[str, torch.Tensor] = field(default_factory=dict)  # (T,) extras, e.g. mm_token_type_ids
+    where: str = ""
+
+
+@dataclass
+class Batch:
+    """Right-padded model inputs plus the positions whose coefficients count."""
+
+    inputs: dict[str, torch.Tensor]  # input_ids, attention_mask, and vision tensors
+    positions: torch.Tensor  # (N,) int64 flat indices into (B*T) of the selected positions
+    n_tokens: int  # N, known on the host so no device sync is needed to count
+    has_images: bool
+
+    def to(self, device: torch.device | str) -> Batch:
+        """The same batch on ``device`` (non-blocking copies)."""
+        moved = {k: v.to(device, non_blocking=True) for k, v in self.inputs.items()}
+        return Batch(moved, self.positions.to(device, non_blocking=True), self.n_tokens, self.has_images)
+
+
+def read_records(path: str | Path) -> list[Record]:
+    """Reads and validates a JSONL data file.
+
+    Raises:
+        DataError: a line is not a JSON object, lacks a non-empty string question or
+            answer, names a missing image, or the file has no records; the message
+            names the file and line.
+    """
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError as e:
+        raise DataError(f"{path}: no such data file") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read as UTF-8 text ({e})") from e
+    records = [
+        _parse_line(path, number, line) for number, line in enumerate(lines, 1) if line.strip()
+    ]
+    if not records:
+        raise DataError(f"{path}: no records; a data file needs at least one JSON line")
+    return records
+
+
+def _parse_line(path: Path, number: int, line: str) -> Record:
+    where = f"{path}:{number}"
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from e
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object with question and answer")
+    for key in ("question", "answer"):
+        value = obj.get(key)
+        if not isinstance(value, str):
+            raise DataError(f"{where}: field {key!r} must be a string")
+    if not obj["answer"].strip():
+        raise DataError(f"{where}: the answer is empty; every record needs an answer to forget")
+    image = obj.get("image")
+    image_path = None
+    if image is not None:
+        if not isinstance(image, str) or not image:
+            raise DataError(f"{where}: field 'image' must be a path string")
+        image_path = (path.parent / image).resolve()
+        if not image_path.is_file():
+            raise DataError(f"{where}: image {image} not found (looked for {image_path})")
+    record_id = obj.get("id")
+    return Record(obj["question"], obj["answer"], image_path, None if record_id is None else str(record_id), where)
+
+
+def fingerprint(records: Sequence[Record]) -> str:
+    """sha256 over canonical records and image bytes (paths do not count, contents do)."""
+    digest = hashlib.sha256(b"kvw-ledger-data-v1\n")
+    for record in records:
+        image_hash = None
+        if record.image is not None:
+            image_hash = hashlib.sha256(record.image.read_bytes()).hexdigest()
+        canonical = {"question": record.question, "answer": record.answer, "id": record.id, "image": image_hash}
+        digest.update(json.dumps(canonical, sort_keys=True, ensure_ascii=False).encode() + b"\n")
+    return digest.hexdigest()
+
+
+class Encoder:
+    """Turns records into :class:`Example` with a tokenizer or a processor.
+
+    Args:
+        processor: a tokenizer, or a multimodal processor with a ``tokenizer``.
+        max_length: longest sequence kept (tokens); longer ones are cut at the end.
+    """
+
+    def __init__(self, processor: Any, max_length: int | None = None) -> None:
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.max_length = max_length
+        self.chat_template = getattr(processor, "chat_template", None) or getattr(
+            self.tokenizer, "chat_template", None
+        )
+        eos = self.tokenizer.eos_token_id
+        if eos is None and not self.chat_template:
+            raise BadInputError("the tokenizer has no eos_token_id; set one in its tokenizer_config.json")
+        self.eos_token_id = eos
+
+    @property
+    def pad_token_id(self) -> int:
+        """Id used for right padding (pad, else eos, else 0)."""
+        for candidate in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id):
+            if candidate is not None:
+                return int(candidate)
+        return 0
+
+    def encode(self, record: Record) -> Example:
+        """Encodes one record; raises DataError naming it when no answer token survives."""
+        if record.image is not None and not hasattr(self.processor, "image_processor"):
+            raise DataError(
+                f"{record.where}: the record has an image but the model has no image processor; "
+                "use a vision-language model or drop the image"
+            )
+        prompt_text, answer_text = self._texts(record)
+        prompt_ids, vision, per_token = self._encode_prompt(record, prompt_text)
+        answer_ids = list(self.tokenizer(answer_text, add_special_tokens=False)["input_ids"])
+        if not self.chat_template:
+            answer_ids.append(int(self.eos_token_id))
+        if not answer_ids:
+            raise DataError(f"{record.where}: the answer {record.answer!r} tokenizes to nothing")
+        ids = prompt_ids + answer_ids
+        labels = [IGNORE_INDEX] * len(prompt_ids) + answer_ids
+        # Per-token extras (e.g. which tokens are image tokens) are 0 over the answer.
+        extras = {k: torch.cat([v, v.new_zeros(len(answer_ids))]) for k, v in per_token.items()}
+        if self.max_length is not None and len(ids) > self.max_length:
+            ids, labels = ids[: self.max_length], labels[: self.max_length]
+            extras = {k: v[: self.max_length] for k, v in extras.items()}
+            if all(label == IGNORE_INDEX for label in labels):
+                raise DataError(
+                    f"{record.where}: the answer is truncated away (prompt is {len(prompt_ids)} tokens, "
+                    f"max length {self.max_length}); shorten the question"
+                )
+        return Example(torch.tensor(ids), torch.tensor(labels), vision, extras, record.where)
+
+    def _texts(self, record: Record) -> tuple[str, str]:
+        if not self.chat_template:
+            prompt = f"Question: {record.question}\nAnswer:"
+            if record.image is not None:
+                prompt = f"{self._image_placeholder()}\n{prompt}"
+            return prompt, " " + record.answer
+        if record.image is not None:
+            user: dict[str, Any] = {
+                "role": "user",
+                "content": [{"type": "image"}, {"type": "text", "text": record.question}],
+            }
+        else:
+            user = {"role": "user", "content": record.question}
+        assistant = {"role": "assistant", "content": record.answer}
+        template_owner = self.processor if record.image is not None else self.tokenizer
+        prompt = template_owner.apply_chat_template([user], add_generation_prompt=True, tokenize=False)
+        full = template_owner.apply_chat_template([user, assistant], tokenize=False)
+        if not full.startswith(prompt):
+            raise DataError(
+                f"{record.where}: the chat template does not render the answer after the prompt, so "
+                "the answer tokens cannot be located"
+            )
+        return prompt, full[len(prompt) :]
+
+    def _image_placeholder(self) -> str:
+        name = type(self.processor).__name__
+        token = _IMAGE_PLACEHOLDERS.get(name) or getattr(self.processor, "image_token", None)
+        if not token:
+            raise BadInputError(f"{name} has no image_token; give the model a chat template")
+        return str(token)
+
+    def _encode_prompt(
+        self, record: Record, text: str
+    ) -> tuple[list[int], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        if record.image is None:
+            add_special = not self.chat_template
+            return list(self.tokenizer(text, add_special_tokens=add_special)["input_ids"]), {}, {}
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(record.image) as img:
+                image = img.convert("RGB")
+        except (OSError, UnidentifiedImageError) as e:
+            raise DataError(f"{record.where}: cannot read image {record.image} ({e})") from e
+        out = self.processor(text=[text], images=[image], return_tensors="pt")
+        ids = out["input_ids"][0].tolist()
+        per_token = {k: v[0] for k, v in out.items() if k in _PER_TOKEN_KEYS}
+        vision = {k: v for k, v in out.items() if k not in ("input_ids", "attention_mask", *_PER_TOKEN_KEYS)}
+        return ids, vision, per_token
+
+
+def collate(examples: Sequence[Example], pad_token_id: int) -> Batch:
+    """Right-pads examples into one batch and finds the positions that predict answer tokens.
+
+    Position t is selected when ``attention_mask[t]`` and ``labels[t+1] != -100``
+    (the reference's ``cause_mask``): the inputs that produce each answer token.
+    """
+    length = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), length), dtype=torch.long)
+    labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
+    per_token_keys = sorted({k for e in examples for k in e.per_token})
+    per_token = {k: torch.zeros((len(examples), length), dtype=torch.long) for k in per_token_keys}
+    for row, example in enumerate(examples):
+        n = len(example.input_ids)
+        ids[row, :n] = example.input_ids
+        mask[row, :n] = 1
+        labels[row, :n] = example.labels
+        for key, values in example.per_token.items():
+            per_token[key][row, :n] = values
+    cause = torch.zeros_like(mask, dtype=torch.bool)
+    cause[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    selected = cause & mask.bool()
+    positions = selected.flatten().nonzero().squeeze(1)  # (N,) on the host: no device sync later
+    inputs: dict[str, torch.Tensor] = {"input_ids": ids, "attention_mask": mask, **per_token}
+    vision_keys = sorted({k for e in examples for k in e.vision})
+    for key in vision_keys:
+        inputs[key] = torch.cat([e.vision[key] for e in examples if key in e.vision])
+    return Batch(inputs, positions, int(positions.numel()), bool(vision_keys))
+
+
+def encode_all(encoder: Encoder, records: Sequence[Record]) -> list[Example]:
+    """Encodes every record (errors name the first bad one)."""
+    return [encoder.encode(r) for r in records]
+
+
+def iter_batches(
+    examples: Sequence[Example], batch_size: int, pad_token_id: int, order: Sequence[int] | None = None
+) -> Iterator[Batch]:
+    """Batches ``examples`` in ``order`` (default: file order)."""
+    if batch_size < 1:
+        raise BadInputError(f"--batch-size must be at least 1, not {batch_size}")
+    indices = list(range(len(examples))) if order is None else list(order)
+    for start in range(0, len(indices), batch_size):
+        yield collate([examples[i] for i in indices[start : start + batch_size]], pad_token_id)

@@ -1,0 +1,79 @@
+"""The exception tree.
+
+Every error the library raises on purpose is a :class:`KVWLedgerError`, and each
+class also subclasses the built-in that fits, so ``except KeyError`` or
+``except ValueError`` keeps working for callers who do not know this package.
+``exit_code`` is what the CLI returns for it: 2 for bad input, 1 for a check that
+failed.
+"""
+
+from __future__ import annotations
+
+
+class KVWLedgerError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+    exit_code = 2
+
+
+class BadInputError(KVWLedgerError, ValueError):
+    """An argument, file or record the caller gave is not usable."""
+
+
+class DataError(BadInputError):
+    """A forget/retain data file is malformed; the message names file and line."""
+
+
+class UnknownArchitectureError(BadInputError, LookupError):
+    """No FFN value projections could be found in a model."""
+
+
+class NonFiniteActivationError(BadInputError, FloatingPointError):
+    """A forward pass produced NaN or infinite coefficients."""
+
+
+class RefNotFoundError(KVWLedgerError, KeyError):
+    """A REF (version, request id, HEAD~N) or a stored object does not exist."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message in quotes
+        return str(self.args[0]) if self.args else ""
+
+
+class RequestStateError(BadInputError):
+    """A verb does not apply to a request in its current state (e.g. reverting twice)."""
+
+
+class ModelMismatchError(BadInputError):
+    """A model directory does not match the fingerprint the ledger recorded."""
+
+
+class FormatVersionError(BadInputError):
+    """A ledger was written by a newer (or unknown) format version."""
+
+
+class LedgerLockedError(KVWLedgerError, BlockingIOError):
+    """Another live writer holds the ledger's lock."""
+
+
+class ConcurrentCommitError(KVWLedgerError, FileExistsError):
+    """Another writer committed the journal version this commit was about to create."""
+
+
+class LedgerNotFoundError(BadInputError, FileNotFoundError):
+    """No ledger exists at the given path."""
+
+
+class LedgerExistsError(BadInputError, FileExistsError):
+    """A ledger (or another file) already exists where one is to be created."""
+
+
+class IntegrityError(KVWLedgerError, RuntimeError):
+    """Stored data does not match its recorded hash: the ledger was damaged or tampered with."""
+
+    exit_code = 1
+
+
+class StabilityCheckError(KVWLedgerError, RuntimeError):
+    """A staged step failed a stability check and was not committed."""
+
+    exit_code = 1

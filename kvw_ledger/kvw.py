@@ -1,0 +1,216 @@
+"""Knowledge Vector Weakening: accessor, gate, and the progressive loop.
+
+For each shuffled forget batch b, the pooled mean coefficient C_f is measured on
+the model as already weakened, compared with the retain coefficients C_r, and the
+gate exp(-gamma * A_b) is applied at once, where
+
+    A_b = max(0, log(C_f + eps) - log(C_r + eps)).
+
+A request is kept as its exponent w = gamma * sum_b A_b (float32, >= 0), never as
+a product of gates: the weights during and after the loop are
+``base * exp(-(start + w))`` computed in float32 from the base and cast once, so
+requests compose by adding exponents and nothing is ever divided to undo them.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from kvw_ledger.coefficients import CoefficientHooks, model_device
+from kvw_ledger.data import Example, collate
+from kvw_ledger.errors import BadInputError, NonFiniteActivationError
+from kvw_ledger.sites import Site, select_layers, site_weight
+
+
+@dataclass(frozen=True)
+class KVWConfig:
+    """Parameters of one deletion request (defaults follow the KVW paper's code)."""
+
+    gamma: float = 0.02  # weakening strength: exponent added per nat of accessor, per batch
+    layers: tuple[int, int] = (1, 25)  # inclusive layer range weakened, clipped to the model
+    batch_size: int = 1  # forget records per batch (one C_f and one gate per batch)
+    epochs: int = 1  # passes over the forget set
+    seed: int = 0  # shuffle seed of the forget batches
+    eps: float = 1e-12  # added inside both logs of the accessor
+    keep_trace: bool = True  # keep each batch's C_f so the request can be re-derived fast
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.gamma) and self.gamma > 0):
+            raise BadInputError(f"--gamma must be a finite number > 0, not {self.gamma}")
+        if self.batch_size < 1:
+            raise BadInputError(f"--batch-size must be at least 1, not {self.batch_size}")
+        if self.epochs < 1:
+            raise BadInputError(f"--epochs must be at least 1, not {self.epochs}")
+        if not (math.isfinite(self.eps) and self.eps > 0):
+            raise BadInputError(f"eps must be a finite number > 0, not {self.eps}")
+        start, end = self.layers
+        if start < 0 or start > end:
+            raise BadInputError(f"--layers {start}:{end} is not an inclusive range of layers")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready parameters, recorded in the journal."""
+        data = asdict(self)
+        data["layers"] = list(self.layers)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> KVWConfig:
+        """Inverse of :meth:`to_dict`."""
+        values = dict(data)
+        values["layers"] = tuple(values["layers"])
+        return cls(**values)
+
+
+@dataclass
+class KVWResult:
+    """What one request produced."""
+
+    exponents: dict[str, torch.Tensor]  # site -> (n_vectors,) float32, on the CPU
+    trace: dict[str, torch.Tensor] | None  # site -> (n_batches, n_vectors) float32 C_f per batch
+    n_batches: int
+    n_tokens: int  # selected (answer-predicting) tokens over all batches
+
+
+def accessor(c_forget: torch.Tensor, c_retain: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """A = max(0, log(C_f + eps) - log(C_r + eps)), elementwise."""
+    return (torch.log(c_forget + eps) - torch.log(c_retain + eps)).clamp_(min=0)
+
+
+def gate(a: torch.Tensor, gamma: float) -> torch.Tensor:
+    """g = exp(-gamma * A): the factor each value vector is scaled by."""
+    return torch.exp(-gamma * a)
+
+
+def scale_vectors(weight: torch.Tensor, factor: torch.Tensor, axis: int) -> torch.Tensor:
+    """Multiplies each value vector (slice along ``axis``) of ``weight`` by ``factor``."""
+    return weight * (factor.unsqueeze(0) if axis == 1 else factor.unsqueeze(1))
+
+
+def weakened(base: torch.Tensor, exponent: torch.Tensor, axis: int) -> torch.Tensor:
+    """``base * exp(-exponent)`` along ``axis``, in float32, cast once to the base's dtype."""
+    factor = torch.exp(-exponent.to(device=base.device, dtype=torch.float32))
+    return scale_vectors(base.to(torch.float32), factor, axis).to(base.dtype)
+
+
+def batch_order(n_examples: int, config: KVWConfig) -> list[list[int]]:
+    """The batches of one request: per epoch, a seeded shuffle cut into batch-size pieces."""
+    rng = random.Random(config.seed)
+    batches: list[list[int]] = []
+    for _ in range(config.epochs):
+        order = list(range(n_examples))
+        rng.shuffle(order)
+        batches.extend(order[i : i + config.batch_size] for i in range(0, n_examples, config.batch_size))
+    return batches
+
+
+def run_kvw(
+    model: nn.Module,
+    sites: Sequence[Site],
+    examples: Sequence[Example],
+    retain_means: Mapping[str, torch.Tensor],
+    config: KVWConfig,
+    *,
+    pad_token_id: int,
+    base: Mapping[str, torch.Tensor] | None = None,
+    start: Mapping[str, torch.Tensor] | None = None,
+    progress: bool = True,
+) -> KVWResult:
+    """Runs the progressive KVW loop for one request and leaves the model weakened.
+
+    Args:
+        model: the model, materialised at ``base * exp(-start)``.
+        sites: every site of the model; those in ``config.layers`` are weakened.
+        examples: the encoded forget set.
+        retain_means: C_r per site (pooled mean |coefficient| over the retain set).
+        config: the request's parameters.
+        pad_token_id: id used to right-pad batches.
+        base: the value matrices the ledger keeps (default: the model's current weights).
+        start: exponents already active (default: none).
+        progress: show a progress bar on stderr.
+
+    Raises:
+        BadInputError: empty forget set, or retain statistics missing a site.
+        NonFiniteActivationError: NaN or infinite coefficients.
+    """
+    if not examples:
+        raise BadInputError("the forget set is empty; a request needs at least one record")
+    chosen = select_layers(sites, config.layers)
+    missing = [s.name for s in chosen if s.name not in retain_means]
+    if missing:
+        raise BadInputError(f"the retain statistics have no coefficients for site {missing[0]}")
+    device = model_device(model)
+    state = _SiteState.build(model, chosen, retain_means, config, base, start)
+    plan = batch_order(len(examples), config)
+    traces: dict[str, list[torch.Tensor]] = {s.name: [] for s in chosen}
+    n_tokens = 0
+    with CoefficientHooks(model, chosen) as hooks:
+        for indices in tqdm(plan, desc="forget", disable=not progress, leave=False):
+            batch = collate([examples[i] for i in indices], pad_token_id)
+            n_tokens += batch.n_tokens
+            measured = hooks.measure(batch.to(device))
+            for name, c_forget in measured.means().items():
+                state.step(name, c_forget, config)
+                if config.keep_trace:
+                    traces[name].append(c_forget)
+    exponents = {name: w.cpu() for name, w in state.exponents.items()}
+    for name, w in exponents.items():
+        if not bool(torch.isfinite(w).all()):
+            raise NonFiniteActivationError(
+                f"the forget data drove site {name} to NaN or infinite coefficients; the request "
+                "was not applied"
+            )
+    trace = {n: torch.stack(t).cpu() for n, t in traces.items()} if config.keep_trace else None
+    return KVWResult(exponents, trace, len(plan), n_tokens)
+
+
+@dataclass
+class _SiteState:
+    """Per-site working state of one progressive loop, all on the sites' devices."""
+
+    sites: dict[str, Site]
+    weights: dict[str, torch.Tensor]  # live views into the model
+    base: dict[str, torch.Tensor]  # original dtype
+    start: dict[str, torch.Tensor]  # float32 exponents already active
+    log_retain: dict[str, torch.Tensor]  # log(C_r + eps)
+    exponents: dict[str, torch.Tensor]  # float32 w accumulated by this request
+
+    @classmethod
+    def build(
+        cls,
+        model: nn.Module,
+        chosen: Sequence[Site],
+        retain_means: Mapping[str, torch.Tensor],
+        config: KVWConfig,
+        base: Mapping[str, torch.Tensor] | None,
+        start: Mapping[str, torch.Tensor] | None,
+    ) -> _SiteState:
+        state = cls({}, {}, {}, {}, {}, {})
+        for site in chosen:
+            weight = site_weight(model, site)
+            dev = weight.device
+            state.sites[site.name] = site
+            state.weights[site.name] = weight
+            state.base[site.name] = (base[site.name] if base is not None else weight).to(dev).clone()
+            zeros = torch.zeros(site.n_vectors, dtype=torch.float32, device=dev)
+            prior = start.get(site.name) if start is not None else None
+            state.start[site.name] = zeros.clone() if prior is None else prior.to(dev, torch.float32)
+            c_retain = retain_means[site.name].to(dev, torch.float32)
+            state.log_retain[site.name] = torch.log(c_retain + config.eps)
+            state.exponents[site.name] = zeros
+        return state
+
+    def step(self, name: str, c_forget: torch.Tensor, config: KVWConfig) -> None:
+        """Accumulates one batch's accessor and re-materialises the site from its base."""
+        a = (torch.log(c_forget + config.eps) - self.log_retain[name]).clamp_(min=0)  # (d_ff,)
+        self.exponents[name].add_(a, alpha=config.gamma)
+        site = self.sites[name]
+        total = self.start[name] + self.exponents[name]
+        self.weights[name].copy_(weakened(self.base[name], total, site.axis))

@@ -1,0 +1,261 @@
+"""The KVW engine matches a plain implementation of the reference semantics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import tiny
+from kvw_ledger.coefficients import CoefficientHooks, collect
+from kvw_ledger.data import IGNORE_INDEX, Encoder, Example, Record, collate, encode_all, iter_batches
+from kvw_ledger.errors import BadInputError, NonFiniteActivationError
+from kvw_ledger.kvw import KVWConfig, accessor, batch_order, gate, run_kvw
+from kvw_ledger.sites import discover_sites, select_layers, site_weight
+
+
+def records(n: int, offset: int = 0) -> list[Record]:
+    return [Record(r["question"], r["answer"], None, None, f"mem:{i}")
+            for i, r in enumerate(tiny.qa_records(n, offset))]
+
+
+def qwen_examples(n: int, offset: int = 0) -> list[Example]:
+    """Image records for the tiny Qwen2-VL built by hand (its processor needs torchvision)."""
+    tok = tiny.char_tokenizer()
+    out = []
+    for i, rec in enumerate(tiny.qa_records(n, offset)):
+        prompt = [4, 5, 5, 5, 5, 6] + tok(f"\nQuestion: {rec['question']}\nAnswer:")["input_ids"]
+        answer = tok(" " + rec["answer"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        gen = torch.Generator().manual_seed(100 + i + offset)
+        vision = {"pixel_values": torch.randn(4, 12, generator=gen), "image_grid_thw": torch.tensor([[1, 2, 2]])}
+        ids = torch.tensor(prompt + answer)
+        labels = torch.tensor([IGNORE_INDEX] * len(prompt) + answer)
+        out.append(Example(ids, labels, vision, {"mm_token_type_ids": (ids == 5).long()}))
+    return out
+
+
+# --- an independent, plain implementation of the authors' semantics -------------------------
+
+def reference_coefficients(model: nn.Module, modules: dict[str, nn.Module], batch: dict) -> dict[str, torch.Tensor]:
+    """Hooks on every layer, a full forward with labels, mask = attention & cause."""
+    seen: dict[str, torch.Tensor] = {}
+    handles = [m.register_forward_pre_hook(lambda mod, args, name=name: seen.__setitem__(name, args[0]))
+               for name, m in modules.items()]
+    try:
+        with torch.no_grad():
+            model(**batch)
+    finally:
+        for h in handles:
+            h.remove()
+    labels = batch["labels"]
+    cause = torch.zeros_like(labels, dtype=torch.bool)
+    cause[:, :-1] = labels[:, 1:] != -100
+    mask = (batch["attention_mask"].bool() & cause).float()
+    out = {}
+    for name, x in seen.items():
+        x = x.float().abs()
+        out[name] = (x * mask.unsqueeze(-1)).sum((0, 1)) / mask.sum()
+    return out
+
+
+def reference_forget(model, site_names, axis, forget, retain, cfg: KVWConfig, pad: int):
+    modules = {n: model.get_submodule(n) for n in site_names}
+
+    def pad_batch(examples: list[Example]) -> dict:
+        length = max(len(e.input_ids) for e in examples)
+        batch = {
+            "input_ids": torch.stack([nn.functional.pad(e.input_ids, (0, length - len(e.input_ids)), value=pad) for e in examples]),
+            "attention_mask": torch.stack([nn.functional.pad(torch.ones_like(e.input_ids), (0, length - len(e.input_ids))) for e in examples]),
+            "labels": torch.stack([nn.functional.pad(e.labels, (0, length - len(e.labels)), value=-100) for e in examples]),
+        }
+        for key in examples[0].vision:
+            batch[key] = torch.cat([e.vision[key] for e in examples])
+        for key in examples[0].per_token:
+            batch[key] = torch.stack([nn.functional.pad(e.per_token[key], (0, length - len(e.per_token[key]))) for e in examples])
+        return batch
+
+    sums = {n: torch.zeros(modules[n].weight.shape[axis]) for n in site_names}
+    count = 0
+    for e in retain:  # C_r: pooled over the whole retain set, one record at a time
+        b = pad_batch([e])
+        c = reference_coefficients(model, modules, b)
+        n_tok = int((b["labels"][:, 1:] != -100).sum())
+        for n in site_names:
+            sums[n] += c[n] * n_tok
+        count += n_tok
+    c_r = {n: s / count for n, s in sums.items()}
+    for indices in batch_order(len(forget), cfg):
+        c_f = reference_coefficients(model, modules, pad_batch([forget[i] for i in indices]))
+        for n in site_names:
+            a = torch.clamp(torch.log(c_f[n] + cfg.eps) - torch.log(c_r[n] + cfg.eps), min=0)
+            g = torch.exp(-cfg.gamma * a)
+            w = modules[n].weight.data
+            w.mul_(g.unsqueeze(0) if axis == 1 else g.unsqueeze(1))
+    return {n: modules[n].weight.data.clone() for n in site_names}
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2_vl"])
+def test_forget_matches_reference_semantics(arch: str, batch_size: int) -> None:
+    build = {"llama": tiny.llama, "gpt2": tiny.gpt2, "qwen2_vl": tiny.qwen2_vl}[arch]
+    tok = tiny.char_tokenizer()
+    if arch == "qwen2_vl":
+        forget, retain = qwen_examples(5), qwen_examples(6, offset=20)
+    else:
+        enc = Encoder(tok)
+        forget, retain = encode_all(enc, records(5)), encode_all(enc, records(6, offset=20))
+    cfg = KVWConfig(gamma=0.5, layers=(1, 2), batch_size=batch_size, epochs=2, seed=3)
+
+    ours = build()
+    sites = discover_sites(ours)
+    chosen = select_layers(sites, cfg.layers)
+    retain_stats = collect(ours, chosen, iter_batches(retain, 1, tok.pad_token_id), progress=False)
+    result = run_kvw(ours, sites, forget, retain_stats.means(), cfg, pad_token_id=tok.pad_token_id, progress=False)
+
+    theirs = build()
+    expected = reference_forget(theirs, [s.module for s in chosen], chosen[0].axis, forget, retain, cfg, tok.pad_token_id)
+    changed = 0
+    for site in sites:
+        got = site_weight(ours, site)
+        if site in chosen:
+            torch.testing.assert_close(got, expected[site.module], rtol=1e-5, atol=1e-5)
+            changed += int((result.exponents[site.name] > 0).sum())
+        else:
+            assert torch.equal(got, site_weight(theirs, site)), f"{site.name} is outside the range but changed"
+    assert changed > 0, "the test data weakened nothing; the comparison would be vacuous"
+    assert result.n_batches == len(batch_order(5, cfg))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2_vl", "llava"])
+def test_early_stop_gives_the_same_coefficients_bit_for_bit(arch: str) -> None:
+    model = {"llama": tiny.llama, "gpt2": tiny.gpt2, "qwen2_vl": tiny.qwen2_vl, "llava": tiny.llava}[arch]()
+    if arch == "qwen2_vl":
+        examples = qwen_examples(3)
+    elif arch == "llava":
+        examples = _llava_examples(3)
+    else:
+        examples = encode_all(Encoder(tiny.char_tokenizer()), records(3))
+    sites = discover_sites(model, "all" if arch in ("qwen2_vl", "llava") else "language")
+    chosen = select_layers(sites, (0, 2))
+    batch = collate(examples, 0)
+    calls: list[str] = []
+    head = model.get_output_embeddings()
+    handle = head.register_forward_hook(lambda *a: calls.append("lm_head"))
+    try:
+        with CoefficientHooks(model, chosen, stop_early=True) as hooks:
+            early = hooks.measure(batch)
+        assert calls == [], "the LM head ran although every needed site had run"
+        with CoefficientHooks(model, chosen, stop_early=False) as hooks:
+            full = hooks.measure(batch)
+        assert calls == ["lm_head"]
+    finally:
+        handle.remove()
+    for name in full.sums:
+        assert torch.equal(early.sums[name], full.sums[name]), name
+        assert torch.equal(early.counts[name], full.counts[name]), name
+    assert all(len(m._forward_pre_hooks) == 0 for m in model.modules()), "hooks were left behind"
+
+
+def _llava_examples(n: int) -> list[Example]:
+    import tempfile
+    from pathlib import Path
+
+    folder = Path(tempfile.mkdtemp())
+    tiny.save_image(folder / "face.png")
+    path = tiny.write_jsonl(folder / "d.jsonl", tiny.qa_records(n, image="face.png"))
+    from kvw_ledger.data import read_records
+
+    return encode_all(Encoder(tiny.llava_processor()), read_records(path))
+
+
+def test_hooks_are_removed_when_the_forward_raises() -> None:
+    model = tiny.llama()
+    sites = discover_sites(model)
+    batch = collate(encode_all(Encoder(tiny.char_tokenizer()), records(1)), 0)
+    batch.inputs["input_ids"] = batch.inputs["input_ids"] + 10_000  # out of vocabulary: the embedding raises
+    with pytest.raises(IndexError), CoefficientHooks(model, sites) as hooks:
+        hooks.measure(batch)
+    assert all(len(m._forward_pre_hooks) == 0 for m in model.modules())
+
+
+def test_same_seed_same_exponents_and_other_seed_differs() -> None:
+    tok = tiny.char_tokenizer()
+    enc = Encoder(tok)
+    forget, retain = encode_all(enc, records(6)), encode_all(enc, records(6, offset=30))
+
+    def run(seed: int) -> dict[str, torch.Tensor]:
+        model = tiny.llama()
+        sites = discover_sites(model)
+        stats = collect(model, sites, iter_batches(retain, 2, 0), progress=False)
+        cfg = KVWConfig(gamma=0.3, layers=(0, 3), batch_size=2, seed=seed)
+        return run_kvw(model, sites, forget, stats.means(), cfg, pad_token_id=0, progress=False).exponents
+
+    a, b, c = run(0), run(0), run(1)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_exponents_and_trace_relate_as_the_accessor_says() -> None:
+    """Without progressive feedback in the way (one batch), w = gamma * A(trace, C_r)."""
+    tok = tiny.char_tokenizer()
+    enc = Encoder(tok)
+    model = tiny.llama()
+    sites = discover_sites(model)
+    retain = collect(model, sites, iter_batches(encode_all(enc, records(4, offset=9)), 1, 0), progress=False)
+    cfg = KVWConfig(gamma=0.7, layers=(0, 3), batch_size=4)
+    result = run_kvw(model, sites, encode_all(enc, records(4)), retain.means(), cfg, pad_token_id=0, progress=False)
+    assert result.trace is not None
+    for name, w in result.exponents.items():
+        expected = cfg.gamma * accessor(result.trace[name][0], retain.means()[name])
+        torch.testing.assert_close(w, expected)
+        assert bool((w >= 0).all())
+
+
+def test_accessor_and_gate_values() -> None:
+    a = accessor(torch.tensor([1.0, 0.5, 0.0]), torch.tensor([0.5, 1.0, 0.0]))
+    torch.testing.assert_close(a, torch.tensor([torch.log(torch.tensor(2.0)).item(), 0.0, 0.0]))
+    torch.testing.assert_close(gate(a, 1.0), torch.tensor([0.5, 1.0, 1.0]))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"gamma": 0.0}, "--gamma must be a finite number > 0, not 0.0"),
+        ({"gamma": -1.0}, "--gamma must be a finite number > 0, not -1.0"),
+        ({"gamma": float("nan")}, "--gamma must be a finite number > 0, not nan"),
+        ({"batch_size": 0}, "--batch-size must be at least 1, not 0"),
+        ({"epochs": 0}, "--epochs must be at least 1, not 0"),
+        ({"layers": (3, 1)}, "--layers 3:1 is not an inclusive range of layers"),
+    ],
+)
+def test_bad_config_is_refused_with_a_message(kwargs: dict, message: str) -> None:
+    with pytest.raises(BadInputError) as info:
+        KVWConfig(**kwargs)
+    assert str(info.value) == message
+
+
+def test_layer_range_outside_the_model_names_the_depth() -> None:
+    model = tiny.llama()
+    with pytest.raises(BadInputError, match=r"--layers 7:9 selects no layer; this model's FFN layers are 0:3"):
+        run_kvw(model, discover_sites(model), encode_all(Encoder(tiny.char_tokenizer()), records(1)), {},
+                KVWConfig(layers=(7, 9)), pad_token_id=0, progress=False)
+
+
+def test_empty_forget_set_and_missing_retain_site_are_refused() -> None:
+    model = tiny.llama()
+    sites = discover_sites(model)
+    with pytest.raises(BadInputError, match="the forget set is empty"):
+        run_kvw(model, sites, [], {}, KVWConfig(), pad_token_id=0, progress=False)
+    with pytest.raises(BadInputError, match="the retain statistics have no coefficients for site model.layers.1.mlp.down_proj"):
+        run_kvw(model, sites, encode_all(Encoder(tiny.char_tokenizer()), records(1)), {}, KVWConfig(),
+                pad_token_id=0, progress=False)
+
+
+def test_non_finite_activations_are_reported_with_the_site() -> None:
+    model = tiny.llama()
+    sites = discover_sites(model)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.fill_(float("inf"))
+    batches = iter_batches(encode_all(Encoder(tiny.char_tokenizer()), records(2)), 1, 0)
+    with pytest.raises(NonFiniteActivationError, match="site model.layers.0.mlp.down_proj are NaN or infinite"):
+        collect(model, sites, batches, progress=False)
