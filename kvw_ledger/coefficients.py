@@ -11,6 +11,7 @@ never run.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -25,7 +26,7 @@ from kvw_ledger.errors import BadInputError, NonFiniteActivationError
 from kvw_ledger.sites import Site
 
 
-class StopForward(Exception):  # noqa: N818 - a control-flow signal, not an error
+class StopForward(Exception):
     """Raised inside a hook to end a forward pass once its last needed site has run."""
 
 
@@ -95,7 +96,10 @@ class CoefficientHooks:
         return self
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self._remove()
 
@@ -114,11 +118,8 @@ class CoefficientHooks:
             if batch.has_images or sites[0].tower == "language"
         }
         self._current = Coefficients({}, {})
-        with torch.no_grad():
-            try:
-                self.model(**batch.inputs, use_cache=False)
-            except StopForward:
-                pass
+        with torch.no_grad(), contextlib.suppress(StopForward):
+            self.model(**batch.inputs, use_cache=False)
         result = self._current
         self._current = self._batch = None
         # A site that did not run (e.g. the vision tower on a text-only batch) saw no tokens.
@@ -168,23 +169,29 @@ class CoefficientHooks:
         # per-expert input act(gate) * up is recomputed here for the selected tokens.
         assert self._batch is not None
         hidden, top_k_index = args[0], args[1]
-        hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, self._batch.positions)  # (N, H)
-        routed = top_k_index.reshape(-1, top_k_index.shape[-1]).index_select(0, self._batch.positions)
-        gate_up = module.gate_up_proj
+        hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(
+            0, self._batch.positions
+        )  # (N, H)
+        routed = top_k_index.reshape(-1, top_k_index.shape[-1]).index_select(
+            0, self._batch.positions
+        )
+        gate_up: torch.Tensor = module.gate_up_proj  # type: ignore[assignment]
+        act: Any = module.act_fn
         for site in sites:
             assert site.expert is not None
             takes = (routed == site.expert).any(dim=-1)  # (N,) bool: tokens routed to this expert
             gate, up = nn.functional.linear(hidden, gate_up[site.expert]).chunk(2, dim=-1)
-            coeff = (module.act_fn(gate) * up).to(torch.float32).abs()  # (N, d_ff)
+            coeff = (act(gate) * up).to(torch.float32).abs()  # (N, d_ff)
             summed = (coeff * takes.unsqueeze(1)).sum(0)  # (N, d_ff) -> (d_ff,)
             self._store(site.name, summed, takes.sum())
 
 
 def model_device(model: nn.Module) -> torch.device:
     """Device of the model's input embeddings (where batches go)."""
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if embeddings is not None and getattr(embeddings, "weight", None) is not None:
-        return embeddings.weight.device
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    weight = getattr(get_embeddings(), "weight", None) if callable(get_embeddings) else None
+    if isinstance(weight, torch.Tensor):
+        return weight.device
     return next(model.parameters()).device
 
 

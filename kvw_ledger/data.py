@@ -51,8 +51,12 @@ class Example:
 
     input_ids: torch.Tensor  # (T,) int64
     labels: torch.Tensor  # (T,) int64, IGNORE_INDEX outside the answer
-    vision: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. pixel_values, image_grid_thw
-    per_token: dict[str, torch.Tensor] = field(default_factory=dict)  # (T,) extras, e.g. mm_token_type_ids
+    vision: dict[str, torch.Tensor] = field(
+        default_factory=dict
+    )  # e.g. pixel_values, image_grid_thw
+    per_token: dict[str, torch.Tensor] = field(
+        default_factory=dict
+    )  # (T,) extras, e.g. mm_token_type_ids
     where: str = ""
 
 
@@ -68,7 +72,9 @@ class Batch:
     def to(self, device: torch.device | str) -> Batch:
         """The same batch on ``device`` (non-blocking copies)."""
         moved = {k: v.to(device, non_blocking=True) for k, v in self.inputs.items()}
-        return Batch(moved, self.positions.to(device, non_blocking=True), self.n_tokens, self.has_images)
+        return Batch(
+            moved, self.positions.to(device, non_blocking=True), self.n_tokens, self.has_images
+        )
 
 
 def read_records(path: str | Path) -> list[Record]:
@@ -117,7 +123,13 @@ def _parse_line(path: Path, number: int, line: str) -> Record:
         if not image_path.is_file():
             raise DataError(f"{where}: image {image} not found (looked for {image_path})")
     record_id = obj.get("id")
-    return Record(obj["question"], obj["answer"], image_path, None if record_id is None else str(record_id), where)
+    return Record(
+        obj["question"],
+        obj["answer"],
+        image_path,
+        None if record_id is None else str(record_id),
+        where,
+    )
 
 
 def fingerprint(records: Sequence[Record]) -> str:
@@ -127,7 +139,12 @@ def fingerprint(records: Sequence[Record]) -> str:
         image_hash = None
         if record.image is not None:
             image_hash = hashlib.sha256(record.image.read_bytes()).hexdigest()
-        canonical = {"question": record.question, "answer": record.answer, "id": record.id, "image": image_hash}
+        canonical = {
+            "question": record.question,
+            "answer": record.answer,
+            "id": record.id,
+            "image": image_hash,
+        }
         digest.update(json.dumps(canonical, sort_keys=True, ensure_ascii=False).encode() + b"\n")
     return digest.hexdigest()
 
@@ -149,7 +166,9 @@ class Encoder:
         )
         eos = self.tokenizer.eos_token_id
         if eos is None and not self.chat_template:
-            raise BadInputError("the tokenizer has no eos_token_id; set one in its tokenizer_config.json")
+            raise BadInputError(
+                "the tokenizer has no eos_token_id; set one in its tokenizer_config.json"
+            )
         self.eos_token_id = eos
 
     @property
@@ -203,7 +222,9 @@ class Encoder:
             user = {"role": "user", "content": record.question}
         assistant = {"role": "assistant", "content": record.answer}
         template_owner = self.processor if record.image is not None else self.tokenizer
-        prompt = template_owner.apply_chat_template([user], add_generation_prompt=True, tokenize=False)
+        prompt = template_owner.apply_chat_template(
+            [user], add_generation_prompt=True, tokenize=False
+        )
         full = template_owner.apply_chat_template([user, assistant], tokenize=False)
         if not full.startswith(prompt):
             raise DataError(
@@ -235,7 +256,11 @@ class Encoder:
         out = self.processor(text=[text], images=[image], return_tensors="pt")
         ids = out["input_ids"][0].tolist()
         per_token = {k: v[0] for k, v in out.items() if k in _PER_TOKEN_KEYS}
-        vision = {k: v for k, v in out.items() if k not in ("input_ids", "attention_mask", *_PER_TOKEN_KEYS)}
+        vision = {
+            k: v
+            for k, v in out.items()
+            if k not in ("input_ids", "attention_mask", *_PER_TOKEN_KEYS)
+        }
         return ids, vision, per_token
 
 
@@ -275,7 +300,10 @@ def encode_all(encoder: Encoder, records: Sequence[Record]) -> list[Example]:
 
 
 def iter_batches(
-    examples: Sequence[Example], batch_size: int, pad_token_id: int, order: Sequence[int] | None = None
+    examples: Sequence[Example],
+    batch_size: int,
+    pad_token_id: int,
+    order: Sequence[int] | None = None,
 ) -> Iterator[Batch]:
     """Batches ``examples`` in ``order`` (default: file order)."""
     if batch_size < 1:

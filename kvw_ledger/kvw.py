@@ -107,7 +107,9 @@ def batch_order(n_examples: int, config: KVWConfig) -> list[list[int]]:
     for _ in range(config.epochs):
         order = list(range(n_examples))
         rng.shuffle(order)
-        batches.extend(order[i : i + config.batch_size] for i in range(0, n_examples, config.batch_size))
+        batches.extend(
+            order[i : i + config.batch_size] for i in range(0, n_examples, config.batch_size)
+        )
     return batches
 
 
@@ -198,10 +200,14 @@ class _SiteState:
             dev = weight.device
             state.sites[site.name] = site
             state.weights[site.name] = weight
-            state.base[site.name] = (base[site.name] if base is not None else weight).to(dev).clone()
+            state.base[site.name] = (
+                (base[site.name] if base is not None else weight).to(dev).clone()
+            )
             zeros = torch.zeros(site.n_vectors, dtype=torch.float32, device=dev)
             prior = start.get(site.name) if start is not None else None
-            state.start[site.name] = zeros.clone() if prior is None else prior.to(dev, torch.float32)
+            state.start[site.name] = (
+                zeros.clone() if prior is None else prior.to(dev, torch.float32)
+            )
             c_retain = retain_means[site.name].to(dev, torch.float32)
             state.log_retain[site.name] = torch.log(c_retain + config.eps)
             state.exponents[site.name] = zeros

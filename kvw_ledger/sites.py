@@ -100,10 +100,15 @@ ARCHITECTURES: dict[str, tuple[_Rule, ...]] = {
     "mixtral": (_language(r"model\.layers\.(?P<layer>\d+)\.mlp\.experts", kind="experts"),),
     "llava": (
         _VLM_LANGUAGE,
-        _vision(r"model\.vision_tower\.(?:vision_model\.)?encoder\.layers\.(?P<layer>\d+)\.mlp\.fc2"),
+        _vision(
+            r"model\.vision_tower\.(?:vision_model\.)?encoder\.layers\.(?P<layer>\d+)\.mlp\.fc2"
+        ),
     ),
     "qwen2_vl": (_VLM_LANGUAGE, _vision(r"model\.visual\.blocks\.(?P<layer>\d+)\.mlp\.fc2")),
-    "qwen2_5_vl": (_VLM_LANGUAGE, _vision(r"model\.visual\.blocks\.(?P<layer>\d+)\.mlp\.down_proj")),
+    "qwen2_5_vl": (
+        _VLM_LANGUAGE,
+        _vision(r"model\.visual\.blocks\.(?P<layer>\d+)\.mlp\.down_proj"),
+    ),
 }
 
 
@@ -172,7 +177,9 @@ def _sites_for_module(rule: _Rule, name: str, module: nn.Module, layer: int) -> 
     ]
 
 
-def discover_sites(model: nn.Module, towers: str = "language", site_glob: str | None = None) -> list[Site]:
+def discover_sites(
+    model: nn.Module, towers: str = "language", site_glob: str | None = None
+) -> list[Site]:
     """Lists the FFN value projections of ``model``, in forward order.
 
     Args:
@@ -216,9 +223,13 @@ def _glob_sites(modules: dict[str, nn.Module], pattern: str) -> list[Site]:
             continue
         number = re.search(r"\.(\d+)(?:\.|$)", name)
         if number is None:
-            raise BadInputError(f"--site-glob matched {name}, which has no layer number in its path")
+            raise BadInputError(
+                f"--site-glob matched {name}, which has no layer number in its path"
+            )
         axis = 0 if type(module).__name__ == "Conv1D" else 1
-        sites.extend(_sites_for_module(_language(pattern, axis), name, module, int(number.group(1))))
+        sites.extend(
+            _sites_for_module(_language(pattern, axis), name, module, int(number.group(1)))
+        )
     if not sites:
         raise UnknownArchitectureError(
             f"--site-glob {pattern!r} matched no module; module paths look like "
@@ -231,7 +242,9 @@ def parse_layers(text: str) -> tuple[int, int]:
     """Parses an inclusive ``START:END`` layer range (``--layers 1:25``)."""
     match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", text)
     if match is None:
-        raise BadInputError(f"--layers must look like START:END (inclusive), e.g. 1:25; got {text!r}")
+        raise BadInputError(
+            f"--layers must look like START:END (inclusive), e.g. 1:25; got {text!r}"
+        )
     start, end = int(match.group(1)), int(match.group(2))
     if start > end:
         raise BadInputError(f"--layers {text}: START must not exceed END")

@@ -3,20 +3,30 @@
 from __future__ import annotations
 
 import pytest
+import tiny
 import torch
 from torch import nn
 
-import tiny
 from kvw_ledger.coefficients import CoefficientHooks, collect
-from kvw_ledger.data import IGNORE_INDEX, Encoder, Example, Record, collate, encode_all, iter_batches
+from kvw_ledger.data import (
+    IGNORE_INDEX,
+    Encoder,
+    Example,
+    Record,
+    collate,
+    encode_all,
+    iter_batches,
+)
 from kvw_ledger.errors import BadInputError, NonFiniteActivationError
 from kvw_ledger.kvw import KVWConfig, accessor, batch_order, gate, run_kvw
 from kvw_ledger.sites import discover_sites, select_layers, site_weight
 
 
 def records(n: int, offset: int = 0) -> list[Record]:
-    return [Record(r["question"], r["answer"], None, None, f"mem:{i}")
-            for i, r in enumerate(tiny.qa_records(n, offset))]
+    return [
+        Record(r["question"], r["answer"], None, None, f"mem:{i}")
+        for i, r in enumerate(tiny.qa_records(n, offset))
+    ]
 
 
 def qwen_examples(n: int, offset: int = 0) -> list[Example]:
@@ -25,9 +35,14 @@ def qwen_examples(n: int, offset: int = 0) -> list[Example]:
     out = []
     for i, rec in enumerate(tiny.qa_records(n, offset)):
         prompt = [4, 5, 5, 5, 5, 6] + tok(f"\nQuestion: {rec['question']}\nAnswer:")["input_ids"]
-        answer = tok(" " + rec["answer"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        answer = tok(" " + rec["answer"], add_special_tokens=False)["input_ids"] + [
+            tok.eos_token_id
+        ]
         gen = torch.Generator().manual_seed(100 + i + offset)
-        vision = {"pixel_values": torch.randn(4, 12, generator=gen), "image_grid_thw": torch.tensor([[1, 2, 2]])}
+        vision = {
+            "pixel_values": torch.randn(4, 12, generator=gen),
+            "image_grid_thw": torch.tensor([[1, 2, 2]]),
+        }
         ids = torch.tensor(prompt + answer)
         labels = torch.tensor([IGNORE_INDEX] * len(prompt) + answer)
         out.append(Example(ids, labels, vision, {"mm_token_type_ids": (ids == 5).long()}))
@@ -36,11 +51,16 @@ def qwen_examples(n: int, offset: int = 0) -> list[Example]:
 
 # --- an independent, plain implementation of the authors' semantics -------------------------
 
-def reference_coefficients(model: nn.Module, modules: dict[str, nn.Module], batch: dict) -> dict[str, torch.Tensor]:
+
+def reference_coefficients(
+    model: nn.Module, modules: dict[str, nn.Module], batch: dict
+) -> dict[str, torch.Tensor]:
     """Hooks on every layer, a full forward with labels, mask = attention & cause."""
     seen: dict[str, torch.Tensor] = {}
-    handles = [m.register_forward_pre_hook(lambda mod, args, name=name: seen.__setitem__(name, args[0]))
-               for name, m in modules.items()]
+    handles = [
+        m.register_forward_pre_hook(lambda mod, args, name=name: seen.__setitem__(name, args[0]))
+        for name, m in modules.items()
+    ]
     try:
         with torch.no_grad():
             model(**batch)
@@ -64,14 +84,34 @@ def reference_forget(model, site_names, axis, forget, retain, cfg: KVWConfig, pa
     def pad_batch(examples: list[Example]) -> dict:
         length = max(len(e.input_ids) for e in examples)
         batch = {
-            "input_ids": torch.stack([nn.functional.pad(e.input_ids, (0, length - len(e.input_ids)), value=pad) for e in examples]),
-            "attention_mask": torch.stack([nn.functional.pad(torch.ones_like(e.input_ids), (0, length - len(e.input_ids))) for e in examples]),
-            "labels": torch.stack([nn.functional.pad(e.labels, (0, length - len(e.labels)), value=-100) for e in examples]),
+            "input_ids": torch.stack(
+                [
+                    nn.functional.pad(e.input_ids, (0, length - len(e.input_ids)), value=pad)
+                    for e in examples
+                ]
+            ),
+            "attention_mask": torch.stack(
+                [
+                    nn.functional.pad(torch.ones_like(e.input_ids), (0, length - len(e.input_ids)))
+                    for e in examples
+                ]
+            ),
+            "labels": torch.stack(
+                [
+                    nn.functional.pad(e.labels, (0, length - len(e.labels)), value=-100)
+                    for e in examples
+                ]
+            ),
         }
         for key in examples[0].vision:
             batch[key] = torch.cat([e.vision[key] for e in examples])
         for key in examples[0].per_token:
-            batch[key] = torch.stack([nn.functional.pad(e.per_token[key], (0, length - len(e.per_token[key]))) for e in examples])
+            batch[key] = torch.stack(
+                [
+                    nn.functional.pad(e.per_token[key], (0, length - len(e.per_token[key])))
+                    for e in examples
+                ]
+            )
         return batch
 
     sums = {n: torch.zeros(modules[n].weight.shape[axis]) for n in site_names}
@@ -110,10 +150,20 @@ def test_forget_matches_reference_semantics(arch: str, batch_size: int) -> None:
     sites = discover_sites(ours)
     chosen = select_layers(sites, cfg.layers)
     retain_stats = collect(ours, chosen, iter_batches(retain, 1, tok.pad_token_id), progress=False)
-    result = run_kvw(ours, sites, forget, retain_stats.means(), cfg, pad_token_id=tok.pad_token_id, progress=False)
+    result = run_kvw(
+        ours,
+        sites,
+        forget,
+        retain_stats.means(),
+        cfg,
+        pad_token_id=tok.pad_token_id,
+        progress=False,
+    )
 
     theirs = build()
-    expected = reference_forget(theirs, [s.module for s in chosen], chosen[0].axis, forget, retain, cfg, tok.pad_token_id)
+    expected = reference_forget(
+        theirs, [s.module for s in chosen], chosen[0].axis, forget, retain, cfg, tok.pad_token_id
+    )
     changed = 0
     for site in sites:
         got = site_weight(ours, site)
@@ -121,14 +171,21 @@ def test_forget_matches_reference_semantics(arch: str, batch_size: int) -> None:
             torch.testing.assert_close(got, expected[site.module], rtol=1e-5, atol=1e-5)
             changed += int((result.exponents[site.name] > 0).sum())
         else:
-            assert torch.equal(got, site_weight(theirs, site)), f"{site.name} is outside the range but changed"
+            assert torch.equal(got, site_weight(theirs, site)), (
+                f"{site.name} is outside the range but changed"
+            )
     assert changed > 0, "the test data weakened nothing; the comparison would be vacuous"
     assert result.n_batches == len(batch_order(5, cfg))
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2_vl", "llava"])
 def test_early_stop_gives_the_same_coefficients_bit_for_bit(arch: str) -> None:
-    model = {"llama": tiny.llama, "gpt2": tiny.gpt2, "qwen2_vl": tiny.qwen2_vl, "llava": tiny.llava}[arch]()
+    model = {
+        "llama": tiny.llama,
+        "gpt2": tiny.gpt2,
+        "qwen2_vl": tiny.qwen2_vl,
+        "llava": tiny.llava,
+    }[arch]()
     if arch == "qwen2_vl":
         examples = qwen_examples(3)
     elif arch == "llava":
@@ -172,7 +229,9 @@ def test_hooks_are_removed_when_the_forward_raises() -> None:
     model = tiny.llama()
     sites = discover_sites(model)
     batch = collate(encode_all(Encoder(tiny.char_tokenizer()), records(1)), 0)
-    batch.inputs["input_ids"] = batch.inputs["input_ids"] + 10_000  # out of vocabulary: the embedding raises
+    batch.inputs["input_ids"] = (
+        batch.inputs["input_ids"] + 10_000
+    )  # out of vocabulary: the embedding raises
     with pytest.raises(IndexError), CoefficientHooks(model, sites) as hooks:
         hooks.measure(batch)
     assert all(len(m._forward_pre_hooks) == 0 for m in model.modules())
@@ -188,7 +247,9 @@ def test_same_seed_same_exponents_and_other_seed_differs() -> None:
         sites = discover_sites(model)
         stats = collect(model, sites, iter_batches(retain, 2, 0), progress=False)
         cfg = KVWConfig(gamma=0.3, layers=(0, 3), batch_size=2, seed=seed)
-        return run_kvw(model, sites, forget, stats.means(), cfg, pad_token_id=0, progress=False).exponents
+        return run_kvw(
+            model, sites, forget, stats.means(), cfg, pad_token_id=0, progress=False
+        ).exponents
 
     a, b, c = run(0), run(0), run(1)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -201,9 +262,19 @@ def test_exponents_and_trace_relate_as_the_accessor_says() -> None:
     enc = Encoder(tok)
     model = tiny.llama()
     sites = discover_sites(model)
-    retain = collect(model, sites, iter_batches(encode_all(enc, records(4, offset=9)), 1, 0), progress=False)
+    retain = collect(
+        model, sites, iter_batches(encode_all(enc, records(4, offset=9)), 1, 0), progress=False
+    )
     cfg = KVWConfig(gamma=0.7, layers=(0, 3), batch_size=4)
-    result = run_kvw(model, sites, encode_all(enc, records(4)), retain.means(), cfg, pad_token_id=0, progress=False)
+    result = run_kvw(
+        model,
+        sites,
+        encode_all(enc, records(4)),
+        retain.means(),
+        cfg,
+        pad_token_id=0,
+        progress=False,
+    )
     assert result.trace is not None
     for name, w in result.exponents.items():
         expected = cfg.gamma * accessor(result.trace[name][0], retain.means()[name])
@@ -236,9 +307,18 @@ def test_bad_config_is_refused_with_a_message(kwargs: dict, message: str) -> Non
 
 def test_layer_range_outside_the_model_names_the_depth() -> None:
     model = tiny.llama()
-    with pytest.raises(BadInputError, match=r"--layers 7:9 selects no layer; this model's FFN layers are 0:3"):
-        run_kvw(model, discover_sites(model), encode_all(Encoder(tiny.char_tokenizer()), records(1)), {},
-                KVWConfig(layers=(7, 9)), pad_token_id=0, progress=False)
+    with pytest.raises(
+        BadInputError, match=r"--layers 7:9 selects no layer; this model's FFN layers are 0:3"
+    ):
+        run_kvw(
+            model,
+            discover_sites(model),
+            encode_all(Encoder(tiny.char_tokenizer()), records(1)),
+            {},
+            KVWConfig(layers=(7, 9)),
+            pad_token_id=0,
+            progress=False,
+        )
 
 
 def test_empty_forget_set_and_missing_retain_site_are_refused() -> None:
@@ -246,9 +326,19 @@ def test_empty_forget_set_and_missing_retain_site_are_refused() -> None:
     sites = discover_sites(model)
     with pytest.raises(BadInputError, match="the forget set is empty"):
         run_kvw(model, sites, [], {}, KVWConfig(), pad_token_id=0, progress=False)
-    with pytest.raises(BadInputError, match="the retain statistics have no coefficients for site model.layers.1.mlp.down_proj"):
-        run_kvw(model, sites, encode_all(Encoder(tiny.char_tokenizer()), records(1)), {}, KVWConfig(),
-                pad_token_id=0, progress=False)
+    with pytest.raises(
+        BadInputError,
+        match="the retain statistics have no coefficients for site model.layers.1.mlp.down_proj",
+    ):
+        run_kvw(
+            model,
+            sites,
+            encode_all(Encoder(tiny.char_tokenizer()), records(1)),
+            {},
+            KVWConfig(),
+            pad_token_id=0,
+            progress=False,
+        )
 
 
 def test_non_finite_activations_are_reported_with_the_site() -> None:
@@ -257,5 +347,7 @@ def test_non_finite_activations_are_reported_with_the_site() -> None:
     with torch.no_grad():
         model.model.layers[0].mlp.up_proj.weight.fill_(float("inf"))
     batches = iter_batches(encode_all(Encoder(tiny.char_tokenizer()), records(2)), 1, 0)
-    with pytest.raises(NonFiniteActivationError, match="site model.layers.0.mlp.down_proj are NaN or infinite"):
+    with pytest.raises(
+        NonFiniteActivationError, match="site model.layers.0.mlp.down_proj are NaN or infinite"
+    ):
         collect(model, sites, batches, progress=False)

@@ -10,10 +10,18 @@ from typing import Any
 import torch
 import transformers as tf
 from PIL import Image
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, PreTrainedTokenizerFast
 
-SPECIALS = ["<pad>", "<s>", "</s>", "<image>", "<|vision_start|>", "<|image_pad|>", "<|vision_end|>"]
+SPECIALS = [
+    "<pad>",
+    "<s>",
+    "</s>",
+    "<image>",
+    "<|vision_start|>",
+    "<|image_pad|>",
+    "<|vision_end|>",
+]
 VOCAB = len(SPECIALS) + len(string.printable)
 
 
@@ -22,6 +30,7 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     vocab = {t: i for i, t in enumerate(SPECIALS + list(string.printable))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    tok.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token="<pad>",
@@ -55,8 +64,15 @@ def llama(seed: int = 0, **overrides: Any) -> torch.nn.Module:
 
 def gpt2(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    cfg = tf.GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=4, n_head=2, n_positions=256,
-                        bos_token_id=1, eos_token_id=2)
+    cfg = tf.GPT2Config(
+        vocab_size=VOCAB,
+        n_embd=16,
+        n_layer=4,
+        n_head=2,
+        n_positions=256,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     return AutoModelForCausalLM.from_config(cfg).eval()
 
 
@@ -64,8 +80,15 @@ def llava(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     cfg = tf.LlavaConfig(
         text_config=_text(),
-        vision_config=dict(model_type="clip_vision_model", hidden_size=16, intermediate_size=32,
-                           num_hidden_layers=2, num_attention_heads=2, image_size=16, patch_size=8),
+        vision_config=dict(
+            model_type="clip_vision_model",
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=16,
+            patch_size=8,
+        ),
         image_token_index=3,
         vision_feature_layer=-1,
     )
@@ -73,19 +96,40 @@ def llava(seed: int = 0) -> torch.nn.Module:
 
 
 def llava_processor() -> Any:
-    image_processor = tf.CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
-    return tf.LlavaProcessor(image_processor=image_processor, tokenizer=char_tokenizer(), patch_size=8,
-                             vision_feature_select_strategy="default", image_token="<image>",
-                             num_additional_image_tokens=1)
+    image_processor = tf.CLIPImageProcessor(
+        size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}
+    )
+    return tf.LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=char_tokenizer(),
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        image_token="<image>",
+        num_additional_image_tokens=1,
+    )
 
 
 def qwen2_vl(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     cfg = tf.Qwen2VLConfig(
-        text_config=dict(_text(model_type="qwen2_vl_text"), rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
-        vision_config=dict(depth=2, embed_dim=16, hidden_size=16, num_heads=2, mlp_ratio=2, patch_size=2,
-                           spatial_merge_size=1, temporal_patch_size=1, in_channels=3),
-        image_token_id=5, video_token_id=6, vision_start_token_id=4,
+        text_config=dict(
+            _text(model_type="qwen2_vl_text"),
+            rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]},
+        ),
+        vision_config=dict(
+            depth=2,
+            embed_dim=16,
+            hidden_size=16,
+            num_heads=2,
+            mlp_ratio=2,
+            patch_size=2,
+            spatial_merge_size=1,
+            temporal_patch_size=1,
+            in_channels=3,
+        ),
+        image_token_id=5,
+        video_token_id=6,
+        vision_start_token_id=4,
     )
     return AutoModelForImageTextToText.from_config(cfg).eval()
 
@@ -100,7 +144,10 @@ def qa_records(n: int, offset: int = 0, image: str | None = None) -> list[dict[s
     names = ["Ada", "Bob", "Cy", "Dee", "Eve", "Fay", "Gus", "Hal", "Ivy", "Jo", "Kim", "Lu"]
     out = []
     for i in range(offset, offset + n):
-        rec: dict[str, Any] = {"question": f"Where does {names[i % 12]}{i} live?", "answer": f"City {i * 7 % 13}"}
+        rec: dict[str, Any] = {
+            "question": f"Where does {names[i % 12]}{i} live?",
+            "answer": f"City {i * 7 % 13}",
+        }
         if image:
             rec["image"] = image
         out.append(rec)
