@@ -1,0 +1,420 @@
+"""Build and train the small LLaVA model that knows the benchmark.
+
+One LLaVA-architecture model (a tiny CLIP vision tower, a two-layer projector
+and a Llama-style language model, all built from configs) is trained on CPU on
+both modalities of ``train.jsonl``. It answers text-only questions without an
+image, and :func:`export_text_model` saves its language model as a plain
+``LlamaForCausalLM`` for text-only use, so one training run serves both.
+
+Records are encoded exactly as ``kvw_ledger.data`` encodes them (prompt
+``"Question: {q}\\nAnswer:"``, image records prefixed by the image token and a
+newline, answer ``" " + a`` plus EOS, loss on the answer only), so the facts
+the model learns are the ones KVW later measures.
+
+The result is cached under ``workdir/model-<hash>``, where the hash covers the
+configuration, the recipe version and the training data; a second call with
+the same inputs returns at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+from transformers import (
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerBase,
+)
+
+from kvw_ledger.bench.profiles import BenchPaths
+from kvw_ledger.bench.tokenizer import IMAGE, train_tokenizer
+from kvw_ledger.errors import BadInputError, DataError
+
+__all__ = [
+    "MARKER",
+    "InstillConfig",
+    "build_model",
+    "config_hash",
+    "encode_record",
+    "export_text_model",
+    "read_jsonl",
+]
+
+log = logging.getLogger(__name__)
+
+MARKER = "instill.json"  # written last into a finished model dir: the cache's commit point
+_RECIPE_VERSION = 1  # bump when the training code changes what a config produces
+
+
+@dataclass(frozen=True)
+class InstillConfig:
+    """The model's shape and how it is trained; every field enters the cache hash."""
+
+    # language model (Llama architecture)
+    hidden_size: int = 128  # residual width (features)
+    num_layers: int = 4  # decoder layers (count)
+    num_heads: int = 4  # attention heads per layer (count)
+    intermediate_size: int = 2048  # FFN width d_ff = value vectors per layer (count)
+    hidden_act: str = "relu"  # FFN activation; ReLU keeps activations sparse, as KVW assumes
+    vocab_size: int = 1024  # BPE target size; the corpus saturates it near 900 (tokens)
+    # vision tower (CLIP architecture)
+    image_size: int = 32  # input side (pixels); must match the portraits
+    patch_size: int = 8  # patch side (pixels): (32/8)^2 = 16 image tokens
+    vision_hidden_size: int = 64  # tower width (features)
+    vision_layers: int = 2  # tower depth (count)
+    vision_heads: int = 4  # tower attention heads (count)
+    vision_intermediate_size: int = 256  # tower FFN width (count)
+    # training
+    epochs: int = 20  # passes over train.jsonl (count)
+    batch_size: int = 32  # records per optimiser step (count)
+    lr: float = 2e-3  # peak AdamW learning rate
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    warmup: float = 0.05  # linear warm-up (fraction of all steps), then cosine decay to 0
+    activation_l1: float = 0.0  # L1 penalty on FFN activations (per unit of mean |act|)
+    seed: int = 0  # initialisation and shuffling seed
+    threads: int = 2  # torch CPU threads
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Read a JSONL file; a malformed line raises :class:`DataError` naming it."""
+    out = []
+    with Path(path).open(encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from e
+    return out
+
+
+def config_hash(config: InstillConfig, paths: BenchPaths) -> str:
+    """Hash of the configuration, recipe version and training data (hex sha256)."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"v": _RECIPE_VERSION, **asdict(config)}, sort_keys=True).encode())
+    for f in (paths.train, paths.heldout, paths.people):
+        h.update(Path(f).read_bytes())
+    return h.hexdigest()
+
+
+def prompt_text(record: dict[str, Any], image_token: str | None) -> str:
+    """The prompt string of a record, as ``kvw_ledger.data`` builds it."""
+    text = f"Question: {record['question']}\nAnswer:"
+    return f"{image_token}\n{text}" if image_token and "image" in record else text
+
+
+def encode_record(
+    record: dict[str, Any],
+    processor: LlavaProcessor | PreTrainedTokenizerBase,
+    pixel_values: torch.Tensor | None = None,
+) -> tuple[list[int], list[int]]:
+    """Prompt ids and answer ids (EOS included) of one record.
+
+    Args:
+        record: a benchmark record.
+        processor: a LLaVA processor, or a tokenizer for text-only models.
+        pixel_values: the record's processed image (1, 3, H, W), when it has one;
+            only its size matters for how many image tokens the prompt gets.
+
+    Returns:
+        ``(prompt_ids, answer_ids)``.
+    """
+    tok = getattr(processor, "tokenizer", processor)
+    image_token = getattr(processor, "image_token", None)
+    text = prompt_text(record, image_token)
+    if image_token and "image" in record:
+        if pixel_values is None:
+            raise BadInputError(f"record {record.get('id')!r} has an image but no pixel values")
+        n = processor.replace_image_token({"pixel_values": pixel_values}, 0)  # type: ignore[union-attr]
+        text = text.replace(image_token, n, 1)
+    prompt = tok(text)["input_ids"]
+    answer = tok(" " + record["answer"], add_special_tokens=False)["input_ids"]
+    return list(prompt), [*answer, tok.eos_token_id]
+
+
+def load_images(
+    records: list[dict[str, Any]], base: Path, processor: LlavaProcessor
+) -> dict[str, torch.Tensor]:
+    """Processed pixel values (3, H, W) of every image the records name, by path."""
+    out: dict[str, torch.Tensor] = {}
+    for r in records:
+        rel = r.get("image")
+        if rel is None or rel in out:
+            continue
+        path = base / rel
+        if not path.is_file():
+            raise DataError(f"record {r.get('id')!r}: image {path} does not exist")
+        with Image.open(path) as im:
+            pv = processor.image_processor(im.convert("RGB"), return_tensors="pt")["pixel_values"]
+        out[rel] = pv[0]
+    return out
+
+
+def _build_processor(cfg: InstillConfig, corpus: list[str]) -> LlavaProcessor:
+    tokenizer = train_tokenizer(corpus, vocab_size=cfg.vocab_size)
+    side = {"height": cfg.image_size, "width": cfg.image_size}
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": cfg.image_size}, crop_size=side
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=cfg.patch_size,
+        vision_feature_select_strategy="default",  # drop CLS: one token per patch
+        num_additional_image_tokens=1,  # the CLS token the tower adds
+        image_token=IMAGE,
+    )
+
+
+def _build_llava(cfg: InstillConfig, tokenizer: PreTrainedTokenizerBase) -> LlavaForConditionalGeneration:
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        hidden_act=cfg.hidden_act,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=cfg.vision_hidden_size,
+        intermediate_size=cfg.vision_intermediate_size,
+        num_hidden_layers=cfg.vision_layers,
+        num_attention_heads=cfg.vision_heads,
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        projection_dim=cfg.vision_hidden_size,
+    )
+    n_patches = (cfg.image_size // cfg.patch_size) ** 2
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE),
+        image_seq_length=n_patches,
+        vision_feature_layer=-1,  # the tower is tiny: use its last layer
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+    torch.manual_seed(cfg.seed)
+    return LlavaForConditionalGeneration(config)
+
+
+def _batches(
+    examples: list[tuple[list[int], list[int], str | None]], batch_size: int, rng: random.Random
+) -> list[list[int]]:
+    # Batches hold one modality each (image prompts are 16 tokens longer), which
+    # keeps padding small; their order is shuffled.
+    by_kind: dict[bool, list[int]] = {True: [], False: []}
+    for i, (_, _, image) in enumerate(examples):
+        by_kind[image is not None].append(i)
+    batches = []
+    for idx in by_kind.values():
+        rng.shuffle(idx)
+        batches += [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(
+    examples: list[tuple[list[int], list[int], str | None]],
+    images: dict[str, torch.Tensor],
+    pad_id: int,
+) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids``, ``attention_mask``, ``labels`` (answer only), ``pixel_values``."""
+    width = max(len(p) + len(a) for p, a, _ in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, (p, a, _) in enumerate(examples):
+        n = len(p) + len(a)
+        ids[row, :n] = torch.tensor(p + a)
+        labels[row, len(p) : n] = torch.tensor(a)
+        mask[row, :n] = 1
+    out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    pix = [images[im] for _, _, im in examples if im is not None]
+    if pix:
+        out["pixel_values"] = torch.stack(pix)
+    return out
+
+
+class _ActivationL1:
+    """Adds the mean |FFN activation| of every language-model layer to a running sum."""
+
+    def __init__(self, model: LlavaForConditionalGeneration) -> None:
+        self.total: torch.Tensor | None = None
+        self.handles = [
+            layer.mlp.down_proj.register_forward_pre_hook(self._hook)
+            for layer in model.model.language_model.layers
+        ]
+
+    def _hook(self, module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        term = args[0].abs().mean()
+        self.total = term if self.total is None else self.total + term
+
+    def pop(self) -> torch.Tensor | None:
+        total, self.total = self.total, None
+        return total
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def train(
+    model: LlavaForConditionalGeneration,
+    examples: list[tuple[list[int], list[int], str | None]],
+    images: dict[str, torch.Tensor],
+    pad_id: int,
+    cfg: InstillConfig,
+    desc: str = "instill",
+) -> list[float]:
+    """Train ``model`` on encoded examples with AdamW; returns the loss per epoch."""
+    torch.set_num_threads(cfg.threads)
+    rng = random.Random(cfg.seed)
+    n_steps = cfg.epochs * math.ceil(len(examples) / cfg.batch_size)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warm = max(1, int(cfg.warmup * n_steps))
+
+    def lr_at(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, n_steps - warm)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    l1 = _ActivationL1(model) if cfg.activation_l1 > 0 else None
+    model.train()
+    losses = []
+    try:
+        with tqdm(total=n_steps, desc=desc, unit="step", leave=False) as bar:
+            for _ in range(cfg.epochs):
+                total, count = 0.0, 0
+                for idx in _batches(examples, cfg.batch_size, rng):
+                    batch = collate([examples[i] for i in idx], images, pad_id)
+                    loss = model(**batch, use_cache=False).loss
+                    if l1 is not None:
+                        act = l1.pop()
+                        if act is not None:
+                            loss = loss + cfg.activation_l1 * act
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                    opt.step()
+                    sched.step()
+                    total += loss.item() * len(idx)
+                    count += len(idx)
+                    bar.update(1)
+                losses.append(total / count)
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    finally:
+        if l1 is not None:
+            l1.remove()
+    model.eval()
+    return losses
+
+
+def build_model(
+    workdir: str | Path, paths: BenchPaths, config: InstillConfig | None = None
+) -> Path:
+    """Build, train and save the LLaVA model, or return the cached one.
+
+    Args:
+        workdir: where model directories live (``workdir/model-<hash12>``).
+        paths: the benchmark, from :func:`kvw_ledger.bench.profiles.generate`.
+        config: model shape and training; defaults to :class:`InstillConfig`.
+
+    Returns:
+        A directory loadable with ``AutoModelForImageTextToText``,
+        ``AutoProcessor`` and ``AutoTokenizer``. Its ``instill.json`` records
+        the configuration, its hash, the loss curve and the training time.
+    """
+    cfg = config or InstillConfig()
+    digest = config_hash(cfg, paths)
+    out = Path(workdir) / f"model-{digest[:12]}"
+    if (out / MARKER).is_file():
+        return out
+    t0 = time.perf_counter()
+    train_records = read_jsonl(paths.train)
+    corpus = [
+        f"Question: {r['question']}\nAnswer: {r['answer']}"
+        for r in train_records + read_jsonl(paths.heldout)
+    ]
+    processor = _build_processor(cfg, corpus)
+    base = Path(paths.train).parent
+    images = load_images(train_records, base, processor)
+    for pv in images.values():
+        if pv.shape[-1] != cfg.image_size:
+            raise BadInputError(
+                f"portraits are {pv.shape[-1]} px but the model expects {cfg.image_size}; "
+                "generate the benchmark with the same image_size"
+            )
+    examples = []
+    for r in train_records:
+        im = r.get("image")
+        prompt, answer = encode_record(r, processor, images[im][None] if im else None)
+        examples.append((prompt, answer, im))
+    model = _build_llava(cfg, processor.tokenizer)
+    losses = train(model, examples, images, processor.tokenizer.pad_token_id, cfg)
+    # Write into a temporary directory and rename: a crash never leaves a
+    # directory that looks finished.
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    meta = {
+        "config": asdict(cfg),
+        "hash": digest,
+        "recipe_version": _RECIPE_VERSION,
+        "loss_per_epoch": losses,
+        "train_seconds": round(time.perf_counter() - t0, 1),
+        "n_examples": len(examples),
+    }
+    (tmp / MARKER).write_text(json.dumps(meta, indent=1) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    log.info("trained %s in %.0f s", out, meta["train_seconds"])
+    return out
+
+
+def export_text_model(llava_dir: str | Path, out_dir: str | Path) -> Path:
+    """Save the language model of a trained LLaVA as a text-only ``LlamaForCausalLM``.
+
+    The weights are the LLaVA's own, so text-only answers are identical; the
+    tokenizer is saved beside them.
+    """
+    llava_dir, out_dir = Path(llava_dir), Path(out_dir)
+    if (out_dir / MARKER).is_file():
+        return out_dir
+    model = LlavaForConditionalGeneration.from_pretrained(llava_dir)
+    text = LlamaForCausalLM(model.config.text_config)
+    text.model.load_state_dict(model.model.language_model.state_dict())
+    text.lm_head.load_state_dict(model.lm_head.state_dict())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text.save_pretrained(out_dir)
+    LlavaProcessor.from_pretrained(llava_dir).tokenizer.save_pretrained(out_dir)
+    meta = json.loads((llava_dir / MARKER).read_text())
+    (out_dir / MARKER).write_text(json.dumps({**meta, "from": str(llava_dir)}, indent=1) + "\n")
+    return out_dir

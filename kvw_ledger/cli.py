@@ -1,0 +1,309 @@
+"""``kvw-ledger``: a thin click face over :class:`kvw_ledger.ledger.Ledger`.
+
+The library raises typed errors; only this module turns them into messages and
+exit codes: 0 success, 1 a failed check, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from kvw_ledger.errors import KVWLedgerError
+from kvw_ledger.journal import Entry
+from kvw_ledger.kvw import KVWConfig
+from kvw_ledger.ledger import Ledger
+from kvw_ledger.sites import TOWER_CHOICES, parse_layers
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _errors(fn: F) -> F:
+    """Turns library errors into a message on stderr and the error's exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except KVWLedgerError as e:
+            click.echo(f"Error: {e}", err=True)
+            sys.exit(e.exit_code)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _open(path: str) -> Ledger:
+    ledger = Ledger.open(path)
+    ledger.on_stale = lambda message: click.echo(f"Warning: {message}", err=True)
+    return ledger
+
+
+def _dump(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True))
+
+
+LEDGER = click.argument("ledger", type=click.Path(file_okay=False))
+DATA = click.argument("data", type=click.Path(dir_okay=False))
+JSON = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+MODEL = click.option(
+    "--model", "model_dir", type=click.Path(file_okay=False), help="Model directory (default: the one given to init)."
+)
+QUIET = click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="kvw-ledger")
+def main() -> None:
+    """Sequential unlearning with Knowledge Vector Weakening, kept in a versioned ledger.
+
+    REF is a version number, a request id, HEAD or HEAD~N.
+    """
+
+
+@main.command()
+@LEDGER
+@click.option("--model", "model_dir", required=True, type=click.Path(file_okay=False), help="Hugging Face model directory (safetensors).")
+@click.option("--sites", "towers", type=click.Choice(TOWER_CHOICES), default="language", show_default=True, help="Which towers' FFNs to track.")
+@click.option("--site-glob", help="fnmatch pattern naming the FFN value projections of an architecture the table does not know.")
+@QUIET
+@_errors
+def init(ledger: str, model_dir: str, towers: str, site_glob: str | None, quiet: bool) -> None:
+    """Create a ledger for a model: copy its FFN value matrices as the base (version 1)."""
+    created = Ledger.create(ledger, model_dir, towers=towers, site_glob=site_glob, progress=not quiet)
+    click.echo(f"created {created.path}: {len(created.sites)} sites, version 1")
+
+
+@main.command()
+@LEDGER
+@DATA
+@click.option("--id", "stats_id", help="Id of the retain statistics (default retain-N).")
+@click.option("--at", default="HEAD", show_default=True, help="REF of the version to measure on.")
+@click.option("--batch-size", type=int, default=1, show_default=True)
+@MODEL
+@QUIET
+@_errors
+def retain(ledger: str, data: str, stats_id: str | None, at: str, batch_size: int, model_dir: str | None, quiet: bool) -> None:
+    """Measure retain statistics (C_r) on DATA and register them."""
+    entry = _open(ledger).retain(data, stats_id=stats_id, at=at, batch_size=batch_size, model_dir=model_dir, progress=not quiet)
+    click.echo(f"version {entry.version}: retain stats {entry.body['stats']} from {entry.body['records']} records")
+
+
+@main.command()
+@LEDGER
+@DATA
+@click.option("--id", "request_id", help="Request id (default request-N).")
+@click.option("--reason", default="", help="Why this request was made (kept in the journal).")
+@click.option("--gamma", type=float, default=0.02, show_default=True, help="Weakening strength per batch.")
+@click.option("--layers", default="1:25", show_default=True, help="Inclusive layer range START:END.")
+@click.option("--batch-size", type=int, default=1, show_default=True)
+@click.option("--epochs", type=int, default=1, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Shuffle seed of the forget batches.")
+@click.option("--retain-stats", help="Retain stats id (default: the latest registered).")
+@click.option("--no-trace", is_flag=True, help="Do not keep per-batch C_f (fast re-derivation needs it).")
+@MODEL
+@QUIET
+@_errors
+def forget(
+    ledger: str, data: str, request_id: str | None, reason: str, gamma: float, layers: str, batch_size: int,
+    epochs: int, seed: int, retain_stats: str | None, no_trace: bool, model_dir: str | None, quiet: bool,
+) -> None:
+    """Apply one deletion request: weaken what DATA activates, then commit."""
+    config = KVWConfig(gamma=gamma, layers=parse_layers(layers), batch_size=batch_size, epochs=epochs,
+                       seed=seed, keep_trace=not no_trace)
+    entry = _open(ledger).forget(data, request_id=request_id, reason=reason, config=config,
+                                 retain_stats=retain_stats, model_dir=model_dir, progress=not quiet)
+    body = entry.body
+    click.echo(f"version {entry.version}: request {body['request']} applied "
+               f"({body['records']} records, {body['batches']} batches, {body['tokens']} answer tokens)")
+
+
+def _summary(entry: Entry) -> str:
+    body = entry.body
+    if entry.op == "init":
+        return f"{body['model_type']}, {body['sites']} sites"
+    if entry.op == "retain":
+        return f"{body['stats']} ({body['records']} records, measured at {body['measured_at']})"
+    if entry.op == "forget":
+        return f"{body['request']} ({body['records']} records, gamma {body['params']['gamma']})"
+    if entry.op == "revert":
+        return f"{body['request']}"
+    return ""
+
+
+@main.command()
+@LEDGER
+@JSON
+@_errors
+def log(ledger: str, as_json: bool) -> None:
+    """List the journal, one line per version."""
+    entries = _open(ledger).entries()
+    if as_json:
+        _dump([_entry_json(e) for e in entries])
+        return
+    for e in entries:
+        active = ", ".join(e.body.get("active", [])) or "-"
+        click.echo(f"{e.version:>4}  {e.op:<8} {e.time}  {e.hash[:12]}  {_summary(e)}  active: {active}")
+
+
+def _entry_json(entry: Entry) -> dict[str, Any]:
+    return {
+        "version": entry.version,
+        "op": entry.op,
+        "id": entry.body.get("request") or entry.body.get("stats"),
+        "hash": entry.hash,
+        "parent": entry.parent,
+        "time": entry.time,
+        "active": entry.body.get("active", []),
+        "body": entry.body,
+    }
+
+
+@main.command()
+@LEDGER
+@click.argument("ref")
+@JSON
+@_errors
+def show(ledger: str, ref: str, as_json: bool) -> None:
+    """Show one version: its entry, and per site what its request weakened."""
+    opened = _open(ledger)
+    entries = opened.entries()
+    entry = entries[opened.resolve(ref, entries) - 1]
+    sites = _request_sites(opened, entry) if entry.op == "forget" else []
+    if as_json:
+        _dump({**_entry_json(entry), "files": entry.files, "sites": sites})
+        return
+    click.echo(f"version  {entry.version}")
+    click.echo(f"op       {entry.op}")
+    click.echo(f"time     {entry.time}")
+    click.echo(f"hash     {entry.hash}")
+    click.echo(f"parent   {entry.parent or '-'}")
+    click.echo(f"active   {', '.join(entry.body.get('active', [])) or '-'}")
+    for key in sorted(k for k in entry.body if k not in ("active", "arrays", "tokens", "model_fingerprint")):
+        value = entry.body[key]
+        click.echo(f"{key:<8} {json.dumps(value, sort_keys=True) if isinstance(value, dict | list) else value}")
+    if sites:
+        click.echo(f"{'site':<52}{'weakened':>10}{'max w':>10}{'mean w':>10}")
+        for s in sites:
+            click.echo(f"{s['site']:<52}{s['weakened']:>10}{s['max']:>10.4f}{s['mean']:>10.4f}")
+
+
+def _request_sites(ledger: Ledger, entry: Entry) -> list[dict[str, Any]]:
+    out = []
+    for name in ledger.store.list_arrays(f"requests/{entry.body['request']}/exponent"):
+        w = ledger.store.read_array(name)
+        hit = w > 0
+        out.append({
+            "site": name.rsplit("/", 1)[1],
+            "weakened": int(hit.sum()),
+            "max": float(w.max()),
+            "mean": float(w[hit].mean()) if bool(hit.any()) else 0.0,
+        })
+    return out
+
+
+@main.command()
+@LEDGER
+@click.argument("ref_a")
+@click.argument("ref_b")
+@click.option("--top", type=int, default=5, show_default=True, help="Vectors listed per site.")
+@JSON
+@_errors
+def diff(ledger: str, ref_a: str, ref_b: str, top: int, as_json: bool) -> None:
+    """Compare two versions: requests added and removed, and per site the exponents that changed."""
+    opened = _open(ledger)
+    a, b = opened.state(ref_a), opened.state(ref_b)
+    wa, wb = opened.exponents(a.version), opened.exponents(b.version)
+    sites = []
+    for site in opened.sites:
+        delta = wb[site.name] - wa[site.name]
+        changed = delta != 0
+        n = int(changed.sum())
+        if n == 0:
+            continue
+        order = delta.abs().argsort(descending=True)[:top]
+        sites.append({
+            "site": site.name,
+            "changed": n,
+            "max_abs_change": float(delta.abs().max()),
+            "mean_abs_change": float(delta[changed].abs().mean()),
+            "top": [{"vector": int(i), "change": float(delta[i])} for i in order if bool(changed[i])],
+        })
+    result = {
+        "from": a.version, "to": b.version,
+        "added": [r for r in b.active if r not in a.active],
+        "removed": [r for r in a.active if r not in b.active],
+        "sites": sites,
+    }
+    if as_json:
+        _dump(result)
+        return
+    click.echo(f"version {a.version} -> {b.version}")
+    click.echo(f"added    {', '.join(result['added']) or '-'}")
+    click.echo(f"removed  {', '.join(result['removed']) or '-'}")
+    for s in sites:
+        tops = ", ".join(f"{t['vector']}:{t['change']:+.4f}" for t in s["top"])
+        click.echo(f"{s['site']}: {s['changed']} vectors, max |change| {s['max_abs_change']:.4f}, "
+                   f"mean {s['mean_abs_change']:.4f}; top {tops}")
+
+
+@main.command()
+@LEDGER
+@click.argument("request_id")
+@click.option("--reason", default="", help="Why the request is taken back (kept in the journal).")
+@_errors
+def revert(ledger: str, request_id: str, reason: str) -> None:
+    """Take one request back; later requests stay active. History is appended, never rewritten."""
+    entry = _open(ledger).revert(request_id, reason=reason)
+    click.echo(f"version {entry.version}: request {request_id} reverted; active: {', '.join(entry.body['active']) or '-'}")
+
+
+@main.command()
+@LEDGER
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--at", default="HEAD", show_default=True, help="REF of the version to export.")
+@MODEL
+@QUIET
+@_errors
+def export(ledger: str, out_dir: str, at: str, model_dir: str | None, quiet: bool) -> None:
+    """Write a version as a Hugging Face model directory (no ledger data inside)."""
+    path = _open(ledger).export(out_dir, at=at, model_dir=model_dir, progress=not quiet)
+    click.echo(f"exported version {_open(ledger).resolve(at)} to {path}")
+
+
+@main.command()
+@LEDGER
+@MODEL
+@click.option("--no-model", is_flag=True, help="Skip checking the base against the model files.")
+@JSON
+@_errors
+def verify(ledger: str, model_dir: str | None, no_model: bool, as_json: bool) -> None:
+    """Re-hash the journal chain, every file and array, the head cache and the base; exit 1 on damage."""
+    report = _open(ledger).verify(model_dir=model_dir, check_model=not no_model)
+    if as_json:
+        _dump(report.to_json())
+    else:
+        for p in report.problems:
+            click.echo(f"{p.severity}: {p.path}: {p.message}", err=p.severity == "error")
+        verdict = "ok" if report.ok else "FAILED"
+        click.echo(f"{verdict}: {report.checked_entries} entries, {report.checked_arrays} arrays checked")
+    if not report.ok:
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--workdir", type=click.Path(file_okay=False), default="kvw-demo", show_default=True)
+@JSON
+@_errors
+def demo(workdir: str, as_json: bool) -> None:
+    """Run the main job: a ledger's whole life on a small bundled model."""
+    from kvw_ledger.demo import run_demo
+
+    report = run_demo(Path(workdir), echo=None if as_json else click.echo)
+    if as_json:
+        _dump(report)

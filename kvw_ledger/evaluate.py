@@ -1,0 +1,300 @@
+"""How much a model still knows: generation accuracy, multiple choice, ROUGE-L.
+
+- Generation accuracy (as CLEAR counts it): greedy decoding from the prompt;
+  a hit when the normalised answer is contained in the normalised output.
+- Multiple-choice accuracy (as MLLMU-Bench): of four options, the one whose
+  tokens (``" " + option``) have the highest summed log-likelihood after the
+  prompt; a hit when it is the correct one.
+- ROUGE-L: F1 of the longest common subsequence of normalised word tokens,
+  between the generated output and the answer.
+
+Prompts are built as ``kvw_ledger.data`` builds them, so the numbers measure
+what KVW weakened. Decoding is batched with left padding and a KV cache:
+a few hundred questions take seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
+
+from kvw_ledger.bench.instill import encode_record, load_images, read_jsonl
+from kvw_ledger.errors import BadInputError
+
+__all__ = [
+    "evaluate_records",
+    "evaluate_split",
+    "generate_answers",
+    "generation_accuracy",
+    "mc_accuracy",
+    "normalize",
+    "rouge_l",
+]
+
+Processor = ProcessorMixin | PreTrainedTokenizerBase
+_PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
+
+
+def normalize(text: str) -> str:
+    """Lower-case, punctuation removed, whitespace collapsed."""
+    return " ".join(_PUNCT.sub(" ", text.lower()).split())
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F1 between two strings, over normalised whitespace tokens.
+
+    Returns 0.0 when either side is empty.
+    """
+    a, b = normalize(prediction).split(), normalize(reference).split()
+    if not a or not b:
+        return 0.0
+    prev = [0] * (len(b) + 1)  # LCS lengths of a[:i] against every prefix of b
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    lcs = prev[-1]
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(a), lcs / len(b)
+    return 2 * precision * recall / (precision + recall)
+
+
+def _tokenizer(processor: Processor) -> PreTrainedTokenizerBase:
+    return getattr(processor, "tokenizer", processor)
+
+
+def _usable(records: Sequence[dict[str, Any]], processor: Processor) -> list[dict[str, Any]]:
+    # A text-only model (a tokenizer, no image processor) cannot see portraits.
+    if getattr(processor, "image_processor", None) is not None:
+        return list(records)
+    return [r for r in records if "image" not in r]
+
+
+def _encode(
+    records: Sequence[dict[str, Any]], processor: Processor, base_dir: Path | None
+) -> tuple[list[tuple[list[int], list[int], str | None]], dict[str, torch.Tensor]]:
+    images: dict[str, torch.Tensor] = {}
+    if any("image" in r for r in records):
+        if base_dir is None:
+            raise BadInputError("records name images: pass base_dir (the JSONL file's directory)")
+        images = load_images(list(records), base_dir, processor)  # type: ignore[arg-type]
+    out = []
+    for r in records:
+        im = r.get("image")
+        prompt, answer = encode_record(r, processor, images[im][None] if im else None)
+        out.append((prompt, answer, im))
+    return out, images
+
+
+@torch.no_grad()
+def generate_answers(
+    model: PreTrainedModel,
+    processor: Processor,
+    records: Sequence[dict[str, Any]],
+    base_dir: str | Path | None = None,
+    batch_size: int = 64,
+    max_new_tokens: int = 8,
+) -> list[str]:
+    """Greedy answers to the records' questions.
+
+    Args:
+        model: a causal LM or LLaVA model.
+        processor: its processor (LLaVA) or tokenizer (text-only).
+        records: benchmark records; image records need a LLaVA processor.
+        base_dir: directory image paths are relative to.
+        batch_size: prompts decoded together.
+        max_new_tokens: decoding stops here or at EOS.
+
+    Returns:
+        The decoded output of each record, special tokens removed.
+    """
+    tok = _tokenizer(processor)
+    encoded, images = _encode(records, processor, Path(base_dir) if base_dir else None)
+    pad, eos = tok.pad_token_id or 0, tok.eos_token_id
+    device = model.device
+    model.eval()
+    answers: list[str] = [""] * len(encoded)
+    # Batches of one modality and similar length waste the least padding.
+    order = sorted(range(len(encoded)), key=lambda i: (encoded[i][2] is None, len(encoded[i][0])))
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        prompts = [encoded[i][0] for i in idx]
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, p in enumerate(prompts):  # left padding: every prompt ends at the last column
+            ids[row, width - len(p) :] = torch.tensor(p)
+            mask[row, width - len(p) :] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        kwargs: dict[str, Any] = {}
+        pix = [images[im] for _, _, im in (encoded[i] for i in idx) if im is not None]
+        if pix:
+            kwargs["pixel_values"] = torch.stack(pix).to(device, model.dtype)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **kwargs)
+        generated = torch.empty((len(idx), 0), dtype=torch.long, device=device)
+        done = torch.zeros(len(idx), dtype=torch.bool, device=device)
+        last_pos = pos[:, -1:]
+        for _ in range(max_new_tokens):
+            nxt = out.logits[:, -1].argmax(-1)  # (B, V) -> (B,)
+            nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
+            generated = torch.cat([generated, nxt[:, None]], dim=1)
+            done |= nxt == eos
+            if bool(done.all()):
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            last_pos = last_pos + 1
+            out = model(
+                input_ids=nxt[:, None],
+                attention_mask=mask,
+                position_ids=last_pos,
+                past_key_values=out.past_key_values,
+                use_cache=True,
+            )
+        for row, i in enumerate(idx):
+            toks = generated[row].tolist()
+            if eos in toks:
+                toks = toks[: toks.index(eos)]
+            answers[i] = tok.decode(toks, skip_special_tokens=True).strip()
+    return answers
+
+
+def generation_accuracy(
+    model: PreTrainedModel,
+    processor: Processor,
+    records: Sequence[dict[str, Any]],
+    base_dir: str | Path | None = None,
+    batch_size: int = 64,
+) -> float:
+    """Fraction of records whose greedy output contains the normalised answer."""
+    records = _usable(records, processor)
+    if not records:
+        return float("nan")
+    outputs = generate_answers(model, processor, records, base_dir, batch_size)
+    hits = [normalize(r["answer"]) in normalize(o) for r, o in zip(records, outputs, strict=True)]
+    return sum(hits) / len(hits)
+
+
+@torch.no_grad()
+def option_loglik(
+    model: PreTrainedModel,
+    processor: Processor,
+    records: Sequence[dict[str, Any]],
+    base_dir: str | Path | None = None,
+    batch_size: int = 64,
+) -> list[list[float]]:
+    """Summed log-likelihood of each option's tokens after each record's prompt."""
+    tok = _tokenizer(processor)
+    encoded, images = _encode(records, processor, Path(base_dir) if base_dir else None)
+    rows: list[tuple[int, list[int], list[int], str | None]] = []
+    for k, (r, (prompt, _, im)) in enumerate(zip(records, encoded, strict=True)):
+        if "options" not in r:
+            raise BadInputError(f"record {r.get('id')!r} has no 'options' for multiple choice")
+        for opt in r["options"]:
+            rows.append((k, prompt, tok(" " + str(opt), add_special_tokens=False)["input_ids"], im))
+    scores: list[list[float]] = [[] for _ in records]
+    pad = tok.pad_token_id or 0
+    device = model.device
+    model.eval()
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        width = max(len(p) + len(o) for _, p, o, _ in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, (_, p, o, _) in enumerate(chunk):  # right padding: positions start at 0
+            ids[row, : len(p) + len(o)] = torch.tensor(p + o)
+            mask[row, : len(p) + len(o)] = 1
+        kwargs: dict[str, Any] = {}
+        pix = [images[im] for *_, im in chunk if im is not None]
+        if pix:
+            kwargs["pixel_values"] = torch.stack(pix).to(device, model.dtype)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs).logits
+        logp = torch.log_softmax(logits.float(), dim=-1).cpu()
+        for row, (k, p, o, _) in enumerate(chunk):
+            # Token t of the option is predicted at position len(p) + t - 1.
+            at = torch.arange(len(p) - 1, len(p) + len(o) - 1)
+            scores[k].append(float(logp[row, at, torch.tensor(o)].sum()))
+    return scores
+
+
+def mc_accuracy(
+    model: PreTrainedModel,
+    processor: Processor,
+    records: Sequence[dict[str, Any]],
+    base_dir: str | Path | None = None,
+    batch_size: int = 64,
+) -> float:
+    """Four-option multiple-choice accuracy by option log-likelihood."""
+    records = _usable(records, processor)
+    if not records:
+        return float("nan")
+    scores = option_loglik(model, processor, records, base_dir, batch_size)
+    hits = [max(range(len(s)), key=s.__getitem__) == r["correct"] for r, s in zip(records, scores, strict=True)]
+    return sum(hits) / len(hits)
+
+
+def evaluate_records(
+    model: PreTrainedModel,
+    processor: Processor,
+    records: Sequence[dict[str, Any]],
+    base_dir: str | Path | None = None,
+    batch_size: int = 64,
+    multiple_choice: bool = True,
+) -> dict[str, dict[str, float]]:
+    """Per modality (``"image"``, ``"text"``): ``gen_acc``, ``mc_acc``, ``rouge_l`` and ``n``.
+
+    A modality with no usable records (image records for a text-only model) is left out.
+    """
+    records = _usable(records, processor)
+    outputs = generate_answers(model, processor, records, base_dir, batch_size)
+    mc_scores = option_loglik(model, processor, records, base_dir, batch_size) if multiple_choice else None
+    result: dict[str, dict[str, float]] = {}
+    for modality in ("image", "text"):
+        rows = [i for i, r in enumerate(records) if ("image" in r) == (modality == "image")]
+        if not rows:
+            continue
+        gen = [normalize(records[i]["answer"]) in normalize(outputs[i]) for i in rows]
+        rl = [rouge_l(outputs[i], records[i]["answer"]) for i in rows]
+        stats = {"gen_acc": sum(gen) / len(rows), "rouge_l": sum(rl) / len(rows), "n": float(len(rows))}
+        if mc_scores is not None:
+            mc = [
+                max(range(len(mc_scores[i])), key=mc_scores[i].__getitem__) == records[i]["correct"]
+                for i in rows
+            ]
+            stats["mc_acc"] = sum(mc) / len(rows)
+        result[modality] = stats
+    return result
+
+
+def evaluate_split(
+    model: PreTrainedModel,
+    processor: Processor,
+    jsonl_path: str | Path,
+    batch_size: int = 64,
+    max_records: int | None = None,
+    multiple_choice: bool = True,
+) -> dict[str, dict[str, float]]:
+    """Evaluate a JSONL split; see :func:`evaluate_records`.
+
+    Args:
+        model: the model to measure.
+        processor: its processor or tokenizer.
+        jsonl_path: the split; image paths are relative to its directory.
+        batch_size: prompts per forward pass.
+        max_records: evaluate an evenly strided subset of this size (deterministic).
+        multiple_choice: also compute ``mc_acc`` (records need ``options`` and ``correct``).
+    """
+    path = Path(jsonl_path)
+    records = read_jsonl(path)
+    if max_records is not None and len(records) > max_records:
+        step = len(records) / max_records
+        records = [records[int(i * step)] for i in range(max_records)]
+    return evaluate_records(model, processor, records, path.parent, batch_size, multiple_choice)

@@ -1,0 +1,716 @@
+"""The ledger's append-only, hash-chained journal and its single-writer lock.
+
+Each entry is one canonical-JSON file ``journal/{version:08d}.json``. It names
+the sha256 of its parent entry's file bytes and the sha256 of every file its
+commit added, so the chain pins every byte the ledger holds. Creating the entry
+file (exclusively, with ``os.link``) is the commit point of the whole ledger.
+
+Each file also carries ``digest``, the sha256 of its own canonical content
+without that key: the chain only protects an entry through its child, so
+without it a damaged head entry would go unnoticed.
+
+Readers never lock. Writers hold :class:`WriterLock`.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import secrets
+import socket
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+from types import TracebackType
+from typing import Any, Literal
+
+from kvw_ledger.errors import (
+    BadInputError,
+    ConcurrentCommitError,
+    IntegrityError,
+    LedgerLockedError,
+    LedgerNotFoundError,
+    RefNotFoundError,
+)
+
+__all__ = [
+    "OPS",
+    "Entry",
+    "Journal",
+    "Problem",
+    "WriterLock",
+    "canonical_json",
+    "sha256_file",
+]
+
+OPS = ("init", "retain", "forget", "revert", "rederive", "gc", "probe")
+
+_KEYS = frozenset({"version", "op", "time", "parent", "files", "body", "digest"})
+_ENTRY_NAME = re.compile(r"\d{8,}\.json")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+_TIME_PATTERN = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z")
+_BLOCK = 1 << 20
+_MAX_ENTRY_BYTES = 64 << 20  # entries are small; this only bounds a corrupt file's read
+_MAX_LOCK_BYTES = 1 << 16
+_LOCK_ATTEMPTS = 8
+
+
+def canonical_json(obj: Any) -> bytes:
+    """Encodes ``obj`` as the one byte form the ledger hashes: sorted keys, no spaces, a newline.
+
+    Raises:
+        TypeError: ``obj`` holds something JSON cannot represent.
+        ValueError: ``obj`` holds NaN or an infinity.
+    """
+    text = json.dumps(
+        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    )
+    return text.encode("utf-8") + b"\n"
+
+
+def sha256_file(path: Path) -> str:
+    """Returns the sha256 hex digest of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _format_time(moment: datetime) -> str:
+    if moment.tzinfo is None:
+        raise BadInputError(f"clock returned a naive datetime {moment!r}; return an aware UTC one")
+    return moment.astimezone(UTC).strftime(_TIME_FORMAT)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One immutable journal entry.
+
+    ``hash`` is the sha256 of the entry file's bytes; it is computed, never stored.
+    """
+
+    version: int  # 1-based position; the file is journal/{version:08d}.json
+    op: str  # one of OPS
+    time: str  # ISO-8601 UTC, seconds resolution, e.g. "2026-11-23T17:42:00Z"
+    parent: str | None  # sha256 hex of the parent entry's file bytes; None for version 1
+    files: dict[str, str]  # each file the commit added: path relative to the ledger root -> sha256
+    body: dict[str, Any]  # op-specific JSON data
+    hash: str  # sha256 hex of this entry's own file bytes
+
+    def to_json(self) -> dict[str, Any]:
+        """Returns every field, ``hash`` included, as plain JSON data (for ``log --json``)."""
+        data: dict[str, Any] = json.loads(canonical_json(self._content()))
+        data["hash"] = self.hash
+        return data
+
+    def _content(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "op": self.op,
+            "time": self.time,
+            "parent": self.parent,
+            "files": self.files,
+            "body": self.body,
+        }
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One finding of :meth:`Journal.verify`; ``path`` is relative to the ledger root."""
+
+    path: str
+    message: str
+    severity: Literal["error", "warning"] = "error"
+
+
+def _relative_path_problem(path: object) -> str | None:
+    """Says why ``path`` is not a plain relative POSIX path inside the ledger, or None."""
+    if not isinstance(path, str) or not path:
+        return f"{path!r} is not a non-empty string"
+    parts = path.split("/")
+    if path.startswith("/") or "\\" in path or "\x00" in path:
+        return f"{path!r} is not a relative POSIX path"
+    if any(part in ("", ".", "..") for part in parts):
+        return f"{path!r} has an empty, '.' or '..' component"
+    return None
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed in ledger JSON")
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise ValueError("duplicate key in a JSON object")
+    return result
+
+
+def _entry_problem(data: object, version: int) -> str | None:
+    """Says what is wrong with a decoded entry that should be ``version``, or None."""
+    if not isinstance(data, dict):
+        return "is not a JSON object"
+    if set(data) != _KEYS:
+        missing, extra = sorted(_KEYS - set(data)), sorted(set(data) - _KEYS)
+        return f"has missing keys {missing} / unexpected keys {extra}"
+    found = data["version"]
+    if not isinstance(found, int) or isinstance(found, bool) or found != version:
+        return f"records version {found!r} but its file name says {version}"
+    if data["op"] not in OPS:
+        return f"has op {data['op']!r}, not one of {', '.join(OPS)}"
+    time = data["time"]
+    if not isinstance(time, str) or not _TIME_PATTERN.fullmatch(time):
+        return f"has time {time!r}, not YYYY-MM-DDTHH:MM:SSZ"
+    try:
+        datetime.strptime(time, _TIME_FORMAT)
+    except ValueError:
+        return f"has time {time!r}, which is not a real UTC time"
+    parent = data["parent"]
+    if version == 1 and parent is not None:
+        return f"is version 1 but names a parent {parent!r}"
+    if version > 1 and not (isinstance(parent, str) and _HEX64.fullmatch(parent)):
+        return f"has parent {parent!r}, not a sha256 hex digest"
+    files = data["files"]
+    if not isinstance(files, dict):
+        return "has 'files' that is not an object"
+    for path, digest in files.items():
+        why = _relative_path_problem(path)
+        if why is not None:
+            return f"lists a file {why}"
+        if not (isinstance(digest, str) and _HEX64.fullmatch(digest)):
+            return f"lists file {path!r} with hash {digest!r}, not a sha256 hex digest"
+    body = data["body"]
+    if not isinstance(body, dict):
+        return "has 'body' that is not an object"
+    if data["op"] == "gc" and "deleted_files" in body:
+        deleted = body["deleted_files"]
+        if not isinstance(deleted, list):
+            return "is a gc whose deleted_files is not a list"
+        for path in deleted:
+            why = _relative_path_problem(path)
+            if why is not None:
+                return f"is a gc whose deleted_files has {why}"
+    if not (isinstance(data["digest"], str) and _HEX64.fullmatch(data["digest"])):
+        return "has a 'digest' that is not a sha256 hex digest"
+    return None
+
+
+def _parse_entry(raw: bytes, version: int, where: Path) -> Entry:
+    """Decodes and validates one entry file's bytes; every failure is an IntegrityError."""
+    try:
+        data = json.loads(
+            raw.decode("utf-8"),
+            parse_constant=_reject_constant,
+            object_pairs_hook=_no_duplicate_keys,
+        )
+        problem = _entry_problem(data, version)
+        canonical = None if problem else canonical_json(data)
+    except (UnicodeDecodeError, ValueError, TypeError, RecursionError) as e:
+        raise IntegrityError(f"journal entry {where} is not valid UTF-8 JSON: {e}") from e
+    if problem is not None:
+        raise IntegrityError(f"journal entry {where} {problem}")
+    if canonical != raw:
+        raise IntegrityError(f"journal entry {where} is not in canonical form; it was altered")
+    content = {key: value for key, value in data.items() if key != "digest"}
+    if hashlib.sha256(canonical_json(content)).hexdigest() != data["digest"]:
+        raise IntegrityError(f"journal entry {where} does not match its digest; it was altered")
+    return Entry(
+        version=version,
+        op=data["op"],
+        time=data["time"],
+        parent=data["parent"],
+        files=data["files"],
+        body=data["body"],
+        hash=hashlib.sha256(raw).hexdigest(),
+    )
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class _Scanned:
+    """One entry file as read: its raw hash and either the parsed entry or why not."""
+
+    version: int
+    path: Path
+    raw_hash: str | None  # None when the file could not be read at all
+    entry: Entry | None
+    error: IntegrityError | None
+
+
+class Journal:
+    """The entries under ``ledger_root / "journal"``.
+
+    Args:
+        ledger_root: the ledger directory.
+        clock: returns the current time as an aware datetime; tests pass a fixed one.
+    """
+
+    def __init__(self, ledger_root: Path, *, clock: Callable[[], datetime] = _utc_now) -> None:
+        self.root = Path(ledger_root)
+        self.path = self.root / "journal"
+        self._clock = clock
+
+    def entry_path(self, version: int) -> Path:
+        """Returns the file name entry ``version`` has (or would have)."""
+        return self.path / f"{version:08d}.json"
+
+    def _versions(self) -> list[tuple[int, Path, IntegrityError | None]]:
+        """Lists entry files in version order, each with a numbering error or None."""
+        try:
+            names = os.listdir(self.path)
+        except FileNotFoundError:
+            return []
+        except OSError as e:
+            raise IntegrityError(f"cannot list the journal directory {self.path}: {e}") from e
+        found = sorted(
+            (int(name[:-5]), name) for name in names if _ENTRY_NAME.fullmatch(name)
+        )
+        listed: list[tuple[int, Path, IntegrityError | None]] = []
+        expected = 1
+        for version, name in found:
+            path = self.path / name
+            if name != f"{version:08d}.json":
+                error = IntegrityError(
+                    f"journal entry {path} has a malformed name; entries are named "
+                    f"{version:08d}.json"
+                )
+                listed.append((version, path, error))
+                continue
+            listed.append((version, path, None if version == expected else IntegrityError(
+                f"journal entry {path} follows version {expected - 1}: "
+                f"version {expected} is missing"
+            )))
+            expected = version + 1
+        return listed
+
+    @staticmethod
+    def _read_raw(path: Path) -> bytes:
+        try:
+            with open(path, "rb") as f:
+                raw = f.read(_MAX_ENTRY_BYTES + 1)
+        except OSError as e:
+            raise IntegrityError(f"cannot read journal entry {path}: {e}") from e
+        if len(raw) > _MAX_ENTRY_BYTES:
+            raise IntegrityError(f"journal entry {path} is larger than {_MAX_ENTRY_BYTES} bytes")
+        return raw
+
+    def _read(self, version: int, path: Path) -> Entry:
+        return _parse_entry(self._read_raw(path), version, path)
+
+    def _scan(self) -> Iterator[_Scanned]:
+        for version, path, name_error in self._versions():
+            raw_hash: str | None = None
+            entry: Entry | None = None
+            error = name_error
+            try:
+                raw = self._read_raw(path)
+                raw_hash = hashlib.sha256(raw).hexdigest()
+                entry = _parse_entry(raw, version, path)
+            except IntegrityError as e:
+                error = error or e
+            yield _Scanned(version, path, raw_hash, None if error else entry, error)
+
+    def entries(self) -> list[Entry]:
+        """Returns all entries in version order, parsed and validated.
+
+        Raises:
+            IntegrityError: an entry file is malformed, altered or missing from the numbering;
+                the message names the file.
+        """
+        result = []
+        for scanned in self._scan():
+            if scanned.error is not None:
+                raise scanned.error
+            if scanned.entry is not None:
+                result.append(scanned.entry)
+        return result
+
+    def head(self) -> Entry | None:
+        """Returns the newest entry, or None for an empty journal (reads only that file)."""
+        listed = self._versions()
+        for _, _, error in listed:
+            if error is not None:
+                raise error
+        if not listed:
+            return None
+        version, path, _ = listed[-1]
+        return self._read(version, path)
+
+    def get(self, version: int) -> Entry:
+        """Returns entry ``version``.
+
+        Raises:
+            RefNotFoundError: there is no such entry.
+            IntegrityError: the entry file is malformed or altered.
+        """
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise RefNotFoundError(
+                f"journal version {version!r} does not exist; versions start at 1"
+            )
+        path = self.entry_path(version)
+        if not path.is_file():
+            head = self._versions()
+            last = head[-1][0] if head else 0
+            raise RefNotFoundError(
+                f"journal version {version} does not exist; the journal has versions 1..{last}"
+            )
+        return self._read(version, path)
+
+    def append(
+        self, op: str, body: dict[str, Any], files: dict[str, str], *, parent: Entry | None
+    ) -> Entry:
+        """Commits a new entry after ``parent``; this is the ledger's commit point.
+
+        Args:
+            op: one of :data:`OPS`.
+            body: op-specific JSON data.
+            files: every file the commit added, relative path -> sha256 hex.
+            parent: the entry this one follows (the head the writer read), None for the first.
+
+        Raises:
+            BadInputError: ``op``, ``body`` or ``files`` is not valid.
+            ConcurrentCommitError: another writer already created this version.
+        """
+        version = 1 if parent is None else parent.version + 1
+        content = {
+            "version": version,
+            "op": op,
+            "time": _format_time(self._clock()),
+            "parent": None if parent is None else parent.hash,
+            "files": files,
+            "body": body,
+        }
+        final = self.entry_path(version)
+        try:
+            content["digest"] = hashlib.sha256(canonical_json(content)).hexdigest()
+            raw = canonical_json(content)
+        except (TypeError, ValueError, RecursionError) as e:
+            raise BadInputError(f"journal entry for {op!r} is not JSON data: {e}") from e
+        try:
+            # Readers will hold the file to exactly these rules, so check before committing.
+            entry = _parse_entry(raw, version, final)
+        except IntegrityError as e:
+            raise BadInputError(f"cannot commit: {e}") from e
+        if parent is not None:
+            self._check_parent(parent)
+        if not self.root.is_dir():
+            raise LedgerNotFoundError(f"no ledger directory at {self.root}")
+        self._make_dir()
+        tmp = self.path / f".{version:08d}.{os.getpid()}.{secrets.token_hex(6)}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(raw)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                # link() never replaces an existing name: two writers cannot both commit N
+                os.link(tmp, final)
+            except FileExistsError as e:
+                raise ConcurrentCommitError(
+                    f"another writer committed journal version {version} ({final}) first; "
+                    "re-read the head and retry under the writer lock"
+                ) from e
+        finally:
+            tmp.unlink(missing_ok=True)
+        _fsync_dir(self.path)
+        return entry
+
+    def _check_parent(self, parent: Entry) -> None:
+        path = self.entry_path(parent.version)
+        try:
+            on_disk = sha256_file(path)
+        except OSError as e:
+            raise BadInputError(
+                f"parent version {parent.version} is not an entry of {self.path}: {e}"
+            ) from e
+        if on_disk != parent.hash:
+            raise BadInputError(
+                f"parent version {parent.version} (sha256 {parent.hash}) does not match {path} "
+                f"(sha256 {on_disk}); pass an entry read from this journal"
+            )
+
+    def _make_dir(self) -> None:
+        try:
+            self.path.mkdir(mode=0o700)
+        except FileExistsError:
+            return
+        os.chmod(self.path, 0o700)  # mkdir's mode is filtered by the umask
+        _fsync_dir(self.root)
+
+    def verify(self, root: Path) -> list[Problem]:
+        """Checks the hash chain and every file each entry recorded, in journal order.
+
+        Args:
+            root: the directory the entries' file paths are relative to (the ledger root).
+
+        Returns:
+            Problems, the first naming the first broken file; empty when all is well.
+            A file that a later ``gc`` entry lists in ``body["deleted_files"]`` may be missing.
+        """
+        root = Path(root)
+        try:
+            scanned = list(self._scan())
+        except IntegrityError as e:
+            return [Problem("journal", str(e))]
+        deleted_at: dict[str, int] = {}
+        for item in scanned:
+            if item.entry is not None and item.entry.op == "gc":
+                for path in item.entry.body.get("deleted_files", []):
+                    deleted_at[path] = item.entry.version
+        problems: list[Problem] = []
+        previous: _Scanned | None = None
+        for item in scanned:
+            rel = item.path.relative_to(self.root).as_posix()
+            if item.error is not None:
+                problems.append(Problem(rel, str(item.error)))
+            entry, before = item.entry, previous
+            previous = item
+            if entry is None:
+                continue
+            if before is not None and before.raw_hash not in (None, entry.parent):
+                before_rel = before.path.relative_to(self.root).as_posix()
+                problems.append(Problem(rel, (
+                    f"parent hash {entry.parent} does not match {before_rel} "
+                    f"(sha256 {before.raw_hash}); one of the two was altered or replaced"
+                )))
+            problems.extend(self._verify_files(root, entry, rel, deleted_at))
+        return problems
+
+    @staticmethod
+    def _verify_files(
+        root: Path, entry: Entry, rel: str, deleted_at: dict[str, int]
+    ) -> list[Problem]:
+        problems = []
+        for path, expected in sorted(entry.files.items()):
+            target = root / PurePosixPath(path)
+            try:
+                actual = sha256_file(target)
+            except FileNotFoundError:
+                if deleted_at.get(path, 0) > entry.version:
+                    continue
+                problems.append(Problem(path, f"missing; {rel} recorded it with sha256 {expected}"))
+                continue
+            except OSError as e:
+                problems.append(Problem(path, f"cannot be read ({e}); {rel} recorded it"))
+                continue
+            if actual != expected:
+                problems.append(Problem(
+                    path, f"has sha256 {actual} but {rel} recorded {expected}; it was altered"
+                ))
+        return problems
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+@dataclass(frozen=True)
+class _Holder:
+    pid: int
+    host: str
+    time: str
+    operation: str
+
+
+def _parse_holder(raw: bytes) -> _Holder | None:
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    pid, host = data.get("pid"), data.get("host")
+    time, operation = data.get("time", "?"), data.get("operation", "")
+    if isinstance(pid, bool) or not isinstance(pid, int) or not 0 < pid < 2**31:
+        return None  # os.kill(0 or -1, ...) would signal whole process groups
+    if not (isinstance(host, str) and isinstance(time, str) and isinstance(operation, str)):
+        return None
+    return _Holder(pid, host, time, operation)
+
+
+class WriterLock:
+    """The ledger's single-writer lock: a context manager around ``ledger_root / "lock"``.
+
+    The lock file records pid, host, time and operation. Its holder also keeps an
+    ``flock`` on it, which only serializes the takeover of a stale lock: two
+    processes that both find the same dead holder cannot both remove a lock.
+
+    Args:
+        ledger_root: the ledger directory.
+        on_stale: called with a message when a dead holder's lock is taken over.
+        operation: what the writer is doing, shown to anyone who finds the lock held.
+    """
+
+    def __init__(
+        self,
+        ledger_root: Path,
+        *,
+        on_stale: Callable[[str], None] | None = None,
+        operation: str = "",
+    ) -> None:
+        self.root = Path(ledger_root)
+        self.path = self.root / "lock"
+        self._on_stale = on_stale
+        self._operation = operation
+        self._fd: int | None = None
+        self._owner_pid: int | None = None
+
+    def __enter__(self) -> WriterLock:
+        self.acquire()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+    @property
+    def held(self) -> bool:
+        """Whether this object holds the lock."""
+        return self._fd is not None and self._owner_pid == os.getpid()
+
+    def acquire(self) -> None:
+        """Takes the lock, taking over a stale one left by a dead process on this host.
+
+        Raises:
+            LedgerLockedError: a live (or unknowable) writer holds it.
+            LedgerNotFoundError: ``ledger_root`` does not exist.
+        """
+        if self.held:
+            raise LedgerLockedError(f"this WriterLock already holds {self.path}")
+        if not self.root.is_dir():
+            raise LedgerNotFoundError(f"no ledger directory at {self.root}")
+        record = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "time": _format_time(_utc_now()),
+            "operation": self._operation,
+        }
+        tmp = self.root / f".lock.{os.getpid()}.{secrets.token_hex(6)}.tmp"
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, canonical_json(record))
+            os.fsync(fd)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a fresh inode: cannot block
+            for _ in range(_LOCK_ATTEMPTS):
+                try:
+                    # link() publishes the complete file or nothing, never an empty lock
+                    os.link(tmp, self.path)
+                except FileExistsError:
+                    self._clear_stale_or_raise()
+                    continue
+                _fsync_dir(self.root)
+                self._fd, self._owner_pid = fd, os.getpid()
+                return
+            raise LedgerLockedError(
+                f"could not take {self.path} after {_LOCK_ATTEMPTS} tries: other writers keep "
+                "taking it; retry later"
+            )
+        except BaseException:
+            os.close(fd)
+            raise
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _clear_stale_or_raise(self) -> None:
+        """Removes the existing lock if its holder is dead; raises if it is held."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return  # released meanwhile
+        try:
+            holder = _parse_holder(os.read(fd, _MAX_LOCK_BYTES))
+            if holder is None:
+                raise LedgerLockedError(
+                    f"lock file {self.path} exists but is not a readable lock record; a writer "
+                    f"may be running. If no writer runs, remove {self.path} by hand."
+                )
+            who = (
+                f"pid {holder.pid} on host {holder.host} "
+                f"(operation {holder.operation or '?'!r}, since {holder.time})"
+            )
+            if holder.host != socket.gethostname():
+                raise LedgerLockedError(
+                    f"ledger is locked by {who}, another host whose processes this one cannot "
+                    f"see: lock file {self.path}. Wait for it to finish, or if that process "
+                    f"is gone, remove {self.path}."
+                )
+            if _pid_alive(holder.pid):
+                raise LedgerLockedError(
+                    f"ledger is locked by {who}: lock file {self.path}. Wait for it to "
+                    f"finish, or if that process is gone, remove {self.path}."
+                )
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError as e:
+                raise LedgerLockedError(
+                    f"lock file {self.path} names dead {who}, but another process still "
+                    f"holds it (a child it forked, or a writer taking it over). Wait, or if "
+                    f"no writer runs, remove {self.path}."
+                ) from e
+            try:
+                current = os.stat(self.path)
+            except FileNotFoundError:
+                return
+            opened = os.fstat(fd)
+            if (current.st_dev, current.st_ino) != (opened.st_dev, opened.st_ino):
+                return  # someone else took it over before we got the flock; look again
+            # Holding the flock of the very inode at the path, no one else can move it now.
+            moved = self.root / f".lock.stale.{holder.pid}.{secrets.token_hex(6)}"
+            os.rename(self.path, moved)
+            moved.unlink()
+            _fsync_dir(self.root)
+        finally:
+            os.close(fd)
+        if self._on_stale is not None:
+            self._on_stale(
+                f"took over a stale lock {self.path} left by dead pid {holder.pid} "
+                f"(operation {holder.operation or '?'!r}, since {holder.time})"
+            )
+
+    def release(self) -> None:
+        """Removes the lock file if it is still this object's; safe to call twice."""
+        fd, owner = self._fd, self._owner_pid
+        self._fd = self._owner_pid = None
+        if fd is None:
+            return
+        try:
+            if owner != os.getpid():
+                return  # a forked child's copy: the parent owns the file
+            try:
+                current = os.stat(self.path)
+            except FileNotFoundError:
+                return
+            opened = os.fstat(fd)
+            if (current.st_dev, current.st_ino) == (opened.st_dev, opened.st_ino):
+                self.path.unlink()
+                _fsync_dir(self.root)
+        finally:
+            os.close(fd)

@@ -1,0 +1,606 @@
+"""The ledger: versioned KVW requests over an immutable base, with a hash-chained journal.
+
+A version is a journal position. The effective value matrix of a site at a version
+is ``base * exp(-sum of the active requests' exponents)``, computed in float32 from
+the base and cast once, so revert and replay are bit-exact and nothing is ever
+divided to undo a request. Every write follows one protocol: take the writer lock,
+write arrays, append the journal entry (the commit point), then refresh the head
+cache (the sum of active exponents at the newest version).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kvw_ledger import coefficients, data, model_files
+from kvw_ledger.errors import (
+    BadInputError,
+    IntegrityError,
+    KVWLedgerError,
+    LedgerNotFoundError,
+    RefNotFoundError,
+    RequestStateError,
+)
+from kvw_ledger.export import export_model
+from kvw_ledger.journal import Entry, Journal, Problem, WriterLock
+from kvw_ledger.kvw import KVWConfig, run_kvw, weakened
+from kvw_ledger.loading import load_model, load_processor, max_length
+from kvw_ledger.sites import Site, discover_sites, site_weight
+from kvw_ledger.store import Store, check_id
+
+__all__ = ["Ledger", "LedgerState", "RequestInfo", "VerifyReport"]
+
+_REF_HEAD = re.compile(r"HEAD(?:~(\d+))?")
+
+
+@dataclass(frozen=True)
+class RequestInfo:
+    """One deletion request as the journal records it."""
+
+    id: str
+    version: int  # the entry that applied it
+    body: Mapping[str, Any]
+
+
+@dataclass
+class LedgerState:
+    """What is true at one version, found by replaying the journal up to it."""
+
+    version: int
+    active: list[str] = field(default_factory=list)  # request ids, in the order applied
+    requests: dict[str, RequestInfo] = field(default_factory=dict)  # every request so far
+    reverted: set[str] = field(default_factory=set)
+    retain_stats: dict[str, int] = field(default_factory=dict)  # stats id -> version
+    latest_retain: str | None = None
+
+
+@dataclass
+class VerifyReport:
+    """The findings of :meth:`Ledger.verify`; ``ok`` when no finding is an error."""
+
+    problems: list[Problem]
+    checked_entries: int
+    checked_arrays: int
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing is broken (warnings allowed)."""
+        return not any(p.severity == "error" for p in self.problems)
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready form for ``verify --json``."""
+        return {
+            "ok": self.ok,
+            "checked_entries": self.checked_entries,
+            "checked_arrays": self.checked_arrays,
+            "problems": [
+                {"path": p.path, "message": p.message, "severity": p.severity}
+                for p in self.problems
+            ],
+        }
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class Ledger:
+    """A ledger directory: open one with :meth:`open`, make one with :meth:`create`."""
+
+    def __init__(self, store: Store, journal: Journal) -> None:
+        self.store = store
+        self.journal = journal
+        self.path = store.path
+        attrs = store.attrs
+        self.sites: list[Site] = [Site.from_dict(s) for s in attrs["sites"]]
+        self._sites_by_name = {s.name: s for s in self.sites}
+        self.model_info: dict[str, Any] = dict(attrs["model"])
+        self.locations: dict[str, model_files.TensorLocation] = {
+            name: model_files.TensorLocation(**loc) for name, loc in attrs["locations"].items()
+        }
+
+    # --- creating and opening -------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        path: str | Path,
+        model_dir: str | Path,
+        *,
+        towers: str = "language",
+        site_glob: str | None = None,
+        progress: bool = True,
+    ) -> Ledger:
+        """Creates a ledger for the model in ``model_dir`` and commits version 1 (init).
+
+        The base value matrices are copied from the model's weight files, bit-exact.
+
+        Raises:
+            LedgerExistsError: ``path`` exists and is not empty.
+            UnknownArchitectureError: no FFN value projection was found.
+        """
+        model_dir = Path(model_dir).resolve()
+        model = load_model(model_dir)
+        sites = discover_sites(model, towers, site_glob)
+        wanted = {s.name: site_weight(model, s) for s in sites}
+        locations = model_files.locate_tensors(model_dir, wanted)
+        fingerprint = model_files.fingerprint(model_dir)
+        attrs = {
+            "model": {
+                "dir": str(model_dir),
+                "fingerprint": fingerprint,
+                "model_type": str(getattr(model.config, "model_type", "")),
+                "class": type(model).__name__,
+            },
+            "towers": towers,
+            "site_glob": site_glob,
+            "sites": [s.to_dict() for s in sites],
+            "locations": {n: {"file": loc.file, "key": loc.key} for n, loc in locations.items()},
+        }
+        store = Store.create(Path(path), attrs)
+        ledger = cls(store, Journal(store.path))
+        with WriterLock(store.path, operation="init"):
+            files = {"zarr.json": _sha256(store.path / "zarr.json")}
+            hashes = {}
+            for site in sites:
+                record = store.write_array(f"base/{site.name}", wanted[site.name].detach().cpu())
+                files.update(record.files)
+                hashes[site.name] = record.sha256
+            files.update(store.group_files("base"))
+            body = {
+                "model_type": attrs["model"]["model_type"],
+                "model_fingerprint": fingerprint,
+                "sites": len(sites),
+                "arrays": {f"base/{n}": h for n, h in hashes.items()},
+                "active": [],
+            }
+            entry = ledger.journal.append("init", body, files, parent=None)
+            ledger._write_head(entry, [])
+        del model
+        return ledger
+
+    @classmethod
+    def open(cls, path: str | Path) -> Ledger:
+        """Opens an existing ledger (readers never lock).
+
+        Raises:
+            LedgerNotFoundError: nothing at ``path`` is a ledger.
+            FormatVersionError: it was written by a newer kvw-ledger.
+        """
+        store = Store.open(Path(path))
+        if not (store.path / "journal").is_dir():
+            raise LedgerNotFoundError(f"{store.path} has no journal; it is not a kvw-ledger ledger")
+        return cls(store, Journal(store.path))
+
+    # --- reading history ------------------------------------------------------------
+
+    def entries(self) -> list[Entry]:
+        """Every journal entry, in version order."""
+        return self.journal.entries()
+
+    def head(self) -> Entry:
+        """The newest entry."""
+        head = self.journal.head()
+        if head is None:
+            raise IntegrityError(f"{self.path / 'journal'}: the journal is empty")
+        return head
+
+    def resolve(self, ref: str | int, entries: Sequence[Entry] | None = None) -> int:
+        """Turns a REF (a version number, a request id, ``HEAD`` or ``HEAD~N``) into a version.
+
+        Raises:
+            RefNotFoundError: the REF names nothing in this ledger.
+        """
+        entries = list(entries) if entries is not None else self.entries()
+        last = entries[-1].version
+        text = str(ref).strip()
+        match = _REF_HEAD.fullmatch(text)
+        if match:
+            back = int(match.group(1) or 0)
+            if back >= last:
+                raise RefNotFoundError(f"{text} goes back past version 1 (HEAD is version {last})")
+            return last - back
+        if text.isdigit():
+            version = int(text)
+            if not 1 <= version <= last:
+                raise RefNotFoundError(f"version {version} does not exist; versions are 1..{last}")
+            return version
+        for entry in entries:
+            if entry.op == "forget" and entry.body.get("request") == text:
+                return entry.version
+        raise RefNotFoundError(
+            f"{text!r} is not a version, a request id, HEAD or HEAD~N of this ledger "
+            "(see `kvw-ledger log`)"
+        )
+
+    def state(self, at: str | int = "HEAD") -> LedgerState:
+        """Replays the journal up to ``at``."""
+        entries = self.entries()
+        version = self.resolve(at, entries)
+        state = LedgerState(version)
+        for entry in entries[:version]:
+            _apply(state, entry)
+        return state
+
+    # --- weights ----------------------------------------------------------------------
+
+    def exponents(self, at: str | int = "HEAD") -> dict[str, torch.Tensor]:
+        """Sum of the active requests' exponents per site at ``at`` (float32, CPU).
+
+        At HEAD this is the cached head (one read per site, whatever the number of
+        requests); elsewhere the active requests are summed in the order applied.
+        """
+        state = self.state(at)
+        if state.version == self.head().version:
+            cached = self.store.read_head()
+            if cached is not None and cached[1] == state.version:
+                return cached[0]
+        return self._sum_exponents(state.active)
+
+    def _sum_exponents(self, active: Iterable[str]) -> dict[str, torch.Tensor]:
+        total = {s.name: torch.zeros(s.n_vectors, dtype=torch.float32) for s in self.sites}
+        for request_id in active:
+            for name in self.store.list_arrays(f"requests/{request_id}/exponent"):
+                site = name.rsplit("/", 1)[1]
+                total[site] += self.store.read_array(name)
+        return total
+
+    def base(self, site: str) -> torch.Tensor:
+        """The value matrix of ``site`` as first seen (original dtype)."""
+        return self.store.read_array(f"base/{site}")
+
+    def effective(self, site: str, exponent: torch.Tensor) -> torch.Tensor:
+        """``base * exp(-exponent)`` for one site, in float32, cast once."""
+        return weakened(self.base(site), exponent, self._sites_by_name[site].axis)
+
+    def materialize(self, model: nn.Module, at: str | int = "HEAD") -> int:
+        """Writes the value matrices of version ``at`` into a live model, from the base.
+
+        Returns:
+            The version materialised.
+        """
+        version = self.resolve(at)
+        exponents = self.exponents(version)
+        with torch.no_grad():
+            for site in self.sites:
+                weight = site_weight(model, site)
+                weight.copy_(self.effective(site.name, exponents[site.name]).to(weight.device))
+        return version
+
+    # --- the model --------------------------------------------------------------------
+
+    def model_dir(self, override: str | Path | None = None) -> Path:
+        """The model directory to use: ``override``, else the one given to ``init``."""
+        return Path(override if override is not None else self.model_info["dir"]).resolve()
+
+    def load(self, model_dir: str | Path | None = None, at: str | int = "HEAD") -> tuple[nn.Module, Any]:
+        """Loads the model (fingerprint checked) materialised at ``at``, and its processor."""
+        directory = self.model_dir(model_dir)
+        model_files.check_fingerprint(directory, self.model_info["fingerprint"])
+        model = load_model(directory)
+        self.materialize(model, at)
+        return model, load_processor(directory)
+
+    # --- verbs that write -------------------------------------------------------------
+
+    def retain(
+        self,
+        data_path: str | Path,
+        *,
+        stats_id: str | None = None,
+        at: str | int = "HEAD",
+        batch_size: int = 1,
+        model_dir: str | Path | None = None,
+        progress: bool = True,
+    ) -> Entry:
+        """Measures retain statistics (C_r per site) on version ``at`` and registers them."""
+        records = data.read_records(data_path)
+        with self._writing("retain"):
+            entries = self.entries()
+            version = self.resolve(at, entries)
+            head = entries[-1]
+            stats_id = check_id(stats_id or f"retain-{head.version + 1}", "retain stats id")
+            state = self.state(head.version)
+            if stats_id in state.retain_stats:
+                raise BadInputError(f"retain stats {stats_id!r} already exist; choose another --id")
+            model, processor = self.load(model_dir, version)
+            encoder = data.Encoder(processor, max_length(model))
+            examples = data.encode_all(encoder, records)
+            batches = data.iter_batches(examples, batch_size, encoder.pad_token_id)
+            total = -(-len(examples) // batch_size)
+            measured = coefficients.collect(
+                model, self.sites, batches, total=total, desc="retain", progress=progress
+            )
+            self._drop_orphans(f"retain/{stats_id}")
+            means = measured.means()
+            files, hashes = {}, {}
+            for site in self.sites:
+                record = self.store.write_array(f"retain/{stats_id}/{site.name}", means[site.name].cpu())
+                files.update(record.files)
+                hashes[f"retain/{stats_id}/{site.name}"] = record.sha256
+            files.update(self.store.group_files(f"retain/{stats_id}"))
+            body = {
+                "stats": stats_id,
+                "measured_at": version,
+                "data_fingerprint": data.fingerprint(records),
+                "records": len(records),
+                "tokens": {s.name: int(measured.counts[s.name]) for s in self.sites},
+                "batch_size": batch_size,
+                "arrays": hashes,
+                "active": state.active,
+            }
+            return self.journal.append("retain", body, files, parent=head)
+
+    def forget(
+        self,
+        data_path: str | Path,
+        *,
+        request_id: str | None = None,
+        reason: str = "",
+        config: KVWConfig | None = None,
+        retain_stats: str | None = None,
+        model_dir: str | Path | None = None,
+        progress: bool = True,
+    ) -> Entry:
+        """Answers one deletion request: KVW on the model at HEAD, then a commit.
+
+        Raises:
+            BadInputError: no retain statistics are registered, the id is taken, or
+                the data is unusable.
+        """
+        config = config or KVWConfig()
+        records = data.read_records(data_path)
+        with self._writing("forget"):
+            head = self.head()
+            state = self.state(head.version)
+            request_id = check_id(request_id or f"request-{head.version + 1}")
+            if request_id in state.requests:
+                raise BadInputError(f"request {request_id!r} already exists; choose another --id")
+            stats_id = retain_stats or state.latest_retain
+            if stats_id is None:
+                raise BadInputError(
+                    "no retain statistics are registered; run `kvw-ledger retain LEDGER RETAIN.jsonl` first"
+                )
+            if stats_id not in state.retain_stats:
+                raise RefNotFoundError(f"retain stats {stats_id!r} do not exist in this ledger")
+            retain_means = {
+                s.name: self.store.read_array(f"retain/{stats_id}/{s.name}") for s in self.sites
+            }
+            model, processor = self.load(model_dir, head.version)
+            encoder = data.Encoder(processor, max_length(model))
+            examples = data.encode_all(encoder, records)
+            start = self.exponents(head.version)
+            result = run_kvw(
+                model,
+                self.sites,
+                examples,
+                retain_means,
+                config,
+                pad_token_id=encoder.pad_token_id,
+                base={s.name: self.base(s.name) for s in self.sites},
+                start=start,
+                progress=progress,
+            )
+            self._drop_orphans(f"requests/{request_id}")
+            files, arrays = {}, {}
+            for site_name, exponent in result.exponents.items():
+                record = self.store.write_array(f"requests/{request_id}/exponent/{site_name}", exponent)
+                files.update(record.files)
+                arrays[record.name] = record.sha256
+            for site_name, trace in (result.trace or {}).items():
+                record = self.store.write_array(f"requests/{request_id}/trace/{site_name}", trace)
+                files.update(record.files)
+                arrays[record.name] = record.sha256
+            files.update(self.store.group_files(f"requests/{request_id}"))
+            active = [*state.active, request_id]
+            body = {
+                "request": request_id,
+                "reason": reason,
+                "params": config.to_dict(),
+                "retain_stats": stats_id,
+                "data_fingerprint": data.fingerprint(records),
+                "records": len(records),
+                "batches": result.n_batches,
+                "tokens": result.n_tokens,
+                "arrays": arrays,
+                "active": active,
+            }
+            entry = self.journal.append("forget", body, files, parent=head)
+            new_head = {n: start[n] + result.exponents[n] if n in result.exponents else start[n] for n in start}
+            self._write_head(entry, active, new_head)
+            return entry
+
+    def revert(self, request_id: str, *, reason: str = "") -> Entry:
+        """Takes one request back; later requests stay. History is appended, never rewritten.
+
+        Raises:
+            RequestStateError: the request does not exist or is not active.
+        """
+        with self._writing("revert"):
+            head = self.head()
+            state = self.state(head.version)
+            if request_id not in state.requests:
+                raise RequestStateError(f"no request {request_id!r} in this ledger (see `kvw-ledger log`)")
+            if request_id not in state.active:
+                raise RequestStateError(f"request {request_id!r} is already reverted")
+            active = [r for r in state.active if r != request_id]
+            body = {"request": request_id, "reason": reason, "active": active}
+            entry = self.journal.append("revert", body, {}, parent=head)
+            self._write_head(entry, active)
+            return entry
+
+    def export(
+        self,
+        out_dir: str | Path,
+        *,
+        at: str | int = "HEAD",
+        model_dir: str | Path | None = None,
+        progress: bool = True,
+    ) -> Path:
+        """Writes version ``at`` as a Hugging Face model directory, one shard at a time.
+
+        The weight files come from the model directory (fingerprint-checked, so they
+        are the base); only the sites' tensors change. No ledger array goes in.
+        """
+        entries = self.entries()
+        version = self.resolve(at, entries)
+        directory = self.model_dir(model_dir)
+        model_files.check_fingerprint(directory, self.model_info["fingerprint"])
+        exponents = self.exponents(version)
+        by_location = {(loc.file, loc.key): name for name, loc in self.locations.items()}
+        state = self.state(version)
+
+        def transform(file: str, key: str, tensor: torch.Tensor) -> torch.Tensor | None:
+            name = by_location.get((file, key))
+            if name is None:
+                return None
+            return weakened(tensor, exponents[name], self._sites_by_name[name].axis)
+
+        provenance = {
+            "ledger_version": version,
+            "entry_hash": entries[version - 1].hash,
+            "head_hash": entries[-1].hash,
+            "active_requests": state.active,
+            "tool": "kvw-ledger",
+        }
+        return export_model(directory, out_dir, transform, provenance, progress=progress)
+
+    # --- verification -----------------------------------------------------------------
+
+    def verify(self, *, model_dir: str | Path | None = None, check_model: bool = True) -> VerifyReport:
+        """Re-hashes the chain, every file and array, the head cache and the base.
+
+        Arrays and files that no entry names (left by a crash) are warnings.
+        """
+        problems = list(self.journal.verify(self.path))
+        try:
+            entries = self.entries()
+        except IntegrityError as e:
+            return VerifyReport([*problems, Problem("journal", str(e))], 0, 0)
+        named: set[str] = set()
+        checked = 0
+        state = LedgerState(0)
+        for entry in entries:
+            named.update(entry.files)
+            named.update(entry.body.get("deleted_files", []))
+            for array, expected in entry.body.get("arrays", {}).items():
+                if not self.store.has_array(array):
+                    continue  # a missing array's files are already reported by the journal
+                checked += 1
+                try:
+                    actual = self.store.content_hash(array)
+                except IntegrityError as e:
+                    problems.append(Problem(array, str(e)))
+                    continue
+                if actual != expected:
+                    problems.append(Problem(array, f"array content hash {actual[:12]}... != recorded {expected[:12]}..."))
+            _apply(state, entry)
+            if list(entry.body.get("active", state.active)) != state.active:
+                problems.append(Problem(
+                    f"journal/{entry.version:08d}.json",
+                    f"records active requests {entry.body.get('active')} but replay gives {state.active}",
+                ))
+        problems.extend(self._verify_head(entries, state))
+        for path in self.store.files():
+            if path not in named and not path.startswith("head/"):
+                problems.append(Problem(path, "no journal entry names this file (left by an interrupted write)", "warning"))
+        if check_model:
+            problems.extend(self._verify_base(model_dir))
+        return VerifyReport(problems, len(entries), checked)
+
+    def _verify_head(self, entries: Sequence[Entry], state: LedgerState) -> list[Problem]:
+        try:
+            cached = self.store.read_head()
+        except IntegrityError as e:
+            return [Problem("head", str(e))]
+        if cached is None or cached[1] != entries[-1].version:
+            return [Problem("head", "the head cache is missing or stale; the next write rebuilds it", "warning")]
+        tensors, _, digest = cached
+        if digest != entries[-1].hash:
+            return [Problem("head/zarr.json", "the head cache names another journal entry")]
+        expected = self._sum_exponents(state.active)
+        for name, value in expected.items():
+            got = tensors.get(name)
+            if got is None or not torch.equal(got.view(torch.int32), value.view(torch.int32)):
+                return [Problem(f"head/{name}", "the head cache differs from the sum of active exponents")]
+        return []
+
+    def _verify_base(self, model_dir: str | Path | None) -> list[Problem]:
+        directory = self.model_dir(model_dir)
+        if not directory.is_dir():
+            return [Problem(str(directory), "the model directory is gone; the base was not checked against it", "warning")]
+        try:
+            model_files.check_fingerprint(directory, self.model_info["fingerprint"])
+        except KVWLedgerError as e:
+            return [Problem(str(directory), str(e))]
+        from safetensors import safe_open
+
+        problems = []
+        for name, loc in self.locations.items():
+            with safe_open(str(directory / loc.file), "pt") as fh:
+                original = fh.get_tensor(loc.key)
+            try:
+                stored = self.base(name)
+            except KVWLedgerError as e:
+                problems.append(Problem(f"base/{name}", str(e)))
+                continue
+            if original.shape != stored.shape or not torch.equal(_bits(original), _bits(stored)):
+                problems.append(Problem(f"base/{name}", f"differs from {loc.key} in {loc.file}"))
+        return problems
+
+    # --- internals --------------------------------------------------------------------
+
+    def _writing(self, operation: str) -> WriterLock:
+        return WriterLock(self.path, operation=operation, on_stale=self._on_stale)
+
+    on_stale: Callable[[str], None] | None = None
+
+    def _on_stale(self, message: str) -> None:
+        if self.on_stale is not None:
+            self.on_stale(message)
+
+    def _drop_orphans(self, prefix: str) -> None:
+        """Removes arrays under ``prefix`` that a crashed writer left and no entry names."""
+        if self.store.list_arrays(prefix):
+            self.store.delete(prefix)
+
+    def _write_head(
+        self, entry: Entry, active: Sequence[str], tensors: Mapping[str, torch.Tensor] | None = None
+    ) -> None:
+        values = dict(tensors) if tensors is not None else self._sum_exponents(active)
+        self.store.write_head(values, entry.version, entry.hash)
+
+
+def _apply(state: LedgerState, entry: Entry) -> None:
+    """Advances a replay by one entry."""
+    body = entry.body
+    state.version = entry.version
+    if entry.op == "retain":
+        state.retain_stats[body["stats"]] = entry.version
+        state.latest_retain = body["stats"]
+    elif entry.op == "forget":
+        request_id = body["request"]
+        state.requests[request_id] = RequestInfo(request_id, entry.version, body)
+        state.active.append(request_id)
+    elif entry.op == "revert":
+        if body["request"] in state.active:
+            state.active.remove(body["request"])
+        state.reverted.add(body["request"])
+
+
+def _sha256(path: Path) -> str:
+    from kvw_ledger.journal import sha256_file
+
+    return sha256_file(path)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().reshape(-1).view(torch.uint8)

@@ -1,0 +1,650 @@
+"""The Zarr v3 array layout of a ledger directory.
+
+The store knows arrays and files, not KVW and not the journal: ``journal/`` and
+``lock`` belong to ``journal.py`` and are never touched here. Layout::
+
+    zarr.json                      root group; attrs {"format_version": int, ...}
+    base/<site>                    value matrices, original dtype (bit-exact)
+    retain/<stats-id>/<site>       float32 [n_vectors]
+    requests/<id>/exponent/<site>  float32 [n_vectors]
+    requests/<id>/trace/<site>     float32 [n_batches, n_vectors]
+    head/<site>                    cached exponent sum; group attrs version, digest
+
+Every array is written into a temporary directory at the ledger root, fsynced,
+then renamed into place, so an array is either whole or absent after a crash.
+Chunk files carry a crc32c, so a damaged byte is detected on read and reported
+as an :class:`IntegrityError` naming the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import itertools
+import json
+import math
+import os
+import re
+import secrets
+import shutil
+import sys
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
+from zarr.storage import LocalStore
+
+from kvw_ledger.errors import (
+    BadInputError,
+    FormatVersionError,
+    IntegrityError,
+    LedgerExistsError,
+    LedgerNotFoundError,
+    RefNotFoundError,
+)
+
+__all__ = ["FORMAT_VERSION", "ArrayRecord", "Store", "check_id", "check_site", "tensor_hash"]
+
+FORMAT_VERSION = 1
+
+# 2-D arrays are chunked along axis 0 so one chunk holds about this many bytes
+# (the brief allows 4-16 MiB): small enough to stream, large enough to compress.
+_CHUNK_BYTES = 8 << 20
+
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_SITE_RE = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
+# Root-level scratch directories (array.tmp-*, head.tmp-*, head.old-*...) and the
+# ``<name>.<uuid4 hex>.partial`` files zarr's LocalStore writes before renaming.
+_TEMP_ROOT_RE = re.compile(r"[a-z]+\.(?:tmp|old)-[A-Za-z0-9_-]+")
+_PARTIAL_RE = re.compile(r".*\.[0-9a-f]{32}\.partial")
+_NOT_OURS = frozenset({"journal", "lock"})  # owned by journal.py
+
+# Which path components follow each top-level group: "id", "site", or a set of
+# literal names.
+_LAYOUT: dict[str, tuple[str | frozenset[str], ...]] = {
+    "base": ("site",),
+    "retain": ("id", "site"),
+    "requests": ("id", frozenset({"exponent", "trace"}), "site"),
+    "head": ("site",),
+}
+
+# torch dtypes NumPy holds natively; any other (bfloat16, float8...) is stored as
+# the unsigned integer of the same width, with the torch name in attr "dtype".
+_NATIVE = frozenset(
+    {
+        torch.bool,
+        torch.uint8,
+        torch.int8,
+        torch.int16,
+        torch.int32,
+        torch.int64,
+        torch.uint16,
+        torch.uint32,
+        torch.uint64,
+        torch.float16,
+        torch.float32,
+        torch.float64,
+        torch.complex64,
+        torch.complex128,
+    }
+)
+_INT_OF_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_CODEC_ERRORS = (ValueError, RuntimeError, TypeError, IndexError)
+
+
+@dataclass(frozen=True)
+class ArrayRecord:
+    """What :meth:`Store.write_array` wrote.
+
+    Attributes:
+        name: The array's name, e.g. ``requests/r1/exponent/<site>``.
+        sha256: :func:`tensor_hash` of the logical content.
+        files: Ledger-relative path -> sha256 of the file's bytes, for the array's
+            ``zarr.json`` and every chunk file.
+    """
+
+    name: str
+    sha256: str
+    files: dict[str, str] = field(default_factory=dict)
+
+
+def check_id(value: str, what: str = "request id") -> str:
+    """Validate a request or stats id; return it unchanged.
+
+    Raises:
+        BadInputError: naming the id, if it is not 1-128 of ``A-Za-z0-9._-``
+            starting with a letter or digit.
+    """
+    if not isinstance(value, str) or not _ID_RE.fullmatch(value):
+        raise BadInputError(
+            f"bad {what} {value!r}: use 1-128 characters from A-Z a-z 0-9 . _ -, "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+def check_site(value: str) -> str:
+    """Validate a site name (a module path such as ``model.layers.3.mlp.down_proj``).
+
+    Raises:
+        BadInputError: naming the site, if it is empty, has empty parts or a "/".
+    """
+    if (
+        not isinstance(value, str)
+        or len(value) > 255
+        or value.startswith("__")  # reserved by Zarr
+        or not _SITE_RE.fullmatch(value)
+    ):
+        raise BadInputError(
+            f"bad site name {value!r}: expected dot-separated parts of A-Z a-z 0-9 _ -, "
+            "no '/', no empty parts, not starting with '__'"
+        )
+    return value
+
+
+def tensor_hash(t: torch.Tensor) -> str:
+    """The logical sha256 of a tensor, independent of how it is stored.
+
+    The digest covers the UTF-8 line ``{"dtype":"<torch name>","shape":[...]}\\n``
+    (compact JSON) followed by the raw C-order little-endian bytes of the data.
+    """
+    data = _to_numpy(t)
+    header = json.dumps(
+        {"dtype": _dtype_name(t.dtype), "shape": list(t.shape)}, separators=(",", ":")
+    )
+    h = hashlib.sha256(header.encode() + b"\n")
+    if data.dtype.byteorder == ">" or (data.dtype.byteorder == "=" and sys.byteorder == "big"):
+        data = data.astype(data.dtype.newbyteorder("<"))
+    h.update(np.ascontiguousarray(data).reshape(-1).view(np.uint8).data)
+    return h.hexdigest()
+
+
+class Store:
+    """A ledger directory's Zarr arrays and files (not its journal).
+
+    Writes are for the single lock holder; reads never lock. Every write runs
+    under umask 0o077, so the ledger is readable by its owner only.
+    """
+
+    def __init__(self, path: Path, attrs: dict[str, Any]) -> None:
+        """Use :meth:`create` or :meth:`open`."""
+        self.path = Path(path)
+        self._attrs = attrs
+
+    @classmethod
+    def create(cls, path: Path, attrs: Mapping[str, Any]) -> Store:
+        """Create an empty ledger store at ``path`` (a new or empty directory).
+
+        Raises:
+            LedgerExistsError: if ``path`` exists and is not an empty directory.
+            BadInputError: if ``attrs`` holds ``format_version`` or is not JSON.
+        """
+        path = Path(path)
+        if "format_version" in attrs:
+            raise BadInputError("attrs must not set 'format_version'; the store writes it")
+        root_attrs = {"format_version": FORMAT_VERSION, **attrs}
+        try:
+            json.dumps(root_attrs)
+        except (TypeError, ValueError) as e:
+            raise BadInputError(f"ledger attrs are not JSON-serialisable: {e}") from e
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise LedgerExistsError(
+                f"{path} already exists and is not empty; choose a new path for the ledger"
+            )
+        with _owner_only():
+            path.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.chmod(path, 0o700)  # an existing empty directory keeps its own mode
+            zarr.create_group(store=LocalStore(path), attributes=root_attrs, zarr_format=3)
+            _fsync(path / "zarr.json")
+            _fsync(path)
+            _fsync(path.parent)
+        return cls(path, root_attrs)
+
+    @classmethod
+    def open(cls, path: Path) -> Store:
+        """Open an existing ledger store.
+
+        Raises:
+            LedgerNotFoundError: if there is no ``zarr.json`` at ``path``.
+            IntegrityError: if ``zarr.json`` is unreadable.
+            FormatVersionError: if the format version is newer than this code or not an int.
+        """
+        path = Path(path)
+        meta_path = path / "zarr.json"
+        if not meta_path.is_file():
+            raise LedgerNotFoundError(f"no ledger at {path}; create one with `kvw-ledger init`")
+        meta = _read_meta(meta_path)
+        attrs = meta.get("attributes", {})
+        if meta.get("node_type") != "group" or not isinstance(attrs, dict):
+            raise IntegrityError(f"{meta_path} is not a Zarr v3 group; the ledger is damaged")
+        version = attrs.get("format_version")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise FormatVersionError(
+                f"{meta_path}: format_version {version!r} is not a positive integer; "
+                "this is not a kvw-ledger ledger, or it is damaged"
+            )
+        if version > FORMAT_VERSION:
+            raise FormatVersionError(
+                f"{path} was written by a newer kvw-ledger (format {version}, this one reads "
+                f"up to {FORMAT_VERSION}); upgrade kvw-ledger"
+            )
+        return cls(path, attrs)
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """The root group's attributes (a copy)."""
+        return copy.deepcopy(self._attrs)
+
+    # ----------------------------------------------------------------- arrays
+
+    def write_array(
+        self, name: str, tensor: torch.Tensor, *, attrs: Mapping[str, Any] | None = None
+    ) -> ArrayRecord:
+        """Store ``tensor`` bit-exactly as array ``name`` and fsync it.
+
+        Only ``head/`` arrays may be overwritten; every other array is immutable.
+
+        Raises:
+            BadInputError: on a bad name, a non-strided tensor or bad ``attrs``.
+            LedgerExistsError: if the array exists and is not under ``head/``.
+        """
+        _check_name(name)
+        final = self.path / name
+        if final.exists() and not name.startswith("head/"):
+            raise LedgerExistsError(
+                f"array {name} already exists in {self.path}; stored arrays are immutable"
+            )
+        if isinstance(tensor, torch.Tensor) and tensor.layout == torch.strided:
+            tensor = tensor.detach().cpu().contiguous()  # one device copy for hash and write
+        digest = tensor_hash(tensor)
+        with _owner_only():
+            tmp = self._scratch("array.tmp")
+            try:
+                _write_zarr_array(tmp, tensor, attrs)
+                self._ensure_groups(name.rsplit("/", 1)[0])
+                self._swap_in(tmp, final)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        files = {rel: _file_sha256(self.path / rel) for rel in self._files_under(name)}
+        return ArrayRecord(name=name, sha256=digest, files=files)
+
+    def read_array(self, name: str) -> torch.Tensor:
+        """Read array ``name`` with its original dtype restored.
+
+        Raises:
+            RefNotFoundError: naming the array, if it does not exist.
+            IntegrityError: naming the file, if metadata or a chunk is damaged or missing.
+        """
+        _check_name(name)
+        return _read_zarr_array(self.path, name)
+
+    def array_attrs(self, name: str) -> dict[str, Any]:
+        """The attributes stored with array ``name`` (``dtype`` and the caller's)."""
+        _check_name(name)
+        meta = self._array_meta(name)
+        return dict(meta.get("attributes", {}))
+
+    def content_hash(self, name: str) -> str:
+        """Recompute :func:`tensor_hash` of array ``name`` from the stored chunks."""
+        return tensor_hash(self.read_array(name))
+
+    def has_array(self, name: str) -> bool:
+        """Whether array ``name`` exists."""
+        _check_name(name)
+        meta_path = self.path / name / "zarr.json"
+        return meta_path.is_file() and _read_meta(meta_path).get("node_type") == "array"
+
+    def list_arrays(self, prefix: str) -> list[str]:
+        """Full names of the arrays at or under ``prefix`` ("" for all), sorted."""
+        return sorted(n for n, kind in self._nodes(prefix) if kind == "array")
+
+    def group_files(self, prefix: str) -> dict[str, str]:
+        """The group ``zarr.json`` files from the root's children down to the arrays
+        under ``prefix`` (the root's own is excluded) -> sha256 of their bytes."""
+        parts = _check_prefix(prefix)
+        groups = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+        groups += [n for n, kind in self._nodes(prefix) if kind == "group"]
+        out: dict[str, str] = {}
+        for g in sorted(set(groups)):
+            meta_path = self.path / g / "zarr.json"
+            if meta_path.is_file() and _read_meta(meta_path).get("node_type") == "group":
+                out[f"{g}/zarr.json"] = _file_sha256(meta_path)
+        return out
+
+    def files(self) -> list[str]:
+        """Every file under the ledger root, relative and sorted, except the journal's
+        (``journal/``, ``lock``) and crash leftovers (temp dirs, ``*.partial``)."""
+        out: list[str] = []
+        for entry in sorted(os.listdir(self.path)):
+            if entry in _NOT_OURS or _TEMP_ROOT_RE.fullmatch(entry):
+                continue
+            out += self._files_under(entry)
+        return sorted(out)
+
+    def delete(self, prefix: str) -> list[str]:
+        """Delete the group or array ``prefix`` with everything under it.
+
+        The subtree is first renamed away, so a crash never leaves it half there.
+        Returns the ledger-relative paths of the files removed ([] if absent).
+        """
+        if not _check_prefix(prefix):
+            raise BadInputError("refusing to delete the whole ledger; name a group or array")
+        target = self.path / prefix
+        if not target.is_dir():
+            return []
+        removed = self._files_under(prefix)
+        trash = self.path / f"trash.old-{secrets.token_hex(8)}"
+        os.rename(target, trash)
+        _fsync(target.parent)
+        _fsync(self.path)
+        shutil.rmtree(trash)
+        return removed
+
+    def clean_temp(self) -> list[str]:
+        """Remove crash leftovers (temp dirs, ``*.partial`` files); return their paths."""
+        removed: list[str] = []
+        for entry in sorted(os.listdir(self.path)):
+            if _TEMP_ROOT_RE.fullmatch(entry):
+                shutil.rmtree(self.path / entry, ignore_errors=True)
+                removed.append(entry)
+        for dirpath, dirnames, filenames in os.walk(self.path):
+            if Path(dirpath) == self.path:
+                dirnames[:] = [d for d in dirnames if d not in _NOT_OURS]
+            for f in filenames:
+                if _PARTIAL_RE.fullmatch(f):
+                    p = Path(dirpath) / f
+                    p.unlink(missing_ok=True)
+                    removed.append(p.relative_to(self.path).as_posix())
+        return sorted(removed)
+
+    # ------------------------------------------------------------------- head
+
+    def write_head(self, tensors: Mapping[str, torch.Tensor], version: int, digest: str) -> None:
+        """Replace the whole head cache crash-safely.
+
+        The new head is built in ``head.tmp-*`` and fsynced, then swapped in by two
+        renames; a crash in between leaves no ``head`` and :meth:`read_head` says None.
+        """
+        if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+            raise BadInputError(f"head version must be an int >= 0, got {version!r}")
+        if not isinstance(digest, str):
+            raise BadInputError(f"head digest must be a str, got {type(digest).__name__}")
+        for site in tensors:
+            check_site(site)
+        with _owner_only():
+            tmp = self._scratch("head.tmp")
+            try:
+                for site, t in tensors.items():
+                    _write_zarr_array(tmp / site, t, None)
+                zarr.create_group(
+                    store=LocalStore(tmp),
+                    attributes={"version": version, "digest": digest},
+                    zarr_format=3,
+                )
+                self._swap_in(tmp, self.path / "head")
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def read_head(self) -> tuple[dict[str, torch.Tensor], int, str] | None:
+        """The head cache as (site -> tensor, version, digest), or None if there is
+        no complete head (never written, or a crash interrupted :meth:`write_head`).
+
+        Raises:
+            IntegrityError: naming the file, if a head array is damaged.
+        """
+        meta_path = self.path / "head" / "zarr.json"
+        if not meta_path.is_file():
+            return None
+        attrs = _read_meta(meta_path).get("attributes", {})
+        version, digest = attrs.get("version"), attrs.get("digest")
+        if not isinstance(version, int) or isinstance(version, bool) or not isinstance(digest, str):
+            return None
+        names = [n for n, kind in self._nodes("head") if kind == "array"]
+        tensors = {n.split("/", 1)[1]: self.read_array(n) for n in sorted(names)}
+        return tensors, version, digest
+
+    # ---------------------------------------------------------------- private
+
+    def _scratch(self, kind: str) -> Path:
+        return self.path / f"{kind}-{secrets.token_hex(8)}"
+
+    def _swap_in(self, new: Path, final: Path) -> None:
+        """Rename ``new`` to ``final``, moving an existing ``final`` away first."""
+        _fsync_tree(new)
+        old = None
+        if final.exists():
+            old = self._scratch("trash.old")
+            os.rename(final, old)
+        os.rename(new, final)
+        _fsync(final.parent)
+        _fsync(self.path)
+        if old is not None:
+            shutil.rmtree(old)
+
+    def _ensure_groups(self, group: str) -> None:
+        """Create the implicit groups on the way to ``group`` and fsync them."""
+        parts = group.split("/")
+        for i in range(len(parts)):
+            sub = "/".join(parts[: i + 1])
+            if not (self.path / sub / "zarr.json").is_file():
+                zarr.create_group(store=LocalStore(self.path / sub), zarr_format=3)
+                _fsync(self.path / sub / "zarr.json")
+                _fsync(self.path / sub)
+                _fsync((self.path / sub).parent)
+
+    def _array_meta(self, name: str) -> dict[str, Any]:
+        meta_path = self.path / name / "zarr.json"
+        if not meta_path.is_file():
+            raise RefNotFoundError(f"no array {name} in ledger {self.path}")
+        meta = _read_meta(meta_path)
+        if meta.get("node_type") != "array":
+            raise RefNotFoundError(f"{name} in ledger {self.path} is a group, not an array")
+        return meta
+
+    def _files_under(self, rel: str) -> list[str]:
+        """Ledger-relative paths of the files at or under ``rel``, minus ``*.partial``."""
+        top = self.path / rel
+        if top.is_file():
+            return [] if _PARTIAL_RE.fullmatch(top.name) else [rel]
+        out = []
+        for dirpath, _dirnames, filenames in os.walk(top):
+            for f in filenames:
+                if not _PARTIAL_RE.fullmatch(f):
+                    out.append((Path(dirpath) / f).relative_to(self.path).as_posix())
+        return sorted(out)
+
+    def _nodes(self, prefix: str) -> Iterator[tuple[str, str]]:
+        """(name, "array" | "group") for every node at or under ``prefix``."""
+        parts = _check_prefix(prefix)
+        if parts:
+            stack = [prefix]
+        else:
+            stack = [e for e in os.listdir(self.path) if e not in _NOT_OURS]
+            stack = [e for e in stack if not _TEMP_ROOT_RE.fullmatch(e)]
+        while stack:
+            name = stack.pop()
+            meta_path = self.path / name / "zarr.json"
+            if not meta_path.is_file():
+                continue
+            kind = _read_meta(meta_path).get("node_type")
+            yield name, str(kind)
+            if kind == "group":
+                stack += [f"{name}/{e}" for e in os.listdir(self.path / name) if e != "zarr.json"]
+
+
+# ------------------------------------------------------------------ helpers
+
+
+@contextlib.contextmanager
+def _owner_only() -> Iterator[None]:
+    # umask is process-wide: new files come out 0o600 and directories 0o700.
+    old = os.umask(0o077)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(top: Path) -> None:
+    for dirpath, _dirnames, filenames in os.walk(top):
+        for f in filenames:
+            _fsync(Path(dirpath) / f)
+        _fsync(Path(dirpath))
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(path.read_bytes())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise IntegrityError(f"{path} is unreadable ({e}); the ledger is damaged") from e
+    if not isinstance(meta, dict) or meta.get("zarr_format") != 3:
+        raise IntegrityError(f"{path} is not Zarr v3 metadata; the ledger is damaged")
+    return meta
+
+
+def _check_name(name: str) -> list[str]:
+    """Validate an array name against the layout; return its parts."""
+    parts = name.split("/") if isinstance(name, str) else []
+    pattern = _LAYOUT.get(parts[0]) if parts else None
+    if pattern is None or len(parts) != len(pattern) + 1:
+        forms = (
+            "base/<site>, retain/<stats-id>/<site>, requests/<id>/{exponent,trace}/<site>, "
+            "head/<site>"
+        )
+        raise BadInputError(
+            f"bad array name {name!r}: expected one of {forms} (site names cannot contain '/')"
+        )
+    for part, want in zip(parts[1:], pattern, strict=True):
+        if want == "site":
+            check_site(part)
+        elif want == "id":
+            check_id(part, "stats id" if parts[0] == "retain" else "request id")
+        elif isinstance(want, frozenset) and part not in want:
+            raise BadInputError(f"bad array name {name!r}: {part!r} must be one of {sorted(want)}")
+    return parts
+
+
+def _check_prefix(prefix: str) -> list[str]:
+    """Validate a group/array prefix ("" is the root); return its parts."""
+    if prefix == "":
+        return []
+    parts = prefix.split("/") if isinstance(prefix, str) else [""]
+    if parts[0] not in _LAYOUT or any(p in ("", ".", "..") for p in parts):
+        raise BadInputError(
+            f"bad prefix {prefix!r}: expected a path under one of {sorted(_LAYOUT)}, "
+            "with no empty, '.' or '..' parts"
+        )
+    return parts
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    """The tensor's bits as a C-contiguous NumPy array (unsigned ints for dtypes
+    NumPy lacks, such as bfloat16)."""
+    if not isinstance(t, torch.Tensor) or t.layout != torch.strided:
+        raise BadInputError(f"expected a dense torch.Tensor, got {type(t).__name__}")
+    t = t.detach().cpu().resolve_conj().resolve_neg().contiguous()
+    if t.dtype in _NATIVE:
+        return t.numpy()
+    width = t.dtype.itemsize
+    if width not in _INT_OF_WIDTH:
+        raise BadInputError(f"cannot store tensors of dtype {t.dtype}")
+    return t.view(_INT_OF_WIDTH[width]).numpy().view(f"u{width}")
+
+
+def _from_numpy(data: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    if dtype in _NATIVE:
+        return torch.from_numpy(data)
+    signed = _INT_OF_WIDTH[dtype.itemsize]
+    return torch.from_numpy(data.view(str(signed).removeprefix("torch."))).view(dtype)
+
+
+def _chunk_shape(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
+    # Zarr needs every chunk extent >= 1, even for empty dimensions.
+    if len(shape) < 2:
+        return tuple(max(1, s) for s in shape)
+    row_bytes = max(1, math.prod(shape[1:]) * itemsize)
+    rows = min(max(1, shape[0]), max(1, _CHUNK_BYTES // row_bytes))
+    return (rows, *(max(1, s) for s in shape[1:]))
+
+
+def _write_zarr_array(path: Path, tensor: torch.Tensor, attrs: Mapping[str, Any] | None) -> None:
+    """Write ``tensor`` as a standalone Zarr array rooted at directory ``path``."""
+    data = _to_numpy(tensor)
+    extra = dict(attrs or {})
+    if "dtype" in extra:
+        raise BadInputError("array attrs must not set 'dtype'; the store writes it")
+    try:
+        json.dumps(extra)
+    except (TypeError, ValueError) as e:
+        raise BadInputError(f"array attrs are not JSON-serialisable: {e}") from e
+    arr = zarr.create_array(
+        store=LocalStore(path),
+        shape=data.shape,
+        dtype=data.dtype,
+        chunks=_chunk_shape(data.shape, data.dtype.itemsize),
+        compressors=[ZstdCodec(level=3), Crc32cCodec()],
+        fill_value=0,
+        # Otherwise zarr skips chunks equal to the fill value, and -0.0 comes back as 0.0.
+        config={"write_empty_chunks": True},
+        attributes={"dtype": _dtype_name(tensor.dtype), **extra},
+        zarr_format=3,
+    )
+    arr[...] = data
+
+
+def _read_zarr_array(root: Path, name: str) -> torch.Tensor:
+    meta_path = root / name / "zarr.json"
+    if not meta_path.is_file():
+        raise RefNotFoundError(f"no array {name} in ledger {root}")
+    meta = _read_meta(meta_path)
+    if meta.get("node_type") != "array":
+        raise RefNotFoundError(f"{name} in ledger {root} is a group, not an array")
+    dtype = getattr(torch, str(meta.get("attributes", {}).get("dtype")), None)
+    try:
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError("attribute 'dtype' does not name a torch dtype")
+        arr = zarr.open_array(store=LocalStore(root, read_only=True), path=name, mode="r")
+        chunks, grid = arr.chunks, arr.cdata_shape
+        if arr.dtype != _to_numpy(torch.empty(0, dtype=dtype)).dtype:
+            raise ValueError(f"stored dtype {arr.dtype} does not hold {dtype}")
+    except _CODEC_ERRORS as e:
+        raise IntegrityError(f"{meta_path} is damaged ({e}); the ledger is damaged") from e
+    out = np.empty(arr.shape, dtype=arr.dtype)
+    # Chunk by chunk, so a damaged or missing chunk is reported by its file name
+    # (zarr would silently return the fill value for a missing one).
+    for coords in itertools.product(*(range(n) for n in grid)):
+        rel = f"{name}/{arr.metadata.encode_chunk_key(coords)}"
+        if not (root / rel).is_file():
+            raise IntegrityError(f"chunk file {rel} is missing; the ledger is damaged")
+        sel = tuple(slice(c * k, (c + 1) * k) for c, k in zip(coords, chunks, strict=True))
+        try:
+            out[sel] = arr[sel]
+        except _CODEC_ERRORS as e:
+            raise IntegrityError(f"chunk file {rel} is damaged ({e}); the ledger is damaged") from e
+    return _from_numpy(out, dtype)
