@@ -103,15 +103,18 @@ def reference(model: torch.nn.Module, batches: list[Batch]) -> None:
             h.remove()
 
 
-def timed(fn: Callable[[torch.nn.Module, list[Batch]], None], model: torch.nn.Module,
-          batches: list[Batch], repeats: int) -> float:
-    fn(model, batches)  # warm-up
-    times = []
+def timed(collectors: dict[str, Callable[[torch.nn.Module, list[Batch]], None]], model: torch.nn.Module,
+          batches: list[Batch], repeats: int) -> dict[str, float]:
+    """Median seconds per collector; runs are interleaved so drift in machine load hits all alike."""
+    for fn in collectors.values():
+        fn(model, batches)  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in collectors}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn(model, batches)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in collectors.items():
+            start = time.perf_counter()
+            fn(model, batches)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
@@ -125,9 +128,8 @@ def main() -> None:
     n_params = sum(p.numel() for p in model.parameters())
     batches = make_batches(4 if args.quick else 6, 4, 128, model.config.vocab_size)
     tokens = sum(int(b.inputs["attention_mask"].sum()) for b in batches)
-    results = {}
-    for name, fn in (("ours", ours), ("forward", plain_forward), ("reference", reference)):
-        results[name] = tokens / timed(fn, model, batches, args.repeats)
+    seconds = timed({"ours": ours, "forward": plain_forward, "reference": reference}, model, batches, args.repeats)
+    results = {name: tokens / s for name, s in seconds.items()}
     figures = {
         "model_parameters": n_params,
         "layers": model.config.num_hidden_layers,

@@ -81,7 +81,28 @@ class KVWResult:
 
 def accessor(c_forget: torch.Tensor, c_retain: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """A = max(0, log(C_f + eps) - log(C_r + eps)), elementwise."""
-    return (torch.log(c_forget + eps) - torch.log(c_retain + eps)).clamp_(min=0)
+    return _accessor(c_forget, torch.log(c_retain + eps), eps)
+
+
+def _accessor(c_forget: torch.Tensor, log_retain: torch.Tensor, eps: float) -> torch.Tensor:
+    return (torch.log(c_forget + eps) - log_retain).clamp_(min=0)
+
+
+def exponents_from_trace(
+    trace: torch.Tensor, retain_mean: torch.Tensor, config: KVWConfig
+) -> torch.Tensor:
+    """Re-derives one site's exponent from its per-batch C_f trace and (new) C_r.
+
+    The accumulation repeats the progressive loop's operations in the same order,
+    so the same C_r reproduces the stored exponent bit for bit. With another C_r it
+    is the fast approximation: the C_f were measured on the model as weakened
+    under the old statistics.
+    """
+    log_retain = torch.log(retain_mean.to(torch.float32) + config.eps)
+    w = torch.zeros_like(log_retain)
+    for c_forget in trace.to(torch.float32):  # (n_batches, d_ff) -> one (d_ff,) per batch
+        w.add_(_accessor(c_forget, log_retain, config.eps), alpha=config.gamma)
+    return w
 
 
 def gate(a: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -215,7 +236,7 @@ class _SiteState:
 
     def step(self, name: str, c_forget: torch.Tensor, config: KVWConfig) -> None:
         """Accumulates one batch's accessor and re-materialises the site from its base."""
-        a = (torch.log(c_forget + config.eps) - self.log_retain[name]).clamp_(min=0)  # (d_ff,)
+        a = _accessor(c_forget, self.log_retain[name], config.eps)  # (d_ff,)
         self.exponents[name].add_(a, alpha=config.gamma)
         site = self.sites[name]
         total = self.start[name] + self.exponents[name]

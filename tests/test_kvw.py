@@ -351,3 +351,21 @@ def test_non_finite_activations_are_reported_with_the_site() -> None:
         NonFiniteActivationError, match="site model.layers.0.mlp.down_proj are NaN or infinite"
     ):
         collect(model, sites, batches, progress=False)
+
+
+def test_trace_with_the_same_retain_stats_reproduces_the_exponents_bit_for_bit() -> None:
+    from kvw_ledger.kvw import exponents_from_trace
+
+    tok = tiny.char_tokenizer()
+    enc = Encoder(tok)
+    model = tiny.llama()
+    sites = discover_sites(model)
+    retain = collect(model, sites, iter_batches(encode_all(enc, records(5, offset=9)), 1, 0), progress=False)
+    cfg = KVWConfig(gamma=0.4, layers=(0, 3), batch_size=2, epochs=2)
+    result = run_kvw(model, sites, encode_all(enc, records(5)), retain.means(), cfg, pad_token_id=0, progress=False)
+    assert result.trace is not None
+    for name, w in result.exponents.items():
+        again = exponents_from_trace(result.trace[name], retain.means()[name], cfg)
+        assert torch.equal(again, w), name
+        other = exponents_from_trace(result.trace[name], retain.means()[name] * 2, cfg)
+        assert not torch.equal(other, w) or not bool((w > 0).any())
