@@ -38,8 +38,8 @@ def _errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _open(path: str) -> Ledger:
-    ledger = Ledger.open(path)
+def _open(path: str, check_root: bool = True) -> Ledger:
+    ledger = Ledger.open(path, check_root=check_root)
     ledger.on_stale = lambda message: click.echo(f"Warning: {message}", err=True)
     return ledger
 
@@ -52,7 +52,10 @@ LEDGER = click.argument("ledger", type=click.Path(file_okay=False))
 DATA = click.argument("data", type=click.Path(dir_okay=False))
 JSON = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 MODEL = click.option(
-    "--model", "model_dir", type=click.Path(file_okay=False), help="Model directory (default: the one given to init)."
+    "--model",
+    "model_dir",
+    type=click.Path(file_okay=False),
+    help="Model directory (default: the one given to init).",
 )
 QUIET = click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 
@@ -68,14 +71,32 @@ def main() -> None:
 
 @main.command()
 @LEDGER
-@click.option("--model", "model_dir", required=True, type=click.Path(file_okay=False), help="Hugging Face model directory (safetensors).")
-@click.option("--sites", "towers", type=click.Choice(TOWER_CHOICES), default="language", show_default=True, help="Which towers' FFNs to track.")
-@click.option("--site-glob", help="fnmatch pattern naming the FFN value projections of an architecture the table does not know.")
+@click.option(
+    "--model",
+    "model_dir",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Hugging Face model directory (safetensors).",
+)
+@click.option(
+    "--sites",
+    "towers",
+    type=click.Choice(TOWER_CHOICES),
+    default="language",
+    show_default=True,
+    help="Which towers' FFNs to track.",
+)
+@click.option(
+    "--site-glob",
+    help="fnmatch pattern naming the FFN value projections of an architecture the table does not know.",
+)
 @QUIET
 @_errors
 def init(ledger: str, model_dir: str, towers: str, site_glob: str | None, quiet: bool) -> None:
     """Create a ledger for a model: copy its FFN value matrices as the base (version 1)."""
-    created = Ledger.create(ledger, model_dir, towers=towers, site_glob=site_glob, progress=not quiet)
+    created = Ledger.create(
+        ledger, model_dir, towers=towers, site_glob=site_glob, progress=not quiet
+    )
     click.echo(f"created {created.path}: {len(created.sites)} sites, version 1")
 
 
@@ -84,14 +105,33 @@ def init(ledger: str, model_dir: str, towers: str, site_glob: str | None, quiet:
 @DATA
 @click.option("--id", "stats_id", help="Id of the retain statistics (default retain-N).")
 @click.option("--at", default="HEAD", show_default=True, help="REF of the version to measure on.")
-@click.option("--batch-size", type=int, default=1, show_default=True)
+@click.option(
+    "--batch-size", type=int, default=1, show_default=True, help="Retain records per forward pass."
+)
 @MODEL
 @QUIET
 @_errors
-def retain(ledger: str, data: str, stats_id: str | None, at: str, batch_size: int, model_dir: str | None, quiet: bool) -> None:
+def retain(
+    ledger: str,
+    data: str,
+    stats_id: str | None,
+    at: str,
+    batch_size: int,
+    model_dir: str | None,
+    quiet: bool,
+) -> None:
     """Measure retain statistics (C_r) on DATA and register them."""
-    entry = _open(ledger).retain(data, stats_id=stats_id, at=at, batch_size=batch_size, model_dir=model_dir, progress=not quiet)
-    click.echo(f"version {entry.version}: retain stats {entry.body['stats']} from {entry.body['records']} records")
+    entry = _open(ledger).retain(
+        data,
+        stats_id=stats_id,
+        at=at,
+        batch_size=batch_size,
+        model_dir=model_dir,
+        progress=not quiet,
+    )
+    click.echo(
+        f"version {entry.version}: retain stats {entry.body['stats']} from {entry.body['records']} records"
+    )
 
 
 @main.command()
@@ -99,28 +139,70 @@ def retain(ledger: str, data: str, stats_id: str | None, at: str, batch_size: in
 @DATA
 @click.option("--id", "request_id", help="Request id (default request-N).")
 @click.option("--reason", default="", help="Why this request was made (kept in the journal).")
-@click.option("--gamma", type=float, default=0.02, show_default=True, help="Weakening strength per batch.")
-@click.option("--layers", default="1:25", show_default=True, help="Inclusive layer range START:END.")
-@click.option("--batch-size", type=int, default=1, show_default=True)
-@click.option("--epochs", type=int, default=1, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="Shuffle seed of the forget batches.")
+@click.option(
+    "--gamma", type=float, default=0.02, show_default=True, help="Weakening strength per batch."
+)
+@click.option(
+    "--layers", default="1:25", show_default=True, help="Inclusive layer range START:END."
+)
+@click.option(
+    "--batch-size",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Forget records per batch (one gate per batch).",
+)
+@click.option(
+    "--epochs", type=int, default=1, show_default=True, help="Passes over the forget data."
+)
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="Shuffle seed of the forget batches."
+)
 @click.option("--retain-stats", help="Retain stats id (default: the latest registered).")
-@click.option("--no-trace", is_flag=True, help="Do not keep per-batch C_f (fast re-derivation needs it).")
+@click.option(
+    "--no-trace", is_flag=True, help="Do not keep per-batch C_f (fast re-derivation needs it)."
+)
 @MODEL
 @QUIET
 @_errors
 def forget(
-    ledger: str, data: str, request_id: str | None, reason: str, gamma: float, layers: str, batch_size: int,
-    epochs: int, seed: int, retain_stats: str | None, no_trace: bool, model_dir: str | None, quiet: bool,
+    ledger: str,
+    data: str,
+    request_id: str | None,
+    reason: str,
+    gamma: float,
+    layers: str,
+    batch_size: int,
+    epochs: int,
+    seed: int,
+    retain_stats: str | None,
+    no_trace: bool,
+    model_dir: str | None,
+    quiet: bool,
 ) -> None:
     """Apply one deletion request: weaken what DATA activates, then commit."""
-    config = KVWConfig(gamma=gamma, layers=parse_layers(layers), batch_size=batch_size, epochs=epochs,
-                       seed=seed, keep_trace=not no_trace)
-    entry = _open(ledger).forget(data, request_id=request_id, reason=reason, config=config,
-                                 retain_stats=retain_stats, model_dir=model_dir, progress=not quiet)
+    config = KVWConfig(
+        gamma=gamma,
+        layers=parse_layers(layers),
+        batch_size=batch_size,
+        epochs=epochs,
+        seed=seed,
+        keep_trace=not no_trace,
+    )
+    entry = _open(ledger).forget(
+        data,
+        request_id=request_id,
+        reason=reason,
+        config=config,
+        retain_stats=retain_stats,
+        model_dir=model_dir,
+        progress=not quiet,
+    )
     body = entry.body
-    click.echo(f"version {entry.version}: request {body['request']} applied "
-               f"({body['records']} records, {body['batches']} batches, {body['tokens']} answer tokens)")
+    click.echo(
+        f"version {entry.version}: request {body['request']} applied "
+        f"({body['records']} records, {body['batches']} batches, {body['tokens']} answer tokens)"
+    )
 
 
 def _summary(entry: Entry) -> str:
@@ -148,7 +230,9 @@ def log(ledger: str, as_json: bool) -> None:
         return
     for e in entries:
         active = ", ".join(e.body.get("active", [])) or "-"
-        click.echo(f"{e.version:>4}  {e.op:<8} {e.time}  {e.hash[:12]}  {_summary(e)}  active: {active}")
+        click.echo(
+            f"{e.version:>4}  {e.op:<8} {e.time}  {e.hash[:12]}  {_summary(e)}  active: {active}"
+        )
 
 
 def _entry_json(entry: Entry) -> dict[str, Any]:
@@ -184,9 +268,13 @@ def show(ledger: str, ref: str, as_json: bool) -> None:
     click.echo(f"hash     {entry.hash}")
     click.echo(f"parent   {entry.parent or '-'}")
     click.echo(f"active   {', '.join(entry.body.get('active', [])) or '-'}")
-    for key in sorted(k for k in entry.body if k not in ("active", "arrays", "tokens", "model_fingerprint")):
+    for key in sorted(
+        k for k in entry.body if k not in ("active", "arrays", "tokens", "model_fingerprint")
+    ):
         value = entry.body[key]
-        click.echo(f"{key:<8} {json.dumps(value, sort_keys=True) if isinstance(value, dict | list) else value}")
+        click.echo(
+            f"{key:<8} {json.dumps(value, sort_keys=True) if isinstance(value, dict | list) else value}"
+        )
     if sites:
         click.echo(f"{'site':<52}{'weakened':>10}{'max w':>10}{'mean w':>10}")
         for s in sites:
@@ -198,12 +286,14 @@ def _request_sites(ledger: Ledger, entry: Entry) -> list[dict[str, Any]]:
     for name in ledger.store.list_arrays(f"requests/{entry.body['request']}/exponent"):
         w = ledger.store.read_array(name)
         hit = w > 0
-        out.append({
-            "site": name.rsplit("/", 1)[1],
-            "weakened": int(hit.sum()),
-            "max": float(w.max()),
-            "mean": float(w[hit].mean()) if bool(hit.any()) else 0.0,
-        })
+        out.append(
+            {
+                "site": name.rsplit("/", 1)[1],
+                "weakened": int(hit.sum()),
+                "max": float(w.max()),
+                "mean": float(w[hit].mean()) if bool(hit.any()) else 0.0,
+            }
+        )
     return out
 
 
@@ -219,7 +309,7 @@ def diff(ledger: str, ref_a: str, ref_b: str, top: int, as_json: bool) -> None:
     opened = _open(ledger)
     a, b = opened.state(ref_a), opened.state(ref_b)
     wa, wb = opened.exponents(a.version), opened.exponents(b.version)
-    sites = []
+    sites: list[dict[str, Any]] = []
     for site in opened.sites:
         delta = wb[site.name] - wa[site.name]
         changed = delta != 0
@@ -227,15 +317,20 @@ def diff(ledger: str, ref_a: str, ref_b: str, top: int, as_json: bool) -> None:
         if n == 0:
             continue
         order = delta.abs().argsort(descending=True)[:top]
-        sites.append({
-            "site": site.name,
-            "changed": n,
-            "max_abs_change": float(delta.abs().max()),
-            "mean_abs_change": float(delta[changed].abs().mean()),
-            "top": [{"vector": int(i), "change": float(delta[i])} for i in order if bool(changed[i])],
-        })
-    result = {
-        "from": a.version, "to": b.version,
+        sites.append(
+            {
+                "site": site.name,
+                "changed": n,
+                "max_abs_change": float(delta.abs().max()),
+                "mean_abs_change": float(delta[changed].abs().mean()),
+                "top": [
+                    {"vector": int(i), "change": float(delta[i])} for i in order if bool(changed[i])
+                ],
+            }
+        )
+    result: dict[str, Any] = {
+        "from": a.version,
+        "to": b.version,
         "added": [r for r in b.active if r not in a.active],
         "removed": [r for r in a.active if r not in b.active],
         "sites": sites,
@@ -248,8 +343,10 @@ def diff(ledger: str, ref_a: str, ref_b: str, top: int, as_json: bool) -> None:
     click.echo(f"removed  {', '.join(result['removed']) or '-'}")
     for s in sites:
         tops = ", ".join(f"{t['vector']}:{t['change']:+.4f}" for t in s["top"])
-        click.echo(f"{s['site']}: {s['changed']} vectors, max |change| {s['max_abs_change']:.4f}, "
-                   f"mean {s['mean_abs_change']:.4f}; top {tops}")
+        click.echo(
+            f"{s['site']}: {s['changed']} vectors, max |change| {s['max_abs_change']:.4f}, "
+            f"mean {s['mean_abs_change']:.4f}; top {tops}"
+        )
 
 
 @main.command()
@@ -260,7 +357,9 @@ def diff(ledger: str, ref_a: str, ref_b: str, top: int, as_json: bool) -> None:
 def revert(ledger: str, request_id: str, reason: str) -> None:
     """Take one request back; later requests stay active. History is appended, never rewritten."""
     entry = _open(ledger).revert(request_id, reason=reason)
-    click.echo(f"version {entry.version}: request {request_id} reverted; active: {', '.join(entry.body['active']) or '-'}")
+    click.echo(
+        f"version {entry.version}: request {request_id} reverted; active: {', '.join(entry.body['active']) or '-'}"
+    )
 
 
 @main.command()
@@ -284,20 +383,28 @@ def export(ledger: str, out_dir: str, at: str, model_dir: str | None, quiet: boo
 @_errors
 def verify(ledger: str, model_dir: str | None, no_model: bool, as_json: bool) -> None:
     """Re-hash the journal chain, every file and array, the head cache and the base; exit 1 on damage."""
-    report = _open(ledger).verify(model_dir=model_dir, check_model=not no_model)
+    report = _open(ledger, check_root=False).verify(model_dir=model_dir, check_model=not no_model)
     if as_json:
         _dump(report.to_json())
     else:
         for p in report.problems:
             click.echo(f"{p.severity}: {p.path}: {p.message}", err=p.severity == "error")
         verdict = "ok" if report.ok else "FAILED"
-        click.echo(f"{verdict}: {report.checked_entries} entries, {report.checked_arrays} arrays checked")
+        click.echo(
+            f"{verdict}: {report.checked_entries} entries, {report.checked_arrays} arrays checked"
+        )
     if not report.ok:
         sys.exit(1)
 
 
 @main.command()
-@click.option("--workdir", type=click.Path(file_okay=False), default="kvw-demo", show_default=True)
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False),
+    default="kvw-demo",
+    show_default=True,
+    help="Directory for the demo's model, data and ledger.",
+)
 @JSON
 @_errors
 def demo(workdir: str, as_json: bool) -> None:

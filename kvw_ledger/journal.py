@@ -9,30 +9,26 @@ Each file also carries ``digest``, the sha256 of its own canonical content
 without that key: the chain only protects an entry through its child, so
 without it a damaged head entry would go unnoticed.
 
-Readers never lock. Writers hold :class:`WriterLock`.
+Readers never lock. Writers hold :class:`kvw_ledger.lock.WriterLock`.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import re
 import secrets
-import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
-from types import TracebackType
 from typing import Any, Literal
 
 from kvw_ledger.errors import (
     BadInputError,
     ConcurrentCommitError,
     IntegrityError,
-    LedgerLockedError,
     LedgerNotFoundError,
     RefNotFoundError,
 )
@@ -42,9 +38,11 @@ __all__ = [
     "Entry",
     "Journal",
     "Problem",
-    "WriterLock",
     "canonical_json",
+    "format_time",
+    "fsync_dir",
     "sha256_file",
+    "utc_now",
 ]
 
 OPS = ("init", "retain", "forget", "revert", "rederive", "gc", "probe")
@@ -56,8 +54,6 @@ _TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 _TIME_PATTERN = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z")
 _BLOCK = 1 << 20
 _MAX_ENTRY_BYTES = 64 << 20  # entries are small; this only bounds a corrupt file's read
-_MAX_LOCK_BYTES = 1 << 16
-_LOCK_ATTEMPTS = 8
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -82,11 +78,11 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _utc_now() -> datetime:
+def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-def _format_time(moment: datetime) -> str:
+def format_time(moment: datetime) -> str:
     if moment.tzinfo is None:
         raise BadInputError(f"clock returned a naive datetime {moment!r}; return an aware UTC one")
     return moment.astimezone(UTC).strftime(_TIME_FORMAT)
@@ -235,7 +231,7 @@ def _parse_entry(raw: bytes, version: int, where: Path) -> Entry:
     )
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -262,7 +258,7 @@ class Journal:
         clock: returns the current time as an aware datetime; tests pass a fixed one.
     """
 
-    def __init__(self, ledger_root: Path, *, clock: Callable[[], datetime] = _utc_now) -> None:
+    def __init__(self, ledger_root: Path, *, clock: Callable[[], datetime] = utc_now) -> None:
         self.root = Path(ledger_root)
         self.path = self.root / "journal"
         self._clock = clock
@@ -279,9 +275,7 @@ class Journal:
             return []
         except OSError as e:
             raise IntegrityError(f"cannot list the journal directory {self.path}: {e}") from e
-        found = sorted(
-            (int(name[:-5]), name) for name in names if _ENTRY_NAME.fullmatch(name)
-        )
+        found = sorted((int(name[:-5]), name) for name in names if _ENTRY_NAME.fullmatch(name))
         listed: list[tuple[int, Path, IntegrityError | None]] = []
         expected = 1
         for version, name in found:
@@ -293,10 +287,18 @@ class Journal:
                 )
                 listed.append((version, path, error))
                 continue
-            listed.append((version, path, None if version == expected else IntegrityError(
-                f"journal entry {path} follows version {expected - 1}: "
-                f"version {expected} is missing"
-            )))
+            listed.append(
+                (
+                    version,
+                    path,
+                    None
+                    if version == expected
+                    else IntegrityError(
+                        f"journal entry {path} follows version {expected - 1}: "
+                        f"version {expected} is missing"
+                    ),
+                )
+            )
             expected = version + 1
         return listed
 
@@ -392,7 +394,7 @@ class Journal:
         content = {
             "version": version,
             "op": op,
-            "time": _format_time(self._clock()),
+            "time": format_time(self._clock()),
             "parent": None if parent is None else parent.hash,
             "files": files,
             "body": body,
@@ -430,7 +432,7 @@ class Journal:
                 ) from e
         finally:
             tmp.unlink(missing_ok=True)
-        _fsync_dir(self.path)
+        fsync_dir(self.path)
         return entry
 
     def _check_parent(self, parent: Entry) -> None:
@@ -453,7 +455,7 @@ class Journal:
         except FileExistsError:
             return
         os.chmod(self.path, 0o700)  # mkdir's mode is filtered by the umask
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
 
     def verify(self, root: Path) -> list[Problem]:
         """Checks the hash chain and every file each entry recorded, in journal order.
@@ -487,10 +489,15 @@ class Journal:
                 continue
             if before is not None and before.raw_hash not in (None, entry.parent):
                 before_rel = before.path.relative_to(self.root).as_posix()
-                problems.append(Problem(rel, (
-                    f"parent hash {entry.parent} does not match {before_rel} "
-                    f"(sha256 {before.raw_hash}); one of the two was altered or replaced"
-                )))
+                problems.append(
+                    Problem(
+                        rel,
+                        (
+                            f"parent hash {entry.parent} does not match {before_rel} "
+                            f"(sha256 {before.raw_hash}); one of the two was altered or replaced"
+                        ),
+                    )
+                )
             problems.extend(self._verify_files(root, entry, rel, deleted_at))
         return problems
 
@@ -512,205 +519,9 @@ class Journal:
                 problems.append(Problem(path, f"cannot be read ({e}); {rel} recorded it"))
                 continue
             if actual != expected:
-                problems.append(Problem(
-                    path, f"has sha256 {actual} but {rel} recorded {expected}; it was altered"
-                ))
+                problems.append(
+                    Problem(
+                        path, f"has sha256 {actual} but {rel} recorded {expected}; it was altered"
+                    )
+                )
         return problems
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, under another user
-        return True
-    return True
-
-
-@dataclass(frozen=True)
-class _Holder:
-    pid: int
-    host: str
-    time: str
-    operation: str
-
-
-def _parse_holder(raw: bytes) -> _Holder | None:
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        return None
-    if not isinstance(data, dict):
-        return None
-    pid, host = data.get("pid"), data.get("host")
-    time, operation = data.get("time", "?"), data.get("operation", "")
-    if isinstance(pid, bool) or not isinstance(pid, int) or not 0 < pid < 2**31:
-        return None  # os.kill(0 or -1, ...) would signal whole process groups
-    if not (isinstance(host, str) and isinstance(time, str) and isinstance(operation, str)):
-        return None
-    return _Holder(pid, host, time, operation)
-
-
-class WriterLock:
-    """The ledger's single-writer lock: a context manager around ``ledger_root / "lock"``.
-
-    The lock file records pid, host, time and operation. Its holder also keeps an
-    ``flock`` on it, which only serializes the takeover of a stale lock: two
-    processes that both find the same dead holder cannot both remove a lock.
-
-    Args:
-        ledger_root: the ledger directory.
-        on_stale: called with a message when a dead holder's lock is taken over.
-        operation: what the writer is doing, shown to anyone who finds the lock held.
-    """
-
-    def __init__(
-        self,
-        ledger_root: Path,
-        *,
-        on_stale: Callable[[str], None] | None = None,
-        operation: str = "",
-    ) -> None:
-        self.root = Path(ledger_root)
-        self.path = self.root / "lock"
-        self._on_stale = on_stale
-        self._operation = operation
-        self._fd: int | None = None
-        self._owner_pid: int | None = None
-
-    def __enter__(self) -> WriterLock:
-        self.acquire()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.release()
-
-    @property
-    def held(self) -> bool:
-        """Whether this object holds the lock."""
-        return self._fd is not None and self._owner_pid == os.getpid()
-
-    def acquire(self) -> None:
-        """Takes the lock, taking over a stale one left by a dead process on this host.
-
-        Raises:
-            LedgerLockedError: a live (or unknowable) writer holds it.
-            LedgerNotFoundError: ``ledger_root`` does not exist.
-        """
-        if self.held:
-            raise LedgerLockedError(f"this WriterLock already holds {self.path}")
-        if not self.root.is_dir():
-            raise LedgerNotFoundError(f"no ledger directory at {self.root}")
-        record = {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "time": _format_time(_utc_now()),
-            "operation": self._operation,
-        }
-        tmp = self.root / f".lock.{os.getpid()}.{secrets.token_hex(6)}.tmp"
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, canonical_json(record))
-            os.fsync(fd)
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a fresh inode: cannot block
-            for _ in range(_LOCK_ATTEMPTS):
-                try:
-                    # link() publishes the complete file or nothing, never an empty lock
-                    os.link(tmp, self.path)
-                except FileExistsError:
-                    self._clear_stale_or_raise()
-                    continue
-                _fsync_dir(self.root)
-                self._fd, self._owner_pid = fd, os.getpid()
-                return
-            raise LedgerLockedError(
-                f"could not take {self.path} after {_LOCK_ATTEMPTS} tries: other writers keep "
-                "taking it; retry later"
-            )
-        except BaseException:
-            os.close(fd)
-            raise
-        finally:
-            tmp.unlink(missing_ok=True)
-
-    def _clear_stale_or_raise(self) -> None:
-        """Removes the existing lock if its holder is dead; raises if it is held."""
-        try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return  # released meanwhile
-        try:
-            holder = _parse_holder(os.read(fd, _MAX_LOCK_BYTES))
-            if holder is None:
-                raise LedgerLockedError(
-                    f"lock file {self.path} exists but is not a readable lock record; a writer "
-                    f"may be running. If no writer runs, remove {self.path} by hand."
-                )
-            who = (
-                f"pid {holder.pid} on host {holder.host} "
-                f"(operation {holder.operation or '?'!r}, since {holder.time})"
-            )
-            if holder.host != socket.gethostname():
-                raise LedgerLockedError(
-                    f"ledger is locked by {who}, another host whose processes this one cannot "
-                    f"see: lock file {self.path}. Wait for it to finish, or if that process "
-                    f"is gone, remove {self.path}."
-                )
-            if _pid_alive(holder.pid):
-                raise LedgerLockedError(
-                    f"ledger is locked by {who}: lock file {self.path}. Wait for it to "
-                    f"finish, or if that process is gone, remove {self.path}."
-                )
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError as e:
-                raise LedgerLockedError(
-                    f"lock file {self.path} names dead {who}, but another process still "
-                    f"holds it (a child it forked, or a writer taking it over). Wait, or if "
-                    f"no writer runs, remove {self.path}."
-                ) from e
-            try:
-                current = os.stat(self.path)
-            except FileNotFoundError:
-                return
-            opened = os.fstat(fd)
-            if (current.st_dev, current.st_ino) != (opened.st_dev, opened.st_ino):
-                return  # someone else took it over before we got the flock; look again
-            # Holding the flock of the very inode at the path, no one else can move it now.
-            moved = self.root / f".lock.stale.{holder.pid}.{secrets.token_hex(6)}"
-            os.rename(self.path, moved)
-            moved.unlink()
-            _fsync_dir(self.root)
-        finally:
-            os.close(fd)
-        if self._on_stale is not None:
-            self._on_stale(
-                f"took over a stale lock {self.path} left by dead pid {holder.pid} "
-                f"(operation {holder.operation or '?'!r}, since {holder.time})"
-            )
-
-    def release(self) -> None:
-        """Removes the lock file if it is still this object's; safe to call twice."""
-        fd, owner = self._fd, self._owner_pid
-        self._fd = self._owner_pid = None
-        if fd is None:
-            return
-        try:
-            if owner != os.getpid():
-                return  # a forked child's copy: the parent owns the file
-            try:
-                current = os.stat(self.path)
-            except FileNotFoundError:
-                return
-            opened = os.fstat(fd)
-            if (current.st_dev, current.st_ino) == (opened.st_dev, opened.st_ino):
-                self.path.unlink()
-                _fsync_dir(self.root)
-        finally:
-            os.close(fd)

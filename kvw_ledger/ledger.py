@@ -10,9 +10,10 @@ cache (the sum of active exponents at the newest version).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,9 +31,10 @@ from kvw_ledger.errors import (
     RequestStateError,
 )
 from kvw_ledger.export import export_model
-from kvw_ledger.journal import Entry, Journal, Problem, WriterLock
+from kvw_ledger.journal import Entry, Journal, Problem
 from kvw_ledger.kvw import KVWConfig, run_kvw, weakened
 from kvw_ledger.loading import load_model, load_processor, max_length
+from kvw_ledger.lock import WriterLock
 from kvw_ledger.sites import Site, discover_sites, site_weight
 from kvw_ledger.store import Store, check_id
 
@@ -88,8 +90,9 @@ class VerifyReport:
         }
 
 
-def _now() -> str:
-    return _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+def _utc_now() -> _dt.datetime:
+    """The journal's default clock, looked up when a ledger is opened (tests patch it)."""
+    return _dt.datetime.now(_dt.UTC)
 
 
 class Ledger:
@@ -100,12 +103,18 @@ class Ledger:
         self.journal = journal
         self.path = store.path
         attrs = store.attrs
-        self.sites: list[Site] = [Site.from_dict(s) for s in attrs["sites"]]
+        try:
+            self.sites: list[Site] = [Site.from_dict(s) for s in attrs["sites"]]
+            self.model_info: dict[str, Any] = dict(attrs["model"])
+            self.locations: dict[str, model_files.TensorLocation] = {
+                name: model_files.TensorLocation(**loc) for name, loc in attrs["locations"].items()
+            }
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise IntegrityError(
+                f"{store.path / 'zarr.json'}: the ledger attributes are malformed ({e!r}); "
+                "the ledger is damaged"
+            ) from e
         self._sites_by_name = {s.name: s for s in self.sites}
-        self.model_info: dict[str, Any] = dict(attrs["model"])
-        self.locations: dict[str, model_files.TensorLocation] = {
-            name: model_files.TensorLocation(**loc) for name, loc in attrs["locations"].items()
-        }
 
     # --- creating and opening -------------------------------------------------------
 
@@ -118,22 +127,25 @@ class Ledger:
         towers: str = "language",
         site_glob: str | None = None,
         progress: bool = True,
+        clock: Callable[[], _dt.datetime] | None = None,
     ) -> Ledger:
         """Creates a ledger for the model in ``model_dir`` and commits version 1 (init).
 
         The base value matrices are copied from the model's weight files, bit-exact.
+        ``clock`` stamps journal entries (default: the current UTC time).
 
         Raises:
             LedgerExistsError: ``path`` exists and is not empty.
             UnknownArchitectureError: no FFN value projection was found.
         """
         model_dir = Path(model_dir).resolve()
-        model = load_model(model_dir)
+        with _loading_bars(progress):
+            model = load_model(model_dir)
         sites = discover_sites(model, towers, site_glob)
         wanted = {s.name: site_weight(model, s) for s in sites}
         locations = model_files.locate_tensors(model_dir, wanted)
         fingerprint = model_files.fingerprint(model_dir)
-        attrs = {
+        attrs: dict[str, Any] = {
             "model": {
                 "dir": str(model_dir),
                 "fingerprint": fingerprint,
@@ -146,7 +158,7 @@ class Ledger:
             "locations": {n: {"file": loc.file, "key": loc.key} for n, loc in locations.items()},
         }
         store = Store.create(Path(path), attrs)
-        ledger = cls(store, Journal(store.path))
+        ledger = cls(store, Journal(store.path, clock=clock or _utc_now))
         with WriterLock(store.path, operation="init"):
             files = {"zarr.json": _sha256(store.path / "zarr.json")}
             hashes = {}
@@ -168,8 +180,14 @@ class Ledger:
         return ledger
 
     @classmethod
-    def open(cls, path: str | Path) -> Ledger:
-        """Opens an existing ledger (readers never lock).
+    def open(
+        cls, path: str | Path, *, clock: Callable[[], _dt.datetime] | None = None, check_root: bool = True
+    ) -> Ledger:
+        """Opens an existing ledger (readers never lock); ``clock`` stamps new entries.
+
+        With ``check_root`` the root attributes (sites, tensor locations, model
+        fingerprint) must be those init recorded; ``verify`` opens without it so that
+        it can report the damage instead of stopping at it.
 
         Raises:
             LedgerNotFoundError: nothing at ``path`` is a ledger.
@@ -178,7 +196,10 @@ class Ledger:
         store = Store.open(Path(path))
         if not (store.path / "journal").is_dir():
             raise LedgerNotFoundError(f"{store.path} has no journal; it is not a kvw-ledger ledger")
-        return cls(store, Journal(store.path))
+        journal = Journal(store.path, clock=clock or _utc_now)
+        if check_root:
+            _check_root_attrs(store, journal)
+        return cls(store, journal)
 
     # --- reading history ------------------------------------------------------------
 
@@ -208,7 +229,7 @@ class Ledger:
             if back >= last:
                 raise RefNotFoundError(f"{text} goes back past version 1 (HEAD is version {last})")
             return last - back
-        if text.isdigit():
+        if text.isascii() and text.isdigit():
             version = int(text)
             if not 1 <= version <= last:
                 raise RefNotFoundError(f"version {version} does not exist; versions are 1..{last}")
@@ -281,11 +302,14 @@ class Ledger:
         """The model directory to use: ``override``, else the one given to ``init``."""
         return Path(override if override is not None else self.model_info["dir"]).resolve()
 
-    def load(self, model_dir: str | Path | None = None, at: str | int = "HEAD") -> tuple[nn.Module, Any]:
+    def load(
+        self, model_dir: str | Path | None = None, at: str | int = "HEAD", *, progress: bool = True
+    ) -> tuple[nn.Module, Any]:
         """Loads the model (fingerprint checked) materialised at ``at``, and its processor."""
         directory = self.model_dir(model_dir)
         model_files.check_fingerprint(directory, self.model_info["fingerprint"])
-        model = load_model(directory)
+        with _loading_bars(progress):
+            model = load_model(directory)
         self.materialize(model, at)
         return model, load_processor(directory)
 
@@ -311,7 +335,7 @@ class Ledger:
             state = self.state(head.version)
             if stats_id in state.retain_stats:
                 raise BadInputError(f"retain stats {stats_id!r} already exist; choose another --id")
-            model, processor = self.load(model_dir, version)
+            model, processor = self.load(model_dir, version, progress=progress)
             encoder = data.Encoder(processor, max_length(model))
             examples = data.encode_all(encoder, records)
             batches = data.iter_batches(examples, batch_size, encoder.pad_token_id)
@@ -323,7 +347,9 @@ class Ledger:
             means = measured.means()
             files, hashes = {}, {}
             for site in self.sites:
-                record = self.store.write_array(f"retain/{stats_id}/{site.name}", means[site.name].cpu())
+                record = self.store.write_array(
+                    f"retain/{stats_id}/{site.name}", means[site.name].cpu()
+                )
                 files.update(record.files)
                 hashes[f"retain/{stats_id}/{site.name}"] = record.sha256
             files.update(self.store.group_files(f"retain/{stats_id}"))
@@ -337,7 +363,9 @@ class Ledger:
                 "arrays": hashes,
                 "active": state.active,
             }
-            return self.journal.append("retain", body, files, parent=head)
+            entry = self.journal.append("retain", body, files, parent=head)
+            self._write_head(entry, state.active)  # same active set, new version
+            return entry
 
     def forget(
         self,
@@ -361,7 +389,7 @@ class Ledger:
         with self._writing("forget"):
             head = self.head()
             state = self.state(head.version)
-            request_id = check_id(request_id or f"request-{head.version + 1}")
+            request_id = _check_request_id(request_id or f"request-{head.version + 1}")
             if request_id in state.requests:
                 raise BadInputError(f"request {request_id!r} already exists; choose another --id")
             stats_id = retain_stats or state.latest_retain
@@ -374,7 +402,7 @@ class Ledger:
             retain_means = {
                 s.name: self.store.read_array(f"retain/{stats_id}/{s.name}") for s in self.sites
             }
-            model, processor = self.load(model_dir, head.version)
+            model, processor = self.load(model_dir, head.version, progress=progress)
             encoder = data.Encoder(processor, max_length(model))
             examples = data.encode_all(encoder, records)
             start = self.exponents(head.version)
@@ -392,7 +420,9 @@ class Ledger:
             self._drop_orphans(f"requests/{request_id}")
             files, arrays = {}, {}
             for site_name, exponent in result.exponents.items():
-                record = self.store.write_array(f"requests/{request_id}/exponent/{site_name}", exponent)
+                record = self.store.write_array(
+                    f"requests/{request_id}/exponent/{site_name}", exponent
+                )
                 files.update(record.files)
                 arrays[record.name] = record.sha256
             for site_name, trace in (result.trace or {}).items():
@@ -414,7 +444,10 @@ class Ledger:
                 "active": active,
             }
             entry = self.journal.append("forget", body, files, parent=head)
-            new_head = {n: start[n] + result.exponents[n] if n in result.exponents else start[n] for n in start}
+            new_head = {
+                n: start[n] + result.exponents[n] if n in result.exponents else start[n]
+                for n in start
+            }
             self._write_head(entry, active, new_head)
             return entry
 
@@ -428,7 +461,9 @@ class Ledger:
             head = self.head()
             state = self.state(head.version)
             if request_id not in state.requests:
-                raise RequestStateError(f"no request {request_id!r} in this ledger (see `kvw-ledger log`)")
+                raise RequestStateError(
+                    f"no request {request_id!r} in this ledger (see `kvw-ledger log`)"
+                )
             if request_id not in state.active:
                 raise RequestStateError(f"request {request_id!r} is already reverted")
             active = [r for r in state.active if r != request_id]
@@ -475,7 +510,9 @@ class Ledger:
 
     # --- verification -----------------------------------------------------------------
 
-    def verify(self, *, model_dir: str | Path | None = None, check_model: bool = True) -> VerifyReport:
+    def verify(
+        self, *, model_dir: str | Path | None = None, check_model: bool = True
+    ) -> VerifyReport:
         """Re-hashes the chain, every file and array, the head cache and the base.
 
         Arrays and files that no entry names (left by a crash) are warnings.
@@ -492,27 +529,43 @@ class Ledger:
             named.update(entry.files)
             named.update(entry.body.get("deleted_files", []))
             for array, expected in entry.body.get("arrays", {}).items():
-                if not self.store.has_array(array):
-                    continue  # a missing array's files are already reported by the journal
-                checked += 1
                 try:
+                    if not self.store.has_array(array):
+                        continue  # a missing array's files are already reported by the journal
+                    checked += 1
                     actual = self.store.content_hash(array)
                 except IntegrityError as e:
                     problems.append(Problem(array, str(e)))
                     continue
                 if actual != expected:
-                    problems.append(Problem(array, f"array content hash {actual[:12]}... != recorded {expected[:12]}..."))
+                    problems.append(
+                        Problem(
+                            array,
+                            f"array content hash {actual[:12]}... != recorded {expected[:12]}...",
+                        )
+                    )
             _apply(state, entry)
             if list(entry.body.get("active", state.active)) != state.active:
-                problems.append(Problem(
-                    f"journal/{entry.version:08d}.json",
-                    f"records active requests {entry.body.get('active')} but replay gives {state.active}",
-                ))
-        problems.extend(self._verify_head(entries, state))
+                problems.append(
+                    Problem(
+                        f"journal/{entry.version:08d}.json",
+                        f"records active requests {entry.body.get('active')} but replay gives {state.active}",
+                    )
+                )
+        # The head and base checks trust the sites and locations in the root zarr.json.
+        trusted = not any(p.path == "zarr.json" for p in problems)
+        if trusted:
+            problems.extend(self._verify_head(entries, state))
         for path in self.store.files():
             if path not in named and not path.startswith("head/"):
-                problems.append(Problem(path, "no journal entry names this file (left by an interrupted write)", "warning"))
-        if check_model:
+                problems.append(
+                    Problem(
+                        path,
+                        "no journal entry names this file (left by an interrupted write)",
+                        "warning",
+                    )
+                )
+        if check_model and trusted:
             problems.extend(self._verify_base(model_dir))
         return VerifyReport(problems, len(entries), checked)
 
@@ -522,21 +575,40 @@ class Ledger:
         except IntegrityError as e:
             return [Problem("head", str(e))]
         if cached is None or cached[1] != entries[-1].version:
-            return [Problem("head", "the head cache is missing or stale; the next write rebuilds it", "warning")]
+            return [
+                Problem(
+                    "head",
+                    "the head cache is missing or stale; the next write rebuilds it",
+                    "warning",
+                )
+            ]
         tensors, _, digest = cached
         if digest != entries[-1].hash:
             return [Problem("head/zarr.json", "the head cache names another journal entry")]
-        expected = self._sum_exponents(state.active)
+        try:
+            expected = self._sum_exponents(state.active)
+        except IntegrityError as e:  # a damaged request array, also reported by name above
+            return [Problem("head", f"cannot be checked against the request arrays: {e}")]
         for name, value in expected.items():
             got = tensors.get(name)
             if got is None or not torch.equal(got.view(torch.int32), value.view(torch.int32)):
-                return [Problem(f"head/{name}", "the head cache differs from the sum of active exponents")]
+                return [
+                    Problem(
+                        f"head/{name}", "the head cache differs from the sum of active exponents"
+                    )
+                ]
         return []
 
     def _verify_base(self, model_dir: str | Path | None) -> list[Problem]:
         directory = self.model_dir(model_dir)
         if not directory.is_dir():
-            return [Problem(str(directory), "the model directory is gone; the base was not checked against it", "warning")]
+            return [
+                Problem(
+                    str(directory),
+                    "the model directory is gone; the base was not checked against it",
+                    "warning",
+                )
+            ]
         try:
             model_files.check_fingerprint(directory, self.model_info["fingerprint"])
         except KVWLedgerError as e:
@@ -579,6 +651,34 @@ class Ledger:
         self.store.write_head(values, entry.version, entry.hash)
 
 
+@contextlib.contextmanager
+def _loading_bars(progress: bool) -> Iterator[None]:
+    """Hides transformers' weight-loading progress bars unless ``progress``."""
+    from transformers.utils import logging as hf_logging
+
+    hide = not progress and hf_logging.is_progress_bar_enabled()
+    if hide:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if hide:
+            hf_logging.enable_progress_bar()
+
+
+def _check_root_attrs(store: Store, journal: Journal) -> None:
+    """The sites, tensor locations and fingerprint every verb trusts must be those of init."""
+    root = store.path / "zarr.json"
+    try:
+        init = journal.get(1)
+    except RefNotFoundError as e:
+        raise IntegrityError(
+            f"{store.path}: init never committed (interrupted?); remove the directory and run init again"
+        ) from e
+    if init.files.get("zarr.json") != _sha256(root):
+        raise IntegrityError(f"{root} differs from what init recorded; the ledger is damaged")
+
+
 def _apply(state: LedgerState, entry: Entry) -> None:
     """Advances a replay by one entry."""
     body = entry.body
@@ -594,6 +694,16 @@ def _apply(state: LedgerState, entry: Entry) -> None:
         if body["request"] in state.active:
             state.active.remove(body["request"])
         state.reverted.add(body["request"])
+
+
+def _check_request_id(request_id: str) -> str:
+    """A request id must not read as another kind of REF."""
+    check_id(request_id)
+    if request_id.isdigit() or _REF_HEAD.fullmatch(request_id):
+        raise BadInputError(
+            f"request id {request_id!r} reads as a version REF; choose an id with a letter, e.g. req-{request_id}"
+        )
+    return request_id
 
 
 def _sha256(path: Path) -> str:

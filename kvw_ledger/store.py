@@ -95,7 +95,7 @@ _NATIVE = frozenset(
     }
 )
 _INT_OF_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-_CODEC_ERRORS = (ValueError, RuntimeError, TypeError, IndexError)
+_CODEC_ERRORS = (ValueError, RuntimeError, TypeError, IndexError, KeyError)
 
 
 @dataclass(frozen=True)

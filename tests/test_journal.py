@@ -33,10 +33,10 @@ from kvw_ledger.journal import (
     Entry,
     Journal,
     Problem,
-    WriterLock,
     canonical_json,
     sha256_file,
 )
+from kvw_ledger.lock import WriterLock
 
 FIXED = datetime(2026, 11, 23, 17, 42, tzinfo=UTC)
 

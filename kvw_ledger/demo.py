@@ -1,0 +1,274 @@
+"""The main job: a ledger's whole life on the bundled fictitious-profiles benchmark.
+
+Builds (or reuses) the benchmark data and a small LLaVA-architecture model that
+knows it, then creates a ledger, registers retain statistics, forgets three
+disjoint groups of people one after another, reverts the second, exports HEAD and
+verifies. After every version it evaluates each group and the retain set on both
+modalities and writes ``report.json``, ``report.md`` and ``history.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvw_ledger.bench.instill import InstillConfig, build_model
+from kvw_ledger.bench.profiles import BenchConfig, generate
+from kvw_ledger.errors import BadInputError
+from kvw_ledger.evaluate import evaluate_split
+from kvw_ledger.kvw import KVWConfig
+from kvw_ledger.ledger import Ledger
+from kvw_ledger.loading import load_model, load_processor
+
+Echo = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """What the demo runs."""
+
+    n_people: int = 200  # fictitious people in the benchmark (count)
+    seed: int = 0  # data and training seed
+    gamma: float = 0.2  # KVW strength per batch
+    layers: tuple[int, int] = (0, 3)  # inclusive layer range weakened
+    batch_size: int = 1  # forget records per batch
+    epochs: int = 1  # passes over each forget group
+    retain_records: int = 400  # retain records for C_r (a seeded sample; count)
+    eval_records: int = 160  # retain records evaluated per version (count)
+    threads: int = 2  # torch CPU threads
+
+
+def run_demo(
+    workdir: Path, echo: Echo | None = print, config: DemoConfig | None = None
+) -> dict[str, Any]:
+    """Runs the demo in ``workdir`` and returns the report (also written as report.json)."""
+    config = config or DemoConfig()
+    say: Echo = echo or (lambda _: None)
+    torch.set_num_threads(config.threads)
+    started = time.perf_counter()
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    say(f"[1/6] benchmark data: {config.n_people} fictitious people in {workdir / 'data'}")
+    paths = generate(
+        workdir / "data", config=BenchConfig(n_people=config.n_people, seed=config.seed)
+    )
+    if paths.retain_demo is None or len(paths.groups) < 3:
+        raise BadInputError("the benchmark has no demo groups; regenerate it with 3 demo groups")
+    say("[2/6] the model that knows them (trained once, then cached)")
+    model_dir = build_model(workdir / "models", paths, InstillConfig(seed=config.seed))
+
+    say("[3/6] a fresh ledger and retain statistics")
+    ledger_dir = workdir / "ledger"
+    if ledger_dir.exists():
+        shutil.rmtree(ledger_dir)
+    ledger = Ledger.create(ledger_dir, model_dir, progress=False)
+    retain_sample = _sample(
+        paths.retain_demo, workdir / "retain_sample.jsonl", config.retain_records
+    )
+    ledger.retain(retain_sample, stats_id="retain", progress=False)
+
+    model: Any = load_model(model_dir)
+    processor = load_processor(model_dir)
+    groups = {f"group-{i + 1}": path for i, path in enumerate(paths.groups)}
+    splits = {**groups, "retain": paths.retain_demo}
+    limits = {**{g: None for g in groups}, "retain": config.eval_records}
+
+    def evaluate(label: str) -> dict[str, Any]:
+        version = ledger.materialize(model)
+        figures = {
+            name: evaluate_split(model, processor, path, max_records=limits[name])
+            for name, path in splits.items()
+        }
+        row = {
+            "version": version,
+            "step": label,
+            "active": ledger.state(version).active,
+            "metrics": figures,
+        }
+        say(_table_row(row))
+        return row
+
+    kvw = KVWConfig(
+        gamma=config.gamma, layers=config.layers, batch_size=config.batch_size, epochs=config.epochs
+    )
+    say("[4/6] three deletion requests, one after another, then revert the second")
+    say(_table_header(list(splits)))
+    rows = [evaluate("before")]
+    for name, path in groups.items():
+        ledger.forget(
+            path, request_id=name, reason=f"demo: forget {name}", config=kvw, progress=False
+        )
+        rows.append(evaluate(f"forget {name}"))
+    ledger.revert("group-2", reason="demo: request withdrawn")
+    rows.append(evaluate("revert group-2"))
+
+    say("[5/6] export HEAD and verify")
+    export_dir = workdir / "export"
+    if export_dir.exists():
+        shutil.rmtree(export_dir)
+    ledger.export(export_dir, progress=False)
+    verified = ledger.verify()
+
+    say("[6/6] report")
+    report: dict[str, Any] = {
+        "config": {**asdict(config), "layers": list(config.layers)},
+        "model": str(model_dir),
+        "rows": rows,
+        "layers": _layer_history(ledger),
+        "targets": _targets(rows),
+        "verify": verified.to_json(),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    (workdir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (workdir / "report.md").write_text(_markdown(report))
+    _plot(report, workdir / "history.png")
+    for line in _targets_lines(report["targets"]):
+        say(line)
+    say(
+        f"verify: {'ok' if verified.ok else 'FAILED'}; wrote {workdir / 'report.md'}, report.json, "
+        f"history.png in {report['seconds']} s"
+    )
+    return report
+
+
+def _sample(source: Path, dest: Path, n: int) -> Path:
+    lines = [line for line in source.read_text().splitlines() if line.strip()]
+    if len(lines) > n:
+        step = len(lines) / n
+        lines = [lines[int(i * step)] for i in range(n)]
+    dest.write_text("\n".join(lines) + "\n")
+    return dest
+
+
+def _gen(row: dict[str, Any], split: str, modality: str) -> float:
+    return float(row["metrics"][split].get(modality, {}).get("gen_acc", float("nan")))
+
+
+def _table_header(splits: list[str]) -> str:
+    cells = "".join(f"{s + ' img/txt':>20}" for s in splits)
+    return f"{'ver':>4}  {'step':<18}{cells}"
+
+
+def _table_row(row: dict[str, Any]) -> str:
+    cells = "".join(
+        f"{_gen(row, s, 'image'):>12.2f}/{_gen(row, s, 'text'):.2f}" for s in row["metrics"]
+    )
+    return f"{row['version']:>4}  {row['step']:<18}{cells}"
+
+
+def _layer_history(ledger: Ledger) -> list[dict[str, Any]]:
+    """Per version: the mean cumulative exponent of each layer's value vectors."""
+    history = []
+    for entry in ledger.entries():
+        exponents = ledger.exponents(entry.version)
+        per_layer: dict[int, list[float]] = {}
+        for site in ledger.sites:
+            per_layer.setdefault(site.layer, []).append(float(exponents[site.name].mean()))
+        history.append(
+            {
+                "version": entry.version,
+                "op": entry.op,
+                "mean_exponent": {str(k): sum(v) / len(v) for k, v in sorted(per_layer.items())},
+            }
+        )
+    return history
+
+
+def _targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    before = rows[0]
+    after = {row["step"]: row for row in rows}
+    checks: dict[str, Any] = {}
+    for i in (1, 2, 3):
+        row = after[f"forget group-{i}"]
+        for modality in ("image", "text"):
+            checks[f"group-{i} {modality} forgotten (<= 0.30)"] = _gen(row, f"group-{i}", modality)
+            retained = _gen(row, "retain", modality) / max(_gen(before, "retain", modality), 1e-9)
+            checks[f"retain {modality} after group-{i} (>= 0.90 of before)"] = retained
+    last = rows[-1]
+    for modality in ("image", "text"):
+        checks[f"group-1 {modality} still forgotten at the end (<= 0.30)"] = _gen(
+            last, "group-1", modality
+        )
+        back = abs(_gen(last, "group-2", modality) - _gen(before, "group-2", modality))
+        checks[f"group-2 {modality} back after revert (|diff| <= 0.05)"] = back
+    return checks
+
+
+def _passes(name: str, value: float) -> bool:
+    if "<= 0.30" in name:
+        return value <= 0.30
+    if ">= 0.90" in name:
+        return value >= 0.90
+    return value <= 0.05
+
+
+def _targets_lines(targets: dict[str, Any]) -> list[str]:
+    return [f"  {'met ' if _passes(k, v) else 'MISS'}  {k}: {v:.2f}" for k, v in targets.items()]
+
+
+def _markdown(report: dict[str, Any]) -> str:
+    splits = list(report["rows"][0]["metrics"])
+    lines = [
+        "# kvw-ledger demo report",
+        "",
+        f"KVW: gamma {report['config']['gamma']}, layers {report['config']['layers']}, "
+        f"batch size {report['config']['batch_size']}, epochs {report['config']['epochs']}. "
+        f"Total time {report['seconds']} s.",
+        "",
+        "Generation accuracy (image / text questions) per version:",
+        "",
+        "| version | step | active | " + " | ".join(splits) + " |",
+        "| --- | --- | --- | " + " | ".join("---" for _ in splits) + " |",
+    ]
+    for row in report["rows"]:
+        cells = " | ".join(
+            f"{_gen(row, s, 'image'):.2f} / {_gen(row, s, 'text'):.2f}" for s in splits
+        )
+        lines.append(
+            f"| {row['version']} | {row['step']} | {', '.join(row['active']) or '-'} | {cells} |"
+        )
+    lines += ["", "Multiple-choice accuracy and ROUGE-L are in report.json.", "", "## Targets", ""]
+    lines += [line.strip() for line in _targets_lines(report["targets"])]
+    lines += ["", f"verify: {'ok' if report['verify']['ok'] else 'FAILED'}", ""]
+    return "\n".join(lines)
+
+
+def _plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    history = report["layers"]
+    for layer in history[0]["mean_exponent"]:
+        left.plot(
+            [h["version"] for h in history],
+            [h["mean_exponent"][layer] for h in history],
+            marker="o",
+            label=f"layer {layer}",
+        )
+    left.set(title="mean cumulative exponent per layer", xlabel="version", ylabel="mean w")
+    left.legend(fontsize=8)
+    rows = report["rows"]
+    for split in rows[0]["metrics"]:
+        for modality, style in (("image", "-"), ("text", "--")):
+            right.plot(
+                [r["version"] for r in rows],
+                [_gen(r, split, modality) for r in rows],
+                style,
+                marker="o",
+                label=f"{split} {modality}",
+            )
+    right.set(title="generation accuracy", xlabel="version", ylim=(-0.05, 1.05))
+    right.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,223 @@
+"""The ledger's single-writer lock, with safe takeover of a lock left by a dead process.
+
+Readers never lock; every write holds :class:`WriterLock` from its first array
+write to its journal entry and head update.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import secrets
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from kvw_ledger.errors import LedgerLockedError, LedgerNotFoundError
+from kvw_ledger.journal import canonical_json, format_time, fsync_dir, utc_now
+
+__all__ = ["WriterLock"]
+
+_MAX_LOCK_BYTES = 1 << 16
+_LOCK_ATTEMPTS = 8
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+@dataclass(frozen=True)
+class _Holder:
+    pid: int
+    host: str
+    time: str
+    operation: str
+
+
+def _parse_holder(raw: bytes) -> _Holder | None:
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    pid, host = data.get("pid"), data.get("host")
+    time, operation = data.get("time", "?"), data.get("operation", "")
+    if isinstance(pid, bool) or not isinstance(pid, int) or not 0 < pid < 2**31:
+        return None  # os.kill(0 or -1, ...) would signal whole process groups
+    if not (isinstance(host, str) and isinstance(time, str) and isinstance(operation, str)):
+        return None
+    return _Holder(pid, host, time, operation)
+
+
+class WriterLock:
+    """The ledger's single-writer lock: a context manager around ``ledger_root / "lock"``.
+
+    The lock file records pid, host, time and operation. Its holder also keeps an
+    ``flock`` on it, which only serializes the takeover of a stale lock: two
+    processes that both find the same dead holder cannot both remove a lock.
+
+    Args:
+        ledger_root: the ledger directory.
+        on_stale: called with a message when a dead holder's lock is taken over.
+        operation: what the writer is doing, shown to anyone who finds the lock held.
+    """
+
+    def __init__(
+        self,
+        ledger_root: Path,
+        *,
+        on_stale: Callable[[str], None] | None = None,
+        operation: str = "",
+    ) -> None:
+        self.root = Path(ledger_root)
+        self.path = self.root / "lock"
+        self._on_stale = on_stale
+        self._operation = operation
+        self._fd: int | None = None
+        self._owner_pid: int | None = None
+
+    def __enter__(self) -> WriterLock:
+        self.acquire()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+    @property
+    def held(self) -> bool:
+        """Whether this object holds the lock."""
+        return self._fd is not None and self._owner_pid == os.getpid()
+
+    def acquire(self) -> None:
+        """Takes the lock, taking over a stale one left by a dead process on this host.
+
+        Raises:
+            LedgerLockedError: a live (or unknowable) writer holds it.
+            LedgerNotFoundError: ``ledger_root`` does not exist.
+        """
+        if self.held:
+            raise LedgerLockedError(f"this WriterLock already holds {self.path}")
+        if not self.root.is_dir():
+            raise LedgerNotFoundError(f"no ledger directory at {self.root}")
+        record = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "time": format_time(utc_now()),
+            "operation": self._operation,
+        }
+        tmp = self.root / f".lock.{os.getpid()}.{secrets.token_hex(6)}.tmp"
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, canonical_json(record))
+            os.fsync(fd)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a fresh inode: cannot block
+            for _ in range(_LOCK_ATTEMPTS):
+                try:
+                    # link() publishes the complete file or nothing, never an empty lock
+                    os.link(tmp, self.path)
+                except FileExistsError:
+                    self._clear_stale_or_raise()
+                    continue
+                fsync_dir(self.root)
+                self._fd, self._owner_pid = fd, os.getpid()
+                return
+            raise LedgerLockedError(
+                f"could not take {self.path} after {_LOCK_ATTEMPTS} tries: other writers keep "
+                "taking it; retry later"
+            )
+        except BaseException:
+            os.close(fd)
+            raise
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _clear_stale_or_raise(self) -> None:
+        """Removes the existing lock if its holder is dead; raises if it is held."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return  # released meanwhile
+        try:
+            holder = _parse_holder(os.read(fd, _MAX_LOCK_BYTES))
+            if holder is None:
+                raise LedgerLockedError(
+                    f"lock file {self.path} exists but is not a readable lock record; a writer "
+                    f"may be running. If no writer runs, remove {self.path} by hand."
+                )
+            who = (
+                f"pid {holder.pid} on host {holder.host} "
+                f"(operation {holder.operation or '?'!r}, since {holder.time})"
+            )
+            if holder.host != socket.gethostname():
+                raise LedgerLockedError(
+                    f"ledger is locked by {who}, another host whose processes this one cannot "
+                    f"see: lock file {self.path}. Wait for it to finish, or if that process "
+                    f"is gone, remove {self.path}."
+                )
+            if _pid_alive(holder.pid):
+                raise LedgerLockedError(
+                    f"ledger is locked by {who}: lock file {self.path}. Wait for it to "
+                    f"finish, or if that process is gone, remove {self.path}."
+                )
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError as e:
+                raise LedgerLockedError(
+                    f"lock file {self.path} names dead {who}, but another process still "
+                    f"holds it (a child it forked, or a writer taking it over). Wait, or if "
+                    f"no writer runs, remove {self.path}."
+                ) from e
+            try:
+                current = os.stat(self.path)
+            except FileNotFoundError:
+                return
+            opened = os.fstat(fd)
+            if (current.st_dev, current.st_ino) != (opened.st_dev, opened.st_ino):
+                return  # someone else took it over before we got the flock; look again
+            # Holding the flock of the very inode at the path, no one else can move it now.
+            moved = self.root / f".lock.stale.{holder.pid}.{secrets.token_hex(6)}"
+            os.rename(self.path, moved)
+            moved.unlink()
+            fsync_dir(self.root)
+        finally:
+            os.close(fd)
+        if self._on_stale is not None:
+            self._on_stale(
+                f"took over a stale lock {self.path} left by dead pid {holder.pid} "
+                f"(operation {holder.operation or '?'!r}, since {holder.time})"
+            )
+
+    def release(self) -> None:
+        """Removes the lock file if it is still this object's; safe to call twice."""
+        fd, owner = self._fd, self._owner_pid
+        self._fd = self._owner_pid = None
+        if fd is None:
+            return
+        try:
+            if owner != os.getpid():
+                return  # a forked child's copy: the parent owns the file
+            try:
+                current = os.stat(self.path)
+            except FileNotFoundError:
+                return
+            opened = os.fstat(fd)
+            if (current.st_dev, current.st_ino) == (opened.st_dev, opened.st_ino):
+                self.path.unlink()
+                fsync_dir(self.root)
+        finally:
+            os.close(fd)
