@@ -268,17 +268,27 @@ def show(ledger: str, ref: str, as_json: bool) -> None:
     click.echo(f"hash     {entry.hash}")
     click.echo(f"parent   {entry.parent or '-'}")
     click.echo(f"active   {', '.join(entry.body.get('active', [])) or '-'}")
-    for key in sorted(
-        k for k in entry.body if k not in ("active", "arrays", "tokens", "model_fingerprint")
-    ):
+    hidden = ("active", "arrays", "tokens", "model_fingerprint", "stability", "figures")
+    for key in sorted(k for k in entry.body if k not in hidden):
         value = entry.body[key]
         click.echo(
             f"{key:<8} {json.dumps(value, sort_keys=True) if isinstance(value, dict | list) else value}"
         )
+    if "stability" in entry.body:
+        click.echo(f"checks   {_checks_line(entry.body['stability'])}")
     if sites:
         click.echo(f"{'site':<52}{'weakened':>10}{'max w':>10}{'mean w':>10}")
         for s in sites:
             click.echo(f"{s['site']:<52}{s['weakened']:>10}{s['max']:>10.4f}{s['mean']:>10.4f}")
+
+
+def _checks_line(stability: dict[str, Any]) -> str:
+    verdict = "passed" if stability["passed"] else f"FAILED ({stability['on_fail']}: committed anyway)"
+    parts = [verdict, f"max attenuation {stability['max_attenuation']:.4f}"]
+    for name, figures in sorted(stability.get("probes", {}).items()):
+        parts.append(f"{name} acc {figures['acc']:.3f} nll {figures['nll']:.3f}")
+    parts += [f"failed {c['name']}: {c['value']:.4g} > {c['limit']:.4g}" for c in stability.get("failed", [])]
+    return "; ".join(parts)
 
 
 def _request_sites(ledger: Ledger, entry: Entry) -> list[dict[str, Any]]:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kvw_ledger import coefficients, data, model_files
+from kvw_ledger import coefficients, data, model_files, probes
 from kvw_ledger.errors import (
     BadInputError,
     IntegrityError,
@@ -29,13 +29,22 @@ from kvw_ledger.errors import (
     LedgerNotFoundError,
     RefNotFoundError,
     RequestStateError,
+    StabilityCheckError,
 )
 from kvw_ledger.export import export_model
 from kvw_ledger.journal import Entry, Journal, Problem
-from kvw_ledger.kvw import KVWConfig, run_kvw, weakened
+from kvw_ledger.kvw import KVWConfig, exponents_from_trace, run_kvw, weakened
 from kvw_ledger.loading import load_model, load_processor, max_length
 from kvw_ledger.lock import WriterLock
 from kvw_ledger.sites import Site, discover_sites, site_weight
+from kvw_ledger.stability import (
+    StabilityLimits,
+    StabilityReport,
+    check_attenuation,
+    check_exponents,
+    compare_probes,
+    probe_metrics,
+)
 from kvw_ledger.store import Store, check_id
 
 __all__ = ["Ledger", "LedgerState", "RequestInfo", "VerifyReport"]
@@ -62,6 +71,12 @@ class LedgerState:
     reverted: set[str] = field(default_factory=set)
     retain_stats: dict[str, int] = field(default_factory=dict)  # stats id -> version
     latest_retain: str | None = None
+    exponents: dict[str, str] = field(default_factory=dict)  # request -> prefix of its current exponent arrays
+    traces: dict[str, str] = field(default_factory=dict)  # request -> prefix of its current C_f traces
+    deleted: dict[str, int] = field(default_factory=dict)  # request -> version of the gc that deleted it
+    probes: dict[str, dict[str, Any]] = field(default_factory=dict)  # kind -> stored probe set
+    limits: dict[str, Any] = field(default_factory=dict)  # ledger-wide stability limits
+    probe_figures: dict[str, dict[str, float]] = field(default_factory=dict)  # latest measured
 
 
 @dataclass
@@ -175,7 +190,7 @@ class Ledger:
                 "active": [],
             }
             entry = ledger.journal.append("init", body, files, parent=None)
-            ledger._write_head(entry, [])
+            ledger._write_head(entry)
         del model
         return ledger
 
@@ -264,15 +279,33 @@ class Ledger:
             cached = self.store.read_head()
             if cached is not None and cached[1] == state.version:
                 return cached[0]
-        return self._sum_exponents(state.active)
+        return self._sum_exponents(state)
 
-    def _sum_exponents(self, active: Iterable[str]) -> dict[str, torch.Tensor]:
+    def _sum_exponents(
+        self, state: LedgerState, active: Sequence[str] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Sums the current exponents of ``active`` (default: the state's) in chain order."""
         total = {s.name: torch.zeros(s.n_vectors, dtype=torch.float32) for s in self.sites}
-        for request_id in active:
-            for name in self.store.list_arrays(f"requests/{request_id}/exponent"):
-                site = name.rsplit("/", 1)[1]
-                total[site] += self.store.read_array(name)
+        for request_id in state.active if active is None else active:
+            for site, value in self.request_exponents(request_id, state).items():
+                total[site] += value
         return total
+
+    def request_exponents(self, request_id: str, state: LedgerState | None = None) -> dict[str, torch.Tensor]:
+        """One request's current exponents per site (sites outside its layers are absent).
+
+        Raises:
+            RefNotFoundError: the request's arrays were deleted by ``gc``.
+        """
+        state = state or self.state()
+        prefix = state.exponents.get(request_id, f"requests/{request_id}/exponent")
+        names = self.store.list_arrays(prefix)
+        if not names:
+            raise RefNotFoundError(
+                f"the exponents of request {request_id!r} are gone (deleted by gc, or never written); "
+                "versions where it was active can no longer be rebuilt"
+            )
+        return {name.rsplit("/", 1)[1]: self.store.read_array(name) for name in names}
 
     def base(self, site: str) -> torch.Tensor:
         """The value matrix of ``site`` as first seen (original dtype)."""
@@ -364,7 +397,7 @@ class Ledger:
                 "active": state.active,
             }
             entry = self.journal.append("retain", body, files, parent=head)
-            self._write_head(entry, state.active)  # same active set, new version
+            self._write_head(entry)  # same active set, new version
             return entry
 
     def forget(
@@ -375,14 +408,22 @@ class Ledger:
         reason: str = "",
         config: KVWConfig | None = None,
         retain_stats: str | None = None,
+        limits: Mapping[str, Any] | None = None,
+        forget_probe: str | Path | None = None,
         model_dir: str | Path | None = None,
         progress: bool = True,
     ) -> Entry:
-        """Answers one deletion request: KVW on the model at HEAD, then a commit.
+        """Answers one deletion request: KVW on the model at HEAD, checks, then a commit.
+
+        Args:
+            limits: per-call overrides of the stability limits (StabilityLimits fields).
+            forget_probe: a JSONL file whose figures are recorded as efficacy.
 
         Raises:
             BadInputError: no retain statistics are registered, the id is taken, or
                 the data is unusable.
+            StabilityCheckError: the staged HEAD failed a check and ``on_fail`` is abort;
+                nothing was written.
         """
         config = config or KVWConfig()
         records = data.read_records(data_path)
@@ -417,6 +458,11 @@ class Ledger:
                 start=start,
                 progress=progress,
             )
+            staged = {n: start[n] + result.exponents[n] if n in result.exponents else start[n] for n in start}
+            report = self._check_staged(
+                state, staged, self._limits(state, limits), model=model, processor=processor,
+                forget_probe=forget_probe, progress=progress,
+            )
             self._drop_orphans(f"requests/{request_id}")
             files, arrays = {}, {}
             for site_name, exponent in result.exponents.items():
@@ -442,20 +488,26 @@ class Ledger:
                 "tokens": result.n_tokens,
                 "arrays": arrays,
                 "active": active,
+                "stability": report.to_json(),
             }
             entry = self.journal.append("forget", body, files, parent=head)
-            new_head = {
-                n: start[n] + result.exponents[n] if n in result.exponents else start[n]
-                for n in start
-            }
-            self._write_head(entry, active, new_head)
+            self._write_head(entry, staged)
             return entry
 
-    def revert(self, request_id: str, *, reason: str = "") -> Entry:
+    def revert(
+        self,
+        request_id: str,
+        *,
+        reason: str = "",
+        limits: Mapping[str, Any] | None = None,
+        model_dir: str | Path | None = None,
+        progress: bool = True,
+    ) -> Entry:
         """Takes one request back; later requests stay. History is appended, never rewritten.
 
         Raises:
             RequestStateError: the request does not exist or is not active.
+            StabilityCheckError: the staged HEAD failed a check (on_fail abort).
         """
         with self._writing("revert"):
             head = self.head()
@@ -467,9 +519,58 @@ class Ledger:
             if request_id not in state.active:
                 raise RequestStateError(f"request {request_id!r} is already reverted")
             active = [r for r in state.active if r != request_id]
-            body = {"request": request_id, "reason": reason, "active": active}
+            staged = self._sum_exponents(state, active)
+            report = self._check_staged(
+                state, staged, self._limits(state, limits), model_dir=model_dir, progress=progress
+            )
+            body = {"request": request_id, "reason": reason, "active": active, "stability": report.to_json()}
             entry = self.journal.append("revert", body, {}, parent=head)
-            self._write_head(entry, active)
+            self._write_head(entry, staged)
+            return entry
+
+    def probe(
+        self,
+        *,
+        retain: str | Path | None = None,
+        general: str | Path | None = None,
+        limits: Mapping[str, Any] | None = None,
+        model_dir: str | Path | None = None,
+        progress: bool = True,
+    ) -> Entry:
+        """Registers probe sets (kept in the ledger) and/or ledger-wide stability limits.
+
+        The probes are measured on the base and on HEAD now; later checks compare
+        each staged step with both.
+        """
+        sources = {k: v for k, v in (("retain", retain), ("general", general)) if v is not None}
+        if not sources and not limits:
+            raise BadInputError("probe needs --retain FILE, --general FILE or a limit to set")
+        checked_limits = self._limits(LedgerState(0), limits).to_dict() if limits else {}
+        with self._writing("probe"):
+            head = self.head()
+            state = self.state(head.version)
+            version = head.version + 1
+            files: dict[str, str] = {}
+            stored: dict[str, dict[str, Any]] = {}
+            figures: dict[str, dict[str, float]] = {}
+            if sources:
+                model, processor = self.load(model_dir, 1, progress=progress)
+                encoder = data.Encoder(processor, max_length(model))
+                for kind, source in sources.items():
+                    path, written = probes.store_probe(self.path, version, kind, source)
+                    files.update(written)
+                    records = probes.read_probe(self.path, path)
+                    stored[kind] = {"path": path, "records": len(records), "data_fingerprint": data.fingerprint(records)}
+                examples = {k: data.encode_all(encoder, probes.read_probe(self.path, v["path"])) for k, v in stored.items()}
+                for kind, ex in examples.items():
+                    stored[kind]["base"] = probe_metrics(model, ex, encoder.pad_token_id)
+                self.materialize(model, head.version)
+                for kind, ex in examples.items():
+                    figures[kind] = probe_metrics(model, ex, encoder.pad_token_id)
+            body = {"probes": stored, "limits": checked_limits, "figures": {**state.probe_figures, **figures},
+                    "active": state.active}
+            entry = self.journal.append("probe", body, files, parent=head)
+            self._write_head(entry)
             return entry
 
     def export(
@@ -507,6 +608,144 @@ class Ledger:
             "tool": "kvw-ledger",
         }
         return export_model(directory, out_dir, transform, provenance, progress=progress)
+
+    def rederive(
+        self,
+        stats_id: str,
+        request_ids: Sequence[str] = (),
+        *,
+        exact: Mapping[str, str | Path] | None = None,
+        limits: Mapping[str, Any] | None = None,
+        model_dir: str | Path | None = None,
+        progress: bool = True,
+    ) -> Entry:
+        """Recomputes requests with other retain statistics, as one atomic entry.
+
+        Requests (default: every active one) are re-derived in chain order. Fast mode
+        uses each request's stored per-batch C_f trace with the new C_r, no forward
+        pass; a request in ``exact`` (id -> its forget data) re-runs the progressive
+        loop on the model as re-derived so far, and its data must be the data it was
+        applied with.
+
+        Raises:
+            RequestStateError: a named request is not active.
+            BadInputError: a request has no trace and no exact data, or exact data
+                differs from the recorded fingerprint.
+        """
+        exact = dict(exact or {})
+        with self._writing("rederive"):
+            head = self.head()
+            state = self.state(head.version)
+            if stats_id not in state.retain_stats:
+                raise RefNotFoundError(f"retain stats {stats_id!r} do not exist in this ledger")
+            chosen = list(request_ids) or list(state.active)
+            for request_id in [*chosen, *exact]:
+                if request_id not in state.active:
+                    raise RequestStateError(f"request {request_id!r} is not active; only active requests are re-derived")
+            ordered = [r for r in state.active if r in chosen or r in exact]
+            for request_id in ordered:
+                if request_id not in exact and request_id not in state.traces:
+                    raise BadInputError(
+                        f"request {request_id!r} has no C_f trace; pass --exact {request_id}=DATA.jsonl"
+                    )
+            retain_means = {s.name: self.store.read_array(f"retain/{stats_id}/{s.name}") for s in self.sites}
+            exact_records = {r: self._exact_records(state, r, path) for r, path in exact.items()}
+            new: dict[str, dict[str, torch.Tensor]] = {}
+            new_traces: dict[str, dict[str, torch.Tensor]] = {}
+            model: Any = None
+            processor: Any = None
+            if exact_records:
+                model, processor = self.load(model_dir, 1, progress=progress)
+            for request_id in ordered:
+                params = KVWConfig.from_dict(state.requests[request_id].body["params"])
+                if request_id in exact_records:
+                    earlier = state.active[: state.active.index(request_id)]
+                    current = {r: new[r] if r in new else self.request_exponents(r, state) for r in earlier}
+                    start = _add(self.sites, current.values())
+                    self._materialize_exponents(model, start)
+                    encoder = data.Encoder(processor, max_length(model))
+                    result = run_kvw(
+                        model, self.sites, data.encode_all(encoder, exact_records[request_id]), retain_means,
+                        params, pad_token_id=encoder.pad_token_id,
+                        base={s.name: self.base(s.name) for s in self.sites}, start=start, progress=progress,
+                    )
+                    new[request_id] = result.exponents
+                    new_traces[request_id] = result.trace or {}
+                else:
+                    traces = {n.rsplit("/", 1)[1]: self.store.read_array(n)
+                              for n in self.store.list_arrays(state.traces[request_id])}
+                    new[request_id] = {site: exponents_from_trace(t, retain_means[site], params)
+                                       for site, t in traces.items()}
+            active_now = {r: new[r] if r in new else self.request_exponents(r, state) for r in state.active}
+            staged = _add(self.sites, active_now.values())
+            report = self._check_staged(state, staged, self._limits(state, limits), model=model,
+                                        processor=processor, model_dir=model_dir, progress=progress)
+            prefix = f"rederived/v{head.version + 1}"
+            self._drop_orphans(prefix)
+            files: dict[str, str] = {}
+            arrays: dict[str, str] = {}
+            changes: dict[str, Any] = {}
+            for request_id, exps in new.items():
+                old = {n: self.store.content_hash(n) for n in self.store.list_arrays(state.exponents[request_id])}
+                change: dict[str, Any] = {"mode": "exact" if request_id in exact else "fast",
+                                          "exponent": f"{prefix}/{request_id}/exponent", "old": old, "new": {}}
+                for site, value in exps.items():
+                    record = self.store.write_array(f"{prefix}/{request_id}/exponent/{site}", value)
+                    files.update(record.files)
+                    arrays[record.name] = change["new"][record.name] = record.sha256
+                if new_traces.get(request_id):
+                    change["trace"] = f"{prefix}/{request_id}/trace"
+                    for site, value in new_traces[request_id].items():
+                        record = self.store.write_array(f"{prefix}/{request_id}/trace/{site}", value)
+                        files.update(record.files)
+                        arrays[record.name] = record.sha256
+                changes[request_id] = change
+            files.update(self.store.group_files(prefix))
+            body = {"stats": stats_id, "requests": changes, "arrays": arrays, "active": state.active,
+                    "stability": report.to_json()}
+            entry = self.journal.append("rederive", body, files, parent=head)
+            self._write_head(entry, staged)
+            return entry
+
+    def gc(self, *, reverted: bool = True) -> Entry:
+        """Deletes the arrays (exponents and traces) of reverted requests.
+
+        The journal keeps tombstones: every entry still names the deleted files and
+        their hashes, and this entry lists them, so ``verify`` still passes. Versions
+        at which a deleted request was active can no longer be rebuilt.
+        """
+        if not reverted:
+            raise BadInputError("gc needs --reverted (the only kind of garbage it collects)")
+        with self._writing("gc"):
+            head = self.head()
+            state = self.state(head.version)
+            victims = sorted(r for r in state.reverted if r not in state.active and r not in state.deleted)
+            deleted_files: list[str] = []
+            for request_id in victims:
+                deleted_files += self.store.delete(f"requests/{request_id}")
+                for entry in self.entries():
+                    if entry.op == "rederive" and request_id in entry.body["requests"]:
+                        deleted_files += self.store.delete(f"rederived/v{entry.version}/{request_id}")
+            body = {"deleted": victims, "deleted_files": sorted(deleted_files), "active": state.active}
+            entry = self.journal.append("gc", body, {}, parent=head)
+            self._write_head(entry)
+            return entry
+
+    def _exact_records(self, state: LedgerState, request_id: str, path: str | Path) -> list[data.Record]:
+        records = data.read_records(path)
+        recorded = state.requests[request_id].body["data_fingerprint"]
+        if data.fingerprint(records) != recorded:
+            raise BadInputError(
+                f"{path} is not the data request {request_id!r} was applied with (fingerprint differs); "
+                "exact re-derivation needs the same records and images"
+            )
+        return records
+
+    def _materialize_exponents(self, model: Any, exponents: Mapping[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for site in self.sites:
+                weight = site_weight(model, site)
+                weight.copy_(self.effective(site.name, exponents[site.name]).to(weight.device))
 
     # --- verification -----------------------------------------------------------------
 
@@ -586,8 +825,8 @@ class Ledger:
         if digest != entries[-1].hash:
             return [Problem("head/zarr.json", "the head cache names another journal entry")]
         try:
-            expected = self._sum_exponents(state.active)
-        except IntegrityError as e:  # a damaged request array, also reported by name above
+            expected = self._sum_exponents(state)
+        except KVWLedgerError as e:  # a damaged request array, also reported by name above
             return [Problem("head", f"cannot be checked against the request arrays: {e}")]
         for name, value in expected.items():
             got = tensors.get(name)
@@ -630,6 +869,57 @@ class Ledger:
 
     # --- internals --------------------------------------------------------------------
 
+    def _limits(self, state: LedgerState, overrides: Mapping[str, Any] | None) -> StabilityLimits:
+        """Defaults, then the ledger's limits (set with ``probe``), then this call's."""
+        values = {**state.limits, **{k: v for k, v in (overrides or {}).items() if v is not None}}
+        unknown = set(values) - set(StabilityLimits.__dataclass_fields__)
+        if unknown:
+            raise BadInputError(f"unknown stability limit(s): {', '.join(sorted(unknown))}")
+        return StabilityLimits(**values)
+
+    def _check_staged(
+        self,
+        state: LedgerState,
+        staged: Mapping[str, torch.Tensor],
+        limits: StabilityLimits,
+        *,
+        model: Any = None,
+        processor: Any = None,
+        forget_probe: str | Path | None = None,
+        model_dir: str | Path | None = None,
+        progress: bool = True,
+    ) -> StabilityReport:
+        """Checks a staged HEAD; raises StabilityCheckError on failure unless on_fail is warn.
+
+        ``model`` (when given) already holds the staged weights.
+        """
+        report = StabilityReport()
+        report.checks += check_exponents(staged)
+        axes = {s.name: s.axis for s in self.sites}
+        bases = {name: self.base(name) for name in staged}
+        checks, report.attenuation = check_attenuation(bases, staged, axes, limits.max_attenuation)
+        report.checks += checks
+        if state.probes or forget_probe is not None:
+            if model is None:
+                model, processor = self.load(model_dir, 1, progress=progress)
+                self._materialize_exponents(model, staged)
+            encoder = data.Encoder(processor, max_length(model))
+            sets = {kind: probes.read_probe(self.path, p["path"]) for kind, p in state.probes.items()}
+            if forget_probe is not None:
+                sets["forget"] = data.read_records(forget_probe)
+            for kind, records in sets.items():
+                report.probes[kind] = probe_metrics(model, data.encode_all(encoder, records), encoder.pad_token_id)
+            base = {kind: p["base"] for kind, p in state.probes.items()}
+            report.checks += compare_probes(report.probes, base, state.probe_figures, limits)
+        report.on_fail = limits.on_fail
+        if not report.passed and limits.on_fail == "abort":
+            failed = "; ".join(c.describe() for c in report.failures())
+            raise StabilityCheckError(
+                f"the step failed {len(report.failures())} stability check(s) and was not committed: {failed}. "
+                "Lower --gamma or narrow --layers, or pass --on-fail warn to commit anyway"
+            )
+        return report
+
     def _writing(self, operation: str) -> WriterLock:
         return WriterLock(self.path, operation=operation, on_stale=self._on_stale)
 
@@ -644,10 +934,8 @@ class Ledger:
         if self.store.list_arrays(prefix):
             self.store.delete(prefix)
 
-    def _write_head(
-        self, entry: Entry, active: Sequence[str], tensors: Mapping[str, torch.Tensor] | None = None
-    ) -> None:
-        values = dict(tensors) if tensors is not None else self._sum_exponents(active)
+    def _write_head(self, entry: Entry, tensors: Mapping[str, torch.Tensor] | None = None) -> None:
+        values = dict(tensors) if tensors is not None else self._sum_exponents(self.state(entry.version))
         self.store.write_head(values, entry.version, entry.hash)
 
 
@@ -690,10 +978,36 @@ def _apply(state: LedgerState, entry: Entry) -> None:
         request_id = body["request"]
         state.requests[request_id] = RequestInfo(request_id, entry.version, body)
         state.active.append(request_id)
+        state.exponents[request_id] = f"requests/{request_id}/exponent"
+        if any(name.startswith(f"requests/{request_id}/trace/") for name in body.get("arrays", {})):
+            state.traces[request_id] = f"requests/{request_id}/trace"
     elif entry.op == "revert":
         if body["request"] in state.active:
             state.active.remove(body["request"])
         state.reverted.add(body["request"])
+    elif entry.op == "rederive":
+        for request_id, change in body["requests"].items():
+            state.exponents[request_id] = change["exponent"]
+            if change.get("trace"):
+                state.traces[request_id] = change["trace"]
+    elif entry.op == "gc":
+        for request_id in body["deleted"]:
+            state.deleted[request_id] = entry.version
+    elif entry.op == "probe":
+        state.probes.update(body.get("probes", {}))
+        state.limits.update(body.get("limits", {}))
+    figures = body.get("stability", {}).get("probes") or body.get("figures")
+    if figures:
+        state.probe_figures = dict(figures)
+
+
+def _add(sites: Sequence[Site], parts: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Sums per-site exponents in the given order (chain order keeps sums bit-reproducible)."""
+    total = {s.name: torch.zeros(s.n_vectors, dtype=torch.float32) for s in sites}
+    for part in parts:
+        for site, value in part.items():
+            total[site] += value
+    return total
 
 
 def _check_request_id(request_id: str) -> str:

@@ -76,6 +76,7 @@ class StabilityReport:
     checks: list[Check] = field(default_factory=list)
     probes: dict[str, dict[str, float]] = field(default_factory=dict)  # probe -> {"acc", "nll"}
     attenuation: dict[str, float] = field(default_factory=dict)  # site -> share of norm removed
+    on_fail: OnFail = "abort"  # what the step was told to do on a failure
 
     @property
     def passed(self) -> bool:
@@ -90,6 +91,7 @@ class StabilityReport:
         """JSON-ready form, stored in the journal entry."""
         return {
             "passed": self.passed,
+            "on_fail": self.on_fail,
             "failed": [asdict(c) for c in self.failures()],
             "probes": self.probes,
             "max_attenuation": max(self.attenuation.values(), default=0.0),

@@ -71,6 +71,8 @@ _LAYOUT: dict[str, tuple[str | frozenset[str], ...]] = {
     "base": ("site",),
     "retain": ("id", "site"),
     "requests": ("id", frozenset({"exponent", "trace"}), "site"),
+    # re-derived exponents and traces: rederived/v<version>/<request>/{exponent,trace}/<site>
+    "rederived": ("id", "id", frozenset({"exponent", "trace"}), "site"),
     "head": ("site",),
 }
 

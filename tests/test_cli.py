@@ -185,6 +185,7 @@ def test_show_forget_exact(env: Env) -> None:
         "records  2\n"
         "request  A\n"
         "retain_stats retain-2\n"
+        f"checks   passed; max attenuation {max(ledger.state(3).requests['A'].body['stability']['attenuation'].values()):.4f}\n"
         f"{'site':<52}{'weakened':>10}{'max w':>10}{'mean w':>10}\n"
         f"{rows}"
     )

@@ -1,0 +1,65 @@
+"""Probe sets kept inside a ledger: retain and general data that stability checks measure.
+
+Probe data is not sensitive (unlike forget data, which is never stored), so a copy
+of each probe file and its images lives under ``probes/v<version>/<kind>/`` in the
+ledger, named with its sha256 in the journal entry that registered it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from kvw_ledger.data import Record, read_records
+from kvw_ledger.errors import BadInputError
+
+PROBE_KINDS = ("retain", "general")
+
+
+def store_probe(ledger_root: Path, version: int, kind: str, source: str | Path) -> tuple[str, dict[str, str]]:
+    """Copies a probe JSONL file and its images into the ledger.
+
+    Returns:
+        The probe file's path relative to the ledger root, and every file written
+        (relative path -> sha256) for the journal entry.
+    """
+    if kind not in PROBE_KINDS:
+        raise BadInputError(f"probe kind must be one of {', '.join(PROBE_KINDS)}, not {kind!r}")
+    records = read_records(source)
+    folder = Path("probes") / f"v{version}" / kind
+    target = ledger_root / folder
+    old = os.umask(0o077)
+    try:
+        if target.exists():  # left by an interrupted probe of the same version
+            shutil.rmtree(target)
+        (target / "images").mkdir(parents=True)
+        files: dict[str, str] = {}
+        lines = []
+        for i, record in enumerate(records):
+            line: dict[str, str] = {"question": record.question, "answer": record.answer}
+            if record.id is not None:
+                line["id"] = record.id
+            if record.image is not None:
+                name = f"images/{i:06d}{record.image.suffix}"
+                shutil.copyfile(record.image, target / name)
+                files[(folder / name).as_posix()] = _sha256((target / name).read_bytes())
+                line["image"] = name
+            lines.append(json.dumps(line, ensure_ascii=False, sort_keys=True))
+        data = ("\n".join(lines) + "\n").encode()
+        (target / "data.jsonl").write_bytes(data)
+        files[(folder / "data.jsonl").as_posix()] = _sha256(data)
+    finally:
+        os.umask(old)
+    return (folder / "data.jsonl").as_posix(), files
+
+
+def read_probe(ledger_root: Path, relative: str) -> list[Record]:
+    """The records of a stored probe set."""
+    return read_records(ledger_root / relative)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
