@@ -60,6 +60,49 @@ MODEL = click.option(
 QUIET = click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 
 
+def _limit_options(fn: F) -> F:
+    """Per-call stability limits, shared by every verb that changes HEAD."""
+    options = [
+        click.option(
+            "--max-attenuation",
+            type=float,
+            help="Largest share of a site's Frobenius norm removed vs the base (default 0.5).",
+        ),
+        click.option(
+            "--max-retain-drop",
+            type=float,
+            help="Largest retain-probe accuracy drop, as a fraction (default 0.05).",
+        ),
+        click.option(
+            "--max-nll-increase",
+            type=float,
+            help="Largest retain-probe NLL increase vs the base, nats/token (default 1.0).",
+        ),
+        click.option(
+            "--on-fail",
+            type=click.Choice(["abort", "warn"]),
+            help="abort (default): commit nothing and exit 1; warn: commit and record the failure.",
+        ),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _limits(
+    max_attenuation: float | None,
+    max_retain_drop: float | None,
+    max_nll_increase: float | None,
+    on_fail: str | None,
+) -> dict[str, Any]:
+    return {
+        "max_attenuation": max_attenuation,
+        "max_retain_drop": max_retain_drop,
+        "max_nll_increase": max_nll_increase,
+        "on_fail": on_fail,
+    }
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="kvw-ledger")
 def main() -> None:
@@ -162,6 +205,12 @@ def retain(
 @click.option(
     "--no-trace", is_flag=True, help="Do not keep per-batch C_f (fast re-derivation needs it)."
 )
+@click.option(
+    "--forget-probe",
+    type=click.Path(dir_okay=False),
+    help="JSONL whose figures are recorded as efficacy (never stored).",
+)
+@_limit_options
 @MODEL
 @QUIET
 @_errors
@@ -177,10 +226,15 @@ def forget(
     seed: int,
     retain_stats: str | None,
     no_trace: bool,
+    forget_probe: str | None,
+    max_attenuation: float | None,
+    max_retain_drop: float | None,
+    max_nll_increase: float | None,
+    on_fail: str | None,
     model_dir: str | None,
     quiet: bool,
 ) -> None:
-    """Apply one deletion request: weaken what DATA activates, then commit."""
+    """Apply one deletion request: weaken what DATA activates, check, then commit."""
     config = KVWConfig(
         gamma=gamma,
         layers=parse_layers(layers),
@@ -195,6 +249,8 @@ def forget(
         reason=reason,
         config=config,
         retain_stats=retain_stats,
+        limits=_limits(max_attenuation, max_retain_drop, max_nll_increase, on_fail),
+        forget_probe=forget_probe,
         model_dir=model_dir,
         progress=not quiet,
     )
@@ -215,6 +271,13 @@ def _summary(entry: Entry) -> str:
         return f"{body['request']} ({body['records']} records, gamma {body['params']['gamma']})"
     if entry.op == "revert":
         return f"{body['request']}"
+    if entry.op == "probe":
+        kinds = ", ".join(sorted(body.get("probes", {}))) or "no"
+        return f"{kinds} probes" + (", limits set" if body.get("limits") else "")
+    if entry.op == "rederive":
+        return f"{', '.join(body['requests'])} with {body['stats']}"
+    if entry.op == "gc":
+        return f"deleted {', '.join(body['deleted']) or 'nothing'}"
     return ""
 
 
@@ -283,11 +346,16 @@ def show(ledger: str, ref: str, as_json: bool) -> None:
 
 
 def _checks_line(stability: dict[str, Any]) -> str:
-    verdict = "passed" if stability["passed"] else f"FAILED ({stability['on_fail']}: committed anyway)"
+    verdict = (
+        "passed" if stability["passed"] else f"FAILED ({stability['on_fail']}: committed anyway)"
+    )
     parts = [verdict, f"max attenuation {stability['max_attenuation']:.4f}"]
     for name, figures in sorted(stability.get("probes", {}).items()):
         parts.append(f"{name} acc {figures['acc']:.3f} nll {figures['nll']:.3f}")
-    parts += [f"failed {c['name']}: {c['value']:.4g} > {c['limit']:.4g}" for c in stability.get("failed", [])]
+    parts += [
+        f"failed {c['name']}: {c['value']:.4g} > {c['limit']:.4g}"
+        for c in stability.get("failed", [])
+    ]
     return "; ".join(parts)
 
 
@@ -363,10 +431,29 @@ def diff(ledger: str, ref_a: str, ref_b: str, top: int, as_json: bool) -> None:
 @LEDGER
 @click.argument("request_id")
 @click.option("--reason", default="", help="Why the request is taken back (kept in the journal).")
+@_limit_options
+@MODEL
+@QUIET
 @_errors
-def revert(ledger: str, request_id: str, reason: str) -> None:
+def revert(
+    ledger: str,
+    request_id: str,
+    reason: str,
+    max_attenuation: float | None,
+    max_retain_drop: float | None,
+    max_nll_increase: float | None,
+    on_fail: str | None,
+    model_dir: str | None,
+    quiet: bool,
+) -> None:
     """Take one request back; later requests stay active. History is appended, never rewritten."""
-    entry = _open(ledger).revert(request_id, reason=reason)
+    entry = _open(ledger).revert(
+        request_id,
+        reason=reason,
+        limits=_limits(max_attenuation, max_retain_drop, max_nll_increase, on_fail),
+        model_dir=model_dir,
+        progress=not quiet,
+    )
     click.echo(
         f"version {entry.version}: request {request_id} reverted; active: {', '.join(entry.body['active']) or '-'}"
     )
@@ -408,6 +495,130 @@ def verify(ledger: str, model_dir: str | None, no_model: bool, as_json: bool) ->
 
 
 @main.command()
+@LEDGER
+@click.option(
+    "--retain",
+    "retain_probe",
+    type=click.Path(dir_okay=False),
+    help="Retain probe set (JSONL); stored in the ledger.",
+)
+@click.option(
+    "--general",
+    "general_probe",
+    type=click.Path(dir_okay=False),
+    help="General-ability probe set (JSONL); stored in the ledger.",
+)
+@_limit_options
+@MODEL
+@QUIET
+@_errors
+def probe(
+    ledger: str,
+    retain_probe: str | None,
+    general_probe: str | None,
+    max_attenuation: float | None,
+    max_retain_drop: float | None,
+    max_nll_increase: float | None,
+    on_fail: str | None,
+    model_dir: str | None,
+    quiet: bool,
+) -> None:
+    """Register probe sets and/or this ledger's stability limits; later steps are checked against them."""
+    limits = {
+        k: v
+        for k, v in _limits(max_attenuation, max_retain_drop, max_nll_increase, on_fail).items()
+        if v is not None
+    }
+    entry = _open(ledger).probe(
+        retain=retain_probe,
+        general=general_probe,
+        limits=limits,
+        model_dir=model_dir,
+        progress=not quiet,
+    )
+    for kind, p in sorted(entry.body["probes"].items()):
+        figures = entry.body["figures"][kind]
+        click.echo(
+            f"{kind} probe: {p['records']} records; base acc {p['base']['acc']:.3f} nll {p['base']['nll']:.3f}; "
+            f"HEAD acc {figures['acc']:.3f} nll {figures['nll']:.3f}"
+        )
+    if entry.body["limits"]:
+        click.echo(
+            "limits: " + ", ".join(f"{k} {v}" for k, v in sorted(entry.body["limits"].items()))
+        )
+    click.echo(f"version {entry.version}: probe registered")
+
+
+@main.command()
+@LEDGER
+@click.argument("request_ids", nargs=-1)
+@click.option(
+    "--retain-stats", "stats_id", required=True, help="Retain stats id to re-derive with."
+)
+@click.option(
+    "--exact",
+    "exact",
+    multiple=True,
+    metavar="REQUEST_ID=DATA.jsonl",
+    help="Re-run the progressive loop for this request on its original data (repeatable).",
+)
+@_limit_options
+@MODEL
+@QUIET
+@_errors
+def rederive(
+    ledger: str,
+    request_ids: tuple[str, ...],
+    stats_id: str,
+    exact: tuple[str, ...],
+    max_attenuation: float | None,
+    max_retain_drop: float | None,
+    max_nll_increase: float | None,
+    on_fail: str | None,
+    model_dir: str | None,
+    quiet: bool,
+) -> None:
+    """Recompute requests (default: all active) with other retain stats, as one atomic entry."""
+    pairs = {}
+    for item in exact:
+        request_id, sep, path = item.partition("=")
+        if not sep or not request_id or not path:
+            raise click.BadParameter(
+                f"{item!r} must look like REQUEST_ID=DATA.jsonl", param_hint="--exact"
+            )
+        pairs[request_id] = path
+    entry = _open(ledger).rederive(
+        stats_id,
+        list(request_ids),
+        exact=pairs,
+        limits=_limits(max_attenuation, max_retain_drop, max_nll_increase, on_fail),
+        model_dir=model_dir,
+        progress=not quiet,
+    )
+    for request_id, change in entry.body["requests"].items():
+        click.echo(f"{request_id}: re-derived ({change['mode']})")
+    click.echo(
+        f"version {entry.version}: {len(entry.body['requests'])} request(s) re-derived with {stats_id}"
+    )
+
+
+@main.command()
+@LEDGER
+@click.option(
+    "--reverted", is_flag=True, required=True, help="Delete the arrays of reverted requests."
+)
+@_errors
+def gc(ledger: str, reverted: bool) -> None:
+    """Delete reverted requests' arrays for good; the journal keeps their hashes as tombstones."""
+    entry = _open(ledger).gc(reverted=reverted)
+    deleted = entry.body["deleted"]
+    click.echo(
+        f"version {entry.version}: deleted {len(entry.body['deleted_files'])} files of "
+        f"{len(deleted)} reverted request(s): {', '.join(deleted) or '-'}"
+    )
+
+
+@main.command()
 @click.option(
     "--workdir",
     type=click.Path(file_okay=False),
@@ -424,3 +635,127 @@ def demo(workdir: str, as_json: bool) -> None:
     report = run_demo(Path(workdir), echo=None if as_json else click.echo)
     if as_json:
         _dump(report)
+
+
+@main.command()
+@LEDGER
+@click.option("--plot", type=click.Path(dir_okay=False), help="Also draw the history as a PNG.")
+@JSON
+@_errors
+def history(ledger: str, plot: str | None, as_json: bool) -> None:
+    """Per version: active requests, per-layer attenuation, probe figures, and warnings."""
+    from kvw_ledger.history import build_history, plot_history
+
+    rows = build_history(_open(ledger))
+    if plot:
+        plot_history(rows, plot)
+    if as_json:
+        _dump([r.to_json() for r in rows])
+        return
+    for r in rows:
+        worst = "-" if r.attenuation is None else f"{max(r.attenuation.values(), default=0.0):.3f}"
+        probes = " ".join(f"{k}={v['acc']:.2f}" for k, v in sorted(r.probes.items())) or "-"
+        click.echo(
+            f"{r.version:>4}  {r.op:<8} {r.id or '-':<14} max attenuation {worst:<6} probes {probes}  "
+            f"active: {', '.join(r.active) or '-'}"
+        )
+        for warning in r.warnings:
+            click.echo(f"      warning: {warning}")
+    if plot:
+        click.echo(f"wrote {plot}")
+
+
+@main.command()
+@LEDGER
+@click.argument("forget_val", type=click.Path(dir_okay=False))
+@click.argument("retain_val", type=click.Path(dir_okay=False))
+@click.option(
+    "--gammas",
+    default="0.01,0.02,0.05,0.1",
+    show_default=True,
+    help="Comma-separated gammas to try.",
+)
+@click.option(
+    "--layer-buckets",
+    default="1:8,9:16,17:25,1:25",
+    show_default=True,
+    help="Comma-separated inclusive layer ranges to try (clipped to the model).",
+)
+@click.option(
+    "--batch-size", type=int, default=1, show_default=True, help="Forget records per batch."
+)
+@click.option(
+    "--epochs", type=int, default=1, show_default=True, help="Passes over the forget data."
+)
+@click.option("--retain-stats", help="Retain stats id (default: the latest registered).")
+@click.option(
+    "--max-retain-drop",
+    type=float,
+    help="Retain accuracy drop allowed (default: the ledger's, 0.05).",
+)
+@MODEL
+@QUIET
+@JSON
+@_errors
+def tune(
+    ledger: str,
+    forget_val: str,
+    retain_val: str,
+    gammas: str,
+    layer_buckets: str,
+    batch_size: int,
+    epochs: int,
+    retain_stats: str | None,
+    max_retain_drop: float | None,
+    model_dir: str | None,
+    quiet: bool,
+    as_json: bool,
+) -> None:
+    """Sweep gamma and layer buckets on a staged copy (nothing is committed) and recommend one."""
+    from kvw_ledger.tune import parse_buckets, parse_gammas
+    from kvw_ledger.tune import tune as run_tune
+
+    opened = _open(ledger)
+    depth = max(s.layer for s in opened.sites)
+    buckets = [(a, min(b, depth)) for a, b in parse_buckets(layer_buckets) if a <= depth]
+    if not buckets:
+        raise click.BadParameter(
+            f"no bucket lies inside this model's layers 0:{depth}", param_hint="--layer-buckets"
+        )
+    result = run_tune(
+        opened,
+        forget_val,
+        retain_val,
+        parse_gammas(gammas),
+        sorted(set(buckets)),
+        batch_size=batch_size,
+        epochs=epochs,
+        retain_stats=retain_stats,
+        max_retain_drop=max_retain_drop,
+        model_dir=model_dir,
+        progress=not quiet,
+    )
+    if as_json:
+        _dump(result)
+        return
+    base = result["baseline"]
+    click.echo(
+        f"HEAD: forget acc {base['forget']['acc']:.3f}, retain acc {base['retain']['acc']:.3f}; "
+        f"retain drop limit {result['limit']}"
+    )
+    click.echo(
+        f"{'gamma':>8}  {'layers':<8}{'forget acc':>11}{'retain acc':>11}{'forget drop':>12}{'retain drop':>12}"
+    )
+    for r in result["rows"]:
+        mark = "" if r["within_limit"] else "  over limit"
+        click.echo(
+            f"{r['gamma']:>8g}  {r['layers'][0]}:{r['layers'][1]:<6}{r['forget_acc']:>11.3f}"
+            f"{r['retain_acc']:>11.3f}{r['forget_drop']:>12.3f}{r['retain_drop']:>12.3f}{mark}"
+        )
+    rec = result["recommended"]
+    if rec is None:
+        click.echo("no setting keeps the retain drop within the limit")
+    else:
+        click.echo(
+            f"recommended: --gamma {rec['gamma']:g} --layers {rec['layers'][0]}:{rec['layers'][1]}"
+        )
