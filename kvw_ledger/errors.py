@@ -77,3 +77,7 @@ class StabilityCheckError(KVWLedgerError, RuntimeError):
     """A staged step failed a stability check and was not committed."""
 
     exit_code = 1
+
+
+class StorageError(KVWLedgerError, OSError):
+    """The ledger's storage refused a write (full disk, read-only directory); nothing was committed."""

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import random
 import re
+import shutil
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,10 +29,12 @@ from kvw_ledger.errors import (
     BadInputError,
     IntegrityError,
     KVWLedgerError,
+    LedgerLockedError,
     LedgerNotFoundError,
     RefNotFoundError,
     RequestStateError,
     StabilityCheckError,
+    StorageError,
 )
 from kvw_ledger.export import export_model
 from kvw_ledger.journal import Entry, Journal, Problem
@@ -174,23 +179,30 @@ class Ledger:
         }
         store = Store.create(Path(path), attrs)
         ledger = cls(store, Journal(store.path, clock=clock or _utc_now))
-        with WriterLock(store.path, operation="init"):
-            files = {"zarr.json": _sha256(store.path / "zarr.json")}
-            hashes = {}
-            for site in sites:
-                record = store.write_array(f"base/{site.name}", wanted[site.name].detach().cpu())
-                files.update(record.files)
-                hashes[site.name] = record.sha256
-            files.update(store.group_files("base"))
-            body = {
-                "model_type": attrs["model"]["model_type"],
-                "model_fingerprint": fingerprint,
-                "sites": len(sites),
-                "arrays": {f"base/{n}": h for n, h in hashes.items()},
-                "active": [],
-            }
-            entry = ledger.journal.append("init", body, files, parent=None)
-            ledger._write_head(entry)
+        try:
+            with WriterLock(store.path, operation="init"):
+                files = {"zarr.json": _sha256(store.path / "zarr.json")}
+                hashes = {}
+                for site in sites:
+                    record = store.write_array(f"base/{site.name}", wanted[site.name].detach().cpu())
+                    files.update(record.files)
+                    hashes[site.name] = record.sha256
+                files.update(store.group_files("base"))
+                body = {
+                    "model_type": attrs["model"]["model_type"],
+                    "model_fingerprint": fingerprint,
+                    "sites": len(sites),
+                    "arrays": {f"base/{n}": h for n, h in hashes.items()},
+                    "active": [],
+                }
+                entry = ledger.journal.append("init", body, files, parent=None)
+                ledger._write_head(entry)
+        except BaseException as e:
+            # The directory is ours (create refuses existing ones): leave nothing half made.
+            shutil.rmtree(store.path, ignore_errors=True)
+            if isinstance(e, OSError) and not isinstance(e, KVWLedgerError):
+                raise StorageError(f"could not write the ledger at {store.path} ({e.strerror or e})") from e
+            raise
         del model
         return ledger
 
@@ -376,7 +388,7 @@ class Ledger:
             measured = coefficients.collect(
                 model, self.sites, batches, total=total, desc="retain", progress=progress
             )
-            self._drop_orphans(f"retain/{stats_id}")
+            self._claim(f"retain/{stats_id}")
             means = measured.means()
             files, hashes = {}, {}
             for site in self.sites:
@@ -396,7 +408,7 @@ class Ledger:
                 "arrays": hashes,
                 "active": state.active,
             }
-            entry = self.journal.append("retain", body, files, parent=head)
+            entry = self._commit("retain", body, files, parent=head)
             self._write_head(entry)  # same active set, new version
             return entry
 
@@ -427,9 +439,11 @@ class Ledger:
         """
         config = config or KVWConfig()
         records = data.read_records(data_path)
+        probe_records = data.read_records(forget_probe) if forget_probe is not None else None
         with self._writing("forget"):
             head = self.head()
             state = self.state(head.version)
+            checked = self._limits(state, limits)  # bad limits fail before the forward passes
             request_id = _check_request_id(request_id or f"request-{head.version + 1}")
             if request_id in state.requests:
                 raise BadInputError(f"request {request_id!r} already exists; choose another --id")
@@ -460,10 +474,10 @@ class Ledger:
             )
             staged = {n: start[n] + result.exponents[n] if n in result.exponents else start[n] for n in start}
             report = self._check_staged(
-                state, staged, self._limits(state, limits), model=model, processor=processor,
-                forget_probe=forget_probe, progress=progress,
+                state, staged, checked, model=model, processor=processor,
+                forget_records=probe_records, progress=progress,
             )
-            self._drop_orphans(f"requests/{request_id}")
+            self._claim(f"requests/{request_id}")
             files, arrays = {}, {}
             for site_name, exponent in result.exponents.items():
                 record = self.store.write_array(
@@ -490,7 +504,7 @@ class Ledger:
                 "active": active,
                 "stability": report.to_json(),
             }
-            entry = self.journal.append("forget", body, files, parent=head)
+            entry = self._commit("forget", body, files, parent=head)
             self._write_head(entry, staged)
             return entry
 
@@ -518,13 +532,12 @@ class Ledger:
                 )
             if request_id not in state.active:
                 raise RequestStateError(f"request {request_id!r} is already reverted")
+            checked = self._limits(state, limits)
             active = [r for r in state.active if r != request_id]
             staged = self._sum_exponents(state, active)
-            report = self._check_staged(
-                state, staged, self._limits(state, limits), model_dir=model_dir, progress=progress
-            )
+            report = self._check_staged(state, staged, checked, model_dir=model_dir, progress=progress)
             body = {"request": request_id, "reason": reason, "active": active, "stability": report.to_json()}
-            entry = self.journal.append("revert", body, {}, parent=head)
+            entry = self._commit("revert", body, {}, parent=head)
             self._write_head(entry, staged)
             return entry
 
@@ -543,12 +556,18 @@ class Ledger:
         each staged step with both.
         """
         sources = {k: v for k, v in (("retain", retain), ("general", general)) if v is not None}
-        if not sources and not limits:
-            raise BadInputError("probe needs --retain FILE, --general FILE or a limit to set")
-        checked_limits = self._limits(LedgerState(0), limits).to_dict() if limits else {}
+        given = {k: v for k, v in (limits or {}).items() if v is not None}
+        if not sources and not given:
+            raise BadInputError(
+                "probe has nothing to do; pass --retain FILE, --general FILE or a limit such as "
+                "--max-attenuation 0.3"
+            )
+        for source in sources.values():
+            data.read_records(source)  # a bad file fails before the model loads
         with self._writing("probe"):
             head = self.head()
             state = self.state(head.version)
+            self._limits(state, given)  # validated merged with the ledger's, as checks will use them
             version = head.version + 1
             files: dict[str, str] = {}
             stored: dict[str, dict[str, Any]] = {}
@@ -557,6 +576,7 @@ class Ledger:
                 model, processor = self.load(model_dir, 1, progress=progress)
                 encoder = data.Encoder(processor, max_length(model))
                 for kind, source in sources.items():
+                    self._claim(f"probes/v{version}/{kind}")
                     path, written = probes.store_probe(self.path, version, kind, source)
                     files.update(written)
                     records = probes.read_probe(self.path, path)
@@ -567,9 +587,10 @@ class Ledger:
                 self.materialize(model, head.version)
                 for kind, ex in examples.items():
                     figures[kind] = probe_metrics(model, ex, encoder.pad_token_id)
-            body = {"probes": stored, "limits": checked_limits, "figures": {**state.probe_figures, **figures},
+            # Only the limits set here are recorded: replay merges them over earlier ones.
+            body = {"probes": stored, "limits": given, "figures": {**state.probe_figures, **figures},
                     "active": state.active}
-            entry = self.journal.append("probe", body, files, parent=head)
+            entry = self._commit("probe", body, files, parent=head)
             self._write_head(entry)
             return entry
 
@@ -637,11 +658,21 @@ class Ledger:
             head = self.head()
             state = self.state(head.version)
             if stats_id not in state.retain_stats:
-                raise RefNotFoundError(f"retain stats {stats_id!r} do not exist in this ledger")
+                raise RefNotFoundError(
+                    f"retain stats {stats_id!r} do not exist in this ledger; register them with "
+                    "`kvw-ledger retain LEDGER DATA --id ID` (see `kvw-ledger log`)"
+                )
+            checked = self._limits(state, limits)
             chosen = list(request_ids) or list(state.active)
+            if not chosen and not exact:
+                raise BadInputError("no request is active; there is nothing to re-derive")
             for request_id in [*chosen, *exact]:
+                if request_id not in state.requests:
+                    raise RequestStateError(f"no request {request_id!r} in this ledger (see `kvw-ledger log`)")
                 if request_id not in state.active:
-                    raise RequestStateError(f"request {request_id!r} is not active; only active requests are re-derived")
+                    raise RequestStateError(
+                        f"request {request_id!r} is reverted; only active requests are re-derived"
+                    )
             ordered = [r for r in state.active if r in chosen or r in exact]
             for request_id in ordered:
                 if request_id not in exact and request_id not in state.traces:
@@ -678,10 +709,12 @@ class Ledger:
                                        for site, t in traces.items()}
             active_now = {r: new[r] if r in new else self.request_exponents(r, state) for r in state.active}
             staged = _add(self.sites, active_now.values())
-            report = self._check_staged(state, staged, self._limits(state, limits), model=model,
+            if model is not None:  # it holds the last exact request's loop, not the staged HEAD
+                self._materialize_exponents(model, staged)
+            report = self._check_staged(state, staged, checked, model=model,
                                         processor=processor, model_dir=model_dir, progress=progress)
             prefix = f"rederived/v{head.version + 1}"
-            self._drop_orphans(prefix)
+            self._claim(prefix)
             files: dict[str, str] = {}
             arrays: dict[str, str] = {}
             changes: dict[str, Any] = {}
@@ -703,7 +736,7 @@ class Ledger:
             files.update(self.store.group_files(prefix))
             body = {"stats": stats_id, "requests": changes, "arrays": arrays, "active": state.active,
                     "stability": report.to_json()}
-            entry = self.journal.append("rederive", body, files, parent=head)
+            entry = self._commit("rederive", body, files, parent=head)
             self._write_head(entry, staged)
             return entry
 
@@ -717,17 +750,23 @@ class Ledger:
         if not reverted:
             raise BadInputError("gc needs --reverted (the only kind of garbage it collects)")
         with self._writing("gc"):
-            head = self.head()
+            entries = self.entries()
+            head = entries[-1]
             state = self.state(head.version)
             victims = sorted(r for r in state.reverted if r not in state.active and r not in state.deleted)
-            deleted_files: list[str] = []
-            for request_id in victims:
-                deleted_files += self.store.delete(f"requests/{request_id}")
-                for entry in self.entries():
-                    if entry.op == "rederive" and request_id in entry.body["requests"]:
-                        deleted_files += self.store.delete(f"rederived/v{entry.version}/{request_id}")
-            body = {"deleted": victims, "deleted_files": sorted(deleted_files), "active": state.active}
-            entry = self.journal.append("gc", body, {}, parent=head)
+            prefixes = {r: _request_prefixes(r, entries) for r in [*victims, *state.deleted]}
+            on_disk = self.store.files()
+            deleted_files = sorted(
+                f for r in victims for prefix in prefixes[r] for f in on_disk if f.startswith(f"{prefix}/")
+            )
+            body = {"deleted": victims, "deleted_files": deleted_files, "active": state.active}
+            entry = self._commit("gc", body, {}, parent=head)
+            # Delete only after the commit: a crash in between leaves files the journal already
+            # calls deleted (the next gc removes them), never a missing file an entry still needs.
+            # Requests deleted by an earlier gc are swept again for such leftovers.
+            for request_prefixes in prefixes.values():
+                for prefix in request_prefixes:
+                    self.store.delete(prefix)
             self._write_head(entry)
             return entry
 
@@ -885,13 +924,14 @@ class Ledger:
         *,
         model: Any = None,
         processor: Any = None,
-        forget_probe: str | Path | None = None,
+        forget_records: Sequence[data.Record] | None = None,
         model_dir: str | Path | None = None,
         progress: bool = True,
     ) -> StabilityReport:
         """Checks a staged HEAD; raises StabilityCheckError on failure unless on_fail is warn.
 
-        ``model`` (when given) already holds the staged weights.
+        ``model`` (when given) already holds the staged weights; ``forget_records``
+        are measured as efficacy, never held to a limit.
         """
         report = StabilityReport()
         report.checks += check_exponents(staged)
@@ -899,14 +939,14 @@ class Ledger:
         bases = {name: self.base(name) for name in staged}
         checks, report.attenuation = check_attenuation(bases, staged, axes, limits.max_attenuation)
         report.checks += checks
-        if state.probes or forget_probe is not None:
+        if state.probes or forget_records is not None:
             if model is None:
                 model, processor = self.load(model_dir, 1, progress=progress)
                 self._materialize_exponents(model, staged)
             encoder = data.Encoder(processor, max_length(model))
             sets = {kind: probes.read_probe(self.path, p["path"]) for kind, p in state.probes.items()}
-            if forget_probe is not None:
-                sets["forget"] = data.read_records(forget_probe)
+            if forget_records is not None:
+                sets["forget"] = list(forget_records)
             for kind, records in sets.items():
                 report.probes[kind] = probe_metrics(model, data.encode_all(encoder, records), encoder.pad_token_id)
             base = {kind: p["base"] for kind, p in state.probes.items()}
@@ -916,12 +956,71 @@ class Ledger:
             failed = "; ".join(c.describe() for c in report.failures())
             raise StabilityCheckError(
                 f"the step failed {len(report.failures())} stability check(s) and was not committed: {failed}. "
-                "Lower --gamma or narrow --layers, or pass --on-fail warn to commit anyway"
+                "Weaken less (a lower --gamma or narrower --layers for forget), raise the limit, "
+                "or pass --on-fail warn to commit anyway"
             )
         return report
 
-    def _writing(self, operation: str) -> WriterLock:
-        return WriterLock(self.path, operation=operation, on_stale=self._on_stale)
+    @contextlib.contextmanager
+    def _writing(self, operation: str) -> Iterator[None]:
+        """Holds the writer lock (waiting up to ``lock_timeout`` for it) around one write.
+
+        Anything a failed write claimed (see :meth:`_claim`) is removed again, and a
+        storage failure (full disk, read-only directory) becomes a StorageError: the
+        ledger is left as it was.
+        """
+        lock = WriterLock(self.path, operation=operation, on_stale=self._on_stale)
+        deadline = time.monotonic() + self.lock_timeout
+        told = False
+        while True:
+            try:
+                lock.acquire()
+                break
+            except LedgerLockedError as e:
+                if time.monotonic() >= deadline:
+                    raise
+                if not told and self.on_wait is not None:
+                    self.on_wait(f"waiting for the writer lock: {e}")
+                    told = True
+                time.sleep(random.uniform(0.02, 0.1))
+        self._claimed = []
+        try:
+            yield
+        except OSError as e:
+            if not isinstance(e, KVWLedgerError):
+                self._release_claims()
+                raise StorageError(
+                    f"could not write to the ledger at {self.path} ({e.strerror or e}); nothing was "
+                    f"committed by {operation}"
+                ) from e
+            self._release_claims()
+            raise
+        except BaseException:
+            self._release_claims()
+            raise
+        finally:
+            self._claimed = []
+            lock.release()
+
+    lock_timeout: float = 600.0  # seconds a writer waits for another writer to finish
+    on_wait: Callable[[str], None] | None = None
+    _claimed: list[str] = []  # noqa: RUF012 - replaced per write; prefixes a write owns until it commits
+
+    def _claim(self, prefix: str) -> None:
+        """Removes what an interrupted writer left under ``prefix``, and owns it until commit."""
+        self._remove_prefix(prefix)
+        self._claimed.append(prefix)
+
+    def _release_claims(self) -> None:
+        for prefix in self._claimed:
+            with contextlib.suppress(OSError, KVWLedgerError):
+                self._remove_prefix(prefix)
+
+    def _remove_prefix(self, prefix: str) -> None:
+        if prefix.startswith("probes/"):
+            shutil.rmtree(self.path / prefix, ignore_errors=True)
+        elif self.store.list_arrays(prefix):
+            self.store.delete(prefix)
 
     on_stale: Callable[[str], None] | None = None
 
@@ -929,10 +1028,11 @@ class Ledger:
         if self.on_stale is not None:
             self.on_stale(message)
 
-    def _drop_orphans(self, prefix: str) -> None:
-        """Removes arrays under ``prefix`` that a crashed writer left and no entry names."""
-        if self.store.list_arrays(prefix):
-            self.store.delete(prefix)
+    def _commit(self, op: str, body: dict[str, Any], files: dict[str, str], *, parent: Entry) -> Entry:
+        """Appends the journal entry: the commit point. Claimed arrays now belong to it."""
+        entry = self.journal.append(op, body, files, parent=parent)
+        self._claimed = []
+        return entry
 
     def _write_head(self, entry: Entry, tensors: Mapping[str, torch.Tensor] | None = None) -> None:
         values = dict(tensors) if tensors is not None else self._sum_exponents(self.state(entry.version))
@@ -999,6 +1099,15 @@ def _apply(state: LedgerState, entry: Entry) -> None:
     figures = body.get("stability", {}).get("probes") or body.get("figures")
     if figures:
         state.probe_figures = dict(figures)
+
+
+def _request_prefixes(request_id: str, entries: Sequence[Entry]) -> list[str]:
+    """Every store prefix holding arrays of one request: its own, and each re-derivation's."""
+    prefixes = [f"requests/{request_id}"]
+    for entry in entries:
+        if entry.op == "rederive" and request_id in entry.body["requests"]:
+            prefixes.append(f"rederived/v{entry.version}/{request_id}")
+    return prefixes
 
 
 def _add(sites: Sequence[Site], parts: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from kvw_ledger.errors import LedgerLockedError, LedgerNotFoundError
+from kvw_ledger.errors import LedgerLockedError, LedgerNotFoundError, StorageError
 from kvw_ledger.journal import canonical_json, format_time, fsync_dir, utc_now
 
 __all__ = ["WriterLock"]
@@ -121,7 +121,13 @@ class WriterLock:
             "operation": self._operation,
         }
         tmp = self.root / f".lock.{os.getpid()}.{secrets.token_hex(6)}.tmp"
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise StorageError(
+                f"cannot take the writer lock in {self.root} ({e.strerror}); the ledger directory is "
+                "read-only or its disk is full"
+            ) from e
         try:
             os.write(fd, canonical_json(record))
             os.fsync(fd)
