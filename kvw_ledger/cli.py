@@ -259,6 +259,7 @@ def forget(
         f"version {entry.version}: request {body['request']} applied "
         f"({body['records']} records, {body['batches']} batches, {body['tokens']} answer tokens)"
     )
+    _warn_failed(entry)
 
 
 def _summary(entry: Entry) -> str:
@@ -343,6 +344,15 @@ def show(ledger: str, ref: str, as_json: bool) -> None:
         click.echo(f"{'site':<52}{'weakened':>10}{'max w':>10}{'mean w':>10}")
         for s in sites:
             click.echo(f"{s['site']:<52}{s['weakened']:>10}{s['max']:>10.4f}{s['mean']:>10.4f}")
+
+
+def _warn_failed(entry: Entry) -> None:
+    """Says on stderr which checks a step committed with --on-fail warn failed."""
+    for c in entry.body.get("stability", {}).get("failed", []):
+        click.echo(
+            f"Warning: committed although {c['name']} failed: {c['value']:.4g} (limit {c['limit']:.4g})",
+            err=True,
+        )
 
 
 def _checks_line(stability: dict[str, Any]) -> str:
@@ -457,6 +467,7 @@ def revert(
     click.echo(
         f"version {entry.version}: request {request_id} reverted; active: {', '.join(entry.body['active']) or '-'}"
     )
+    _warn_failed(entry)
 
 
 @main.command()
@@ -586,6 +597,8 @@ def rederive(
             raise click.BadParameter(
                 f"{item!r} must look like REQUEST_ID=DATA.jsonl", param_hint="--exact"
             )
+        if request_id in pairs:
+            raise click.BadParameter(f"request {request_id!r} is given twice", param_hint="--exact")
         pairs[request_id] = path
     entry = _open(ledger).rederive(
         stats_id,
@@ -600,6 +613,7 @@ def rederive(
     click.echo(
         f"version {entry.version}: {len(entry.body['requests'])} request(s) re-derived with {stats_id}"
     )
+    _warn_failed(entry)
 
 
 @main.command()

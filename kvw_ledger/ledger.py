@@ -761,13 +761,13 @@ class Ledger:
             )
             body = {"deleted": victims, "deleted_files": deleted_files, "active": state.active}
             entry = self._commit("gc", body, {}, parent=head)
+            self._write_head(entry)  # the active set is unchanged; no deleted array is needed
             # Delete only after the commit: a crash in between leaves files the journal already
             # calls deleted (the next gc removes them), never a missing file an entry still needs.
             # Requests deleted by an earlier gc are swept again for such leftovers.
             for request_prefixes in prefixes.values():
                 for prefix in request_prefixes:
                     self.store.delete(prefix)
-            self._write_head(entry)
             return entry
 
     def _exact_records(self, state: LedgerState, request_id: str, path: str | Path) -> list[data.Record]:
@@ -984,14 +984,21 @@ class Ledger:
                     told = True
                 time.sleep(random.uniform(0.02, 0.1))
         self._claimed = []
+        self._committed = None
         try:
             yield
         except OSError as e:
             if not isinstance(e, KVWLedgerError):
                 self._release_claims()
+                done = self._committed
+                outcome = (
+                    f"version {done.version} was committed, but the cleanup after it failed; the next "
+                    "write retries it"
+                    if done is not None
+                    else f"nothing was committed by {operation}"
+                )
                 raise StorageError(
-                    f"could not write to the ledger at {self.path} ({e.strerror or e}); nothing was "
-                    f"committed by {operation}"
+                    f"could not write to the ledger at {self.path} ({e.strerror or e}); {outcome}"
                 ) from e
             self._release_claims()
             raise
@@ -1004,6 +1011,7 @@ class Ledger:
 
     lock_timeout: float = 600.0  # seconds a writer waits for another writer to finish
     on_wait: Callable[[str], None] | None = None
+    _committed: Entry | None = None  # the entry the current write committed, if any
     _claimed: list[str] = []  # noqa: RUF012 - replaced per write; prefixes a write owns until it commits
 
     def _claim(self, prefix: str) -> None:
@@ -1032,6 +1040,7 @@ class Ledger:
         """Appends the journal entry: the commit point. Claimed arrays now belong to it."""
         entry = self.journal.append(op, body, files, parent=parent)
         self._claimed = []
+        self._committed = entry
         return entry
 
     def _write_head(self, entry: Entry, tensors: Mapping[str, torch.Tensor] | None = None) -> None:

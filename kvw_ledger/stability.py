@@ -103,7 +103,7 @@ def check_exponents(exponents: Mapping[str, torch.Tensor]) -> list[Check]:
     """Every exponent must be finite and >= 0 (a gate never amplifies)."""
     checks = []
     for name, w in exponents.items():
-        bad = int((~torch.isfinite(w)).sum() + (w < 0).sum())
+        bad = int((~(torch.isfinite(w) & (w >= 0))).sum())  # each bad entry once (-inf is both)
         checks.append(
             Check(f"numbers {name}", bad == 0, float(bad), 0.0, "non-finite or negative exponents")
         )
