@@ -320,8 +320,18 @@ class Ledger:
         return {name.rsplit("/", 1)[1]: self.store.read_array(name) for name in names}
 
     def base(self, site: str) -> torch.Tensor:
-        """The value matrix of ``site`` as first seen (original dtype)."""
-        return self.store.read_array(f"base/{site}")
+        """The value matrix of ``site`` as first seen (original dtype).
+
+        Within one write each base is read once (it is immutable); the KVW loop and
+        the stability checks share it.
+        """
+        cache = self._base_cache
+        if cache is not None and site in cache:
+            return cache[site]
+        value = self.store.read_array(f"base/{site}")
+        if cache is not None:
+            cache[site] = value
+        return value
 
     def effective(self, site: str, exponent: torch.Tensor) -> torch.Tensor:
         """``base * exp(-exponent)`` for one site, in float32, cast once."""
@@ -985,6 +995,7 @@ class Ledger:
                 time.sleep(random.uniform(0.02, 0.1))
         self._claimed = []
         self._committed = None
+        self._base_cache = {}
         try:
             yield
         except OSError as e:
@@ -1007,10 +1018,12 @@ class Ledger:
             raise
         finally:
             self._claimed = []
+            self._base_cache = None
             lock.release()
 
     lock_timeout: float = 600.0  # seconds a writer waits for another writer to finish
     on_wait: Callable[[str], None] | None = None
+    _base_cache: dict[str, torch.Tensor] | None = None  # bases read during the current write
     _committed: Entry | None = None  # the entry the current write committed, if any
     _claimed: list[str] = []  # noqa: RUF012 - replaced per write; prefixes a write owns until it commits
 
