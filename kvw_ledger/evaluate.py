@@ -15,6 +15,7 @@ a few hundred questions take seconds on a CPU.
 
 from __future__ import annotations
 
+import random
 import re
 import string
 from collections.abc import Sequence
@@ -94,7 +95,6 @@ def _encode(
     return out, images
 
 
-@torch.no_grad()
 def generate_answers(
     model: PreTrainedModel,
     processor: Processor,
@@ -116,8 +116,23 @@ def generate_answers(
     Returns:
         The decoded output of each record, special tokens removed.
     """
-    tok = _tokenizer(processor)
     encoded, images = _encode(records, processor, Path(base_dir) if base_dir else None)
+    return _decode(model, processor, encoded, images, batch_size, max_new_tokens)[0]
+
+
+@torch.no_grad()
+def _decode(
+    model: PreTrainedModel,
+    processor: Processor,
+    encoded: list[tuple[list[int], list[int], str | None]],
+    images: dict[str, torch.Tensor],
+    batch_size: int,
+    max_new_tokens: int,
+) -> tuple[list[str], list[torch.Tensor]]:
+    # Greedy decoding; also returns each prompt's next-token log-probabilities
+    # (V,), which score single-token options without another forward pass.
+    tok = _tokenizer(processor)
+    first_logp: list[torch.Tensor] = [torch.empty(0)] * len(encoded)
     pad, eos = tok.pad_token_id or 0, tok.eos_token_id
     device = model.device
     model.eval()
@@ -140,6 +155,9 @@ def generate_answers(
         if pix:
             kwargs["pixel_values"] = torch.stack(pix).to(device, model.dtype)
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **kwargs)
+        logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1).cpu()  # (B, V)
+        for row, i in enumerate(idx):
+            first_logp[i] = logp[row]
         generated = torch.empty((len(idx), 0), dtype=torch.long, device=device)
         done = torch.zeros(len(idx), dtype=torch.bool, device=device)
         last_pos = pos[:, -1:]
@@ -164,7 +182,7 @@ def generate_answers(
             if eos in toks:
                 toks = toks[: toks.index(eos)]
             answers[i] = tok.decode(toks, skip_special_tokens=True).strip()
-    return answers
+    return answers, first_logp
 
 
 def generation_accuracy(
@@ -183,7 +201,6 @@ def generation_accuracy(
     return sum(hits) / len(hits)
 
 
-@torch.no_grad()
 def option_loglik(
     model: PreTrainedModel,
     processor: Processor,
@@ -191,38 +208,63 @@ def option_loglik(
     base_dir: str | Path | None = None,
     batch_size: int = 64,
 ) -> list[list[float]]:
-    """Summed log-likelihood of each option's tokens after each record's prompt."""
-    tok = _tokenizer(processor)
+    """Summed log-likelihood of each option's tokens (``" " + option``) after each prompt."""
     encoded, images = _encode(records, processor, Path(base_dir) if base_dir else None)
-    rows: list[tuple[int, list[int], list[int], str | None]] = []
+    first_logp = _decode(model, processor, encoded, images, batch_size, 0)[1]
+    return _option_scores(model, processor, records, encoded, images, first_logp, batch_size)
+
+
+@torch.no_grad()
+def _option_scores(
+    model: PreTrainedModel,
+    processor: Processor,
+    records: Sequence[dict[str, Any]],
+    encoded: list[tuple[list[int], list[int], str | None]],
+    images: dict[str, torch.Tensor],
+    first_logp: list[torch.Tensor],
+    batch_size: int,
+) -> list[list[float]]:
+    tok = _tokenizer(processor)
+    scores: list[list[float]] = []
+    longer: list[tuple[int, int, list[int], list[int], str | None]] = []  # multi-token options
     for k, (r, (prompt, _, im)) in enumerate(zip(records, encoded, strict=True)):
-        if "options" not in r:
-            raise BadInputError(f"record {r.get('id')!r} has no 'options' for multiple choice")
-        for opt in r["options"]:
-            rows.append((k, prompt, tok(" " + str(opt), add_special_tokens=False)["input_ids"], im))
-    scores: list[list[float]] = [[] for _ in records]
+        if "options" not in r or "correct" not in r:
+            raise BadInputError(
+                f"record {r.get('id')!r} has no 'options'/'correct' for multiple choice; "
+                "pass multiple_choice=False"
+            )
+        row = []
+        for j, opt in enumerate(r["options"]):
+            ids = tok(" " + str(opt), add_special_tokens=False)["input_ids"]
+            row.append(float(first_logp[k][ids[0]]))  # the prompt's forward already scored it
+            if len(ids) > 1:
+                longer.append((k, j, prompt, ids, im))
+        scores.append(row)
     pad = tok.pad_token_id or 0
     device = model.device
-    model.eval()
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        width = max(len(p) + len(o) for _, p, o, _ in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, (_, p, o, _) in enumerate(chunk):  # right padding: positions start at 0
-            ids[row, : len(p) + len(o)] = torch.tensor(p + o)
-            mask[row, : len(p) + len(o)] = 1
+    for start in range(0, len(longer), batch_size):
+        chunk = longer[start : start + batch_size]
+        width = max(len(p) + len(o) for _, _, p, o, _ in chunk)
+        ids_t = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids_t)
+        for row_i, (_, _, p, o, _) in enumerate(chunk):  # right padding: positions from 0
+            ids_t[row_i, : len(p) + len(o)] = torch.tensor(p + o)
+            mask[row_i, : len(p) + len(o)] = 1
         kwargs: dict[str, Any] = {}
         pix = [images[im] for *_, im in chunk if im is not None]
         if pix:
             kwargs["pixel_values"] = torch.stack(pix).to(device, model.dtype)
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs).logits
-        logp = torch.log_softmax(logits.float(), dim=-1).cpu()
-        for row, (k, p, o, _) in enumerate(chunk):
-            # Token t of the option is predicted at position len(p) + t - 1.
-            at = torch.arange(len(p) - 1, len(p) + len(o) - 1)
-            scores[k].append(float(logp[row, at, torch.tensor(o)].sum()))
+        logits = model(input_ids=ids_t.to(device), attention_mask=mask.to(device), **kwargs).logits
+        logp = torch.log_softmax(logits.float(), dim=-1).cpu()  # (B, T, V)
+        for row_i, (k, j, p, o, _) in enumerate(chunk):
+            # Option token t is predicted at position len(p) + t - 1; token 0 is scored already.
+            at = torch.arange(len(p), len(p) + len(o) - 1)
+            scores[k][j] += float(logp[row_i, at, torch.tensor(o[1:])].sum())
     return scores
+
+
+def _argmax(values: Sequence[float]) -> int:
+    return max(range(len(values)), key=values.__getitem__)
 
 
 def mc_accuracy(
@@ -237,7 +279,7 @@ def mc_accuracy(
     if not records:
         return float("nan")
     scores = option_loglik(model, processor, records, base_dir, batch_size)
-    hits = [max(range(len(s)), key=s.__getitem__) == r["correct"] for r, s in zip(records, scores, strict=True)]
+    hits = [_argmax(s) == r["correct"] for r, s in zip(records, scores, strict=True)]
     return sum(hits) / len(hits)
 
 
@@ -248,14 +290,20 @@ def evaluate_records(
     base_dir: str | Path | None = None,
     batch_size: int = 64,
     multiple_choice: bool = True,
+    max_new_tokens: int = 8,
 ) -> dict[str, dict[str, float]]:
     """Per modality (``"image"``, ``"text"``): ``gen_acc``, ``mc_acc``, ``rouge_l`` and ``n``.
 
     A modality with no usable records (image records for a text-only model) is left out.
     """
     records = _usable(records, processor)
-    outputs = generate_answers(model, processor, records, base_dir, batch_size)
-    mc_scores = option_loglik(model, processor, records, base_dir, batch_size) if multiple_choice else None
+    encoded, images = _encode(records, processor, Path(base_dir) if base_dir else None)
+    outputs, first_logp = _decode(model, processor, encoded, images, batch_size, max_new_tokens)
+    mc_scores = None
+    if multiple_choice:
+        mc_scores = _option_scores(
+            model, processor, records, encoded, images, first_logp, batch_size
+        )
     result: dict[str, dict[str, float]] = {}
     for modality in ("image", "text"):
         rows = [i for i, r in enumerate(records) if ("image" in r) == (modality == "image")]
@@ -265,10 +313,7 @@ def evaluate_records(
         rl = [rouge_l(outputs[i], records[i]["answer"]) for i in rows]
         stats = {"gen_acc": sum(gen) / len(rows), "rouge_l": sum(rl) / len(rows), "n": float(len(rows))}
         if mc_scores is not None:
-            mc = [
-                max(range(len(mc_scores[i])), key=mc_scores[i].__getitem__) == records[i]["correct"]
-                for i in rows
-            ]
+            mc = [_argmax(mc_scores[i]) == records[i]["correct"] for i in rows]
             stats["mc_acc"] = sum(mc) / len(rows)
         result[modality] = stats
     return result
@@ -289,12 +334,13 @@ def evaluate_split(
         processor: its processor or tokenizer.
         jsonl_path: the split; image paths are relative to its directory.
         batch_size: prompts per forward pass.
-        max_records: evaluate an evenly strided subset of this size (deterministic).
+        max_records: evaluate a seeded random subset of this size (the same every call).
         multiple_choice: also compute ``mc_acc`` (records need ``options`` and ``correct``).
     """
     path = Path(jsonl_path)
     records = read_jsonl(path)
     if max_records is not None and len(records) > max_records:
-        step = len(records) / max_records
-        records = [records[int(i * step)] for i in range(max_records)]
+        # A seeded sample, not a stride: records alternate modality, a stride may not.
+        keep = sorted(random.Random(0).sample(range(len(records)), max_records))
+        records = [records[i] for i in keep]
     return evaluate_records(model, processor, records, path.parent, batch_size, multiple_choice)

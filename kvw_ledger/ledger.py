@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import json
 import random
 import re
 import shutil
@@ -31,6 +32,7 @@ from kvw_ledger.errors import (
     KVWLedgerError,
     LedgerLockedError,
     LedgerNotFoundError,
+    ModelMismatchError,
     RefNotFoundError,
     RequestStateError,
     StabilityCheckError,
@@ -54,7 +56,7 @@ from kvw_ledger.store import Store, check_id
 
 __all__ = ["Ledger", "LedgerState", "RequestInfo", "VerifyReport"]
 
-_REF_HEAD = re.compile(r"HEAD(?:~(\d+))?")
+_REF_HEAD = re.compile(r"HEAD(?:~([0-9]+))?")  # ASCII digits only, as version numbers
 
 
 @dataclass(frozen=True)
@@ -159,6 +161,7 @@ class Ledger:
             UnknownArchitectureError: no FFN value projection was found.
         """
         model_dir = Path(model_dir).resolve()
+        model_files.weight_files(model_dir)  # refuses pickle-only weights, saying how to convert
         with _loading_bars(progress):
             model = load_model(model_dir)
         sites = discover_sites(model, towers, site_glob)
@@ -252,14 +255,14 @@ class Ledger:
         text = str(ref).strip()
         match = _REF_HEAD.fullmatch(text)
         if match:
-            back = int(match.group(1) or 0)
-            if back >= last:
+            back = _small_int(match.group(1) or "0")
+            if back is None or back >= last:
                 raise RefNotFoundError(f"{text} goes back past version 1 (HEAD is version {last})")
             return last - back
         if text.isascii() and text.isdigit():
-            version = int(text)
-            if not 1 <= version <= last:
-                raise RefNotFoundError(f"version {version} does not exist; versions are 1..{last}")
+            version = _small_int(text)
+            if version is None or not 1 <= version <= last:
+                raise RefNotFoundError(f"version {version or text} does not exist; versions are 1..{last}")
             return version
         for entry in entries:
             if entry.op == "forget" and entry.body.get("request") == text:
@@ -288,7 +291,10 @@ class Ledger:
         """
         state = self.state(at)
         if state.version == self.head().version:
-            cached = self.store.read_head()
+            try:
+                cached = self.store.read_head()
+            except IntegrityError:
+                cached = None  # a damaged cache is only slower: `verify` reports it
             if cached is not None and cached[1] == state.version:
                 return cached[0]
         return self._sum_exponents(state)
@@ -362,11 +368,29 @@ class Ledger:
     ) -> tuple[nn.Module, Any]:
         """Loads the model (fingerprint checked) materialised at ``at``, and its processor."""
         directory = self.model_dir(model_dir)
-        model_files.check_fingerprint(directory, self.model_info["fingerprint"])
+        self._check_model_dir(directory)
         with _loading_bars(progress):
             model = load_model(directory)
         self.materialize(model, at)
         return model, load_processor(directory)
+
+    def _check_model_dir(self, directory: Path) -> None:
+        """The model directory must hold the model init saw: same architecture, same bytes.
+
+        Raises:
+            ModelMismatchError: another architecture, or a weight file or config that differs.
+        """
+        recorded = self.model_info.get("model_type")
+        try:
+            found = json.loads((directory / "config.json").read_text(encoding="utf-8")).get("model_type")
+        except (OSError, ValueError, AttributeError):
+            found = None  # check_fingerprint names what is wrong with the directory
+        if recorded and found and found != recorded:
+            raise ModelMismatchError(
+                f"{directory} holds a {found} model, but this ledger was made for a {recorded} model "
+                f"({self.model_info.get('dir')}); pass that model directory, or create a new ledger"
+            )
+        model_files.check_fingerprint(directory, self.model_info["fingerprint"])
 
     # --- verbs that write -------------------------------------------------------------
 
@@ -620,7 +644,7 @@ class Ledger:
         entries = self.entries()
         version = self.resolve(at, entries)
         directory = self.model_dir(model_dir)
-        model_files.check_fingerprint(directory, self.model_info["fingerprint"])
+        self._check_model_dir(directory)
         exponents = self.exponents(version)
         by_location = {(loc.file, loc.key): name for name, loc in self.locations.items()}
         state = self.state(version)
@@ -638,7 +662,15 @@ class Ledger:
             "active_requests": state.active,
             "tool": "kvw-ledger",
         }
-        return export_model(directory, out_dir, transform, provenance, progress=progress)
+        try:
+            return export_model(directory, out_dir, transform, provenance, progress=progress)
+        except OSError as e:
+            if isinstance(e, KVWLedgerError):
+                raise
+            # export_model built it in a temporary sibling and removed that: nothing is left
+            raise StorageError(
+                f"could not write the export to {out_dir} ({e.strerror or e}); nothing was exported"
+            ) from e
 
     def rederive(
         self,
@@ -858,34 +890,63 @@ class Ledger:
         return VerifyReport(problems, len(entries), checked)
 
     def _verify_head(self, entries: Sequence[Entry], state: LedgerState) -> list[Problem]:
+        """The head cache: sealed, naming an entry of the journal, equal to the replayed sum there.
+
+        A head older than HEAD (a crash between a commit and the head refresh) or none
+        at all (a crash inside the swap) is a warning; anything else is damage.
+        """
+        damaged = [Problem(path, message) for path, message in self.store.check_head()]
+        if damaged:
+            return damaged
         try:
             cached = self.store.read_head()
         except IntegrityError as e:
             return [Problem("head", str(e))]
-        if cached is None or cached[1] != entries[-1].version:
+        last = entries[-1].version
+        if cached is None:
             return [
                 Problem(
                     "head",
-                    "the head cache is missing or stale; the next write rebuilds it",
+                    "the head cache is missing (a write was interrupted); the next write rebuilds it",
                     "warning",
                 )
             ]
-        tensors, _, digest = cached
-        if digest != entries[-1].hash:
-            return [Problem("head/zarr.json", "the head cache names another journal entry")]
+        tensors, version, digest = cached
+        if not 1 <= version <= last or entries[version - 1].hash != digest:
+            return [
+                Problem(
+                    "head/zarr.json",
+                    f"the head cache names version {version} (entry sha256 {digest[:12]}...), "
+                    "which is not an entry of this journal",
+                )
+            ]
+        stale = Problem(
+            "head",
+            f"the head cache is of version {version}, HEAD is {last} (a write was interrupted); "
+            "the next write rebuilds it",
+            "warning",
+        )
+        at = state
+        if version < last:
+            at = LedgerState(0)
+            for entry in entries[:version]:
+                _apply(at, entry)
         try:
-            expected = self._sum_exponents(state)
+            expected = self._sum_exponents(at)
         except KVWLedgerError as e:  # a damaged request array, also reported by name above
+            if version < last:
+                return [stale]  # its requests may since have been deleted by gc
             return [Problem("head", f"cannot be checked against the request arrays: {e}")]
         for name, value in expected.items():
             got = tensors.get(name)
             if got is None or not torch.equal(got.view(torch.int32), value.view(torch.int32)):
                 return [
                     Problem(
-                        f"head/{name}", "the head cache differs from the sum of active exponents"
+                        f"head/{name}",
+                        f"the head cache differs from the sum of active exponents at version {version}",
                     )
                 ]
-        return []
+        return [stale] if version < last else []
 
     def _verify_base(self, model_dir: str | Path | None) -> list[Problem]:
         directory = self.model_dir(model_dir)
@@ -898,7 +959,7 @@ class Ledger:
                 )
             ]
         try:
-            model_files.check_fingerprint(directory, self.model_info["fingerprint"])
+            self._check_model_dir(directory)
         except KVWLedgerError as e:
             return [Problem(str(directory), str(e))]
         from safetensors import safe_open
@@ -1139,6 +1200,12 @@ def _add(sites: Sequence[Site], parts: Iterable[Mapping[str, torch.Tensor]]) -> 
         for site, value in part.items():
             total[site] += value
     return total
+
+
+def _small_int(digits: str) -> int | None:
+    """ASCII digits as an int, or None past any journal's length (int() refuses > 4300 digits)."""
+    digits = digits.lstrip("0") or "0"
+    return int(digits) if len(digits) <= 18 else None
 
 
 def _check_request_id(request_id: str) -> str:

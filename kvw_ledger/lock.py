@@ -6,9 +6,12 @@ write to its journal entry and head update.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import hashlib
 import json
 import os
+import re
 import secrets
 import socket
 from collections.abc import Callable
@@ -23,6 +26,13 @@ __all__ = ["WriterLock"]
 
 _MAX_LOCK_BYTES = 1 << 16
 _LOCK_ATTEMPTS = 8
+# acquire()'s temporary file: .lock.<host tag>.<pid>.<random>.tmp
+_TMP_NAME = re.compile(r"\.lock\.([0-9a-f]{8})\.(\d+)\.[0-9a-f]+\.tmp")
+
+
+def _host_tag() -> str:
+    """This host, in temporary file names: a pid only means something on its own host."""
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
 
 def _pid_alive(pid: int) -> bool:
@@ -120,7 +130,7 @@ class WriterLock:
             "time": format_time(utc_now()),
             "operation": self._operation,
         }
-        tmp = self.root / f".lock.{os.getpid()}.{secrets.token_hex(6)}.tmp"
+        tmp = self.root / f".lock.{_host_tag()}.{os.getpid()}.{secrets.token_hex(6)}.tmp"
         try:
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         except OSError as e:
@@ -141,6 +151,7 @@ class WriterLock:
                     continue
                 fsync_dir(self.root)
                 self._fd, self._owner_pid = fd, os.getpid()
+                self._sweep()
                 return
             raise LedgerLockedError(
                 f"could not take {self.path} after {_LOCK_ATTEMPTS} tries: other writers keep "
@@ -198,7 +209,7 @@ class WriterLock:
             # Holding the flock of the very inode at the path, no one else can move it now.
             moved = self.root / f".lock.stale.{holder.pid}.{secrets.token_hex(6)}"
             os.rename(self.path, moved)
-            moved.unlink()
+            moved.unlink(missing_ok=True)  # the next lock holder may have swept it already
             fsync_dir(self.root)
         finally:
             os.close(fd)
@@ -207,6 +218,27 @@ class WriterLock:
                 f"took over a stale lock {self.path} left by dead pid {holder.pid} "
                 f"(operation {holder.operation or '?'!r}, since {holder.time})"
             )
+
+    def _sweep(self) -> None:
+        """Removes what writers killed inside :meth:`acquire` left: their temporary lock
+        files (only those of dead processes on this host) and moved-away stale locks."""
+        try:
+            names = os.listdir(self.root)
+        except OSError:
+            return
+        host = _host_tag()
+        for name in names:
+            match = _TMP_NAME.fullmatch(name)
+            pid = int(match.group(2)) if match and len(match.group(2)) <= 9 else 0
+            dead = (
+                match is not None
+                and match.group(1) == host
+                and 0 < pid != os.getpid()
+                and not _pid_alive(pid)
+            )
+            if dead or name.startswith(".lock.stale."):
+                with contextlib.suppress(OSError):
+                    (self.root / name).unlink()
 
     def release(self) -> None:
         """Removes the lock file if it is still this object's; safe to call twice."""

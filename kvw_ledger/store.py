@@ -233,8 +233,8 @@ class Store:
             )
         if version > FORMAT_VERSION:
             raise FormatVersionError(
-                f"{path} was written by a newer kvw-ledger (format {version}, this one reads "
-                f"up to {FORMAT_VERSION}); upgrade kvw-ledger"
+                f"{path} was written by a newer kvw-ledger (format {version} in zarr.json, this "
+                f"one reads up to {FORMAT_VERSION}); upgrade kvw-ledger"
             )
         return cls(path, attrs)
 
@@ -384,10 +384,16 @@ class Store:
             try:
                 for site, t in tensors.items():
                     _write_zarr_array(tmp / site, t, None)
-                zarr.create_group(
-                    store=LocalStore(tmp),
-                    attributes={"version": version, "digest": digest},
-                    zarr_format=3,
+                # The head is named by no journal entry, so it seals itself: its group
+                # zarr.json lists every file's sha256 and hashes its own content.
+                files = {
+                    f"head/{Path(rel).relative_to(tmp.name).as_posix()}": _file_sha256(
+                        self.path / rel
+                    )
+                    for rel in self._files_under(tmp.name)
+                }
+                (tmp / "zarr.json").write_bytes(
+                    _sealed_head_meta({"version": version, "digest": digest, "files": files})
                 )
                 self._swap_in(tmp, self.path / "head")
             finally:
@@ -395,21 +401,69 @@ class Store:
 
     def read_head(self) -> tuple[dict[str, torch.Tensor], int, str] | None:
         """The head cache as (site -> tensor, version, digest), or None if there is
-        no complete head (never written, or a crash interrupted :meth:`write_head`).
+        no complete head (never written, or a crash interrupted :meth:`write_head`),
+        or a writer replaced it while it was being read.
 
         Raises:
-            IntegrityError: naming the file, if a head array is damaged.
+            IntegrityError: naming the file, if the head is damaged or its seal broken.
         """
         meta_path = self.path / "head" / "zarr.json"
-        if not meta_path.is_file():
+        raw = _read_bytes(meta_path)
+        if raw is None:
             return None
-        attrs = _read_meta(meta_path).get("attributes", {})
-        version, digest = attrs.get("version"), attrs.get("digest")
-        if not isinstance(version, int) or isinstance(version, bool) or not isinstance(digest, str):
+        attrs = _check_head_meta(raw)
+        sites = sorted(
+            rel.split("/")[1]
+            for rel in attrs["files"]
+            if re.fullmatch(r"head/[^/]+/zarr\.json", rel)
+        )
+        try:
+            tensors = {site: self.read_array(f"head/{site}") for site in sites}
+        except (IntegrityError, RefNotFoundError, OSError) as e:
+            if _read_bytes(meta_path) != raw:
+                return None  # swapped by a writer mid-read: callers recompute from the requests
+            raise IntegrityError(f"the head cache is damaged: {e}") from e
+        if _read_bytes(meta_path) != raw:
             return None
-        names = [n for n, kind in self._nodes("head") if kind == "array"]
-        tensors = {n.split("/", 1)[1]: self.read_array(n) for n in sorted(names)}
-        return tensors, version, digest
+        return tensors, attrs["version"], attrs["digest"]
+
+    def check_head(self) -> list[tuple[str, str]]:
+        """Every head file against the seal :meth:`write_head` put in ``head/zarr.json``.
+
+        Returns:
+            (ledger-relative path, what is wrong) per damaged, missing or extra file;
+            empty when the head is whole, or absent (a crash between the two renames).
+        """
+        meta_path = self.path / "head" / "zarr.json"
+        on_disk = set(self._files_under("head")) if (self.path / "head").is_dir() else set()
+        raw = _read_bytes(meta_path)
+        if raw is None:
+            return [
+                (f, "is in head/, which has no zarr.json; the head cache was altered")
+                for f in sorted(on_disk)
+            ]
+        try:
+            listed = _check_head_meta(raw)["files"]
+        except IntegrityError as e:
+            return [("head/zarr.json", str(e))]
+        problems = []
+        for rel in sorted((on_disk - {"head/zarr.json"}) | set(listed)):
+            if rel not in on_disk:
+                problems.append((rel, "is missing; head/zarr.json lists it"))
+            elif rel not in listed:
+                problems.append(
+                    (rel, "is not listed in head/zarr.json; it was added to the head cache")
+                )
+            else:
+                actual = _file_sha256(self.path / rel)
+                if actual != listed[rel]:
+                    problems.append(
+                        (
+                            rel,
+                            f"has sha256 {actual} but head/zarr.json recorded {listed[rel]}; it was altered",
+                        )
+                    )
+        return problems
 
     # ---------------------------------------------------------------- private
 
@@ -514,6 +568,84 @@ def _file_sha256(path: Path) -> str:
         while block := f.read(1 << 20):
             h.update(block)
     return h.hexdigest()
+
+
+def _canonical(obj: Any) -> bytes:
+    """Sorted keys, no spaces, a newline: one byte form per content (as the journal's)."""
+    return (
+        json.dumps(
+            obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        ).encode()
+        + b"\n"
+    )
+
+
+def _head_seal(meta: Mapping[str, Any]) -> str:
+    unsealed = {**meta, "attributes": {k: v for k, v in meta["attributes"].items() if k != "seal"}}
+    return hashlib.sha256(_canonical(unsealed)).hexdigest()
+
+
+def _sealed_head_meta(attrs: Mapping[str, Any]) -> bytes:
+    """The head group's zarr.json: canonical JSON whose ``seal`` hashes the rest."""
+    meta: dict[str, Any] = {"attributes": dict(attrs), "node_type": "group", "zarr_format": 3}
+    meta["attributes"]["seal"] = _head_seal(meta)
+    return _canonical(meta)
+
+
+def _check_head_meta(raw: bytes) -> dict[str, Any]:
+    """The attributes of a sealed head zarr.json; IntegrityError naming it otherwise."""
+
+    def bad(why: str) -> IntegrityError:
+        return IntegrityError(
+            f"head/zarr.json {why}; the head cache was altered (the next write rebuilds it)"
+        )
+
+    try:
+        meta = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+        canonical = _canonical(meta)
+    except (UnicodeDecodeError, ValueError, TypeError, RecursionError) as e:
+        raise bad(f"is not valid JSON ({e})") from e
+    if canonical != raw:
+        raise bad("is not a sealed head record in canonical form")
+    attrs = meta.get("attributes") if isinstance(meta, dict) else None
+    if set(meta) != {"attributes", "node_type", "zarr_format"} or not isinstance(attrs, dict):
+        raise bad("does not have the keys of a head record")
+    if set(attrs) != {"version", "digest", "files", "seal"} or attrs.get("seal") != _head_seal(
+        meta
+    ):
+        raise bad("does not match its seal")
+    version, files = attrs["version"], attrs["files"]
+    if not (isinstance(version, int) and not isinstance(version, bool) and version >= 0):
+        raise bad(f"names version {version!r}")
+    if not (isinstance(attrs["digest"], str) and isinstance(files, dict)):
+        raise bad("has a malformed digest or file list")
+    for rel, digest in files.items():
+        parts = rel.split("/")
+        if (
+            parts[0] != "head"
+            or len(parts) < 3
+            or any(p in ("", ".", "..") for p in parts)
+            or not isinstance(digest, str)
+        ):
+            raise bad(f"lists a bad file {rel!r}")
+    return attrs
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError("duplicate key")
+    return out
+
+
+def _read_bytes(path: Path) -> bytes | None:
+    """A file's bytes, or None when it does not exist."""
+    try:
+        return path.read_bytes()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as e:
+        raise IntegrityError(f"{path} is unreadable ({e}); the ledger is damaged") from e
 
 
 def _read_meta(path: Path) -> dict[str, Any]:

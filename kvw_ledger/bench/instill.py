@@ -25,6 +25,7 @@ import math
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -73,7 +74,7 @@ class InstillConfig:
     num_heads: int = 4  # attention heads per layer (count)
     intermediate_size: int = 2048  # FFN width d_ff = value vectors per layer (count)
     hidden_act: str = "relu"  # FFN activation; ReLU keeps activations sparse, as KVW assumes
-    vocab_size: int = 1024  # BPE target size; the corpus saturates it near 900 (tokens)
+    vocab_size: int = 2048  # BPE ceiling; the corpus saturates below it, every word one token
     # vision tower (CLIP architecture)
     image_size: int = 32  # input side (pixels); must match the portraits
     patch_size: int = 8  # patch side (pixels): (32/8)^2 = 16 image tokens
@@ -87,7 +88,10 @@ class InstillConfig:
     lr: float = 2e-3  # peak AdamW learning rate
     weight_decay: float = 0.0  # AdamW decoupled weight decay
     warmup: float = 0.05  # linear warm-up (fraction of all steps), then cosine decay to 0
-    activation_l1: float = 0.0  # L1 penalty on FFN activations (per unit of mean |act|)
+    activation_l1: float = 0.0  # L1 penalty on FFN activations (loss per unit of mean |act|)
+    ffn_grad: str = "all"  # "answer": FFN weights learn only at answer-predicting positions
+    frozen_ffn_layers: tuple[int, ...] = ()  # language-model layers whose FFN keeps its init
+    grad_clip: float = 1.0  # global gradient-norm clip (0: none)
     seed: int = 0  # initialisation and shuffling seed
     threads: int = 2  # torch CPU threads
 
@@ -260,23 +264,59 @@ def collate(
     return out
 
 
-class _ActivationL1:
-    """Adds the mean |FFN activation| of every language-model layer to a running sum."""
+def lm_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder layers of a LLaVA's language model, or of a plain causal LM."""
+    inner = model.model  # type: ignore[union-attr]
+    lm = getattr(inner, "language_model", inner)
+    return lm.layers  # type: ignore[no-any-return]
 
-    def __init__(self, model: LlavaForConditionalGeneration) -> None:
-        self.total: torch.Tensor | None = None
-        self.handles = [
-            layer.mlp.down_proj.register_forward_pre_hook(self._hook)
-            for layer in model.model.language_model.layers
-        ]
 
-    def _hook(self, module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        term = args[0].abs().mean()
-        self.total = term if self.total is None else self.total + term
+def cause_mask(labels: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that predict an answer token (what KVW measures): ``labels[t+1] != -100``."""
+    mask = torch.zeros_like(attention_mask, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != -100
+    return mask & attention_mask.bool()
 
-    def pop(self) -> torch.Tensor | None:
-        total, self.total = self.total, None
-        return total
+
+class _FFNTraining:
+    """Training-time hooks on the language model's FFNs.
+
+    - ``answer_only``: the FFN output keeps its value everywhere but passes
+      gradient only at answer-predicting positions, so FFN weights learn only
+      what they do there. Facts then live in FFN neurons that fire where KVW
+      measures, instead of being written at the name tokens and copied on.
+    - ``l1 > 0``: adds ``l1 * mean |activation|`` (per layer, summed) to the
+      loss, which makes each fact use fewer, more specific neurons.
+    """
+
+    def __init__(self, model: torch.nn.Module, answer_only: bool, l1: float) -> None:
+        self.mask: torch.Tensor | None = None  # (B, T) bool, set per batch
+        self.l1 = l1
+        self.penalty: torch.Tensor | None = None
+        self.handles = []
+        for layer in lm_layers(model):
+            if answer_only:
+                self.handles.append(layer.mlp.register_forward_hook(self._gate_grad))
+            if l1 > 0:
+                self.handles.append(layer.mlp.down_proj.register_forward_pre_hook(self._l1))
+
+    # Hooks act only while ``mask`` is set (inside a training step), never
+    # during evaluation that a callback runs between epochs.
+    def _gate_grad(self, module: torch.nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
+        if self.mask is None:
+            return out
+        keep = self.mask[..., None].to(out.dtype)  # (B, T, 1)
+        return out * keep + out.detach() * (1 - keep)
+
+    def _l1(self, module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        if self.mask is None:
+            return
+        term = self.l1 * args[0].abs().mean()
+        self.penalty = term if self.penalty is None else self.penalty + term
+
+    def pop_penalty(self) -> torch.Tensor | None:
+        penalty, self.penalty = self.penalty, None
+        return penalty
 
     def remove(self) -> None:
         for h in self.handles:
@@ -290,12 +330,26 @@ def train(
     pad_id: int,
     cfg: InstillConfig,
     desc: str = "instill",
+    on_epoch: Callable[[int, float], None] | None = None,
 ) -> list[float]:
-    """Train ``model`` on encoded examples with AdamW; returns the loss per epoch."""
+    """Train ``model`` on encoded examples with AdamW; returns the loss per epoch.
+
+    ``on_epoch(epoch, loss)`` is called after each epoch (the model in train mode).
+    """
     torch.set_num_threads(cfg.threads)
     rng = random.Random(cfg.seed)
-    n_steps = cfg.epochs * math.ceil(len(examples) / cfg.batch_size)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    n_images = sum(im is not None for _, _, im in examples)
+    per_epoch = math.ceil(n_images / cfg.batch_size) + math.ceil(
+        (len(examples) - n_images) / cfg.batch_size
+    )
+    n_steps = cfg.epochs * per_epoch
+    layers = lm_layers(model)
+    for i in cfg.frozen_ffn_layers:
+        if not 0 <= i < len(layers):
+            raise BadInputError(f"frozen_ffn_layers: no layer {i} in a {len(layers)}-layer model")
+        layers[i].mlp.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warm = max(1, int(cfg.warmup * n_steps))
 
     def lr_at(step: int) -> float:
@@ -304,7 +358,7 @@ def train(
         return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, n_steps - warm)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    l1 = _ActivationL1(model) if cfg.activation_l1 > 0 else None
+    hooks = _FFNTraining(model, cfg.ffn_grad == "answer", cfg.activation_l1)
     model.train()
     losses = []
     try:
@@ -313,14 +367,16 @@ def train(
                 total, count = 0.0, 0
                 for idx in _batches(examples, cfg.batch_size, rng):
                     batch = collate([examples[i] for i in idx], images, pad_id)
+                    hooks.mask = cause_mask(batch["labels"], batch["attention_mask"])
                     loss = model(**batch, use_cache=False).loss
-                    if l1 is not None:
-                        act = l1.pop()
-                        if act is not None:
-                            loss = loss + cfg.activation_l1 * act
+                    hooks.mask = None
+                    penalty = hooks.pop_penalty()
+                    if penalty is not None:
+                        loss = loss + penalty
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                    if cfg.grad_clip > 0:
+                        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                     opt.step()
                     sched.step()
                     total += loss.item() * len(idx)
@@ -328,9 +384,11 @@ def train(
                     bar.update(1)
                 losses.append(total / count)
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
+                if on_epoch is not None:
+                    on_epoch(len(losses), losses[-1])
     finally:
-        if l1 is not None:
-            l1.remove()
+        hooks.remove()
+        model.requires_grad_(True)
     model.eval()
     return losses
 

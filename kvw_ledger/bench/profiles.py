@@ -82,29 +82,33 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
 # Per attribute: question templates, text-only ({name}) and image-grounded.
 # The last ``BenchConfig.n_heldout`` of each list are held out from training.
 _TEXT_TEMPLATES: dict[str, tuple[str, ...]] = {
+    # Held-out paraphrases reorder the training wording and keep its keyword
+    # ("born", "job", "company", "hobby"): a small model trained from scratch
+    # cannot know what an unseen word asks for, but can generalise across
+    # sentence shapes.
     "birthplace": (
         "Where was {name} born?",
         "What is the birthplace of {name}?",
         "In which city was {name} born?",
-        "Which city is {name} originally from?",
+        "{name} was born in which city?",
     ),
     "occupation": (
         "What does {name} do for work?",
         "What is the occupation of {name}?",
         "What is {name}'s job?",
-        "What profession does {name} have?",
+        "What job does {name} have?",
     ),
     "employer": (
         "Which company does {name} work for?",
         "Who is the employer of {name}?",
         "Where is {name} employed?",
-        "Which firm employs {name}?",
+        "{name} works for which company?",
     ),
     "hobby": (
         "What is the hobby of {name}?",
         "What does {name} do for fun?",
-        "Which pastime does {name} enjoy?",
-        "What does {name} like to do in free time?",
+        "Which hobby does {name} enjoy?",
+        "{name} enjoys which hobby?",
     ),
 }
 _IMAGE_SUBJECTS = ("the person in this image", "the person shown", "this person", "the pictured person")

@@ -1,0 +1,396 @@
+"""Crash trials: a writer runs in a forked child and is killed with SIGKILL mid-write.
+
+The parent has already imported torch and transformers and built a tiny model and a
+prepared ledger, so each child starts in microseconds (``os.fork``) and runs one
+Ledger verb. A trial is killed either at a random moment (``random_trial``) or at
+one exact step of the write protocol (``step_trial``): before or after any array
+write, group creation, rename, link, journal append, head swap or delete. After the
+kill, :func:`check_after_crash` holds the ledger to the crash contract:
+
+- it opens, and ``verify`` finds no error (leftover arrays are warnings);
+- HEAD is the version before the command or the one the command commits;
+- the next command succeeds (the same verb again if it did not commit, else a
+  revert or gc), taking over the dead writer's lock, and the ledger verifies clean.
+
+Used by tests/test_reliability.py and benchmarks/crash.py. POSIX only (fork).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tiny
+import torch
+
+from kvw_ledger import journal as journal_module
+from kvw_ledger import lock as lock_module
+from kvw_ledger import store as store_module
+from kvw_ledger.kvw import KVWConfig
+from kvw_ledger.ledger import Ledger
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the Rust tokenizer warns after fork
+
+VERBS = ("forget", "revert", "rederive", "gc")
+# The op each verb commits.
+COMMITS = {"forget": "forget", "revert": "revert", "rederive": "rederive", "gc": "gc"}
+
+# The steps a child can be killed at: (object, attribute) pairs wrapped in the child.
+_METHODS = [
+    (store_module.Store, "write_array"),
+    (store_module.Store, "_ensure_groups"),
+    (store_module.Store, "_swap_in"),
+    (store_module.Store, "delete"),
+    (store_module.Store, "write_head"),
+    (journal_module.Journal, "append"),
+    (lock_module.WriterLock, "acquire"),
+    (lock_module.WriterLock, "release"),
+]
+_OS_CALLS = ("rename", "link", "unlink")  # counted only for paths inside the ledger
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A prepared ledger and what the verbs need.
+
+    ``prepared`` holds: init, retain stats ``retain-2`` and ``r2``, forget A, forget B
+    (both with traces), revert A. So forget (request C), revert (B), rederive (B with
+    r2) and gc (A's arrays) each have something to do.
+    """
+
+    root: Path
+    model_dir: Path
+    prepared: Path
+    forget_c: Path
+    durations: dict[str, float] = field(default_factory=dict)  # verb -> seconds, in a child
+
+
+@dataclass
+class Outcome:
+    """What one trial found."""
+
+    label: str  # verb, seed and trial (or step), for messages
+    committed: bool  # whether the killed command's entry landed
+    exit_code: int | None  # the child's, when it finished before the kill
+    errors: list[str] = field(default_factory=list)  # broken promises: a corrupt ledger
+    leftovers: list[str] = field(
+        default_factory=list
+    )  # warnings still there after the next command
+    stale_warnings: int = 0  # stale-lock takeovers the next command reported
+
+    @property
+    def ok(self) -> bool:
+        """No broken promise, and nothing of the crash left once the next command ran."""
+        return not self.errors and not self.leftovers
+
+
+def prepare(root: Path) -> Scenario:
+    """Builds the tiny model, the data and the prepared ledger under ``root``."""
+    root.mkdir(parents=True, exist_ok=True)
+    model_dir = root / "model"
+    model: Any = tiny.llama()
+    model.save_pretrained(model_dir)
+    tiny.char_tokenizer().save_pretrained(model_dir)
+    retain = tiny.write_jsonl(root / "retain.jsonl", tiny.qa_records(4, 40))
+    forget_a = tiny.write_jsonl(root / "a.jsonl", tiny.qa_records(2, 0))
+    forget_b = tiny.write_jsonl(root / "b.jsonl", tiny.qa_records(2, 10))
+    forget_c = tiny.write_jsonl(root / "c.jsonl", tiny.qa_records(2, 20))
+    prepared = root / "prepared"
+    ledger = Ledger.create(prepared, model_dir, progress=False)
+    ledger.retain(retain, progress=False)
+    ledger.retain(retain, stats_id="r2", progress=False)
+    ledger.forget(forget_a, request_id="A", config=KVWConfig(gamma=0.5), progress=False)
+    ledger.forget(forget_b, request_id="B", config=KVWConfig(gamma=0.5), progress=False)
+    ledger.revert("A", progress=False)
+    scenario = Scenario(root, model_dir, prepared, forget_c)
+    for verb in VERBS:  # warm every code path in the parent, then time each verb in a child
+        work = root / f"warm-{verb}"
+        shutil.copytree(prepared, work)
+        run_verb(scenario, work, verb)
+        shutil.rmtree(work)
+        scenario.durations[verb] = _time_in_child(scenario, verb)
+    return scenario
+
+
+def run_verb(scenario: Scenario, path: Path, verb: str) -> None:
+    """Runs one verb on the ledger at ``path`` (what the child does)."""
+    ledger = Ledger.open(path)
+    if verb == "forget":
+        ledger.forget(
+            scenario.forget_c, request_id="C", config=KVWConfig(gamma=0.5), progress=False
+        )
+    elif verb == "revert":
+        ledger.revert("B", progress=False)
+    elif verb == "rederive":
+        ledger.rederive("r2", progress=False)
+    elif verb == "gc":
+        ledger.gc()
+    else:
+        raise ValueError(f"unknown verb {verb!r}")
+
+
+def _time_in_child(scenario: Scenario, verb: str) -> float:
+    work = scenario.root / f"time-{verb}"
+    shutil.copytree(scenario.prepared, work)
+    start = time.perf_counter()
+    pid = _fork(lambda: run_verb(scenario, work, verb), work)
+    _, status = os.waitpid(pid, 0)
+    elapsed = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(
+            f"{verb} failed in a child: {(work.parent / (work.name + '.err')).read_text()}"
+        )
+    shutil.rmtree(work)
+    return elapsed
+
+
+def _fork(body: Callable[[], None], path: Path) -> int:
+    """Forks a child that runs ``body`` and exits 0, or 1 writing its traceback beside ``path``."""
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        body()
+        code = 0
+    except BaseException:
+        with contextlib.suppress(BaseException):
+            (path.parent / (path.name + ".err")).write_text(traceback.format_exc())
+    finally:
+        os._exit(code)
+
+
+# --- killing at an exact step -------------------------------------------------------------
+
+
+class _Steps:
+    """Counts the protocol steps a child takes; SIGKILLs itself at step ``kill_at``."""
+
+    def __init__(self, ledger: Path, kill_at: int | None) -> None:
+        self.ledger = str(ledger)
+        self.kill_at = kill_at
+        self.names: list[str] = []
+
+    def step(self, name: str) -> None:
+        self.names.append(name)
+        if self.kill_at is not None and len(self.names) - 1 == self.kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def wrap(
+        self, name: str, fn: Callable[..., Any], only_ledger_paths: bool = False
+    ) -> Callable[..., Any]:
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            counted = not only_ledger_paths or any(str(a).startswith(self.ledger) for a in args[:2])
+            if counted:
+                self.step(f"{name}:before")
+            result = fn(*args, **kwargs)
+            if counted:
+                self.step(f"{name}:after")
+            return result
+
+        return wrapped
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """Wraps the protocol's steps (in the child only; the parent never calls this)."""
+        originals: list[tuple[Any, str, Any]] = []
+        for owner, attr in _METHODS:
+            originals.append((owner, attr, getattr(owner, attr)))
+            setattr(owner, attr, self.wrap(f"{owner.__name__}.{attr}", getattr(owner, attr)))
+        for attr in _OS_CALLS:
+            originals.append((os, attr, getattr(os, attr)))
+            setattr(os, attr, self.wrap(f"os.{attr}", getattr(os, attr), only_ledger_paths=True))
+        try:
+            yield
+        finally:
+            for owner, attr, original in reversed(originals):
+                setattr(owner, attr, original)
+
+
+def list_steps(scenario: Scenario, verb: str) -> list[str]:
+    """The steps ``verb`` takes on the prepared ledger, in order (run once in a child)."""
+    work = scenario.root / f"steps-{verb}"
+    shutil.copytree(scenario.prepared, work)
+    out = scenario.root / f"steps-{verb}.json"
+
+    def body() -> None:
+        steps = _Steps(work, None)
+        with steps.installed():
+            run_verb(scenario, work, verb)
+        out.write_text(json.dumps(steps.names))
+
+    pid = _fork(body, work)
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(
+            f"{verb} failed in a child: {(work.parent / (work.name + '.err')).read_text()}"
+        )
+    shutil.rmtree(work)
+    return list(json.loads(out.read_text()))
+
+
+def step_trial(scenario: Scenario, workdir: Path, verb: str, index: int, step: str) -> Outcome:
+    """Kills the child at protocol step ``index`` (named ``step``) of ``verb``, then checks."""
+    path = workdir / f"{verb}-step{index}"
+    shutil.copytree(scenario.prepared, path)
+    before = Ledger.open(path).head().version
+
+    def body() -> None:
+        with _Steps(path, index).installed():
+            run_verb(scenario, path, verb)
+
+    pid = _fork(body, path)
+    _, status = os.waitpid(pid, 0)
+    label = f"{verb} killed at step {index} ({step})"
+    return check_after_crash(scenario, path, verb, before, label, _exit_code(status))
+
+
+# --- killing at a random moment -----------------------------------------------------------
+
+
+def random_trial(scenario: Scenario, workdir: Path, verb: str, seed: int, trial: int) -> Outcome:
+    """Kills the child after a seeded random delay in [0, 1.2 x the verb's duration]."""
+    rng = random.Random(f"{seed}/{verb}/{trial}")
+    delay = rng.uniform(0.0, 1.2 * scenario.durations[verb])
+    path = workdir / f"{verb}-{trial}"
+    shutil.copytree(scenario.prepared, path)
+    before = Ledger.open(path).head().version
+    pid = _fork(lambda: run_verb(scenario, path, verb), path)
+    time.sleep(delay)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    _, status = os.waitpid(pid, 0)  # reaped: from now on its pid is gone
+    label = f"seed {seed} {verb} trial {trial} (killed after {delay * 1000:.0f} ms)"
+    return check_after_crash(scenario, path, verb, before, label, _exit_code(status))
+
+
+def _exit_code(status: int) -> int | None:
+    return None if os.WIFSIGNALED(status) else os.waitstatus_to_exitcode(status)
+
+
+# --- the contract -------------------------------------------------------------------------
+
+
+def check_after_crash(
+    scenario: Scenario, path: Path, verb: str, before: int, label: str, exit_code: int | None
+) -> Outcome:
+    """Holds a ledger whose writer was killed to the crash contract (see the module doc)."""
+    outcome = Outcome(label, committed=False, exit_code=exit_code)
+    if exit_code not in (None, 0):
+        err = path.parent / (path.name + ".err")
+        outcome.errors.append(
+            f"the child failed on its own: {err.read_text() if err.exists() else '?'}"
+        )
+        return outcome
+    try:
+        ledger = Ledger.open(path)
+    except Exception as e:  # any failure to open is the finding
+        outcome.errors.append(f"the ledger does not open: {e!r}")
+        return outcome
+    report = ledger.verify(check_model=False)
+    outcome.errors += [
+        f"verify: {p.path}: {p.message}" for p in report.problems if p.severity == "error"
+    ]
+    head = ledger.head()
+    if head.version not in (before, before + 1):
+        outcome.errors.append(f"HEAD is version {head.version}; expected {before} or {before + 1}")
+        return outcome
+    outcome.committed = head.version == before + 1
+    if outcome.committed and head.op != COMMITS[verb]:
+        outcome.errors.append(f"version {head.version} is a {head.op}, not a {COMMITS[verb]}")
+    if exit_code == 0 and not outcome.committed:
+        outcome.errors.append("the child finished but its entry is missing")
+    if outcome.errors:
+        return outcome
+    _check_weights(ledger, outcome)
+    # The next command: the same verb again if it never committed, else a revert or gc.
+    warnings: list[str] = []
+    ledger.on_stale = warnings.append
+    locked = (path / "lock").exists()
+    ledger.lock_timeout = 5.0
+    try:
+        if not outcome.committed:
+            run_verb_on(ledger, scenario, verb)
+        else:
+            active = ledger.state().active
+            if active:
+                ledger.revert(active[-1], progress=False)
+            else:
+                ledger.gc()
+    except Exception as e:
+        outcome.errors.append(f"the next command failed: {e!r}")
+        return outcome
+    outcome.stale_warnings = len(warnings)
+    if locked and not warnings:
+        outcome.errors.append("a dead writer's lock was taken over without a warning")
+    if (path / "lock").exists():
+        outcome.errors.append("the next command left the lock file behind")
+    after = Ledger.open(path)
+    report = after.verify(check_model=False)
+    outcome.errors += [
+        f"verify after the next command: {p.path}: {p.message}"
+        for p in report.problems
+        if p.severity == "error"
+    ]
+    outcome.leftovers += [
+        f"after the next command: {p.path}: {p.message}"
+        for p in report.problems
+        if p.severity != "error"
+    ]
+    expected = before + 2 if outcome.committed else before + 1
+    if after.head().version != expected:
+        outcome.errors.append(
+            f"after the next command HEAD is {after.head().version}, not {expected}"
+        )
+    return outcome
+
+
+def run_verb_on(ledger: Ledger, scenario: Scenario, verb: str) -> None:
+    """As :func:`run_verb`, on an open ledger (so its callbacks are kept)."""
+    if verb == "forget":
+        ledger.forget(
+            scenario.forget_c, request_id="C", config=KVWConfig(gamma=0.5), progress=False
+        )
+    elif verb == "revert":
+        ledger.revert("B", progress=False)
+    elif verb == "rederive":
+        ledger.rederive("r2", progress=False)
+    else:
+        ledger.gc()
+
+
+def _check_weights(ledger: Ledger, outcome: Outcome) -> None:
+    """The exponents read at HEAD (head cache or not) equal the sum replayed from the journal."""
+    state = ledger.state()
+    try:
+        got = ledger.exponents()
+        want = ledger._sum_exponents(state)
+    except Exception as e:
+        outcome.errors.append(f"HEAD's exponents cannot be read: {e!r}")
+        return
+    for site, value in want.items():
+        if not torch.equal(got[site].view(torch.int32), value.view(torch.int32)):
+            outcome.errors.append(f"HEAD's exponents at {site} differ from the replayed sum")
+
+
+def summarize(outcomes: list[Outcome]) -> dict[str, Any]:
+    """Counts for a report: trials, committed, corrupt (any broken promise), stale takeovers."""
+    return {
+        "trials": len(outcomes),
+        "committed": sum(o.committed for o in outcomes),
+        "finished_before_kill": sum(o.exit_code == 0 for o in outcomes),
+        "stale_lock_takeovers": sum(o.stale_warnings > 0 for o in outcomes),
+        "corrupt": sum(bool(o.errors) for o in outcomes),
+        "leftovers_after_next_command": sum(bool(o.leftovers) and not o.errors for o in outcomes),
+    }

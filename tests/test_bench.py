@@ -1,0 +1,197 @@
+"""The benchmark generator, the tokenizer and the cached instilling of a tiny model."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kvw_ledger.bench import instill, profiles
+from kvw_ledger.bench.profiles import BenchConfig, BenchPaths, generate
+from kvw_ledger.errors import BadInputError
+
+N = 40  # people in the test benchmark: 5% = 2, 10% = 4, 15% = 6
+
+
+def _tree_digest(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _read(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _people(path: Path) -> set[str]:
+    return {r["person"] for r in _read(path)}
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory: pytest.TempPathFactory) -> BenchPaths:
+    return generate(tmp_path_factory.mktemp("bench"), n_people=N, seed=0)
+
+
+def test_generator_is_deterministic(bench: BenchPaths, tmp_path: Path) -> None:
+    again = generate(tmp_path / "again", n_people=N, seed=0)
+    assert _tree_digest(again.root) == _tree_digest(bench.root)
+    other = generate(tmp_path / "other", n_people=N, seed=1)
+    assert (other.root / "train.jsonl").read_bytes() != (bench.root / "train.jsonl").read_bytes()
+    assert (other.root / "images" / "p000.png").read_bytes() != (
+        bench.root / "images" / "p000.png"
+    ).read_bytes()
+
+
+def test_records_parse_in_the_data_format(bench: BenchPaths) -> None:
+    files = [bench.train, bench.heldout, *bench.forget.values(), *bench.retain.values()]
+    files += [*bench.groups, *bench.groups_heldout]
+    for path in files:
+        for r in _read(path):
+            assert isinstance(r["question"], str) and r["question"]
+            assert isinstance(r["answer"], str) and r["answer"]
+            assert isinstance(r["id"], str)
+            assert r["modality"] == ("image" if "image" in r else "text")
+            if "image" in r:  # relative to the JSONL file, and it exists
+                assert not Path(r["image"]).is_absolute()
+                assert (path.parent / r["image"]).is_file()
+            else:
+                assert r["name"] in r["question"]
+            assert len(r["options"]) == 4 and len(set(r["options"])) == 4
+            assert r["options"][r["correct"]] == r["answer"]
+
+
+def test_train_and_heldout_paraphrases(bench: BenchPaths) -> None:
+    train, held = _read(bench.train), _read(bench.heldout)
+    assert {r["paraphrase"] for r in train} == {"train"}
+    assert {r["paraphrase"] for r in held} == {"heldout"}
+    # Every fact appears in both, in both modalities, with different wording.
+    facts = {(r["person"], r["attribute"], r["modality"]) for r in train}
+    assert facts == {(r["person"], r["attribute"], r["modality"]) for r in held}
+    assert len(facts) == N * len(profiles.ATTRIBUTES) * 2
+    assert not {r["question"] for r in train} & {r["question"] for r in held}
+    assert len({r["id"] for r in train + held}) == len(train) + len(held)
+
+
+def test_forget_splits_are_nested_and_complementary(bench: BenchPaths) -> None:
+    everyone = _people(bench.train)
+    previous: set[str] = set()
+    for pct in (5, 10, 15):
+        forget, retain = _people(bench.forget[pct]), _people(bench.retain[pct])
+        assert len(forget) == round(N * pct / 100)
+        assert not forget & retain and forget | retain == everyone
+        assert previous <= forget  # nested, as in TOFU
+        assert _people(bench.forget_heldout[pct]) == forget
+        assert _people(bench.retain_heldout[pct]) == retain
+        assert {r["paraphrase"] for r in _read(bench.forget[pct])} == {"train"}
+        previous = forget
+
+
+def test_demo_groups_are_disjoint(bench: BenchPaths) -> None:
+    groups = [_people(p) for p in bench.groups]
+    assert len(groups) == 3 and all(len(g) == 2 for g in groups)
+    assert not (groups[0] & groups[1] or groups[0] & groups[2] or groups[1] & groups[2])
+    assert bench.retain_demo is not None
+    rest = _people(bench.retain_demo)
+    assert rest == _people(bench.train) - groups[0] - groups[1] - groups[2]
+    for g, gh in zip(bench.groups, bench.groups_heldout, strict=True):
+        assert _people(gh) == _people(g)
+
+
+def test_portraits_exist_and_are_distinct(bench: BenchPaths) -> None:
+    people = profiles.load_people(bench.people)
+    pixels = []
+    for p in people:
+        with Image.open(bench.root / p.image) as im:
+            assert im.size == (32, 32) and im.mode == "RGB"
+            pixels.append(np.asarray(im, dtype=np.int16))
+    stack = np.stack(pixels)
+    for i in range(len(stack)):
+        others = np.delete(stack, i, axis=0)
+        assert np.abs(others - stack[i]).mean(axis=(1, 2, 3)).min() >= 2.0
+
+
+def test_names_share_parts(bench: BenchPaths) -> None:
+    # No single name token identifies a person (see the profiles module doc).
+    names = [p.name for p in profiles.load_people(bench.people)]
+    assert len(set(names)) == N
+    firsts = [n.split()[0] for n in names]
+    assert len(set(firsts)) < N
+
+
+def test_bad_sizes_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(BadInputError, match="n_people"):
+        generate(tmp_path, n_people=0)
+    with pytest.raises(BadInputError, match="demo groups"):
+        generate(tmp_path, config=BenchConfig(n_people=10, demo_group_percent=40))
+
+
+TINY = instill.InstillConfig(
+    hidden_size=32,
+    num_layers=2,
+    num_heads=2,
+    intermediate_size=64,
+    vision_hidden_size=16,
+    vision_layers=1,
+    vision_heads=2,
+    vision_intermediate_size=32,
+    epochs=1,
+    batch_size=64,
+)
+
+
+def test_tokenizer_keeps_words_whole(bench: BenchPaths) -> None:
+    from kvw_ledger.bench.tokenizer import train_tokenizer
+
+    recs = _read(bench.train) + _read(bench.heldout)
+    tok = train_tokenizer(f"Question: {r['question']}\nAnswer: {r['answer']}" for r in recs)
+    for r in recs[:50]:
+        assert len(tok(" " + r["answer"], add_special_tokens=False)["input_ids"]) == 1
+    ids = tok("Question: hi")["input_ids"]
+    assert ids[0] == tok.bos_token_id
+
+
+def test_instill_builds_a_loadable_cached_model(bench: BenchPaths, tmp_path: Path) -> None:
+    from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+
+    from kvw_ledger import evaluate
+
+    t0 = time.perf_counter()
+    out = instill.build_model(tmp_path, bench, TINY)
+    first = time.perf_counter() - t0
+    meta = json.loads((out / instill.MARKER).read_text())
+    assert meta["config"]["hidden_size"] == 32 and len(meta["loss_per_epoch"]) == 1
+
+    t0 = time.perf_counter()
+    assert instill.build_model(tmp_path, bench, TINY) == out  # cached: no training
+    assert time.perf_counter() - t0 < min(1.0, first)
+    assert (out / instill.MARKER).read_text() == json.dumps(meta, indent=1) + "\n"
+    # A different configuration is a different model.
+    other = instill.build_model(tmp_path, bench, instill.InstillConfig(**{**TINY.__dict__, "seed": 1}))
+    assert other != out
+
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    processor = AutoProcessor.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.eos_token_id is not None and processor.image_token == "<image>"
+    result = evaluate.evaluate_split(model, processor, bench.groups[0], max_records=8)
+    assert set(result) == {"image", "text"}
+    assert all(0.0 <= v["gen_acc"] <= 1.0 and 0.0 <= v["mc_acc"] <= 1.0 for v in result.values())
+
+    text_dir = instill.export_text_model(out, tmp_path / "text")
+    from transformers import AutoModelForCausalLM
+
+    text = AutoModelForCausalLM.from_pretrained(text_dir)
+    ids = torch.tensor([tokenizer("Question: Where was Ada born?\nAnswer:")["input_ids"]])
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        got = text(input_ids=ids).logits
+    torch.testing.assert_close(got, expected)

@@ -1,0 +1,31 @@
+"""The main job runs end to end on a very small configuration and writes its report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from kvw_ledger.demo import DemoConfig, run_demo
+
+
+def test_demo_runs_the_whole_life_of_a_ledger(tmp_path: Path) -> None:
+    lines: list[str] = []
+    config = DemoConfig(n_people=20, train_epochs=1, retain_records=40, eval_records=20)
+    report = run_demo(tmp_path, echo=lines.append, config=config)
+    assert [r["step"] for r in report["rows"]] == [
+        "before", "forget group-1", "forget group-2", "forget group-3", "revert group-2",
+    ]
+    assert [r["active"] for r in report["rows"]] == [
+        [], ["group-1"], ["group-1", "group-2"], ["group-1", "group-2", "group-3"], ["group-1", "group-3"],
+    ]
+    assert report["verify"]["ok"] is True
+    on_disk = json.loads((tmp_path / "report.json").read_text())
+    assert on_disk["rows"] == report["rows"]
+    assert (tmp_path / "history.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "export" / "kvw_provenance.json").is_file()
+    assert "| version | step | active |" in (tmp_path / "report.md").read_text()
+    assert any(line.startswith("verify: ok") for line in lines)
+    # A second run reuses the trained model (cached by its configuration's hash).
+    models = sorted((tmp_path / "models").iterdir())
+    run_demo(tmp_path, echo=None, config=config)
+    assert sorted((tmp_path / "models").iterdir()) == models
