@@ -95,7 +95,8 @@ def main() -> int:
     print(
         f"{summary['trials']} trials ({summary['step_trials']} at protocol steps, "
         f"{summary['random_trials']} at random moments, seed {args.seed}): "
-        f"{summary['committed']} committed, {summary['stale_lock_takeovers']} stale locks taken over, "
+        f"{summary['committed']} committed, {summary['finished_before_kill']} finished before their kill, "
+        f"{summary['stale_lock_takeovers']} stale locks taken over, "
         f"{summary['corrupt']} corrupt ledgers, {summary['leftovers_after_next_command']} with crash "
         f"leftovers after the next command; {summary['seconds_per_trial'] * 1000:.0f} ms per trial"
     )

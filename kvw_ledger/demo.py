@@ -13,11 +13,9 @@ import json
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from kvw_ledger.bench.instill import InstillConfig, build_model
 from kvw_ledger.bench.profiles import BenchConfig, generate
@@ -25,7 +23,7 @@ from kvw_ledger.errors import BadInputError
 from kvw_ledger.evaluate import evaluate_split
 from kvw_ledger.kvw import KVWConfig
 from kvw_ledger.ledger import Ledger
-from kvw_ledger.loading import load_model, load_processor
+from kvw_ledger.loading import load_model, load_processor, torch_threads
 
 Echo = Callable[[str], None]
 
@@ -34,14 +32,12 @@ Echo = Callable[[str], None]
 class DemoConfig:
     """What the demo runs."""
 
-    n_people: int = (
-        40  # fictitious people in the benchmark (count); small so training fits the budget
-    )
-    train_epochs: int = 12  # passes over the training split when the model is first built
-    seed: int = 0  # data and training seed
-    gamma: float = 0.2  # KVW strength per batch
+    n_people: int = 200  # fictitious people in the benchmark (count)
+    seed: int = 0  # data seed (the model's seed is instill.seed)
+    instill: InstillConfig = field(default_factory=InstillConfig)  # the model and its training
+    gamma: float = 0.6  # KVW strength per batch (docs/demo-model.md)
     layers: tuple[int, int] = (0, 3)  # inclusive layer range weakened
-    batch_size: int = 1  # forget records per batch
+    batch_size: int = 24  # forget records per batch
     epochs: int = 1  # passes over each forget group
     retain_records: int = 400  # retain records for C_r (a seeded sample; count)
     eval_records: int = 160  # retain records evaluated per version (count)
@@ -53,8 +49,11 @@ def run_demo(
 ) -> dict[str, Any]:
     """Runs the demo in ``workdir`` and returns the report (also written as report.json)."""
     config = config or DemoConfig()
-    say: Echo = echo or (lambda _: None)
-    torch.set_num_threads(config.threads)
+    with torch_threads(config.threads):
+        return _run(workdir, echo or (lambda _: None), config)
+
+
+def _run(workdir: Path, say: Echo, config: DemoConfig) -> dict[str, Any]:
     started = time.perf_counter()
     workdir.mkdir(parents=True, exist_ok=True)
 
@@ -65,9 +64,7 @@ def run_demo(
     if paths.retain_demo is None or len(paths.groups) < 3:
         raise BadInputError("the benchmark has no demo groups; regenerate it with 3 demo groups")
     say("[2/6] the model that knows them (trained once, then cached)")
-    model_dir = build_model(
-        workdir / "models", paths, InstillConfig(seed=config.seed, epochs=config.train_epochs)
-    )
+    model_dir = build_model(workdir / "models", paths, config.instill)
 
     say("[3/6] a fresh ledger and retain statistics")
     ledger_dir = workdir / "ledger"

@@ -311,7 +311,11 @@ def evaluate_records(
             continue
         gen = [normalize(records[i]["answer"]) in normalize(outputs[i]) for i in rows]
         rl = [rouge_l(outputs[i], records[i]["answer"]) for i in rows]
-        stats = {"gen_acc": sum(gen) / len(rows), "rouge_l": sum(rl) / len(rows), "n": float(len(rows))}
+        stats = {
+            "gen_acc": sum(gen) / len(rows),
+            "rouge_l": sum(rl) / len(rows),
+            "n": float(len(rows)),
+        }
         if mc_scores is not None:
             mc = [_argmax(mc_scores[i]) == records[i]["correct"] for i in rows]
             stats["mc_acc"] = sum(mc) / len(rows)

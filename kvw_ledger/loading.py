@@ -6,14 +6,33 @@ model directory is never executed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from kvw_ledger.errors import BadInputError
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Runs the body with ``n`` torch CPU threads, then restores the caller's count.
+
+    Library code never changes the process-wide count for good: a caller that
+    forks afterwards (a test harness, a job runner) would inherit an OpenMP pool
+    whose threads do not exist in the child, and its first parallel matmul hangs.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _config(model_dir: Path) -> dict[str, Any]:

@@ -233,8 +233,8 @@ class Store:
             )
         if version > FORMAT_VERSION:
             raise FormatVersionError(
-                f"{path} was written by a newer kvw-ledger (format {version} in zarr.json, this "
-                f"one reads up to {FORMAT_VERSION}); upgrade kvw-ledger"
+                f"{path} was written by a newer kvw-ledger (format {version}, this one reads "
+                f"up to {FORMAT_VERSION}; format_version in zarr.json); upgrade kvw-ledger"
             )
         return cls(path, attrs)
 

@@ -42,6 +42,7 @@ from kvw_ledger.ledger import Ledger
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the Rust tokenizer warns after fork
 
 VERBS = ("forget", "revert", "rederive", "gc")
+CHILD_TIMEOUT = 120.0  # seconds a child may run; each verb takes well under one
 # The op each verb commits.
 COMMITS = {"forget": "forget", "revert": "revert", "rederive": "rederive", "gc": "gc"}
 
@@ -118,7 +119,8 @@ def prepare(root: Path) -> Scenario:
         shutil.copytree(prepared, work)
         run_verb(scenario, work, verb)
         shutil.rmtree(work)
-        scenario.durations[verb] = _time_in_child(scenario, verb)
+        # the fastest of 3: a busy machine must not stretch every later kill delay
+        scenario.durations[verb] = min(_time_in_child(scenario, verb) for _ in range(3))
     return scenario
 
 
@@ -144,7 +146,7 @@ def _time_in_child(scenario: Scenario, verb: str) -> float:
     shutil.copytree(scenario.prepared, work)
     start = time.perf_counter()
     pid = _fork(lambda: run_verb(scenario, work, verb), work)
-    _, status = os.waitpid(pid, 0)
+    status = wait(pid)
     elapsed = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(
@@ -162,6 +164,9 @@ def _fork(body: Callable[[], None], path: Path) -> int:
     code = 1
     try:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
+        # The parent's OpenMP threads do not exist here: a parallel region would wait
+        # for them forever. One thread runs every torch op inline.
+        torch.set_num_threads(1)
         body()
         code = 0
     except BaseException:
@@ -169,6 +174,23 @@ def _fork(body: Callable[[], None], path: Path) -> int:
             (path.parent / (path.name + ".err")).write_text(traceback.format_exc())
     finally:
         os._exit(code)
+
+
+def wait(pid: int, timeout: float = CHILD_TIMEOUT) -> int:
+    """Reaps child ``pid`` and returns its wait status; a child still running after
+    ``timeout`` seconds is killed and the wait fails, so a hung child fails its test
+    instead of hanging the suite."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        if time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise TimeoutError(f"child {pid} still running after {timeout:.0f} s; killed it")
+        time.sleep(0.005)
 
 
 # --- killing at an exact step -------------------------------------------------------------
@@ -231,7 +253,7 @@ def list_steps(scenario: Scenario, verb: str) -> list[str]:
         out.write_text(json.dumps(steps.names))
 
     pid = _fork(body, work)
-    _, status = os.waitpid(pid, 0)
+    status = wait(pid)
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(
             f"{verb} failed in a child: {(work.parent / (work.name + '.err')).read_text()}"
@@ -251,7 +273,7 @@ def step_trial(scenario: Scenario, workdir: Path, verb: str, index: int, step: s
             run_verb(scenario, path, verb)
 
     pid = _fork(body, path)
-    _, status = os.waitpid(pid, 0)
+    status = wait(pid)
     label = f"{verb} killed at step {index} ({step})"
     return check_after_crash(scenario, path, verb, before, label, _exit_code(status))
 
@@ -270,7 +292,7 @@ def random_trial(scenario: Scenario, workdir: Path, verb: str, seed: int, trial:
     time.sleep(delay)
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
-    _, status = os.waitpid(pid, 0)  # reaped: from now on its pid is gone
+    status = wait(pid)  # reaped: from now on its pid is gone
     label = f"seed {seed} {verb} trial {trial} (killed after {delay * 1000:.0f} ms)"
     return check_after_crash(scenario, path, verb, before, label, _exit_code(status))
 

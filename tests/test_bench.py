@@ -130,6 +130,10 @@ def test_names_share_parts(bench: BenchPaths) -> None:
 def test_bad_sizes_are_refused(tmp_path: Path) -> None:
     with pytest.raises(BadInputError, match="n_people"):
         generate(tmp_path, n_people=0)
+    with pytest.raises(BadInputError, match="values_per_attribute"):
+        generate(tmp_path, config=BenchConfig(n_people=10, values_per_attribute=3))
+    with pytest.raises(BadInputError, match="ffn_grad"):
+        instill.InstillConfig(ffn_grad="sometimes")
     with pytest.raises(BadInputError, match="demo groups"):
         generate(tmp_path, config=BenchConfig(n_people=10, demo_group_percent=40))
 
@@ -143,7 +147,9 @@ TINY = instill.InstillConfig(
     vision_layers=1,
     vision_heads=2,
     vision_intermediate_size=32,
-    epochs=1,
+    text_epochs=1,
+    align_steps=5,
+    joint_epochs=1,
     batch_size=64,
 )
 
@@ -168,14 +174,17 @@ def test_instill_builds_a_loadable_cached_model(bench: BenchPaths, tmp_path: Pat
     out = instill.build_model(tmp_path, bench, TINY)
     first = time.perf_counter() - t0
     meta = json.loads((out / instill.MARKER).read_text())
-    assert meta["config"]["hidden_size"] == 32 and len(meta["loss_per_epoch"]) == 1
+    assert meta["config"]["hidden_size"] == 32
+    assert [len(v) for v in meta["loss_per_epoch"].values()] == [1, 1, 1]
 
     t0 = time.perf_counter()
     assert instill.build_model(tmp_path, bench, TINY) == out  # cached: no training
     assert time.perf_counter() - t0 < min(1.0, first)
     assert (out / instill.MARKER).read_text() == json.dumps(meta, indent=1) + "\n"
     # A different configuration is a different model.
-    other = instill.build_model(tmp_path, bench, instill.InstillConfig(**{**TINY.__dict__, "seed": 1}))
+    other = instill.build_model(
+        tmp_path, bench, instill.InstillConfig(**{**TINY.__dict__, "seed": 1})
+    )
     assert other != out
 
     model = AutoModelForImageTextToText.from_pretrained(out)
@@ -195,3 +204,40 @@ def test_instill_builds_a_loadable_cached_model(bench: BenchPaths, tmp_path: Pat
         expected = model(input_ids=ids).logits
         got = text(input_ids=ids).logits
     torch.testing.assert_close(got, expected)
+
+
+def test_ffn_learns_only_at_answer_positions() -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=2, hidden_act="relu2",
+        )
+    )  # fmt: skip
+    ids = torch.randint(0, 50, (2, 6))
+    labels = torch.full_like(ids, -100)
+    labels[:, 4:] = ids[:, 4:]  # the answer: the last two tokens
+    mask = torch.ones_like(ids)
+    assert instill.cause_mask(labels, mask).nonzero().tolist() == [[0, 3], [0, 4], [1, 3], [1, 4]]
+
+    def grads(answer_only: bool, positions: torch.Tensor) -> dict[str, float]:
+        model.zero_grad()
+        hooks = instill._FFNTraining(model, answer_only, 0.0)
+        hooks.mask = positions
+        try:
+            model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        finally:
+            hooks.remove()
+        return {
+            n: float(p.grad.abs().sum()) for n, p in model.named_parameters() if p.grad is not None
+        }
+
+    nowhere = grads(True, torch.zeros_like(ids, dtype=torch.bool))
+    assert all(v == 0 for n, v in nowhere.items() if ".mlp." in n)
+    assert any(v > 0 for n, v in nowhere.items() if ".self_attn." in n)
+    answer = grads(True, instill.cause_mask(labels, mask))
+    everywhere = grads(False, instill.cause_mask(labels, mask))
+    assert all(v > 0 for n, v in answer.items() if ".mlp." in n)
+    assert answer != everywhere  # the other positions' share is gone

@@ -5,13 +5,30 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
+from kvw_ledger.bench.instill import InstillConfig
 from kvw_ledger.demo import DemoConfig, run_demo
+
+# A model small enough to train in seconds: the test checks the job's plumbing,
+# not what the model learns (docs/demo-model.md measures that).
+TINY = InstillConfig(
+    hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, vision_hidden_size=16,
+    vision_layers=1, vision_heads=2, vision_intermediate_size=32, text_epochs=1, align_steps=5,
+    joint_epochs=1, batch_size=64,
+)  # fmt: skip
 
 
 def test_demo_runs_the_whole_life_of_a_ledger(tmp_path: Path) -> None:
     lines: list[str] = []
-    config = DemoConfig(n_people=20, train_epochs=1, retain_records=40, eval_records=20)
+    config = DemoConfig(
+        n_people=20, instill=TINY, layers=(0, 1), batch_size=4, retain_records=40, eval_records=20
+    )
+    threads = torch.get_num_threads()
     report = run_demo(tmp_path, echo=lines.append, config=config)
+    # It trained with config.threads but gave the caller's count back: a process
+    # that forks later (the crash tests do) must not inherit a bigger OpenMP pool.
+    assert config.threads != threads and torch.get_num_threads() == threads
     assert [r["step"] for r in report["rows"]] == [
         "before", "forget group-1", "forget group-2", "forget group-3", "revert group-2",
     ]

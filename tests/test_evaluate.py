@@ -14,7 +14,11 @@ from kvw_ledger import evaluate as E
 from kvw_ledger.bench.tokenizer import train_tokenizer
 from kvw_ledger.errors import BadInputError
 
-ANSWERS = {"Where was Ada born?": "Lisbon", "What does Ada do?": "nurse", "Who is Bo?": "a chess player"}
+ANSWERS = {
+    "Where was Ada born?": "Lisbon",
+    "What does Ada do?": "nurse",
+    "Who is Bo?": "a chess player",
+}
 
 
 @pytest.mark.parametrize(
@@ -63,9 +67,9 @@ class ScriptedLM(torch.nn.Module):
         super().__init__()
         self.tok = tok
         self.scripts = {
-            tuple(tok(f"Question: {q}\nAnswer:")["input_ids"]): tok(" " + a, add_special_tokens=False)[
-                "input_ids"
-            ]
+            tuple(tok(f"Question: {q}\nAnswer:")["input_ids"]): tok(
+                " " + a, add_special_tokens=False
+            )["input_ids"]
             + [tok.eos_token_id]
             for q, a in scripts.items()
         }

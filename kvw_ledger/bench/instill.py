@@ -2,7 +2,11 @@
 
 One LLaVA-architecture model (a tiny CLIP vision tower, a two-layer projector
 and a Llama-style language model, all built from configs) is trained on CPU on
-both modalities of ``train.jsonl``. It answers text-only questions without an
+both modalities of ``train.jsonl``, in three stages: the text records; then
+the vision tower and projector alone, mapping each portrait onto its name's
+embeddings (:func:`align_vision`); then all records. FFN weights learn only at
+answer-predicting positions (``ffn_grad="answer"``), so facts sit in FFN
+neurons where KVW measures. ``docs/demo-model.md`` says why each choice. It answers text-only questions without an
 image, and :func:`export_text_model` saves its language model as a plain
 ``LlamaForCausalLM`` for text-only use, so one training run serves both.
 
@@ -44,9 +48,10 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from kvw_ledger.bench.profiles import BenchPaths
+from kvw_ledger.bench.profiles import BenchPaths, load_people
 from kvw_ledger.bench.tokenizer import IMAGE, train_tokenizer
 from kvw_ledger.errors import BadInputError, DataError
+from kvw_ledger.loading import torch_threads
 
 __all__ = [
     "MARKER",
@@ -61,39 +66,55 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MARKER = "instill.json"  # written last into a finished model dir: the cache's commit point
-_RECIPE_VERSION = 1  # bump when the training code changes what a config produces
+_RECIPE_VERSION = 2  # bump when the training code changes what a config produces
 
 
 @dataclass(frozen=True)
 class InstillConfig:
-    """The model's shape and how it is trained; every field enters the cache hash."""
+    """The model's shape and how it is trained; every field enters the cache hash.
+
+    Defaults are the configuration measured in ``docs/demo-model.md``.
+    """
 
     # language model (Llama architecture)
     hidden_size: int = 128  # residual width (features)
     num_layers: int = 4  # decoder layers (count)
     num_heads: int = 4  # attention heads per layer (count)
     intermediate_size: int = 2048  # FFN width d_ff = value vectors per layer (count)
-    hidden_act: str = "relu"  # FFN activation; ReLU keeps activations sparse, as KVW assumes
+    hidden_act: str = "relu2"  # FFN activation; squared ReLU: sparse, and learns facts fastest
     vocab_size: int = 2048  # BPE ceiling; the corpus saturates below it, every word one token
     # vision tower (CLIP architecture)
     image_size: int = 32  # input side (pixels); must match the portraits
-    patch_size: int = 8  # patch side (pixels): (32/8)^2 = 16 image tokens
+    patch_size: int = 16  # patch side (pixels): (32/16)^2 = 4 image tokens
     vision_hidden_size: int = 64  # tower width (features)
     vision_layers: int = 2  # tower depth (count)
     vision_heads: int = 4  # tower attention heads (count)
     vision_intermediate_size: int = 256  # tower FFN width (count)
-    # training
-    epochs: int = 20  # passes over train.jsonl (count)
-    batch_size: int = 32  # records per optimiser step (count)
-    lr: float = 2e-3  # peak AdamW learning rate
+    # training: 1) text records, 2) align portraits to names, 3) both modalities
+    text_epochs: int = 8  # stage 1: passes over the text-only records (count)
+    align_steps: int = 600  # stage 2: steps mapping each portrait onto its name's embeddings
+    joint_epochs: int = 3  # stage 3: passes over all of train.jsonl (count)
+    batch_size: int = 16  # records per optimiser step (count)
+    lr: float = 5e-4  # peak AdamW learning rate (stages 1 and 3); 2e-3 and up stalls
+    align_lr: float = 1e-3  # AdamW learning rate of stage 2
     weight_decay: float = 0.0  # AdamW decoupled weight decay
-    warmup: float = 0.05  # linear warm-up (fraction of all steps), then cosine decay to 0
-    activation_l1: float = 0.0  # L1 penalty on FFN activations (loss per unit of mean |act|)
-    ffn_grad: str = "all"  # "answer": FFN weights learn only at answer-predicting positions
+    warmup: float = 0.05  # linear warm-up (fraction of a stage's steps), then cosine to 0
+    ffn_grad: str = "answer"  # "answer": FFN weights learn only at answer-predicting positions
+    activation_l1: float = 0.3  # L1 on FFN activations at answer positions (loss per mean |act|)
     frozen_ffn_layers: tuple[int, ...] = ()  # language-model layers whose FFN keeps its init
     grad_clip: float = 1.0  # global gradient-norm clip (0: none)
     seed: int = 0  # initialisation and shuffling seed
     threads: int = 2  # torch CPU threads
+
+    def __post_init__(self) -> None:
+        if self.ffn_grad not in ("answer", "all"):
+            raise BadInputError(f"ffn_grad must be 'answer' or 'all', not {self.ffn_grad!r}")
+        if self.image_size % self.patch_size:
+            raise BadInputError(
+                f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
+            )
+        if min(self.text_epochs, self.joint_epochs, self.align_steps) < 0 or self.batch_size < 1:
+            raise BadInputError("epochs and steps must be >= 0 and batch_size >= 1")
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -175,9 +196,7 @@ def load_images(
 def _build_processor(cfg: InstillConfig, corpus: list[str]) -> LlavaProcessor:
     tokenizer = train_tokenizer(corpus, vocab_size=cfg.vocab_size)
     side = {"height": cfg.image_size, "width": cfg.image_size}
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": cfg.image_size}, crop_size=side
-    )
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": cfg.image_size}, crop_size=side)
     return LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
@@ -188,7 +207,9 @@ def _build_processor(cfg: InstillConfig, corpus: list[str]) -> LlavaProcessor:
     )
 
 
-def _build_llava(cfg: InstillConfig, tokenizer: PreTrainedTokenizerBase) -> LlavaForConditionalGeneration:
+def _build_llava(
+    cfg: InstillConfig, tokenizer: PreTrainedTokenizerBase
+) -> LlavaForConditionalGeneration:
     text = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=cfg.hidden_size,
@@ -285,8 +306,9 @@ class _FFNTraining:
       gradient only at answer-predicting positions, so FFN weights learn only
       what they do there. Facts then live in FFN neurons that fire where KVW
       measures, instead of being written at the name tokens and copied on.
-    - ``l1 > 0``: adds ``l1 * mean |activation|`` (per layer, summed) to the
-      loss, which makes each fact use fewer, more specific neurons.
+    - ``l1 > 0``: adds ``l1 * mean |activation|`` at answer-predicting
+      positions (per layer, summed) to the loss, which makes each fact use
+      fewer, more specific neurons.
     """
 
     def __init__(self, model: torch.nn.Module, answer_only: bool, l1: float) -> None:
@@ -311,7 +333,9 @@ class _FFNTraining:
     def _l1(self, module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
         if self.mask is None:
             return
-        term = self.l1 * args[0].abs().mean()
+        # Only where KVW measures: elsewhere (image tokens, the question) the
+        # activations' size is no concern, and penalising it slows learning.
+        term = self.l1 * args[0][self.mask].abs().mean()  # (N, d_ff) -> ()
         self.penalty = term if self.penalty is None else self.penalty + term
 
     def pop_penalty(self) -> torch.Tensor | None:
@@ -329,6 +353,7 @@ def train(
     images: dict[str, torch.Tensor],
     pad_id: int,
     cfg: InstillConfig,
+    epochs: int,
     desc: str = "instill",
     on_epoch: Callable[[int, float], None] | None = None,
 ) -> list[float]:
@@ -336,13 +361,14 @@ def train(
 
     ``on_epoch(epoch, loss)`` is called after each epoch (the model in train mode).
     """
-    torch.set_num_threads(cfg.threads)
+    if epochs == 0 or not examples:
+        return []
     rng = random.Random(cfg.seed)
     n_images = sum(im is not None for _, _, im in examples)
     per_epoch = math.ceil(n_images / cfg.batch_size) + math.ceil(
         (len(examples) - n_images) / cfg.batch_size
     )
-    n_steps = cfg.epochs * per_epoch
+    n_steps = epochs * per_epoch
     layers = lm_layers(model)
     for i in cfg.frozen_ffn_layers:
         if not 0 <= i < len(layers):
@@ -363,7 +389,7 @@ def train(
     losses = []
     try:
         with tqdm(total=n_steps, desc=desc, unit="step", leave=False) as bar:
-            for _ in range(cfg.epochs):
+            for _ in range(epochs):
                 total, count = 0.0, 0
                 for idx in _batches(examples, cfg.batch_size, rng):
                     batch = collate([examples[i] for i in idx], images, pad_id)
@@ -391,6 +417,60 @@ def train(
         model.requires_grad_(True)
     model.eval()
     return losses
+
+
+def align_vision(
+    model: LlavaForConditionalGeneration,
+    images: dict[str, torch.Tensor],
+    names: dict[str, str],
+    tokenizer: PreTrainedTokenizerBase,
+    cfg: InstillConfig,
+) -> float:
+    """Train the vision tower and projector to map each portrait onto its name's embeddings.
+
+    LLaVA's feature-alignment stage, with the person's name as the caption:
+    image token k of a portrait is pulled (mean squared error) towards the
+    input embedding of name token ``k mod len(name)``. Image questions then
+    reach the same FFN memories the text questions built, so one deletion
+    weakens both. Without it, a tower trained from scratch through the
+    answer loss alone learns identities slowly and its noise stalls the
+    language model (see ``docs/demo-model.md``).
+
+    Returns:
+        The final relative error (mean squared error over the targets' mean square).
+    """
+    if cfg.align_steps == 0 or not images:
+        return float("nan")
+    keys = sorted(images)
+    pixels = torch.stack([images[k] for k in keys])  # (n_images, 3, H, W)
+    n_tokens = (cfg.image_size // cfg.patch_size) ** 2
+    embedding = model.get_input_embeddings()
+    embed = embedding.weight.detach()  # type: ignore[operator,union-attr]
+    targets = []
+    for k in keys:
+        if k not in names:
+            raise DataError(f"image {k} belongs to no person in people.json")
+        ids = tokenizer(" " + names[k], add_special_tokens=False)["input_ids"]
+        targets.append(embed[[ids[i % len(ids)] for i in range(n_tokens)]])
+    target = torch.stack(targets)  # (n_images, n_tokens, D)
+    scale = target.pow(2).mean()
+    params = [
+        *model.model.vision_tower.parameters(),
+        *model.model.multi_modal_projector.parameters(),
+    ]
+    opt = torch.optim.AdamW(params, lr=cfg.align_lr)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model.train()
+    loss = torch.tensor(float("nan"))
+    for _ in tqdm(range(cfg.align_steps), desc="align vision", unit="step", leave=False):
+        idx = torch.randint(0, len(keys), (min(32, len(keys)),), generator=gen)
+        feats = model.model.get_image_features(pixel_values=pixels[idx]).pooler_output
+        loss = (torch.stack(list(feats)) - target[idx]).pow(2).mean() / scale
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    model.eval()
+    return float(loss.detach())
 
 
 def build_model(
@@ -433,8 +513,17 @@ def build_model(
         im = r.get("image")
         prompt, answer = encode_record(r, processor, images[im][None] if im else None)
         examples.append((prompt, answer, im))
-    model = _build_llava(cfg, processor.tokenizer)
-    losses = train(model, examples, images, processor.tokenizer.pad_token_id, cfg)
+    names = {p.image: p.name for p in load_people(paths.people)}
+    tok = processor.tokenizer
+    model = _build_llava(cfg, tok)
+    text_only = [e for e in examples if e[2] is None]
+    pad = tok.pad_token_id
+    with torch_threads(cfg.threads):
+        losses = {
+            "text": train(model, text_only, images, pad, cfg, cfg.text_epochs, "text"),
+            "align": [align_vision(model, images, names, tok, cfg)],
+            "joint": train(model, examples, images, pad, cfg, cfg.joint_epochs, "joint"),
+        }
     # Write into a temporary directory and rename: a crash never leaves a
     # directory that looks finished.
     tmp = out.with_name(out.name + ".tmp")
@@ -446,7 +535,7 @@ def build_model(
         "config": asdict(cfg),
         "hash": digest,
         "recipe_version": _RECIPE_VERSION,
-        "loss_per_epoch": losses,
+        "loss_per_epoch": losses,  # per stage; "align" is the final relative error
         "train_seconds": round(time.perf_counter() - t0, 1),
         "n_examples": len(examples),
     }

@@ -57,25 +57,42 @@ SURNAMES = (
     "Zabini", "Achterberg", "Beaumont", "Castellan", "Devereux", "Estrada", "Fontaine", "Gallagher",
 )  # fmt: skip
 
-# Attribute -> value pool. Single words, so every answer is one or two tokens.
+# Attribute -> value pool (48 single words, so every answer is one token).
+# ``BenchConfig.values_per_attribute`` takes the first N of each.
 ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "birthplace": (
         "Lisbon", "Oslo", "Nairobi", "Lima", "Hanoi", "Toronto", "Krakow", "Dublin", "Cairo",
-        "Santiago", "Osaka", "Tbilisi", "Reykjavik", "Marseille", "Dakar", "Auckland",
+        "Santiago", "Osaka", "Tbilisi", "Reykjavik", "Marseille", "Dakar", "Auckland", "Bergen",
+        "Porto", "Quito", "Manila", "Seville", "Tallinn", "Riga", "Vilnius", "Accra", "Lagos",
+        "Bogota", "Havana", "Kyoto", "Busan", "Perth", "Hobart", "Geneva", "Lyon", "Turin",
+        "Naples", "Bilbao", "Valencia", "Gdansk", "Brno", "Graz", "Salzburg", "Antwerp", "Ghent",
+        "Utrecht", "Aarhus", "Malmo", "Tampere",
     ),
     "occupation": (
         "nurse", "carpenter", "architect", "pilot", "baker", "chemist", "librarian", "plumber",
         "journalist", "dentist", "farmer", "translator", "surveyor", "jeweller", "geologist",
-        "electrician",
+        "electrician", "pharmacist", "florist", "butcher", "tailor", "welder", "glazier",
+        "cartographer", "astronomer", "botanist", "sculptor", "potter", "blacksmith", "brewer",
+        "chef", "barber", "paramedic", "firefighter", "lawyer", "judge", "economist", "historian",
+        "linguist", "biologist", "physicist", "engineer", "mechanic", "locksmith", "optician",
+        "veterinarian", "midwife", "auditor", "actuary",
     ),
     "employer": (
         "Zentrix", "Corvala", "Brightmoor", "Halvex", "Quorin", "Stellaris", "Dunmere", "Vantor",
         "Ombrix", "Kelloway", "Pyrena", "Tessaro", "Norvane", "Lumidor", "Graystone", "Wexley",
+        "Arvento", "Belloran", "Cindara", "Draxium", "Elvaris", "Fenmoor", "Galvora", "Hexwood",
+        "Iridane", "Jorvik", "Kestrane", "Lorvex", "Mirabel", "Nexora", "Oakhaven", "Palisor",
+        "Quentara", "Rivanta", "Solvane", "Tarvion", "Umbrel", "Velmora", "Wyncrest", "Xandor",
+        "Yarrowby", "Zephyrin", "Altamis", "Borealis", "Caldris", "Deltaro", "Emberly", "Fornax",
     ),
     "hobby": (
         "chess", "pottery", "birdwatching", "fencing", "origami", "kayaking", "archery", "knitting",
         "astronomy", "calligraphy", "beekeeping", "surfing", "juggling", "gardening", "rowing",
-        "climbing",
+        "climbing", "sailing", "skiing", "cycling", "painting", "sketching", "photography",
+        "baking", "fishing", "hiking", "running", "swimming", "dancing", "singing", "woodworking",
+        "embroidery", "quilting", "crochet", "bouldering", "snorkeling", "diving", "skating",
+        "golf", "tennis", "badminton", "squash", "volleyball", "handball", "cricket", "rugby",
+        "curling", "bowling", "billiards",
     ),
 }  # fmt: skip
 
@@ -111,7 +128,12 @@ _TEXT_TEMPLATES: dict[str, tuple[str, ...]] = {
         "{name} enjoys which hobby?",
     ),
 }
-_IMAGE_SUBJECTS = ("the person in this image", "the person shown", "this person", "the pictured person")
+_IMAGE_SUBJECTS = (
+    "the person in this image",
+    "the person shown",
+    "this person",
+    "the pictured person",
+)
 
 
 def _image_template(template: str, index: int) -> str:
@@ -130,6 +152,7 @@ class BenchConfig:
     seed: int = 0  # seed of every random choice
     image_size: int = 32  # portrait side (pixels)
     n_heldout: int = 1  # paraphrases per attribute and modality held out of training (count)
+    values_per_attribute: int = 16  # answer pool size per attribute (count, at most 48)
     forget_percents: tuple[int, ...] = (5, 10, 15)  # nested forget groups (% of people)
     demo_group_percent: int = 5  # size of each disjoint demo group (% of people)
     n_demo_groups: int = 3  # disjoint demo groups (count)
@@ -174,7 +197,14 @@ _BACKGROUNDS = (
 )  # fmt: skip
 _SKINS = ((255, 224, 189), (234, 192, 134), (198, 134, 66), (141, 85, 36), (95, 60, 30))
 _HAIR = ((20, 20, 20), (120, 70, 20), (230, 200, 90), (200, 60, 20), (200, 200, 200), (40, 90, 200))
-_SHIRTS = ((200, 30, 30), (30, 120, 40), (30, 50, 160), (240, 160, 20), (110, 40, 120), (0, 170, 170))
+_SHIRTS = (
+    (200, 30, 30),
+    (30, 120, 40),
+    (30, 50, 160),
+    (240, 160, 20),
+    (110, 40, 120),
+    (0, 170, 170),
+)
 _FEATURES = {
     "background": len(_BACKGROUNDS),
     "skin": len(_SKINS),
@@ -233,6 +263,11 @@ def _draw_portrait(features: dict[str, int], size: int) -> Image.Image:
 
 def _draw_people(cfg: BenchConfig) -> list[Person]:
     n_names = len(FIRST_NAMES) * len(SURNAMES)
+    n_values = min(len(p) for p in ATTRIBUTES.values())
+    if not 4 <= cfg.values_per_attribute <= n_values:
+        raise BadInputError(
+            f"values_per_attribute must be between 4 and {n_values}, got {cfg.values_per_attribute}"
+        )
     if not 1 <= cfg.n_people <= n_names:
         raise BadInputError(f"n_people must be between 1 and {n_names}, got {cfg.n_people}")
     rng = random.Random(cfg.seed)
@@ -242,7 +277,9 @@ def _draw_people(cfg: BenchConfig) -> list[Person]:
     drawn = np.empty((cfg.n_people, side, side, 3), dtype=np.int16)  # portraits so far
     people = []
     for i, (first, last) in enumerate(pairs):
-        facts = {attr: rng.choice(pool) for attr, pool in ATTRIBUTES.items()}
+        facts = {
+            attr: rng.choice(pool[: cfg.values_per_attribute]) for attr, pool in ATTRIBUTES.items()
+        }
         while True:
             # Different features can render alike (a hat hides a bun), so
             # distinctness is checked on the pixels, not the feature tuple.
@@ -258,9 +295,9 @@ def _draw_people(cfg: BenchConfig) -> list[Person]:
     return people
 
 
-def _options(rng: random.Random, attr: str, answer: str) -> tuple[list[str], int]:
+def _options(rng: random.Random, attr: str, answer: str, n_values: int) -> tuple[list[str], int]:
     # Distractors come from the same attribute's pool: plausible, never the answer.
-    distractors = rng.sample([v for v in ATTRIBUTES[attr] if v != answer], 3)
+    distractors = rng.sample([v for v in ATTRIBUTES[attr][:n_values] if v != answer], 3)
     options = [answer, *distractors]
     rng.shuffle(options)
     return options, options.index(answer)
@@ -287,7 +324,7 @@ def records_for(
     for p in people:
         # Options depend only on the person and seed, so every split agrees on them.
         rng = random.Random(f"{cfg.seed}:{p.pid}:options")
-        options = {a: _options(rng, a, v) for a, v in p.facts.items()}
+        options = {a: _options(rng, a, v, cfg.values_per_attribute) for a, v in p.facts.items()}
         for attr, answer in p.facts.items():
             templates = _TEXT_TEMPLATES[attr]
             n_train = len(templates) - cfg.n_heldout
