@@ -25,8 +25,14 @@ lint: $(STAMP)
 test: lint
 	$(VENV)/bin/pytest
 
+# Speed, memory and scale side by side, and the unlearning frontier (issue 7):
+# writes benchmarks/results.json and benchmarks/RESULTS.md.
 bench: $(STAMP)
-	$(PY) benchmarks/coefficients.py
+	$(PY) benchmarks/run.py
+
+# The same suite, small: under 5 minutes; writes results-quick.json / RESULTS-quick.md.
+bench-quick: $(STAMP)
+	$(PY) benchmarks/run.py --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

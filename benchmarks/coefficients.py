@@ -5,8 +5,9 @@ On a ~100M-parameter Llama-shaped random model, tokens per second of:
   forward    a plain no-grad full forward (use_cache=False, no labels)
   reference  a collector written the reference way: hooks on every layer, a full forward
              with labels (LM head and loss), masks and a host sync per batch
-Each figure is the median of --repeats timed runs after one warm-up run. Prints a table
-and writes JSON with --json PATH.
+Each figure is the median of --repeats interleaved runs after one warm-up run. Part of
+`make bench` (benchmarks/run.py); standalone it prints the figures and writes JSON with
+--json PATH.
 
     python benchmarks/coefficients.py [--quick] [--json out.json]
 """
@@ -14,10 +15,8 @@ and writes JSON with --json PATH.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import platform
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
@@ -28,10 +27,15 @@ from kvw_ledger.coefficients import CoefficientHooks
 from kvw_ledger.data import IGNORE_INDEX, Batch, Example, collate
 from kvw_ledger.sites import discover_sites, select_layers
 
+from common import Figure, Result, median_seconds
 
-def build_model(quick: bool) -> torch.nn.Module:
+
+def build_model(quick: bool, big: bool = False) -> torch.nn.Module:
     torch.manual_seed(0)
-    if quick:
+    if big:  # ~1.1B parameters, for a GPU
+        cfg = tf.LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                             num_attention_heads=16, num_key_value_heads=4)
+    elif quick:
         cfg = tf.LlamaConfig(vocab_size=8000, hidden_size=256, intermediate_size=768, num_hidden_layers=6,
                              num_attention_heads=4, num_key_value_heads=4)
     else:  # ~110M parameters, Llama-shaped
@@ -103,18 +107,35 @@ def reference(model: torch.nn.Module, batches: list[Batch]) -> None:
             h.remove()
 
 
-def timed(collectors: dict[str, Callable[[torch.nn.Module, list[Batch]], None]], model: torch.nn.Module,
-          batches: list[Batch], repeats: int) -> dict[str, float]:
-    """Median seconds per collector; runs are interleaved so drift in machine load hits all alike."""
-    for fn in collectors.values():
-        fn(model, batches)  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in collectors}
-    for _ in range(repeats):
-        for name, fn in collectors.items():
-            start = time.perf_counter()
-            fn(model, batches)
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+def run(quick: bool = False, device: str = "cpu", repeats: int = 5) -> Result:
+    """Item 1 of the benchmark suite: tokens per second of the three collectors."""
+    if device == "cuda":  # a ~1B-parameter Llama in bfloat16
+        model = build_model(quick, big=True).to("cuda", torch.bfloat16)
+    else:
+        model = build_model(quick)
+    n_params = sum(p.numel() for p in model.parameters())
+    batches = make_batches(4 if quick else 6, 4, 128, model.config.vocab_size)
+    batches = [b.to(device) for b in batches] if device != "cpu" else batches
+    tokens = sum(int(b.inputs["attention_mask"].sum()) for b in batches)
+    runs = {name: functools.partial(fn, model, batches) for name, fn in COLLECTORS.items()}
+    seconds = median_seconds(runs, repeats=2 if quick else repeats)
+    rate = {name: tokens / s for name, s in seconds.items()}
+    setting = f"{n_params / 1e6:.0f}M-parameter Llama, {tokens} tokens per run"
+    item = "1. coefficient collection"
+    return Result(
+        figures=[
+            Figure(item, "vs a plain no-grad forward", rate["ours"] / rate["forward"], 1.0,
+                   f"{rate['ours']:.0f} vs {rate['forward']:.0f} tokens/s; {setting}"),
+            Figure(item, "vs a reference-style collector", rate["ours"] / rate["reference"], 1.3,
+                   f"{rate['ours']:.0f} vs {rate['reference']:.0f} tokens/s; {setting}"),
+        ],
+        details={"model_parameters": n_params, "tokens_per_run": tokens, "tokens_per_s": rate},
+    )
+
+
+COLLECTORS: dict[str, Callable[[torch.nn.Module, list[Batch]], None]] = {
+    "ours": ours, "forward": plain_forward, "reference": reference,
+}
 
 
 def main() -> None:
@@ -123,31 +144,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", help="write the figures to this file")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    model = build_model(args.quick)
-    n_params = sum(p.numel() for p in model.parameters())
-    batches = make_batches(4 if args.quick else 6, 4, 128, model.config.vocab_size)
-    tokens = sum(int(b.inputs["attention_mask"].sum()) for b in batches)
-    seconds = timed({"ours": ours, "forward": plain_forward, "reference": reference}, model, batches, args.repeats)
-    results = {name: tokens / s for name, s in seconds.items()}
-    figures = {
-        "model_parameters": n_params,
-        "layers": model.config.num_hidden_layers,
-        "tokens_per_run": tokens,
-        "tokens_per_s": results,
-        "speedup_vs_forward": results["ours"] / results["forward"],
-        "speedup_vs_reference": results["ours"] / results["reference"],
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
-        "torch": torch.__version__,
-    }
-    print(f"model: {n_params / 1e6:.0f}M parameters, {model.config.num_hidden_layers} layers; "
-          f"{tokens} tokens per run; median of {args.repeats}")
-    print(f"{'collector':<12}{'tokens/s':>12}{'ours is':>12}")
-    for name, rate in results.items():
-        print(f"{name:<12}{rate:>12.0f}{results['ours'] / rate:>11.2f}x")
+    result = run(args.quick, repeats=args.repeats)
+    for f in result.figures:
+        print(f"{f.name}: {f.ratio:.2f}x (target {f.target}x) - {f.detail}")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump(figures, fh, indent=2)
+            json.dump({"figures": [f.to_json() for f in result.figures], **result.details}, fh, indent=2)
 
 
 if __name__ == "__main__":

@@ -206,6 +206,11 @@ def retain(
     "--no-trace", is_flag=True, help="Do not keep per-batch C_f (fast re-derivation needs it)."
 )
 @click.option(
+    "--rescale",
+    is_flag=True,
+    help="Restore each weakened site's Frobenius norm after every batch (the authors' option).",
+)
+@click.option(
     "--forget-probe",
     type=click.Path(dir_okay=False),
     help="JSONL whose figures are recorded as efficacy (never stored).",
@@ -226,6 +231,7 @@ def forget(
     seed: int,
     retain_stats: str | None,
     no_trace: bool,
+    rescale: bool,
     forget_probe: str | None,
     max_attenuation: float | None,
     max_retain_drop: float | None,
@@ -242,6 +248,7 @@ def forget(
         epochs=epochs,
         seed=seed,
         keep_trace=not no_trace,
+        rescale=rescale,
     )
     entry = _open(ledger).forget(
         data,
@@ -269,7 +276,8 @@ def _summary(entry: Entry) -> str:
     if entry.op == "retain":
         return f"{body['stats']} ({body['records']} records, measured at {body['measured_at']})"
     if entry.op == "forget":
-        return f"{body['request']} ({body['records']} records, gamma {body['params']['gamma']})"
+        rescaled = ", rescaled" if body["params"].get("rescale") else ""
+        return f"{body['request']} ({body['records']} records, gamma {body['params']['gamma']}{rescaled})"
     if entry.op == "revert":
         return f"{body['request']}"
     if entry.op == "probe":
@@ -293,10 +301,23 @@ def log(ledger: str, as_json: bool) -> None:
         _dump([_entry_json(e) for e in entries])
         return
     for e in entries:
-        active = ", ".join(e.body.get("active", [])) or "-"
+        active = _active_list(e.body.get("active", []))
         click.echo(
             f"{e.version:>4}  {e.op:<8} {e.time}  {e.hash[:12]}  {_summary(e)}  active: {active}"
         )
+
+
+def _active_list(active: list[str], shown: int = 8) -> str:
+    """The active requests for a one-line view: all of a few, else a count and the newest.
+
+    With hundreds of requests a full list per line would make `log` grow with the
+    square of the ledger; `log --json` and `show` keep the full list.
+    """
+    if not active:
+        return "-"
+    if len(active) <= shown:
+        return ", ".join(active)
+    return f"{len(active)} requests (newest: {', '.join(active[-3:])})"
 
 
 def _entry_json(entry: Entry) -> dict[str, Any]:
@@ -341,9 +362,16 @@ def show(ledger: str, ref: str, as_json: bool) -> None:
     if "stability" in entry.body:
         click.echo(f"checks   {_checks_line(entry.body['stability'])}")
     if sites:
-        click.echo(f"{'site':<52}{'weakened':>10}{'max w':>10}{'mean w':>10}")
+        scaled = any("log_scale" in s for s in sites)
+        click.echo(
+            f"{'site':<52}{'weakened':>10}{'max w':>10}{'mean w':>10}"
+            + (f"{'log-scale':>10}" if scaled else "")
+        )
         for s in sites:
-            click.echo(f"{s['site']:<52}{s['weakened']:>10}{s['max']:>10.4f}{s['mean']:>10.4f}")
+            scale = f"{s['log_scale']:>10.4f}" if "log_scale" in s else ""
+            click.echo(
+                f"{s['site']:<52}{s['weakened']:>10}{s['max']:>10.4f}{s['mean']:>10.4f}{scale}"
+            )
 
 
 def _warn_failed(entry: Entry) -> None:
@@ -371,17 +399,21 @@ def _checks_line(stability: dict[str, Any]) -> str:
 
 def _request_sites(ledger: Ledger, entry: Entry) -> list[dict[str, Any]]:
     out = []
-    for name in ledger.store.list_arrays(f"requests/{entry.body['request']}/exponent"):
+    request_id = entry.body["request"]
+    for name in ledger.store.list_arrays(f"requests/{request_id}/exponent"):
         w = ledger.store.read_array(name)
         hit = w > 0
-        out.append(
-            {
-                "site": name.rsplit("/", 1)[1],
-                "weakened": int(hit.sum()),
-                "max": float(w.max()),
-                "mean": float(w[hit].mean()) if bool(hit.any()) else 0.0,
-            }
-        )
+        site = name.rsplit("/", 1)[1]
+        row: dict[str, Any] = {
+            "site": site,
+            "weakened": int(hit.sum()),
+            "max": float(w.max()),
+            "mean": float(w[hit].mean()) if bool(hit.any()) else 0.0,
+        }
+        scale = f"requests/{request_id}/log_scale/{site}"
+        if f"{scale}" in entry.body.get("arrays", {}) and ledger.store.has_array(scale):
+            row["log_scale"] = float(ledger.store.read_array(scale))
+        out.append(row)
     return out
 
 
@@ -393,29 +425,36 @@ def _request_sites(ledger: Ledger, entry: Entry) -> list[dict[str, Any]]:
 @JSON
 @_errors
 def diff(ledger: str, ref_a: str, ref_b: str, top: int, as_json: bool) -> None:
-    """Compare two versions: requests added and removed, and per site the exponents that changed."""
+    """Compare two versions: requests added and removed, and per site the exponents that changed.
+
+    Sites with a log-scale (``forget --rescale``) also show its change.
+    """
     opened = _open(ledger)
     a, b = opened.state(ref_a), opened.state(ref_b)
-    wa, wb = opened.exponents(a.version), opened.exponents(b.version)
+    _, wa, sa = opened.sums(a.version)
+    _, wb, sb = opened.sums(b.version)
     sites: list[dict[str, Any]] = []
     for site in opened.sites:
         delta = wb[site.name] - wa[site.name]
         changed = delta != 0
         n = int(changed.sum())
-        if n == 0:
+        scaled = site.name in sa or site.name in sb
+        scale_change = float(sb.get(site.name, 0.0) - sa.get(site.name, 0.0)) if scaled else 0.0
+        if n == 0 and scale_change == 0:
             continue
         order = delta.abs().argsort(descending=True)[:top]
-        sites.append(
-            {
-                "site": site.name,
-                "changed": n,
-                "max_abs_change": float(delta.abs().max()),
-                "mean_abs_change": float(delta[changed].abs().mean()),
-                "top": [
-                    {"vector": int(i), "change": float(delta[i])} for i in order if bool(changed[i])
-                ],
-            }
-        )
+        row: dict[str, Any] = {
+            "site": site.name,
+            "changed": n,
+            "max_abs_change": float(delta.abs().max()),
+            "mean_abs_change": float(delta[changed].abs().mean()) if n else 0.0,
+            "top": [
+                {"vector": int(i), "change": float(delta[i])} for i in order if bool(changed[i])
+            ],
+        }
+        if scaled:
+            row["log_scale_change"] = scale_change
+        sites.append(row)
     result: dict[str, Any] = {
         "from": a.version,
         "to": b.version,
@@ -431,9 +470,10 @@ def diff(ledger: str, ref_a: str, ref_b: str, top: int, as_json: bool) -> None:
     click.echo(f"removed  {', '.join(result['removed']) or '-'}")
     for s in sites:
         tops = ", ".join(f"{t['vector']}:{t['change']:+.4f}" for t in s["top"])
+        scale = f"; log-scale {s['log_scale_change']:+.4f}" if "log_scale_change" in s else ""
         click.echo(
             f"{s['site']}: {s['changed']} vectors, max |change| {s['max_abs_change']:.4f}, "
-            f"mean {s['mean_abs_change']:.4f}; top {tops}"
+            f"mean {s['mean_abs_change']:.4f}; top {tops}{scale}"
         )
 
 
@@ -707,6 +747,11 @@ def history(ledger: str, plot: str | None, as_json: bool) -> None:
     type=float,
     help="Retain accuracy drop allowed (default: the ledger's, 0.05).",
 )
+@click.option(
+    "--rescale",
+    is_flag=True,
+    help="Restore each weakened site's Frobenius norm, as forget --rescale does.",
+)
 @MODEL
 @QUIET
 @JSON
@@ -721,6 +766,7 @@ def tune(
     epochs: int,
     retain_stats: str | None,
     max_retain_drop: float | None,
+    rescale: bool,
     model_dir: str | None,
     quiet: bool,
     as_json: bool,
@@ -746,6 +792,7 @@ def tune(
         epochs=epochs,
         retain_stats=retain_stats,
         max_retain_drop=max_retain_drop,
+        rescale=rescale,
         model_dir=model_dir,
         progress=not quiet,
     )
@@ -772,4 +819,5 @@ def tune(
     else:
         click.echo(
             f"recommended: --gamma {rec['gamma']:g} --layers {rec['layers'][0]}:{rec['layers'][1]}"
+            + (" --rescale" if rescale else "")
         )

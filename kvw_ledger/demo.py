@@ -212,7 +212,10 @@ def _targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
         checks[f"group-1 {modality} still forgotten at the end (<= 0.30)"] = _gen(
             last, "group-1", modality
         )
-        back = abs(_gen(last, "group-2", modality) - _gen(before, "group-2", modality))
+        # "Before it was forgotten" is the version right before group-2's request:
+        # group-1's request had already touched group-2 there.
+        prior = after["forget group-1"]
+        back = abs(_gen(last, "group-2", modality) - _gen(prior, "group-2", modality))
         checks[f"group-2 {modality} back after revert (|diff| <= 0.05)"] = back
     return checks
 

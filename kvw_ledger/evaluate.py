@@ -174,8 +174,8 @@ def _decode(
                 input_ids=nxt[:, None],
                 attention_mask=mask,
                 position_ids=last_pos,
-                past_key_values=out.past_key_values,
                 use_cache=True,
+                **_cache_of(out),
             )
         for row, i in enumerate(idx):
             toks = generated[row].tolist()
@@ -183,6 +183,18 @@ def _decode(
                 toks = toks[: toks.index(eos)]
             answers[i] = tok.decode(toks, skip_special_tokens=True).strip()
     return answers, first_logp
+
+
+def _cache_of(out: Any) -> dict[str, Any]:
+    """The key-value cache of a forward's output, as the keyword the next step takes.
+
+    transformers 5.x names it ``cache`` and deprecates ``past_key_values``, which
+    4.x uses; the output's own key says which one this version speaks.
+    """
+    cache = getattr(out, "cache", None)
+    if cache is not None:
+        return {"cache": cache}
+    return {"past_key_values": out.past_key_values}
 
 
 def generation_accuracy(

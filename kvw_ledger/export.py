@@ -19,7 +19,7 @@ import shutil
 import struct
 import sys
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -200,26 +200,76 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+# safetensors dtypes torch can view raw little-endian bytes as.
+_TORCH_DTYPES = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16,
+    "U16": torch.uint16, "F16": torch.float16, "BF16": torch.bfloat16, "I32": torch.int32,
+    "U32": torch.uint32, "F32": torch.float32, "I64": torch.int64, "U64": torch.uint64,
+    "F64": torch.float64, "C64": torch.complex64, "F8_E5M2": torch.float8_e5m2,
+    "F8_E4M3": torch.float8_e4m3fn,
+}
+
+
+@contextlib.contextmanager
+def _tensor_reader(
+    src: Path, header_length: int, tensors: Mapping[str, TensorInfo]
+) -> Iterator[Callable[[str, TensorInfo], torch.Tensor]]:
+    """Yields ``read(key, info) -> tensor`` for one safetensors file.
+
+    Tensors are read with plain reads into buffers of their own: through safetensors'
+    mmap every page read stays resident, counted in the process's RSS, until the file
+    is closed, so exporting a shard held the whole shard plus a tensor. Dtypes torch
+    cannot view (F4, F6, ...) and big-endian hosts still go through ``safe_open``.
+    """
+    if sys.byteorder == "little" and all(i.dtype in _TORCH_DTYPES for i in tensors.values()):
+        start = 8 + header_length
+        try:
+            fh = src.open("rb")
+        except OSError as e:
+            raise BadInputError(f"{src}: cannot read: {e}") from e
+
+        def read(key: str, info: TensorInfo) -> torch.Tensor:
+            dtype = _TORCH_DTYPES[info.dtype]
+            if not info.nbytes:
+                return torch.empty(info.shape, dtype=dtype)
+            buf = torch.empty(info.nbytes, dtype=torch.uint8)  # not zero-filled: read over
+            fh.seek(start + info.data_offsets[0])
+            if fh.readinto(buf.numpy().data) != info.nbytes:
+                raise BadInputError(f"{src}: cannot read tensor {key}: the file is truncated")
+            return buf.view(dtype).reshape(info.shape)
+
+        with fh:
+            yield read
+        return
+    try:
+        reader = safe_open(str(src), framework="pt")
+    except SafetensorError as e:
+        raise BadInputError(f"{src}: not a readable safetensors file: {e}") from e
+
+    with reader as f:
+
+        def read_mapped(key: str, info: TensorInfo) -> torch.Tensor:
+            try:
+                return f.get_tensor(key)
+            except SafetensorError as e:
+                raise BadInputError(f"{src}: cannot read tensor {key}: {e}") from e
+
+        yield read_mapped
+
+
 def _export_file(
     src: Path, dst: Path, transform: Transform, provenance_json: str, bar: tqdm
 ) -> None:
-    _, tensors, metadata = _read_header(src)
+    header_length, tensors, metadata = _read_header(src)
     new_metadata = {**metadata, PROVENANCE_KEY: provenance_json}
     header = _encode_header(tensors, new_metadata, src)
     with dst.open("xb") as out:
         out.write(struct.pack("<Q", len(header)))
         out.write(header)
         out.flush()
-        try:
-            reader = safe_open(str(src), framework="pt")
-        except SafetensorError as e:
-            raise BadInputError(f"{src}: not a readable safetensors file: {e}") from e
-        with reader as f:
+        with _tensor_reader(src, header_length, tensors) as read:
             for key, info in sorted(tensors.items(), key=lambda kv: kv[1].data_offsets):
-                try:
-                    tensor = f.get_tensor(key)
-                except SafetensorError as e:
-                    raise BadInputError(f"{src}: cannot read tensor {key}: {e}") from e
+                tensor = read(key, info)
                 new = transform(src.name, key, tensor)
                 if new is None:
                     new = tensor

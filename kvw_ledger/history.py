@@ -49,6 +49,7 @@ def build_history(ledger: Ledger) -> list[VersionRecord]:
     entries = ledger.entries()
     bases = {s.name: ledger.base(s.name).to(torch.float32) for s in ledger.sites}
     cache: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    scale_cache: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     rows: list[VersionRecord] = []
     for entry in entries:
         state = ledger.state(entry.version)
@@ -76,19 +77,27 @@ def build_history(ledger: Ledger) -> list[VersionRecord]:
             )
         try:
             total = {s.name: torch.zeros(s.n_vectors) for s in ledger.sites}
+            scales: dict[str, torch.Tensor] = {}  # summed log-scales (--rescale), chain order
             for request_id in state.active:
                 key = (request_id, state.exponents[request_id])
                 if key not in cache:
                     cache[key] = ledger.request_exponents(request_id, state)
                 for site, value in cache[key].items():
                     total[site] += value
+                scale_key = (request_id, state.log_scales.get(request_id, ""))
+                if scale_key not in scale_cache:
+                    scale_cache[scale_key] = ledger.request_log_scales(request_id, state)
+                for site, value in scale_cache[scale_key].items():
+                    scales[site] = scales.get(site, torch.zeros(())) + value
         except KVWLedgerError:
             row.warnings.append("exponents deleted by gc; attenuation unavailable")
             rows.append(row)
             continue
         per_layer: dict[int, float] = {}
         for spot in ledger.sites:
-            share = attenuation(bases[spot.name], total[spot.name], spot.axis)
+            share = attenuation(
+                bases[spot.name], total[spot.name], spot.axis, scales.get(spot.name)
+            )
             per_layer[spot.layer] = max(per_layer.get(spot.layer, 0.0), share)
         row.attenuation = dict(sorted(per_layer.items()))
         for layer, share in row.attenuation.items():

@@ -10,6 +10,12 @@ A request is kept as its exponent w = gamma * sum_b A_b (float32, >= 0), never a
 a product of gates: the weights during and after the loop are
 ``base * exp(-(start + w))`` computed in float32 from the base and cast once, so
 requests compose by adding exponents and nothing is ever divided to undo them.
+
+With ``rescale`` (the authors' optional step, off by default) each weakened value
+matrix gets its Frobenius norm back after every batch. That factor is a per-site
+scalar kept as a log-scale s, so it composes like the exponents: the weights are
+``base * exp(S - W)`` where W and S are the sums of the active requests' exponent
+vectors and log-scales, and a request's s restores the norm the site had before it.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ class KVWConfig:
     seed: int = 0  # shuffle seed of the forget batches
     eps: float = 1e-12  # added inside both logs of the accessor
     keep_trace: bool = True  # keep each batch's C_f so the request can be re-derived fast
+    rescale: bool = False  # restore each weakened site's Frobenius norm (a log-scale per site)
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.gamma) and self.gamma > 0):
@@ -56,9 +63,15 @@ class KVWConfig:
             raise BadInputError(f"--layers {start}:{end} is not an inclusive range of layers")
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready parameters, recorded in the journal."""
+        """JSON-ready parameters, recorded in the journal.
+
+        ``rescale`` is recorded only when on, so a request without it is recorded
+        exactly as before the option existed.
+        """
         data = asdict(self)
         data["layers"] = list(self.layers)
+        if not self.rescale:
+            del data["rescale"]
         return data
 
     @classmethod
@@ -77,6 +90,7 @@ class KVWResult:
     trace: dict[str, torch.Tensor] | None  # site -> (n_batches, n_vectors) float32 C_f per batch
     n_batches: int
     n_tokens: int  # selected (answer-predicting) tokens over all batches
+    log_scales: dict[str, torch.Tensor] | None = None  # site -> () float32 s, with rescale only
 
 
 def accessor(c_forget: torch.Tensor, c_retain: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -115,10 +129,45 @@ def scale_vectors(weight: torch.Tensor, factor: torch.Tensor, axis: int) -> torc
     return weight * (factor.unsqueeze(0) if axis == 1 else factor.unsqueeze(1))
 
 
-def weakened(base: torch.Tensor, exponent: torch.Tensor, axis: int) -> torch.Tensor:
-    """``base * exp(-exponent)`` along ``axis``, in float32, cast once to the base's dtype."""
-    factor = torch.exp(-exponent.to(device=base.device, dtype=torch.float32))
+def weakened(
+    base: torch.Tensor, exponent: torch.Tensor, axis: int, log_scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``base * exp(-exponent)`` along ``axis``, in float32, cast once to the base's dtype.
+
+    With a ``log_scale`` S (a float32 scalar) the factor is ``exp(S - exponent)``.
+    """
+    w = exponent.to(device=base.device, dtype=torch.float32)
+    if log_scale is None:
+        factor = torch.exp(-w)
+    else:
+        factor = torch.exp(log_scale.to(device=base.device, dtype=torch.float32) - w)
     return scale_vectors(base.to(torch.float32), factor, axis).to(base.dtype)
+
+
+def column_log_norms(base: torch.Tensor, axis: int) -> torch.Tensor:
+    """log ||v_i||^2 of every value vector of ``base``, in float64 (-inf for a zero vector)."""
+    reduce = 0 if axis == 1 else 1
+    squares = base.to(torch.float64).square().sum(reduce)  # (d_model, n) or (n, d_model) -> (n,)
+    return torch.log(squares)
+
+
+def log_norm(log_sq: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
+    """log ||base * exp(-exponent)||_F in float64, from :func:`column_log_norms` of the base.
+
+    ||W diag(f)||_F^2 = sum_i f_i^2 ||v_i||^2, so the norm needs only the vector norms:
+    O(n_vectors) per step, and exact up to float64 rounding.
+    """
+    w = exponent.to(device=log_sq.device, dtype=torch.float64)
+    return 0.5 * torch.logsumexp(log_sq - 2.0 * w, dim=0)
+
+
+def log_scale(log_sq: torch.Tensor, before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """The float32 s with ||base * exp(s - after)||_F = ||base * exp(-before)||_F.
+
+    ``before`` and ``after`` are float32 exponent sums; a zero matrix gets s = 0.
+    """
+    s = log_norm(log_sq, before) - log_norm(log_sq, after)
+    return torch.nan_to_num(s, nan=0.0).to(torch.float32)
 
 
 def batch_order(n_examples: int, config: KVWConfig) -> list[list[int]]:
@@ -144,12 +193,13 @@ def run_kvw(
     pad_token_id: int,
     base: Mapping[str, torch.Tensor] | None = None,
     start: Mapping[str, torch.Tensor] | None = None,
+    start_log_scale: Mapping[str, torch.Tensor] | None = None,
     progress: bool = True,
 ) -> KVWResult:
     """Runs the progressive KVW loop for one request and leaves the model weakened.
 
     Args:
-        model: the model, materialised at ``base * exp(-start)``.
+        model: the model, materialised at ``base * exp(start_log_scale - start)``.
         sites: every site of the model; those in ``config.layers`` are weakened.
         examples: the encoded forget set.
         retain_means: C_r per site (pooled mean |coefficient| over the retain set).
@@ -157,6 +207,7 @@ def run_kvw(
         pad_token_id: id used to right-pad batches.
         base: the value matrices the ledger keeps (default: the model's current weights).
         start: exponents already active (default: none).
+        start_log_scale: summed log-scales already active, per site (default: none).
         progress: show a progress bar on stderr.
 
     Raises:
@@ -170,7 +221,7 @@ def run_kvw(
     if missing:
         raise BadInputError(f"the retain statistics have no coefficients for site {missing[0]}")
     device = model_device(model)
-    state = _SiteState.build(model, chosen, retain_means, config, base, start)
+    state = _SiteState.build(model, chosen, retain_means, config, base, start, start_log_scale)
     plan = batch_order(len(examples), config)
     traces: dict[str, list[torch.Tensor]] = {s.name: [] for s in chosen}
     n_tokens = 0
@@ -191,7 +242,8 @@ def run_kvw(
                 "was not applied"
             )
     trace = {n: torch.stack(t).cpu() for n, t in traces.items()} if config.keep_trace else None
-    return KVWResult(exponents, trace, len(plan), n_tokens)
+    scales = {n: s.cpu() for n, s in state.log_scales.items()} if config.rescale else None
+    return KVWResult(exponents, trace, len(plan), n_tokens, scales)
 
 
 @dataclass
@@ -204,6 +256,9 @@ class _SiteState:
     start: dict[str, torch.Tensor]  # float32 exponents already active
     log_retain: dict[str, torch.Tensor]  # log(C_r + eps)
     exponents: dict[str, torch.Tensor]  # float32 w accumulated by this request
+    start_scale: dict[str, torch.Tensor | None]  # float32 () log-scale already active, if any
+    log_sq: dict[str, torch.Tensor]  # float64 log ||v_i||^2 of the base, with rescale only
+    log_scales: dict[str, torch.Tensor]  # float32 () s of this request, with rescale only
 
     @classmethod
     def build(
@@ -214,8 +269,9 @@ class _SiteState:
         config: KVWConfig,
         base: Mapping[str, torch.Tensor] | None,
         start: Mapping[str, torch.Tensor] | None,
+        start_log_scale: Mapping[str, torch.Tensor] | None = None,
     ) -> _SiteState:
-        state = cls({}, {}, {}, {}, {}, {})
+        state = cls({}, {}, {}, {}, {}, {}, {}, {}, {})
         for site in chosen:
             weight = site_weight(model, site)
             dev = weight.device
@@ -232,6 +288,11 @@ class _SiteState:
             c_retain = retain_means[site.name].to(dev, torch.float32)
             state.log_retain[site.name] = torch.log(c_retain + config.eps)
             state.exponents[site.name] = zeros
+            scale = start_log_scale.get(site.name) if start_log_scale is not None else None
+            state.start_scale[site.name] = None if scale is None else scale.to(dev, torch.float32)
+            if config.rescale:
+                state.log_sq[site.name] = column_log_norms(state.base[site.name], site.axis)
+                state.log_scales[site.name] = torch.zeros((), dtype=torch.float32, device=dev)
         return state
 
     def step(self, name: str, c_forget: torch.Tensor, config: KVWConfig) -> None:
@@ -240,4 +301,11 @@ class _SiteState:
         self.exponents[name].add_(a, alpha=config.gamma)
         site = self.sites[name]
         total = self.start[name] + self.exponents[name]
-        self.weights[name].copy_(weakened(self.base[name], total, site.axis))
+        scale = self.start_scale[name]
+        if config.rescale:
+            # The reference restores the norm after every batch; the scales of the batches
+            # multiply, so s always measures from the start of the request.
+            s = log_scale(self.log_sq[name], self.start[name], total)
+            self.log_scales[name] = s
+            scale = s if scale is None else scale + s
+        self.weights[name].copy_(weakened(self.base[name], total, site.axis, scale))

@@ -3,7 +3,9 @@
 A version is a journal position. The effective value matrix of a site at a version
 is ``base * exp(-sum of the active requests' exponents)``, computed in float32 from
 the base and cast once, so revert and replay are bit-exact and nothing is ever
-divided to undo a request. Every write follows one protocol: take the writer lock,
+divided to undo a request. Requests made with ``rescale`` also keep a per-site
+log-scale s, summed like the exponents: the factor is then ``exp(S - W)``.
+Every write follows one protocol: take the writer lock,
 write arrays, append the journal entry (the commit point), then refresh the head
 cache (the sum of active exponents at the newest version).
 """
@@ -40,7 +42,14 @@ from kvw_ledger.errors import (
 )
 from kvw_ledger.export import export_model
 from kvw_ledger.journal import Entry, Journal, Problem
-from kvw_ledger.kvw import KVWConfig, exponents_from_trace, run_kvw, weakened
+from kvw_ledger.kvw import (
+    KVWConfig,
+    column_log_norms,
+    exponents_from_trace,
+    log_scale,
+    run_kvw,
+    weakened,
+)
 from kvw_ledger.loading import load_model, load_processor, max_length
 from kvw_ledger.lock import WriterLock
 from kvw_ledger.sites import Site, discover_sites, site_weight
@@ -49,10 +58,11 @@ from kvw_ledger.stability import (
     StabilityReport,
     check_attenuation,
     check_exponents,
+    check_log_scales,
     compare_probes,
     probe_metrics,
 )
-from kvw_ledger.store import Store, check_id
+from kvw_ledger.store import HeadCache, Store, check_id
 
 __all__ = ["Ledger", "LedgerState", "RequestInfo", "VerifyReport"]
 
@@ -80,6 +90,7 @@ class LedgerState:
     latest_retain: str | None = None
     exponents: dict[str, str] = field(default_factory=dict)  # request -> prefix of its current exponent arrays
     traces: dict[str, str] = field(default_factory=dict)  # request -> prefix of its current C_f traces
+    log_scales: dict[str, str] = field(default_factory=dict)  # request -> prefix of its log-scales (rescale only)
     deleted: dict[str, int] = field(default_factory=dict)  # request -> version of the gc that deleted it
     probes: dict[str, dict[str, Any]] = field(default_factory=dict)  # kind -> stored probe set
     limits: dict[str, Any] = field(default_factory=dict)  # ledger-wide stability limits
@@ -162,12 +173,11 @@ class Ledger:
         """
         model_dir = Path(model_dir).resolve()
         model_files.weight_files(model_dir)  # refuses pickle-only weights, saying how to convert
-        with _loading_bars(progress):
-            model = load_model(model_dir)
+        model = load_model(model_dir, progress=progress)
         sites = discover_sites(model, towers, site_glob)
         wanted = {s.name: site_weight(model, s) for s in sites}
         locations = model_files.locate_tensors(model_dir, wanted)
-        fingerprint = model_files.fingerprint(model_dir)
+        fingerprint = model_files.fingerprint(model_dir, progress)
         attrs: dict[str, Any] = {
             "model": {
                 "dir": str(model_dir),
@@ -289,15 +299,74 @@ class Ledger:
         At HEAD this is the cached head (one read per site, whatever the number of
         requests); elsewhere the active requests are summed in the order applied.
         """
+        return self.sums(at)[1]
+
+    def log_scales(self, at: str | int = "HEAD") -> dict[str, torch.Tensor]:
+        """Sum of the active requests' log-scales per site at ``at`` (float32 scalars, CPU).
+
+        Only sites that an active request made with ``rescale`` weakened are present;
+        the others have no scale (the factor is ``exp(-exponent)``).
+        """
+        return self.sums(at)[2]
+
+    def sums(
+        self, at: str | int = "HEAD"
+    ) -> tuple[int, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(version, exponent sums, log-scale sums) at ``at``.
+
+        ``HEAD`` (or its version number) reads the newest journal entry and the head
+        cache only, so its cost does not grow with the number of requests; any other
+        REF, or a stale or damaged cache, replays the journal and sums the requests.
+        """
+        head = self.head()
+        if _names_version(at, head.version):
+            cached = self._head_cache(head)
+            if cached is not None:
+                return head.version, cached.exponents, cached.log_scales
         state = self.state(at)
-        if state.version == self.head().version:
-            try:
-                cached = self.store.read_head()
-            except IntegrityError:
-                cached = None  # a damaged cache is only slower: `verify` reports it
-            if cached is not None and cached[1] == state.version:
-                return cached[0]
-        return self._sum_exponents(state)
+        if state.version == head.version and not _names_version(at, head.version):
+            cached = self._head_cache(head)  # a request id that names HEAD
+            if cached is not None:
+                return state.version, cached.exponents, cached.log_scales
+        return state.version, self._sum_exponents(state), self._sum_log_scales(state)
+
+    def _head_cache(self, head: Entry) -> HeadCache | None:
+        """The head cache if it stands for ``head`` (same version and entry hash)."""
+        try:
+            cached = self.store.read_head_cache()
+        except IntegrityError:
+            return None  # a damaged cache is only slower: `verify` reports it
+        if cached is None or cached.version != head.version or cached.digest != head.hash:
+            return None
+        return cached
+
+    def _sum_log_scales(
+        self, state: LedgerState, active: Sequence[str] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Sums the current log-scales of ``active`` (default: the state's) in chain order."""
+        return _add_scales(
+            self.request_log_scales(r, state) for r in (state.active if active is None else active)
+        )
+
+    def request_log_scales(
+        self, request_id: str, state: LedgerState | None = None
+    ) -> dict[str, torch.Tensor]:
+        """One request's current log-scales per site; empty unless it was made with ``rescale``.
+
+        Raises:
+            RefNotFoundError: the request's arrays were deleted by ``gc``.
+        """
+        state = state or self.state()
+        prefix = state.log_scales.get(request_id)
+        if prefix is None:
+            return {}
+        names = self.store.list_arrays(prefix)
+        if not names:
+            raise RefNotFoundError(
+                f"the log-scales of request {request_id!r} are gone (deleted by gc, or never written); "
+                "versions where it was active can no longer be rebuilt"
+            )
+        return {name.rsplit("/", 1)[1]: self.store.read_array(name) for name in names}
 
     def _sum_exponents(
         self, state: LedgerState, active: Sequence[str] | None = None
@@ -339,9 +408,11 @@ class Ledger:
             cache[site] = value
         return value
 
-    def effective(self, site: str, exponent: torch.Tensor) -> torch.Tensor:
-        """``base * exp(-exponent)`` for one site, in float32, cast once."""
-        return weakened(self.base(site), exponent, self._sites_by_name[site].axis)
+    def effective(
+        self, site: str, exponent: torch.Tensor, log_scale: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``base * exp(log_scale - exponent)`` for one site, in float32, cast once."""
+        return weakened(self.base(site), exponent, self._sites_by_name[site].axis, log_scale)
 
     def materialize(self, model: nn.Module, at: str | int = "HEAD") -> int:
         """Writes the value matrices of version ``at`` into a live model, from the base.
@@ -349,12 +420,8 @@ class Ledger:
         Returns:
             The version materialised.
         """
-        version = self.resolve(at)
-        exponents = self.exponents(version)
-        with torch.no_grad():
-            for site in self.sites:
-                weight = site_weight(model, site)
-                weight.copy_(self.effective(site.name, exponents[site.name]).to(weight.device))
+        version, exponents, scales = self.sums(at)
+        self._materialize_exponents(model, exponents, scales)
         return version
 
     # --- the model --------------------------------------------------------------------
@@ -368,13 +435,12 @@ class Ledger:
     ) -> tuple[nn.Module, Any]:
         """Loads the model (fingerprint checked) materialised at ``at``, and its processor."""
         directory = self.model_dir(model_dir)
-        self._check_model_dir(directory)
-        with _loading_bars(progress):
-            model = load_model(directory)
+        self._check_model_dir(directory, progress)
+        model = load_model(directory, progress=progress)
         self.materialize(model, at)
         return model, load_processor(directory)
 
-    def _check_model_dir(self, directory: Path) -> None:
+    def _check_model_dir(self, directory: Path, progress: bool = True) -> None:
         """The model directory must hold the model init saw: same architecture, same bytes.
 
         Raises:
@@ -390,7 +456,7 @@ class Ledger:
                 f"{directory} holds a {found} model, but this ledger was made for a {recorded} model "
                 f"({self.model_info.get('dir')}); pass that model directory, or create a new ledger"
             )
-        model_files.check_fingerprint(directory, self.model_info["fingerprint"])
+        model_files.check_fingerprint(directory, self.model_info["fingerprint"], progress)
 
     # --- verbs that write -------------------------------------------------------------
 
@@ -494,7 +560,7 @@ class Ledger:
             model, processor = self.load(model_dir, head.version, progress=progress)
             encoder = data.Encoder(processor, max_length(model))
             examples = data.encode_all(encoder, records)
-            start = self.exponents(head.version)
+            _, start, start_scales = self.sums(head.version)
             result = run_kvw(
                 model,
                 self.sites,
@@ -504,11 +570,13 @@ class Ledger:
                 pad_token_id=encoder.pad_token_id,
                 base={s.name: self.base(s.name) for s in self.sites},
                 start=start,
+                start_log_scale=start_scales,
                 progress=progress,
             )
             staged = {n: start[n] + result.exponents[n] if n in result.exponents else start[n] for n in start}
+            staged_scales = _add_scales([start_scales, result.log_scales or {}])
             report = self._check_staged(
-                state, staged, checked, model=model, processor=processor,
+                state, staged, checked, staged_scales, model=model, processor=processor,
                 forget_records=probe_records, progress=progress,
             )
             self._claim(f"requests/{request_id}")
@@ -521,6 +589,10 @@ class Ledger:
                 arrays[record.name] = record.sha256
             for site_name, trace in (result.trace or {}).items():
                 record = self.store.write_array(f"requests/{request_id}/trace/{site_name}", trace)
+                files.update(record.files)
+                arrays[record.name] = record.sha256
+            for site_name, scale in (result.log_scales or {}).items():
+                record = self.store.write_array(f"requests/{request_id}/log_scale/{site_name}", scale)
                 files.update(record.files)
                 arrays[record.name] = record.sha256
             files.update(self.store.group_files(f"requests/{request_id}"))
@@ -539,7 +611,7 @@ class Ledger:
                 "stability": report.to_json(),
             }
             entry = self._commit("forget", body, files, parent=head)
-            self._write_head(entry, staged)
+            self._write_head(entry, staged, staged_scales)
             return entry
 
     def revert(
@@ -569,10 +641,13 @@ class Ledger:
             checked = self._limits(state, limits)
             active = [r for r in state.active if r != request_id]
             staged = self._sum_exponents(state, active)
-            report = self._check_staged(state, staged, checked, model_dir=model_dir, progress=progress)
+            staged_scales = self._sum_log_scales(state, active)
+            report = self._check_staged(
+                state, staged, checked, staged_scales, model_dir=model_dir, progress=progress
+            )
             body = {"request": request_id, "reason": reason, "active": active, "stability": report.to_json()}
             entry = self._commit("revert", body, {}, parent=head)
-            self._write_head(entry, staged)
+            self._write_head(entry, staged, staged_scales)
             return entry
 
     def probe(
@@ -644,8 +719,8 @@ class Ledger:
         entries = self.entries()
         version = self.resolve(at, entries)
         directory = self.model_dir(model_dir)
-        self._check_model_dir(directory)
-        exponents = self.exponents(version)
+        self._check_model_dir(directory, progress)
+        _, exponents, scales = self.sums(version)
         by_location = {(loc.file, loc.key): name for name, loc in self.locations.items()}
         state = self.state(version)
 
@@ -653,7 +728,7 @@ class Ledger:
             name = by_location.get((file, key))
             if name is None:
                 return None
-            return weakened(tensor, exponents[name], self._sites_by_name[name].axis)
+            return weakened(tensor, exponents[name], self._sites_by_name[name].axis, scales.get(name))
 
         provenance = {
             "ledger_version": version,
@@ -725,35 +800,56 @@ class Ledger:
             exact_records = {r: self._exact_records(state, r, path) for r, path in exact.items()}
             new: dict[str, dict[str, torch.Tensor]] = {}
             new_traces: dict[str, dict[str, torch.Tensor]] = {}
+            new_scales: dict[str, dict[str, torch.Tensor]] = {}
+            log_sq: dict[str, torch.Tensor] = {}  # site -> column_log_norms of its base
             model: Any = None
             processor: Any = None
             if exact_records:
                 model, processor = self.load(model_dir, 1, progress=progress)
-            for request_id in ordered:
-                params = KVWConfig.from_dict(state.requests[request_id].body["params"])
-                if request_id in exact_records:
-                    earlier = state.active[: state.active.index(request_id)]
-                    current = {r: new[r] if r in new else self.request_exponents(r, state) for r in earlier}
-                    start = _add(self.sites, current.values())
-                    self._materialize_exponents(model, start)
-                    encoder = data.Encoder(processor, max_length(model))
-                    result = run_kvw(
-                        model, self.sites, data.encode_all(encoder, exact_records[request_id]), retain_means,
-                        params, pad_token_id=encoder.pad_token_id,
-                        base={s.name: self.base(s.name) for s in self.sites}, start=start, progress=progress,
-                    )
-                    new[request_id] = result.exponents
-                    new_traces[request_id] = result.trace or {}
-                else:
-                    traces = {n.rsplit("/", 1)[1]: self.store.read_array(n)
-                              for n in self.store.list_arrays(state.traces[request_id])}
-                    new[request_id] = {site: exponents_from_trace(t, retain_means[site], params)
-                                       for site, t in traces.items()}
-            active_now = {r: new[r] if r in new else self.request_exponents(r, state) for r in state.active}
-            staged = _add(self.sites, active_now.values())
+            # One pass in chain order: ``running`` is the sum (exponents, log-scales) of the
+            # requests before the current one, as re-derived so far; at the end, the staged HEAD.
+            running = _add(self.sites, [])
+            running_scales: dict[str, torch.Tensor] = {}
+            redo = set(ordered)
+            for request_id in state.active:
+                if request_id in redo:
+                    params = KVWConfig.from_dict(state.requests[request_id].body["params"])
+                    if request_id in exact_records:
+                        start, start_scales = dict(running), dict(running_scales)
+                        self._materialize_exponents(model, start, start_scales)
+                        encoder = data.Encoder(processor, max_length(model))
+                        result = run_kvw(
+                            model, self.sites, data.encode_all(encoder, exact_records[request_id]), retain_means,
+                            params, pad_token_id=encoder.pad_token_id,
+                            base={s.name: self.base(s.name) for s in self.sites}, start=start,
+                            start_log_scale=start_scales, progress=progress,
+                        )
+                        new[request_id] = result.exponents
+                        new_traces[request_id] = result.trace or {}
+                        if result.log_scales is not None:
+                            new_scales[request_id] = result.log_scales
+                    else:
+                        traces = {n.rsplit("/", 1)[1]: self.store.read_array(n)
+                                  for n in self.store.list_arrays(state.traces[request_id])}
+                        new[request_id] = {site: exponents_from_trace(t, retain_means[site], params)
+                                           for site, t in traces.items()}
+                        if params.rescale:  # s restores the norm the site had before this request
+                            for site in new[request_id]:
+                                if site not in log_sq:
+                                    log_sq[site] = column_log_norms(self.base(site), self._sites_by_name[site].axis)
+                            new_scales[request_id] = {
+                                site: log_scale(log_sq[site], running[site], running[site] + w)
+                                for site, w in new[request_id].items()
+                            }
+                exps = new[request_id] if request_id in new else self.request_exponents(request_id, state)
+                scales = (new_scales[request_id] if request_id in new_scales
+                          else self.request_log_scales(request_id, state))
+                running = _add(self.sites, [running, exps])
+                running_scales = _add_scales([running_scales, scales])
+            staged, staged_scales = running, running_scales
             if model is not None:  # it holds the last exact request's loop, not the staged HEAD
-                self._materialize_exponents(model, staged)
-            report = self._check_staged(state, staged, checked, model=model,
+                self._materialize_exponents(model, staged, staged_scales)
+            report = self._check_staged(state, staged, checked, staged_scales, model=model,
                                         processor=processor, model_dir=model_dir, progress=progress)
             prefix = f"rederived/v{head.version + 1}"
             self._claim(prefix)
@@ -768,6 +864,17 @@ class Ledger:
                     record = self.store.write_array(f"{prefix}/{request_id}/exponent/{site}", value)
                     files.update(record.files)
                     arrays[record.name] = change["new"][record.name] = record.sha256
+                if request_id in new_scales:
+                    change["log_scale"] = f"{prefix}/{request_id}/log_scale"
+                    old_prefix = state.log_scales.get(request_id)
+                    change["old_log_scale"] = {
+                        n: self.store.content_hash(n) for n in self.store.list_arrays(old_prefix)
+                    } if old_prefix else {}
+                    change["new_log_scale"] = {}
+                    for site, value in new_scales[request_id].items():
+                        record = self.store.write_array(f"{prefix}/{request_id}/log_scale/{site}", value)
+                        files.update(record.files)
+                        arrays[record.name] = change["new_log_scale"][record.name] = record.sha256
                 if new_traces.get(request_id):
                     change["trace"] = f"{prefix}/{request_id}/trace"
                     for site, value in new_traces[request_id].items():
@@ -779,7 +886,7 @@ class Ledger:
             body = {"stats": stats_id, "requests": changes, "arrays": arrays, "active": state.active,
                     "stability": report.to_json()}
             entry = self._commit("rederive", body, files, parent=head)
-            self._write_head(entry, staged)
+            self._write_head(entry, staged, staged_scales)
             return entry
 
     def gc(self, *, reverted: bool = True) -> Entry:
@@ -822,11 +929,18 @@ class Ledger:
             )
         return records
 
-    def _materialize_exponents(self, model: Any, exponents: Mapping[str, torch.Tensor]) -> None:
+    def _materialize_exponents(
+        self,
+        model: Any,
+        exponents: Mapping[str, torch.Tensor],
+        log_scales: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
+        scales = log_scales or {}
         with torch.no_grad():
             for site in self.sites:
                 weight = site_weight(model, site)
-                weight.copy_(self.effective(site.name, exponents[site.name]).to(weight.device))
+                value = self.effective(site.name, exponents[site.name], scales.get(site.name))
+                weight.copy_(value.to(weight.device))
 
     # --- verification -----------------------------------------------------------------
 
@@ -899,7 +1013,7 @@ class Ledger:
         if damaged:
             return damaged
         try:
-            cached = self.store.read_head()
+            cached = self.store.read_head_cache()
         except IntegrityError as e:
             return [Problem("head", str(e))]
         last = entries[-1].version
@@ -911,7 +1025,7 @@ class Ledger:
                     "warning",
                 )
             ]
-        tensors, version, digest = cached
+        tensors, scales, version, digest = cached.exponents, cached.log_scales, cached.version, cached.digest
         if not 1 <= version <= last or entries[version - 1].hash != digest:
             return [
                 Problem(
@@ -933,6 +1047,7 @@ class Ledger:
                 _apply(at, entry)
         try:
             expected = self._sum_exponents(at)
+            expected_scales = self._sum_log_scales(at)
         except KVWLedgerError as e:  # a damaged request array, also reported by name above
             if version < last:
                 return [stale]  # its requests may since have been deleted by gc
@@ -944,6 +1059,15 @@ class Ledger:
                     Problem(
                         f"head/{name}",
                         f"the head cache differs from the sum of active exponents at version {version}",
+                    )
+                ]
+        for name in sorted(set(scales) | set(expected_scales)):
+            got, want = scales.get(name), expected_scales.get(name)
+            if got is None or want is None or not torch.equal(got.view(torch.int32), want.view(torch.int32)):
+                return [
+                    Problem(
+                        f"head/{name}",
+                        f"the head cache's log-scale differs from the sum of active log-scales at version {version}",
                     )
                 ]
         return [stale] if version < last else []
@@ -992,6 +1116,7 @@ class Ledger:
         state: LedgerState,
         staged: Mapping[str, torch.Tensor],
         limits: StabilityLimits,
+        staged_scales: Mapping[str, torch.Tensor] | None = None,
         *,
         model: Any = None,
         processor: Any = None,
@@ -1006,14 +1131,17 @@ class Ledger:
         """
         report = StabilityReport()
         report.checks += check_exponents(staged)
+        report.checks += check_log_scales(staged_scales or {})
         axes = {s.name: s.axis for s in self.sites}
         bases = {name: self.base(name) for name in staged}
-        checks, report.attenuation = check_attenuation(bases, staged, axes, limits.max_attenuation)
+        checks, report.attenuation = check_attenuation(
+            bases, staged, axes, limits.max_attenuation, staged_scales
+        )
         report.checks += checks
         if state.probes or forget_records is not None:
             if model is None:
                 model, processor = self.load(model_dir, 1, progress=progress)
-                self._materialize_exponents(model, staged)
+                self._materialize_exponents(model, staged, staged_scales)
             encoder = data.Encoder(processor, max_length(model))
             sets = {kind: probes.read_probe(self.path, p["path"]) for kind, p in state.probes.items()}
             if forget_records is not None:
@@ -1058,6 +1186,7 @@ class Ledger:
         self._committed = None
         self._base_cache = {}
         try:
+            self.store.clean_temp()  # a crashed writer's scratch; the lock makes us the only writer
             yield
         except OSError as e:
             if not isinstance(e, KVWLedgerError):
@@ -1117,24 +1246,23 @@ class Ledger:
         self._committed = entry
         return entry
 
-    def _write_head(self, entry: Entry, tensors: Mapping[str, torch.Tensor] | None = None) -> None:
-        values = dict(tensors) if tensors is not None else self._sum_exponents(self.state(entry.version))
-        self.store.write_head(values, entry.version, entry.hash)
+    def _write_head(
+        self,
+        entry: Entry,
+        tensors: Mapping[str, torch.Tensor] | None = None,
+        log_scales: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Caches the sums at ``entry``: those given (both, from a staged step), else replayed."""
+        if tensors is None:
+            state = self.state(entry.version)
+            tensors, log_scales = self._sum_exponents(state), self._sum_log_scales(state)
+        self.store.write_head(dict(tensors), entry.version, entry.hash, log_scales)
 
 
-@contextlib.contextmanager
-def _loading_bars(progress: bool) -> Iterator[None]:
-    """Hides transformers' weight-loading progress bars unless ``progress``."""
-    from transformers.utils import logging as hf_logging
-
-    hide = not progress and hf_logging.is_progress_bar_enabled()
-    if hide:
-        hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if hide:
-            hf_logging.enable_progress_bar()
+def _names_version(ref: str | int, version: int) -> bool:
+    """Whether ``ref`` is ``HEAD``, ``HEAD~0`` or the number ``version``, without a replay."""
+    text = str(ref).strip()
+    return text in ("HEAD", "HEAD~0") or (text.isascii() and text.isdigit() and text.lstrip("0") == str(version))
 
 
 def _check_root_attrs(store: Store, journal: Journal) -> None:
@@ -1164,6 +1292,8 @@ def _apply(state: LedgerState, entry: Entry) -> None:
         state.exponents[request_id] = f"requests/{request_id}/exponent"
         if any(name.startswith(f"requests/{request_id}/trace/") for name in body.get("arrays", {})):
             state.traces[request_id] = f"requests/{request_id}/trace"
+        if any(name.startswith(f"requests/{request_id}/log_scale/") for name in body.get("arrays", {})):
+            state.log_scales[request_id] = f"requests/{request_id}/log_scale"
     elif entry.op == "revert":
         if body["request"] in state.active:
             state.active.remove(body["request"])
@@ -1173,6 +1303,8 @@ def _apply(state: LedgerState, entry: Entry) -> None:
             state.exponents[request_id] = change["exponent"]
             if change.get("trace"):
                 state.traces[request_id] = change["trace"]
+            if change.get("log_scale"):
+                state.log_scales[request_id] = change["log_scale"]
     elif entry.op == "gc":
         for request_id in body["deleted"]:
             state.deleted[request_id] = entry.version
@@ -1199,6 +1331,15 @@ def _add(sites: Sequence[Site], parts: Iterable[Mapping[str, torch.Tensor]]) -> 
     for part in parts:
         for site, value in part.items():
             total[site] += value
+    return total
+
+
+def _add_scales(parts: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Sums per-site log-scales in the given order, each from a float32 zero (as replay does)."""
+    total: dict[str, torch.Tensor] = {}
+    for part in parts:
+        for site, value in part.items():
+            total[site] = total.get(site, torch.zeros((), dtype=torch.float32)) + value.reshape(())
     return total
 
 

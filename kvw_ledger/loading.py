@@ -53,14 +53,17 @@ def is_vision_language(model_dir: str | Path) -> bool:
     return "vision_config" in _config(Path(model_dir))
 
 
-def load_model(model_dir: str | Path) -> nn.Module:
-    """Loads the model in its checkpoint dtype, in eval mode, without touching the network."""
+def load_model(model_dir: str | Path, progress: bool = False) -> nn.Module:
+    """Loads the model in its checkpoint dtype, in eval mode, without touching the network.
+
+    transformers' weight-loading bar shows only with ``progress``.
+    """
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     model_dir = Path(model_dir)
     auto = AutoModelForImageTextToText if is_vision_language(model_dir) else AutoModelForCausalLM
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _loading_bars(progress):
             warnings.simplefilter("ignore")
             model = auto.from_pretrained(
                 model_dir, dtype="auto", local_files_only=True, use_safetensors=True
@@ -68,6 +71,21 @@ def load_model(model_dir: str | Path) -> nn.Module:
     except (OSError, ValueError, KeyError) as e:
         raise BadInputError(f"cannot load the model in {model_dir}: {e}") from e
     return model.eval()
+
+
+@contextlib.contextmanager
+def _loading_bars(progress: bool) -> Iterator[None]:
+    """Hides transformers' weight-loading progress bars unless ``progress``."""
+    from transformers.utils import logging as hf_logging
+
+    hide = not progress and hf_logging.is_progress_bar_enabled()
+    if hide:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if hide:
+            hf_logging.enable_progress_bar()
 
 
 def load_processor(model_dir: str | Path) -> Any:

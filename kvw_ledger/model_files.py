@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,28 +136,57 @@ def _index_shards(index: Path) -> list[str]:
     return sorted(names)
 
 
-def _hash_files(paths: Iterable[Path], desc: str) -> dict[str, str]:
-    paths = list(paths)
-    total = sum(p.stat().st_size for p in paths)
+# (path, device, inode, size, mtime_ns, ctime_ns) -> sha256 hex, for this process.
+# ctime changes with any write to the file (and cannot be set back by the user),
+# so a file whose stat key is unchanged still has the bytes that were hashed. The
+# clock behind ctime can be coarse (a few ms), so, as git does with its index, a
+# file changed less than _RACY_NS before its hash began is never remembered: a
+# write in the same clock tick would leave its key unchanged.
+_DIGESTS: dict[tuple[str, int, int, int, int, int], str] = {}
+_RACY_NS = 2_000_000_000
+
+
+def _stat_key(path: Path) -> tuple[str, int, int, int, int, int]:
+    st = path.stat()
+    return (str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _hash_files(paths: Iterable[Path], desc: str, progress: bool = True) -> dict[str, str]:
+    """sha256 of each file; a file this process hashed before and that has not been
+    written since (same stat key) is not read again: a service applying request
+    after request to a 14 GB model would otherwise re-read it for every one."""
     digests: dict[str, str] = {}
+    todo: list[tuple[Path, tuple[str, int, int, int, int, int]]] = []
+    for p in paths:
+        key = _stat_key(p)
+        if key in _DIGESTS:
+            digests[p.name] = _DIGESTS[key]
+        else:
+            todo.append((p, key))
+    total = sum(key[3] for _, key in todo)
+    started = time.time_ns()
     buf = bytearray(_BLOCK)
     view = memoryview(buf)
     with tqdm(
         total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
-        file=sys.stderr, disable=total <= _PROGRESS_MIN_BYTES, leave=False,
+        file=sys.stderr, disable=not progress or total <= _PROGRESS_MIN_BYTES, leave=False,
     ) as bar:
-        for p in paths:
+        for p, key in todo:
             h = hashlib.sha256()
             with p.open("rb") as f:
                 while n := f.readinto(buf):
                     h.update(view[:n])
                     bar.update(n)
             digests[p.name] = h.hexdigest()
+            if key[5] < started - _RACY_NS and _stat_key(p) == key:
+                _DIGESTS[key] = digests[p.name]
     return digests
 
 
-def fingerprint(model_dir: str | Path) -> dict[str, Any]:
+def fingerprint(model_dir: str | Path, progress: bool = True) -> dict[str, Any]:
     """Return the sha256 of every weight file and of ``config.json``.
+
+    A progress bar shows on stderr for big models, unless ``progress`` is false.
 
     Returns:
         ``{"files": {file name: sha256 hex}, "config": sha256 hex of config.json}``.
@@ -169,12 +199,14 @@ def fingerprint(model_dir: str | Path) -> dict[str, Any]:
     config = path / CONFIG_NAME
     if not config.is_file():
         raise BadInputError(f"{path}: no {CONFIG_NAME}; pass a Hugging Face model directory")
-    digests = _hash_files([*files, config], desc=f"hash {path.name}")
+    digests = _hash_files([*files, config], desc=f"hash {path.name}", progress=progress)
     config_digest = digests.pop(CONFIG_NAME)
     return {"files": digests, "config": config_digest}
 
 
-def check_fingerprint(model_dir: str | Path, recorded: Mapping[str, Any]) -> None:
+def check_fingerprint(
+    model_dir: str | Path, recorded: Mapping[str, Any], progress: bool = True
+) -> None:
     """Check that ``model_dir`` is the model whose fingerprint was recorded.
 
     Raises:
@@ -196,7 +228,7 @@ def check_fingerprint(model_dir: str | Path, recorded: Mapping[str, Any]) -> Non
             raise ModelMismatchError(f"{path}: weight file {name} is missing. {advice}")
         if name not in rec_files:
             raise ModelMismatchError(f"{path}: weight file {name} is extra. {advice}")
-    current = fingerprint(path)
+    current = fingerprint(path, progress)
     pairs = {**{n: (d, rec_files[n]) for n, d in current["files"].items()},
              CONFIG_NAME: (current["config"], recorded.get("config"))}
     for name in sorted(pairs):

@@ -110,13 +110,30 @@ def check_exponents(exponents: Mapping[str, torch.Tensor]) -> list[Check]:
     return checks
 
 
-def attenuation(base: torch.Tensor, exponent: torch.Tensor, axis: int) -> float:
-    """Share of the value matrix's Frobenius norm removed: 1 - ||W|| / ||W0||."""
+def check_log_scales(log_scales: Mapping[str, torch.Tensor]) -> list[Check]:
+    """Every summed log-scale (``--rescale``) must be finite."""
+    checks = []
+    for name, s in log_scales.items():
+        bad = int((~torch.isfinite(s)).sum())
+        checks.append(
+            Check(f"numbers log-scale {name}", bad == 0, float(bad), 0.0, "a non-finite log-scale")
+        )
+    return checks
+
+
+def attenuation(
+    base: torch.Tensor, exponent: torch.Tensor, axis: int, log_scale: torch.Tensor | None = None
+) -> float:
+    """Share of the value matrix's Frobenius norm removed: 1 - ||W|| / ||W0||.
+
+    W is the effective matrix, ``base * exp(log_scale - exponent)``: a rescaled site
+    has its norm back, so it measures about 0.
+    """
     original = base.to(torch.float32)
     norm0 = float(torch.linalg.vector_norm(original))
     if norm0 == 0:
         return 0.0
-    norm = float(torch.linalg.vector_norm(weakened(original, exponent, axis)))
+    norm = float(torch.linalg.vector_norm(weakened(original, exponent, axis, log_scale)))
     return 1.0 - norm / norm0
 
 
@@ -125,9 +142,14 @@ def check_attenuation(
     exponents: Mapping[str, torch.Tensor],
     axes: Mapping[str, int],
     limit: float,
+    log_scales: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[list[Check], dict[str, float]]:
-    """The attenuation budget, per site."""
-    shares = {name: attenuation(bases[name], exponents[name], axes[name]) for name in exponents}
+    """The attenuation budget, per site, on the effective matrices (log-scales included)."""
+    scales = log_scales or {}
+    shares = {
+        name: attenuation(bases[name], exponents[name], axes[name], scales.get(name))
+        for name in exponents
+    }
     checks = [
         Check(f"attenuation {name}", share <= limit, share, limit) for name, share in shares.items()
     ]

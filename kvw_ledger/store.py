@@ -8,7 +8,9 @@ The store knows arrays and files, not KVW and not the journal: ``journal/`` and
     retain/<stats-id>/<site>       float32 [n_vectors]
     requests/<id>/exponent/<site>  float32 [n_vectors]
     requests/<id>/trace/<site>     float32 [n_batches, n_vectors]
-    head/<site>                    cached exponent sum; group attrs version, digest
+    requests/<id>/log_scale/<site> float32 [] (requests made with rescale only)
+    head/<site>                    cached exponent sum, attr log_scale (the summed
+                                   log-scale, when any); group attrs version, digest
 
 Every array is written into a temporary directory at the ledger root, fsynced,
 then renamed into place, so an array is either whole or absent after a crash.
@@ -34,9 +36,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import google_crc32c
 import numpy as np
 import torch
 import zarr
+from numcodecs.zstd import Zstd
 from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.storage import LocalStore
 
@@ -49,7 +53,15 @@ from kvw_ledger.errors import (
     RefNotFoundError,
 )
 
-__all__ = ["FORMAT_VERSION", "ArrayRecord", "Store", "check_id", "check_site", "tensor_hash"]
+__all__ = [
+    "FORMAT_VERSION",
+    "ArrayRecord",
+    "HeadCache",
+    "Store",
+    "check_id",
+    "check_site",
+    "tensor_hash",
+]
 
 FORMAT_VERSION = 1
 
@@ -70,9 +82,9 @@ _NOT_OURS = frozenset({"journal", "lock"})  # owned by journal.py
 _LAYOUT: dict[str, tuple[str | frozenset[str], ...]] = {
     "base": ("site",),
     "retain": ("id", "site"),
-    "requests": ("id", frozenset({"exponent", "trace"}), "site"),
+    "requests": ("id", frozenset({"exponent", "trace", "log_scale"}), "site"),
     # re-derived exponents and traces: rederived/v<version>/<request>/{exponent,trace}/<site>
-    "rederived": ("id", "id", frozenset({"exponent", "trace"}), "site"),
+    "rederived": ("id", "id", frozenset({"exponent", "trace", "log_scale"}), "site"),
     "head": ("site",),
 }
 
@@ -114,6 +126,16 @@ class ArrayRecord:
     name: str
     sha256: str
     files: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class HeadCache:
+    """What :meth:`Store.read_head_cache` read."""
+
+    exponents: dict[str, torch.Tensor]  # site -> (n_vectors,) float32 exponent sum
+    log_scales: dict[str, torch.Tensor]  # site -> () float32 summed log-scale (only sites with one)
+    version: int
+    digest: str
 
 
 def check_id(value: str, what: str = "request id") -> str:
@@ -356,8 +378,14 @@ class Store:
                 shutil.rmtree(self.path / entry, ignore_errors=True)
                 removed.append(entry)
         for dirpath, dirnames, filenames in os.walk(self.path):
-            if Path(dirpath) == self.path:
+            parts = Path(dirpath).relative_to(self.path).parts
+            if not parts:
                 dirnames[:] = [d for d in dirnames if d not in _NOT_OURS]
+            elif parts[0] in _LAYOUT and len(parts) == len(_LAYOUT[parts[0]]):
+                # The children are arrays, built in scratch directories and renamed in
+                # whole, so no partial file is ever written inside one. Skipping their
+                # chunks keeps this walk (run by every write) to the groups, not O(files).
+                dirnames[:] = []
             for f in filenames:
                 if _PARTIAL_RE.fullmatch(f):
                     p = Path(dirpath) / f
@@ -367,8 +395,17 @@ class Store:
 
     # ------------------------------------------------------------------- head
 
-    def write_head(self, tensors: Mapping[str, torch.Tensor], version: int, digest: str) -> None:
+    def write_head(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        version: int,
+        digest: str,
+        log_scales: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
         """Replace the whole head cache crash-safely.
+
+        ``log_scales`` (site -> float32 scalar) are kept as attr ``log_scale`` of
+        those sites' arrays, which the seal covers.
 
         The new head is built in ``head.tmp-*`` and fsynced, then swapped in by two
         renames; a crash in between leaves no ``head`` and :meth:`read_head` says None.
@@ -379,11 +416,16 @@ class Store:
             raise BadInputError(f"head digest must be a str, got {type(digest).__name__}")
         for site in tensors:
             check_site(site)
+        scales = {site: float(value) for site, value in (log_scales or {}).items()}
+        for site, value in scales.items():
+            if site not in tensors or not math.isfinite(value):
+                raise BadInputError(f"head log-scale of {site!r} must be finite and name a site")
         with _owner_only():
             tmp = self._scratch("head.tmp")
             try:
                 for site, t in tensors.items():
-                    _write_zarr_array(tmp / site, t, None)
+                    extra = {"log_scale": scales[site]} if site in scales else None
+                    _write_zarr_array(tmp / site, t, extra)
                 # The head is named by no journal entry, so it seals itself: its group
                 # zarr.json lists every file's sha256 and hashes its own content.
                 files = {
@@ -400,7 +442,12 @@ class Store:
                 shutil.rmtree(tmp, ignore_errors=True)
 
     def read_head(self) -> tuple[dict[str, torch.Tensor], int, str] | None:
-        """The head cache as (site -> tensor, version, digest), or None if there is
+        """The head cache as (site -> tensor, version, digest); see :meth:`read_head_cache`."""
+        head = self.read_head_cache()
+        return None if head is None else (head.exponents, head.version, head.digest)
+
+    def read_head_cache(self) -> HeadCache | None:
+        """The head cache with its log-scales, or None if there is
         no complete head (never written, or a crash interrupted :meth:`write_head`),
         or a writer replaced it while it was being read.
 
@@ -419,13 +466,17 @@ class Store:
         )
         try:
             tensors = {site: self.read_array(f"head/{site}") for site in sites}
+            scales = {
+                site: _head_log_scale(self.array_attrs(f"head/{site}"), site) for site in sites
+            }
         except (IntegrityError, RefNotFoundError, OSError) as e:
             if _read_bytes(meta_path) != raw:
                 return None  # swapped by a writer mid-read: callers recompute from the requests
             raise IntegrityError(f"the head cache is damaged: {e}") from e
         if _read_bytes(meta_path) != raw:
             return None
-        return tensors, attrs["version"], attrs["digest"]
+        log_scales = {site: value for site, value in scales.items() if value is not None}
+        return HeadCache(tensors, log_scales, attrs["version"], attrs["digest"])
 
     def check_head(self) -> list[tuple[str, str]]:
         """Every head file against the seal :meth:`write_head` put in ``head/zarr.json``.
@@ -631,6 +682,16 @@ def _check_head_meta(raw: bytes) -> dict[str, Any]:
     return attrs
 
 
+def _head_log_scale(attrs: Mapping[str, Any], site: str) -> torch.Tensor | None:
+    """Attr ``log_scale`` of a head array as a float32 scalar (None when absent)."""
+    value = attrs.get("log_scale")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise IntegrityError(f"head/{site}/zarr.json has a malformed log_scale {value!r}")
+    return torch.tensor(value, dtype=torch.float32)
+
+
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out = dict(pairs)
     if len(out) != len(pairs):
@@ -664,7 +725,7 @@ def _check_name(name: str) -> list[str]:
     pattern = _LAYOUT.get(parts[0]) if parts else None
     if pattern is None or len(parts) != len(pattern) + 1:
         forms = (
-            "base/<site>, retain/<stats-id>/<site>, requests/<id>/{exponent,trace}/<site>, "
+            "base/<site>, retain/<stats-id>/<site>, requests/<id>/{exponent,trace,log_scale}/<site>, "
             "head/<site>"
         )
         raise BadInputError(
@@ -737,19 +798,40 @@ def _write_zarr_array(path: Path, tensor: torch.Tensor, attrs: Mapping[str, Any]
         json.dumps(extra)
     except (TypeError, ValueError) as e:
         raise BadInputError(f"array attrs are not JSON-serialisable: {e}") from e
+    attributes = {"dtype": _dtype_name(tensor.dtype), **extra}
+    chunks = _chunk_shape(data.shape, data.dtype.itemsize)
+    key = (data.shape, data.dtype.str, chunks, json.dumps(attributes))
+    meta = _META_CACHE.get(key)
+    if meta is not None and data.ndim > 0:
+        # The same metadata zarr wrote before for this shape, dtype and attributes:
+        # the request and head arrays of a model repeat a handful of them.
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "zarr.json").write_bytes(meta)
+        _write_own_chunks(path, data, chunks)
+        return
     arr = zarr.create_array(
         store=LocalStore(path),
         shape=data.shape,
         dtype=data.dtype,
-        chunks=_chunk_shape(data.shape, data.dtype.itemsize),
+        chunks=chunks,
         compressors=[ZstdCodec(level=3), Crc32cCodec()],
         fill_value=0,
         # Otherwise zarr skips chunks equal to the fill value, and -0.0 comes back as 0.0.
         config={"write_empty_chunks": True},
-        attributes={"dtype": _dtype_name(tensor.dtype), **extra},
+        attributes=attributes,
         zarr_format=3,
     )
-    arr[...] = data
+    if data.ndim == 0:
+        arr[...] = data
+        return
+    if len(_META_CACHE) < 256:
+        _META_CACHE[key] = (path / "zarr.json").read_bytes()
+    _write_own_chunks(path, data, chunks)
+
+
+# zarr.json bytes by (shape, dtype, chunks, attributes): zarr's metadata is a pure
+# function of these, and writing it through zarr costs an event-loop round trip.
+_META_CACHE: dict[tuple[Any, ...], bytes] = {}
 
 
 def _read_zarr_array(root: Path, name: str) -> torch.Tensor:
@@ -760,6 +842,9 @@ def _read_zarr_array(root: Path, name: str) -> torch.Tensor:
     if meta.get("node_type") != "array":
         raise RefNotFoundError(f"{name} in ledger {root} is a group, not an array")
     dtype = getattr(torch, str(meta.get("attributes", {}).get("dtype")), None)
+    layout = _own_layout(meta)
+    if layout is not None and isinstance(dtype, torch.dtype):
+        return _from_numpy(_read_own_chunks(root, name, meta_path, dtype, *layout), dtype)
     try:
         if not isinstance(dtype, torch.dtype):
             raise ValueError("attribute 'dtype' does not name a torch dtype")
@@ -782,3 +867,106 @@ def _read_zarr_array(root: Path, name: str) -> torch.Tensor:
         except _CODEC_ERRORS as e:
             raise IntegrityError(f"chunk file {rel} is damaged ({e}); the ledger is damaged") from e
     return _from_numpy(out, dtype)
+
+
+# The layout _write_zarr_array writes, read without zarr: every zarr call is a round
+# trip through its event-loop thread (about 1 ms each), which made reading the small
+# exponent arrays cost ~2 ms apiece, and verify, diff and materialise grow with it.
+_OWN_CODECS = ["bytes", "zstd", "crc32c"]
+_OWN_KEYS = {"name": "default", "configuration": {"separator": "/"}}
+_ZSTD = Zstd()  # decoding needs no level; the frame says how it was made
+_ZSTD_LEVEL_3 = Zstd(level=3, checksum=False)  # as ZstdCodec(level=3) in _write_zarr_array
+
+
+def _own_layout(meta: Mapping[str, Any]) -> tuple[tuple[int, ...], tuple[int, ...], np.dtype] | None:
+    """(shape, chunk shape, stored dtype) when ``meta`` is exactly what
+    :func:`_write_zarr_array` writes (a regular grid of ``c/i/j`` chunks, bytes
+    little-endian -> zstd -> crc32c, at least one dimension); None otherwise, and
+    zarr reads it."""
+    try:
+        codecs = meta["codecs"]
+        shape = tuple(meta["shape"])
+        chunks = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
+        ok = (
+            [c["name"] for c in codecs] == _OWN_CODECS
+            and codecs[0]["configuration"] == {"endian": "little"}
+            and meta["chunk_grid"]["name"] == "regular"
+            and meta["chunk_key_encoding"] == _OWN_KEYS
+            and not meta.get("storage_transformers")
+            and len(shape) == len(chunks) >= 1
+            and all(type(s) is int and s >= 0 for s in shape)
+            and all(type(c) is int and c >= 1 for c in chunks)
+            and isinstance(meta["data_type"], str)
+        )
+        stored = np.dtype(meta["data_type"]) if ok else None
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError):
+        return None
+    if stored is None or stored.name != meta["data_type"] or stored.kind not in "biufc":
+        return None
+    return shape, chunks, stored
+
+
+def _read_own_chunks(
+    root: Path,
+    name: str,
+    meta_path: Path,
+    dtype: torch.dtype,
+    shape: tuple[int, ...],
+    chunks: tuple[int, ...],
+    stored: np.dtype,
+) -> np.ndarray:
+    """Decodes every chunk file of an array in :func:`_own_layout`, each checked by its crc32c."""
+    if stored != _to_numpy(torch.empty(0, dtype=dtype)).dtype:
+        raise IntegrityError(
+            f"{meta_path} is damaged (stored dtype {stored} does not hold {dtype}); the ledger is damaged"
+        )
+    out = np.empty(shape, dtype=stored)
+    on_disk = stored.newbyteorder("<")
+    size = math.prod(chunks) * stored.itemsize  # zarr pads edge chunks to the full shape
+    grid = [-(-s // k) for s, k in zip(shape, chunks, strict=True)]
+    for coords in itertools.product(*(range(n) for n in grid)):
+        rel = f"{name}/c/{'/'.join(map(str, coords))}"
+        raw = _read_bytes(root / rel)
+        if raw is None:
+            raise IntegrityError(f"chunk file {rel} is missing; the ledger is damaged")
+        try:
+            data = _decode_chunk(raw, size)
+        except _CODEC_ERRORS as e:
+            raise IntegrityError(f"chunk file {rel} is damaged ({e}); the ledger is damaged") from e
+        block = np.frombuffer(data, dtype=on_disk).reshape(chunks)
+        sel = tuple(
+            slice(c * k, min((c + 1) * k, s)) for c, k, s in zip(coords, chunks, shape, strict=True)
+        )
+        out[sel] = block[tuple(slice(0, part.stop - part.start) for part in sel)]
+    return out
+
+
+def _decode_chunk(raw: bytes, size: int) -> bytes:
+    """crc32c (little-endian, last 4 bytes) checked, then zstd; ValueError if anything is off."""
+    if len(raw) < 4:
+        raise ValueError("shorter than its checksum")
+    body = raw[:-4]
+    if google_crc32c.value(body).to_bytes(4, "little") != raw[-4:]:
+        raise ValueError("crc32c checksum mismatch")
+    data = bytes(_ZSTD.decode(body))
+    if len(data) != size:
+        raise ValueError(f"decodes to {len(data)} bytes, expected {size}")
+    return data
+
+
+def _write_own_chunks(path: Path, data: np.ndarray, chunks: tuple[int, ...]) -> None:
+    """Writes the chunk files ``arr[...] = data`` would, byte for byte, without zarr's
+    event loop: each chunk little-endian, padded to the full chunk shape with the fill
+    value 0 (every chunk written, as ``write_empty_chunks``), zstd, then its crc32c."""
+    little = data.astype(data.dtype.newbyteorder("<"), copy=False)
+    grid = [-(-s // k) for s, k in zip(data.shape, chunks, strict=True)]
+    for coords in itertools.product(*(range(n) for n in grid)):
+        block = little[tuple(slice(c * k, (c + 1) * k) for c, k in zip(coords, chunks, strict=True))]
+        if block.shape != chunks:
+            padded = np.zeros(chunks, dtype=little.dtype)
+            padded[tuple(slice(0, n) for n in block.shape)] = block
+            block = padded
+        body = bytes(_ZSTD_LEVEL_3.encode(np.ascontiguousarray(block)))
+        target = path.joinpath("c", *map(str, coords))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(body + google_crc32c.value(body).to_bytes(4, "little"))

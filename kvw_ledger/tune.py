@@ -75,10 +75,15 @@ def tune(
     epochs: int = 1,
     retain_stats: str | None = None,
     max_retain_drop: float | None = None,
+    rescale: bool = False,
     model_dir: str | Path | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Runs the sweep and returns {"baseline", "rows", "recommended", "limit"}."""
+    """Runs the sweep and returns {"baseline", "rows", "recommended", "limit", "rescale"}.
+
+    With ``rescale`` every point restores each weakened site's Frobenius norm, as
+    ``forget --rescale`` would.
+    """
     state = ledger.state()
     stats_id = retain_stats or state.latest_retain
     if stats_id is None:
@@ -98,6 +103,7 @@ def tune(
     forget_ex = data.encode_all(encoder, data.read_records(forget_val))
     retain_ex = data.encode_all(encoder, data.read_records(retain_val))
     head = ledger.exponents()
+    head_scales = ledger.log_scales()
     bases = {s.name: ledger.base(s.name) for s in ledger.sites}
     baseline = {
         "forget": probe_metrics(model, forget_ex, encoder.pad_token_id),
@@ -107,7 +113,12 @@ def tune(
     grid = [(g, b) for g in gammas for b in buckets]
     for gamma, bucket in tqdm(grid, desc="tune", disable=not progress):
         config = KVWConfig(
-            gamma=gamma, layers=bucket, batch_size=batch_size, epochs=epochs, keep_trace=False
+            gamma=gamma,
+            layers=bucket,
+            batch_size=batch_size,
+            epochs=epochs,
+            keep_trace=False,
+            rescale=rescale,
         )
         ledger.materialize(model, "HEAD")
         run_kvw(
@@ -119,6 +130,7 @@ def tune(
             pad_token_id=encoder.pad_token_id,
             base=bases,
             start=head,
+            start_log_scale=head_scales,
             progress=False,
         )
         forget = probe_metrics(model, forget_ex, encoder.pad_token_id)
@@ -139,6 +151,7 @@ def tune(
     return {
         "baseline": baseline,
         "limit": limit,
+        "rescale": rescale,
         "rows": [{**asdict(r), "layers": list(r.layers)} for r in rows],
         "recommended": None if best is None else {"gamma": best.gamma, "layers": list(best.layers)},
     }

@@ -23,6 +23,7 @@ import os
 import random
 import shutil
 import signal
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -32,6 +33,7 @@ from typing import Any
 
 import tiny
 import torch
+from tqdm import std as tqdm_std
 
 from kvw_ledger import journal as journal_module
 from kvw_ledger import lock as lock_module
@@ -167,6 +169,7 @@ def _fork(body: Callable[[], None], path: Path) -> int:
         # The parent's OpenMP threads do not exist here: a parallel region would wait
         # for them forever. One thread runs every torch op inline.
         torch.set_num_threads(1)
+        _private_tqdm_lock()
         body()
         code = 0
     except BaseException:
@@ -174,6 +177,21 @@ def _fork(body: Callable[[], None], path: Path) -> int:
             (path.parent / (path.name + ".err")).write_text(traceback.format_exc())
     finally:
         os._exit(code)
+
+
+def _private_tqdm_lock() -> None:
+    """Gives this (forked) child a tqdm write lock of its own.
+
+    tqdm's default lock includes a multiprocessing lock shared with the parent
+    across fork; a child SIGKILLed while creating a progress bar would leave it
+    held, and the parent's next bar would wait for it forever.
+    """
+    classes = [tqdm_std.tqdm]
+    while classes:
+        cls = classes.pop()
+        classes.extend(cls.__subclasses__())
+        if "_lock" in vars(cls) or cls is tqdm_std.tqdm:
+            cls._lock = threading.RLock()  # type: ignore[attr-defined]
 
 
 def wait(pid: int, timeout: float = CHILD_TIMEOUT) -> int:

@@ -470,3 +470,11 @@ def test_llava_ledger_with_all_towers(tmp_path: Path) -> None:
     assert any("language_model" in k for k in changed)
     assert set(changed) <= {loc.key for loc in opened.locations.values()}
     AutoModelForImageTextToText.from_pretrained(out, local_files_only=True)
+
+
+def test_log_lines_stay_short_with_many_active_requests() -> None:
+    from kvw_ledger.cli import _active_list
+
+    assert _active_list([]) == "-"
+    assert _active_list([f"r{i}" for i in range(8)]) == "r0, r1, r2, r3, r4, r5, r6, r7"
+    assert _active_list([f"r{i}" for i in range(1000)]) == "1000 requests (newest: r997, r998, r999)"

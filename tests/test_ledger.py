@@ -339,6 +339,27 @@ def test_retain_keeps_the_head_cache_current(env: Env) -> None:
     assert ledger.verify().problems == []
 
 
+def test_materialize_at_head_reads_no_history(
+    history: tuple[Ledger, list[list[str]]], live: nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ledger, expected = history
+    head = ledger.head().version
+    _, want, _ = ledger.sums(head - 1)  # by replay (the cache stands for HEAD only)
+
+    def no_replay(self: object) -> None:
+        raise AssertionError("the journal was replayed")
+
+    monkeypatch.setattr(Ledger, "entries", no_replay)
+    # HEAD costs the newest entry and the head cache, whatever the number of requests.
+    for ref in ("HEAD", "HEAD~0", head, str(head)):
+        assert ledger.materialize(live, at=ref) == head
+    with pytest.raises(AssertionError, match="replayed"):
+        ledger.sums(head - 1)
+    monkeypatch.undo()
+    _check_version(ledger, live, head, expected[head - 1])
+    assert all(_same_bits(ledger.sums(head - 1)[1][n], want[n]) for n in want)
+
+
 def test_a_changed_model_dir_is_refused_naming_the_file(env: Env, tmp_path: Path) -> None:
     changed = Path(shutil.copytree(env.model_dir, tmp_path / "model"))
     weights = changed / "model.safetensors"
