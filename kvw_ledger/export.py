@@ -257,18 +257,53 @@ def _tensor_reader(
         yield read_mapped
 
 
+def _copy_bytes(src: BinaryIO, out: BinaryIO, offset: int, n: int, where: str) -> None:
+    """Appends ``n`` bytes of ``src`` from ``offset`` to ``out``; in the kernel where it can
+    (``copy_file_range``), so untouched tensors never pass through this process."""
+    out.flush()
+    done = 0
+    if hasattr(os, "copy_file_range"):
+        try:
+            while done < n:
+                copied = os.copy_file_range(src.fileno(), out.fileno(), n - done, offset + done)
+                if copied == 0:
+                    break  # end of src: the read below names the truncation
+                done += copied
+        except OSError:
+            pass  # not across these file systems: the rest goes through user space
+        out.seek(0, os.SEEK_END)  # the copy moved the descriptor, not the buffered file
+    src.seek(offset + done)
+    while done < n:
+        chunk = src.read(min(_COPY_BLOCK, n - done))
+        if not chunk:
+            raise BadInputError(f"{where}: the file is truncated")
+        out.write(chunk)
+        done += len(chunk)
+
+
 def _export_file(
-    src: Path, dst: Path, transform: Transform, provenance_json: str, bar: tqdm
+    src: Path,
+    dst: Path,
+    transform: Transform,
+    provenance_json: str,
+    bar: tqdm,
+    touches: Callable[[str, str], bool] | None = None,
 ) -> None:
     header_length, tensors, metadata = _read_header(src)
     new_metadata = {**metadata, PROVENANCE_KEY: provenance_json}
     header = _encode_header(tensors, new_metadata, src)
-    with dst.open("xb") as out:
+    data_start = 8 + header_length
+    with dst.open("xb") as out, src.open("rb") as raw:
         out.write(struct.pack("<Q", len(header)))
         out.write(header)
         out.flush()
         with _tensor_reader(src, header_length, tensors) as read:
             for key, info in sorted(tensors.items(), key=lambda kv: kv[1].data_offsets):
+                if touches is not None and not touches(src.name, key):
+                    where = f"{src}: tensor {key}"
+                    _copy_bytes(raw, out, data_start + info.data_offsets[0], info.nbytes, where)
+                    bar.update(info.nbytes)
+                    continue
                 tensor = read(key, info)
                 new = transform(src.name, key, tensor)
                 if new is None:
@@ -322,6 +357,7 @@ def export_model(
     provenance: Mapping[str, Any],
     *,
     progress: bool = True,
+    touches: Callable[[str, str], bool] | None = None,
 ) -> Path:
     """Write a servable copy of a model with transformed weights.
 
@@ -340,6 +376,9 @@ def export_model(
         transform: the new value of each tensor, with the same dtype and shape.
         provenance: JSON-serialisable record of what produced this export.
         progress: show a progress bar over bytes on stderr.
+        touches: ``touches(file name, key)`` is false for tensors ``transform`` leaves
+            as they are; those are copied byte for byte without being read or passed
+            to ``transform``. Default: every tensor goes through ``transform``.
 
     Returns:
         ``out_dir`` as a Path.
@@ -370,7 +409,7 @@ def export_model(
             desc=f"export {out.name}", file=sys.stderr, disable=not progress,
         ) as bar:
             for src in files:
-                _export_file(src, tmp / src.name, transform, provenance_json, bar)
+                _export_file(src, tmp / src.name, transform, provenance_json, bar, touches)
         for src in extras:
             _copy_file(src, tmp / src.name)
         with (tmp / PROVENANCE_FILE).open("x", encoding="utf-8") as f:

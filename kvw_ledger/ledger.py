@@ -738,7 +738,10 @@ class Ledger:
             "tool": "kvw-ledger",
         }
         try:
-            return export_model(directory, out_dir, transform, provenance, progress=progress)
+            return export_model(
+                directory, out_dir, transform, provenance, progress=progress,
+                touches=lambda file, key: (file, key) in by_location,
+            )
         except OSError as e:
             if isinstance(e, KVWLedgerError):
                 raise

@@ -128,6 +128,48 @@ def test_scaling_one_key(sharded: Path, tmp_path: Path) -> None:
     assert any(k == TARGET for _, k in seen)
 
 
+@pytest.mark.parametrize("kernel_copy", [True, False], ids=["copy_file_range", "user-space"])
+def test_untouched_tensors_are_copied_without_the_transform(
+    sharded: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kernel_copy: bool
+) -> None:
+    if not kernel_copy:  # a file system copy_file_range cannot work across
+
+        def refuse(*args: object) -> int:
+            raise OSError(18, "Invalid cross-device link")
+
+        monkeypatch.setattr(os, "copy_file_range", refuse, raising=False)
+    seen: list[str] = []
+
+    def halve(file: str, key: str, t: torch.Tensor) -> torch.Tensor | None:
+        seen.append(key)
+        return t * 0.5
+
+    touches = lambda file, key: key == TARGET  # noqa: E731
+    out = export_model(sharded, tmp_path / "out", halve, PROVENANCE, progress=False, touches=touches)
+    assert seen == [TARGET]  # only the touched tensor was read and transformed
+    for src in weight_files(sharded):
+        before, after = _tensors(src), _tensors(out / src.name)
+        assert list(after) == list(before)
+        for key, t in before.items():
+            expected = t * 0.5 if key == TARGET else t
+            assert torch.equal(_bits(after[key]), _bits(expected)), key
+    only_target = lambda file, key, t: t * 0.5 if key == TARGET else None  # noqa: E731
+    reference = export_model(sharded, tmp_path / "ref", only_target, PROVENANCE, progress=False)
+    for src in weight_files(sharded):  # byte for byte what the read-everything path writes
+        assert (out / src.name).read_bytes() == (reference / src.name).read_bytes()
+
+
+def test_a_truncated_shard_is_named_on_the_copy_path_too(sharded: Path, tmp_path: Path) -> None:
+    copy = Path(shutil.copytree(sharded, tmp_path / "src"))
+    shard = weight_files(copy)[-1]
+    with shard.open("r+b") as f:
+        f.truncate(shard.stat().st_size - 3)
+    with pytest.raises(BadInputError, match=shard.name):
+        export_model(copy, tmp_path / "out", identity, PROVENANCE, progress=False,
+                     touches=lambda file, key: False)
+    assert sorted(os.listdir(tmp_path)) == ["src"]
+
+
 def test_bfloat16_round_trips_bit_exactly(bf16: Path, tmp_path: Path) -> None:
     src = weight_files(bf16)[0]
     assert read_safetensors_header(src)[0][TARGET].dtype == "BF16"
