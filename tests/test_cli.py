@@ -32,16 +32,6 @@ def _times(n: int) -> list[str]:
     return [(START + dt.timedelta(minutes=i)).strftime("%Y-%m-%dT%H:%M:%SZ") for i in range(n)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    # Tiny matrices gain nothing from intra-op threads, and on a small VM each
-    # parallel op can cost milliseconds of thread hand-off.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def run(*args: str | Path, code: int = 0) -> Result:
     result = CliRunner().invoke(main, [str(a) for a in args])
     if result.exit_code != code:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime as dt
 import shutil
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,16 +86,6 @@ def _chain_sum(ledger: Ledger, active: list[str], site: str, n: int) -> torch.Te
 def _copy(src: Path, dst: Path) -> Ledger:
     shutil.copytree(src, dst)
     return Ledger.open(dst)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    # Tiny matrices gain nothing from intra-op threads, and on a small VM each
-    # parallel op can cost milliseconds of thread hand-off.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import json
 import math
 import re
 import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,14 +43,6 @@ GAMMA = 0.5
 CONFIG = KVWConfig(gamma=GAMMA)
 EPS = 1e-12
 SITE_RE = r"model\.layers\.\d\.mlp\.down_proj"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def run(*args: str | Path, code: int = 0) -> Result:
