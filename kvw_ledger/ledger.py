@@ -437,7 +437,11 @@ class Ledger:
         directory = self.model_dir(model_dir)
         self._check_model_dir(directory, progress)
         model = load_model(directory, progress=progress)
-        self.materialize(model, at)
+        _, exponents, scales = self.sums(at)
+        if scales or any(bool(w.any()) for w in exponents.values()):
+            self._materialize_exponents(model, exponents, scales)
+        # else the version is the base, and the checked files hold exactly the base
+        # (base * exp(-0) is the base, bit for bit): nothing to read or write.
         return model, load_processor(directory)
 
     def _check_model_dir(self, directory: Path, progress: bool = True) -> None:

@@ -349,6 +349,25 @@ def test_materialize_at_head_reads_no_history(
     assert all(_same_bits(ledger.sums(head - 1)[1][n], want[n]) for n in want)
 
 
+def test_load_of_the_base_version_reads_no_base_array(
+    history: tuple[Ledger, list[list[str]]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ledger, expected = history
+    assert expected[1] == [] and expected[-1] != []
+
+    def no_base(self: object, site: str) -> None:
+        raise AssertionError(f"read the base of {site}")
+
+    monkeypatch.setattr(Ledger, "base", no_base)
+    # Nothing active at version 2: the checked model files are the base already.
+    model, _ = ledger.load(at=2, progress=False)
+    original = _file_tensors(Path(ledger.model_info["dir"]))
+    for site in ledger.sites:
+        assert _same_bits(site_weight(model, site).detach(), original[ledger.locations[site.name].key])
+    with pytest.raises(AssertionError, match="read the base"):
+        ledger.load(at="HEAD", progress=False)
+
+
 def test_a_changed_model_dir_is_refused_naming_the_file(env: Env, tmp_path: Path) -> None:
     changed = Path(shutil.copytree(env.model_dir, tmp_path / "model"))
     weights = changed / "model.safetensors"
