@@ -358,15 +358,7 @@ class Ledger:
         """
         state = state or self.state()
         prefix = state.log_scales.get(request_id)
-        if prefix is None:
-            return {}
-        names = self.store.list_arrays(prefix)
-        if not names:
-            raise RefNotFoundError(
-                f"the log-scales of request {request_id!r} are gone (deleted by gc, or never written); "
-                "versions where it was active can no longer be rebuilt"
-            )
-        return {name.rsplit("/", 1)[1]: self.store.read_array(name) for name in names}
+        return {} if prefix is None else self._request_arrays(prefix, request_id, "log-scales")
 
     def _sum_exponents(
         self, state: LedgerState, active: Sequence[str] | None = None
@@ -386,10 +378,14 @@ class Ledger:
         """
         state = state or self.state()
         prefix = state.exponents.get(request_id, f"requests/{request_id}/exponent")
+        return self._request_arrays(prefix, request_id, "exponents")
+
+    def _request_arrays(self, prefix: str, request_id: str, what: str) -> dict[str, torch.Tensor]:
+        """site -> array for every array under ``prefix`` (one request's ``what``)."""
         names = self.store.list_arrays(prefix)
         if not names:
             raise RefNotFoundError(
-                f"the exponents of request {request_id!r} are gone (deleted by gc, or never written); "
+                f"the {what} of request {request_id!r} are gone (deleted by gc, or never written); "
                 "versions where it was active can no longer be rebuilt"
             )
         return {name.rsplit("/", 1)[1]: self.store.read_array(name) for name in names}

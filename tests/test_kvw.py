@@ -78,46 +78,48 @@ def reference_coefficients(
     return out
 
 
+def reference_batch(examples: list[Example], pad: int) -> dict:
+    """Right-padded model inputs of ``examples``, written plainly (no kvw_ledger.data)."""
+    length = max(len(e.input_ids) for e in examples)
+    batch = {
+        "input_ids": torch.stack(
+            [
+                nn.functional.pad(e.input_ids, (0, length - len(e.input_ids)), value=pad)
+                for e in examples
+            ]
+        ),
+        "attention_mask": torch.stack(
+            [
+                nn.functional.pad(torch.ones_like(e.input_ids), (0, length - len(e.input_ids)))
+                for e in examples
+            ]
+        ),
+        "labels": torch.stack(
+            [
+                nn.functional.pad(e.labels, (0, length - len(e.labels)), value=-100)
+                for e in examples
+            ]
+        ),
+    }
+    for key in examples[0].vision:
+        batch[key] = torch.cat([e.vision[key] for e in examples])
+    for key in examples[0].per_token:
+        batch[key] = torch.stack(
+            [
+                nn.functional.pad(e.per_token[key], (0, length - len(e.per_token[key])))
+                for e in examples
+            ]
+        )
+    return batch
+
+
 def reference_forget(model, site_names, axis, forget, retain, cfg: KVWConfig, pad: int):
     modules = {n: model.get_submodule(n) for n in site_names}
-
-    def pad_batch(examples: list[Example]) -> dict:
-        length = max(len(e.input_ids) for e in examples)
-        batch = {
-            "input_ids": torch.stack(
-                [
-                    nn.functional.pad(e.input_ids, (0, length - len(e.input_ids)), value=pad)
-                    for e in examples
-                ]
-            ),
-            "attention_mask": torch.stack(
-                [
-                    nn.functional.pad(torch.ones_like(e.input_ids), (0, length - len(e.input_ids)))
-                    for e in examples
-                ]
-            ),
-            "labels": torch.stack(
-                [
-                    nn.functional.pad(e.labels, (0, length - len(e.labels)), value=-100)
-                    for e in examples
-                ]
-            ),
-        }
-        for key in examples[0].vision:
-            batch[key] = torch.cat([e.vision[key] for e in examples])
-        for key in examples[0].per_token:
-            batch[key] = torch.stack(
-                [
-                    nn.functional.pad(e.per_token[key], (0, length - len(e.per_token[key])))
-                    for e in examples
-                ]
-            )
-        return batch
 
     sums = {n: torch.zeros(modules[n].weight.shape[axis]) for n in site_names}
     count = 0
     for e in retain:  # C_r: pooled over the whole retain set, one record at a time
-        b = pad_batch([e])
+        b = reference_batch([e], pad)
         c = reference_coefficients(model, modules, b)
         n_tok = int((b["labels"][:, 1:] != -100).sum())
         for n in site_names:
@@ -125,7 +127,7 @@ def reference_forget(model, site_names, axis, forget, retain, cfg: KVWConfig, pa
         count += n_tok
     c_r = {n: s / count for n, s in sums.items()}
     for indices in batch_order(len(forget), cfg):
-        c_f = reference_coefficients(model, modules, pad_batch([forget[i] for i in indices]))
+        c_f = reference_coefficients(model, modules, reference_batch([forget[i] for i in indices], pad))
         for n in site_names:
             a = torch.clamp(torch.log(c_f[n] + cfg.eps) - torch.log(c_r[n] + cfg.eps), min=0)
             g = torch.exp(-cfg.gamma * a)

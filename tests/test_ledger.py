@@ -17,7 +17,6 @@ import tiny
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from safetensors import safe_open
 from torch import nn
 
 from kvw_ledger.errors import (
@@ -51,17 +50,7 @@ def _save_model(model: nn.Module, path: Path) -> Path:
     return path
 
 
-def _file_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
-    with safe_open(str(model_dir / "model.safetensors"), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
 
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().reshape(-1).view(torch.uint8)
-
-
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(_bits(a), _bits(b))
 
 
 def _expected(base: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -119,25 +108,25 @@ def test_revert_is_bit_exact_and_init_export_is_the_original(env: Env, tmp_path:
     ledger.revert("A")
     assert ledger.state().active == ["B"]
 
-    original = _file_tensors(env.model_dir)
-    exported = _file_tensors(ledger.export(tmp_path / "head", progress=False))
+    original = tiny.file_tensors(env.model_dir)
+    exported = tiny.file_tensors(ledger.export(tmp_path / "head", progress=False))
     assert list(exported) == list(original)
     site_keys = {loc.key: name for name, loc in ledger.locations.items()}
     weakened_any = False
     for key, base in original.items():
         site = site_keys.get(key)
         if site is None:
-            assert _same_bits(exported[key], base), key
+            assert tiny.same_bits(exported[key], base), key
             continue
         w_b = _exponent(ledger, "B", site, base.shape[1])
-        assert _same_bits(exported[key], _expected(base, w_b)), key
-        weakened_any |= not _same_bits(exported[key], base)
+        assert tiny.same_bits(exported[key], _expected(base, w_b)), key
+        weakened_any |= not tiny.same_bits(exported[key], base)
     assert weakened_any, "request B weakened nothing; the test would prove nothing"
 
-    at_init = _file_tensors(ledger.export(tmp_path / "v1", at=1, progress=False))
+    at_init = tiny.file_tensors(ledger.export(tmp_path / "v1", at=1, progress=False))
     assert list(at_init) == list(original)
     for key, base in original.items():
-        assert _same_bits(at_init[key], base), key
+        assert tiny.same_bits(at_init[key], base), key
     assert ledger.verify().problems == []
 
 
@@ -169,16 +158,16 @@ def history(env: Env, tmp_path_factory: pytest.TempPathFactory) -> tuple[Ledger,
 
 
 def _check_version(ledger: Ledger, live: nn.Module, version: int, active: list[str]) -> None:
-    original = _file_tensors(Path(ledger.model_info["dir"]))
+    original = tiny.file_tensors(Path(ledger.model_info["dir"]))
     assert ledger.state(version).active == active
     assert ledger.materialize(live, at=version) == version
     sums = ledger.exponents(version)
     for site in ledger.sites:
         w = _chain_sum(ledger, active, site.name, site.n_vectors)
-        assert _same_bits(sums[site.name], w), (version, site.name)
+        assert tiny.same_bits(sums[site.name], w), (version, site.name)
         base = original[ledger.locations[site.name].key]
         got = site_weight(live, site).detach()
-        assert _same_bits(got, _expected(base, w)), (version, site.name)
+        assert tiny.same_bits(got, _expected(base, w)), (version, site.name)
 
 
 def test_every_version_of_a_10_request_history_equals_a_fresh_replay(
@@ -239,30 +228,30 @@ def test_request_order_changes_only_the_last_bits(history: tuple[Ledger, list[li
 
 def test_bfloat16_ledger_round_trips_bit_exactly(env: Env, tmp_path: Path) -> None:
     model_dir = _save_model(tiny.llama().to(torch.bfloat16), tmp_path / "bf16")
-    original = _file_tensors(model_dir)
+    original = tiny.file_tensors(model_dir)
     assert all(t.dtype == torch.bfloat16 for t in original.values())
     ledger = Ledger.create(tmp_path / "led", model_dir, progress=False)
     for site in ledger.sites:
         base = ledger.base(site.name)
         assert base.dtype == torch.bfloat16
-        assert _same_bits(base, original[ledger.locations[site.name].key])
+        assert tiny.same_bits(base, original[ledger.locations[site.name].key])
     ledger.retain(env.root / "retain.jsonl", progress=False)
     forget = ledger.forget(env.forget[1], request_id="A", config=CONFIG, progress=False)
 
-    weakened = _file_tensors(ledger.export(tmp_path / "forgotten", progress=False))
+    weakened = tiny.file_tensors(ledger.export(tmp_path / "forgotten", progress=False))
     for site in ledger.sites:
         key = ledger.locations[site.name].key
         w = _exponent(ledger, "A", site.name, site.n_vectors)
-        assert _same_bits(weakened[key], _expected(original[key], w)), key
-    assert any(not _same_bits(weakened[k], original[k]) for k in original)
+        assert tiny.same_bits(weakened[key], _expected(original[key], w)), key
+    assert any(not tiny.same_bits(weakened[k], original[k]) for k in original)
 
     ledger.revert("A")
-    restored = _file_tensors(ledger.export(tmp_path / "reverted", progress=False))
+    restored = tiny.file_tensors(ledger.export(tmp_path / "reverted", progress=False))
     for key, tensor in original.items():
-        assert _same_bits(restored[key], tensor), key
-    again = _file_tensors(ledger.export(tmp_path / "again", at=forget.version, progress=False))
+        assert tiny.same_bits(restored[key], tensor), key
+    again = tiny.file_tensors(ledger.export(tmp_path / "again", at=forget.version, progress=False))
     for key, tensor in weakened.items():
-        assert _same_bits(again[key], tensor), key
+        assert tiny.same_bits(again[key], tensor), key
     assert ledger.verify().problems == []
 
 
@@ -346,7 +335,7 @@ def test_materialize_at_head_reads_no_history(
         ledger.sums(head - 1)
     monkeypatch.undo()
     _check_version(ledger, live, head, expected[head - 1])
-    assert all(_same_bits(ledger.sums(head - 1)[1][n], want[n]) for n in want)
+    assert all(tiny.same_bits(ledger.sums(head - 1)[1][n], want[n]) for n in want)
 
 
 def test_load_of_the_base_version_reads_no_base_array(
@@ -361,9 +350,9 @@ def test_load_of_the_base_version_reads_no_base_array(
     monkeypatch.setattr(Ledger, "base", no_base)
     # Nothing active at version 2: the checked model files are the base already.
     model, _ = ledger.load(at=2, progress=False)
-    original = _file_tensors(Path(ledger.model_info["dir"]))
+    original = tiny.file_tensors(Path(ledger.model_info["dir"]))
     for site in ledger.sites:
-        assert _same_bits(site_weight(model, site).detach(), original[ledger.locations[site.name].key])
+        assert tiny.same_bits(site_weight(model, site).detach(), original[ledger.locations[site.name].key])
     with pytest.raises(AssertionError, match="read the base"):
         ledger.load(at="HEAD", progress=False)
 

@@ -21,7 +21,6 @@ import torch
 from click.testing import CliRunner, Result
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from safetensors import safe_open
 from torch import nn
 
 from kvw_ledger.cli import main
@@ -73,17 +72,7 @@ def _copy(src: Path, dst: Path) -> Ledger:
     return Ledger.open(dst)
 
 
-def _originals(model_dir: Path) -> dict[str, torch.Tensor]:
-    with safe_open(str(model_dir / "model.safetensors"), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
 
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().reshape(-1).view(torch.uint8)
-
-
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(_bits(a), _bits(b))
 
 
 def _array(ledger: Ledger, name: str, default: torch.Tensor) -> torch.Tensor:
@@ -113,7 +102,7 @@ def _expected(base: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None) -> to
 
 
 def _check_version(ledger: Ledger, live: nn.Module, version: int, active: list[str]) -> None:
-    originals = _originals(Path(ledger.model_info["dir"]))
+    originals = tiny.file_tensors(Path(ledger.model_info["dir"]))
     assert ledger.state(version).active == active
     ledger.materialize(live, at=version)
     scales = ledger.log_scales(version)
@@ -122,10 +111,10 @@ def _check_version(ledger: Ledger, live: nn.Module, version: int, active: list[s
         if s is None:
             assert site.name not in scales, (version, site.name)
         else:
-            assert _same_bits(scales[site.name], s), (version, site.name)
+            assert tiny.same_bits(scales[site.name], s), (version, site.name)
         base = originals[ledger.locations[site.name].key]
         got = site_weight(live, site).detach()
-        assert _same_bits(got, _expected(base, w, s)), (version, site.name)
+        assert tiny.same_bits(got, _expected(base, w, s)), (version, site.name)
 
 
 def _norm(t: torch.Tensor) -> float:
@@ -145,32 +134,11 @@ def _reference_rescaled(
     pad: int,
 ) -> None:
     """The authors' loop with rescale: gate each batch, then W *= ||W_old|| / ||W||."""
-    from test_kvw import reference_coefficients
+    from test_kvw import reference_batch, reference_coefficients
 
     modules = {n: model.get_submodule(n) for n in names}
     for indices in batch_order(len(forget), cfg):
-        examples = [forget[i] for i in indices]
-        length = max(len(e.input_ids) for e in examples)
-        batch = {
-            "input_ids": torch.stack(
-                [
-                    nn.functional.pad(e.input_ids, (0, length - len(e.input_ids)), value=pad)
-                    for e in examples
-                ]
-            ),
-            "attention_mask": torch.stack(
-                [
-                    nn.functional.pad(torch.ones_like(e.input_ids), (0, length - len(e.input_ids)))
-                    for e in examples
-                ]
-            ),
-            "labels": torch.stack(
-                [
-                    nn.functional.pad(e.labels, (0, length - len(e.labels)), value=-100)
-                    for e in examples
-                ]
-            ),
-        }
+        batch = reference_batch([forget[i] for i in indices], pad)
         c_f = reference_coefficients(model, modules, batch)
         for n in names:
             a = torch.clamp(torch.log(c_f[n] + cfg.eps) - torch.log(c_r[n] + cfg.eps), min=0)
@@ -287,10 +255,10 @@ def test_revert_of_a_rescaled_request_is_bit_exact(
     at_a = {s.name: site_weight(live, s).detach().clone() for s in ledger.sites}
     ledger.materialize(live)
     for site in ledger.sites:
-        assert _same_bits(site_weight(live, site).detach(), at_a[site.name]), site.name
-    exported = _originals(ledger.export(tmp_path / "out", progress=False))
+        assert tiny.same_bits(site_weight(live, site).detach(), at_a[site.name]), site.name
+    exported = tiny.file_tensors(ledger.export(tmp_path / "out", progress=False))
     for site in ledger.sites:
-        assert _same_bits(exported[ledger.locations[site.name].key], at_a[site.name]), site.name
+        assert tiny.same_bits(exported[ledger.locations[site.name].key], at_a[site.name]), site.name
     assert ledger.verify().problems == []
 
 
@@ -394,7 +362,7 @@ def test_rederive_recomputes_the_scales_and_gc_deletes_them(
     entry = ledger.rederive(stats, progress=False)
     version = entry.version
     for site, value in old_c.items():
-        assert _same_bits(
+        assert tiny.same_bits(
             ledger.store.read_array(f"rederived/v{version}/C/log_scale/{site.name}"), value
         )
     change = entry.body["requests"]["C"]
@@ -406,7 +374,7 @@ def test_rederive_recomputes_the_scales_and_gc_deletes_them(
     entry = ledger.rederive("other", progress=False)
     state = ledger.state()
     assert state.log_scales["C"] == f"rederived/v{entry.version}/C/log_scale"
-    originals = _originals(env.model_dir)
+    originals = tiny.file_tensors(env.model_dir)
     for site in ledger.sites[1:]:
         base = originals[ledger.locations[site.name].key]
         exps = {r: ledger.request_exponents(r, state)[site.name] for r in ("A", "B", "C")}
@@ -420,7 +388,7 @@ def test_rederive_recomputes_the_scales_and_gc_deletes_them(
         base = originals[ledger.locations[site.name].key]
         w = ledger._sum_exponents(state)[site.name]
         s = ledger.log_scales().get(site.name)
-        assert _same_bits(site_weight(live, site).detach(), _expected(base, w, s)), site.name
+        assert tiny.same_bits(site_weight(live, site).detach(), _expected(base, w, s)), site.name
     assert ledger.verify().problems == []
     # Reverted and collected, every log-scale array of C goes; verify still passes.
     ledger.revert("C")
@@ -445,7 +413,7 @@ def test_exact_rederive_of_a_rescaled_request_reproduces_it(env: Env, tmp_path: 
         }
         new = ledger.request_log_scales(request_id, state)
         assert old.keys() == new.keys() and old
-        assert all(_same_bits(new[site], old[site]) for site in old), request_id
+        assert all(tiny.same_bits(new[site], old[site]) for site in old), request_id
     assert ledger.verify().problems == []
 
 
@@ -489,14 +457,14 @@ def test_cli_forget_rescale_end_to_end(env: Env, tmp_path: Path) -> None:
     for s in diff["sites"]:
         assert s["log_scale_change"] == pytest.approx(float(scales[s["site"]]))
     # The export is base * exp(S - W) and restores every site's norm.
-    originals = _originals(env.model_dir)
-    exported = _originals(
+    originals = tiny.file_tensors(env.model_dir)
+    exported = tiny.file_tensors(
         Path(run("export", path, tmp_path / "out", "-q").output.split(" to ")[1].strip())
     )
     for site in ledger.sites:
         key = ledger.locations[site.name].key
         w, s = _sums(ledger, ["B"], site.name, site.n_vectors)
-        assert _same_bits(exported[key], _expected(originals[key], w, s)), site.name
+        assert tiny.same_bits(exported[key], _expected(originals[key], w, s)), site.name
         assert _norm(exported[key]) == pytest.approx(_norm(originals[key]), rel=2e-6)
     assert run("verify", path).output.startswith("ok:")
     assert "--rescale" in run("forget", "--help").output

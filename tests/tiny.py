@@ -158,3 +158,21 @@ def save_image(path: Path, colour: tuple[int, int, int] = (200, 30, 30)) -> Path
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (16, 16), colour).save(path)
     return path
+
+
+def file_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a single-file model directory, as saved."""
+    from safetensors import safe_open
+
+    with safe_open(str(model_dir / "model.safetensors"), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bytes of a tensor, for bit-for-bit comparisons (bfloat16 and -0.0 too)."""
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype, shape and bytes."""
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(bits(a), bits(b))
