@@ -108,7 +108,9 @@ def _limits(
 def main() -> None:
     """Sequential unlearning with Knowledge Vector Weakening, kept in a versioned ledger.
 
-    REF is a version number, a request id, HEAD or HEAD~N.
+    LEDGER is a directory, or an fsspec URL (s3://bucket/ledger...) worked on through
+    a local mirror under $KVW_LEDGER_CACHE. REF is a version number, a request id,
+    HEAD or HEAD~N.
     """
 
 

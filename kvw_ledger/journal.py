@@ -41,6 +41,7 @@ __all__ = [
     "canonical_json",
     "format_time",
     "fsync_dir",
+    "parse_entry",
     "sha256_file",
     "utc_now",
 ]
@@ -201,8 +202,9 @@ def _entry_problem(data: object, version: int) -> str | None:
     return None
 
 
-def _parse_entry(raw: bytes, version: int, where: Path) -> Entry:
-    """Decodes and validates one entry file's bytes; every failure is an IntegrityError."""
+def parse_entry(raw: bytes, version: int, where: Path | str) -> Entry:
+    """Decodes and validates entry ``version`` from its file's bytes; every failure is an
+    IntegrityError naming ``where``."""
     try:
         data = json.loads(
             raw.decode("utf-8"),
@@ -314,7 +316,7 @@ class Journal:
         return raw
 
     def _read(self, version: int, path: Path) -> Entry:
-        return _parse_entry(self._read_raw(path), version, path)
+        return parse_entry(self._read_raw(path), version, path)
 
     def _scan(self) -> Iterator[_Scanned]:
         for version, path, name_error in self._versions():
@@ -324,7 +326,7 @@ class Journal:
             try:
                 raw = self._read_raw(path)
                 raw_hash = hashlib.sha256(raw).hexdigest()
-                entry = _parse_entry(raw, version, path)
+                entry = parse_entry(raw, version, path)
             except IntegrityError as e:
                 error = error or e
             yield _Scanned(version, path, raw_hash, None if error else entry, error)
@@ -375,6 +377,13 @@ class Journal:
             )
         return self._read(version, path)
 
+    def raw(self, version: int) -> bytes:
+        """The bytes of entry file ``version`` exactly as stored (what its child's parent hash covers)."""
+        path = self.entry_path(version)
+        if not path.is_file():
+            raise RefNotFoundError(f"journal version {version} does not exist in {self.path}")
+        return self._read_raw(path)
+
     def append(
         self, op: str, body: dict[str, Any], files: dict[str, str], *, parent: Entry | None
     ) -> Entry:
@@ -407,11 +416,38 @@ class Journal:
             raise BadInputError(f"journal entry for {op!r} is not JSON data: {e}") from e
         try:
             # Readers will hold the file to exactly these rules, so check before committing.
-            entry = _parse_entry(raw, version, final)
+            entry = parse_entry(raw, version, final)
         except IntegrityError as e:
             raise BadInputError(f"cannot commit: {e}") from e
         if parent is not None:
             self._check_parent(parent)
+        self._install(version, raw)
+        return entry
+
+    def adopt(self, raw: bytes, parent: Entry | None) -> Entry:
+        """Commits an entry written elsewhere (a mirror of a remote ledger), byte for byte.
+
+        The bytes must parse as the entry after ``parent`` and name it as their parent.
+
+        Raises:
+            IntegrityError: ``raw`` is not a valid entry, or does not follow ``parent``.
+            ConcurrentCommitError: this version exists already.
+        """
+        version = 1 if parent is None else parent.version + 1
+        entry = parse_entry(raw, version, self.entry_path(version))
+        if entry.parent != (None if parent is None else parent.hash):
+            raise IntegrityError(
+                f"journal entry {version} does not follow version {version - 1}: its parent hash "
+                f"is {entry.parent}, not {None if parent is None else parent.hash}"
+            )
+        if parent is not None:
+            self._check_parent(parent)
+        self._install(version, raw)
+        return entry
+
+    def _install(self, version: int, raw: bytes) -> None:
+        """Creates entry file ``version`` holding ``raw``, durably and exclusively."""
+        final = self.entry_path(version)
         if not self.root.is_dir():
             raise LedgerNotFoundError(f"no ledger directory at {self.root}")
         self._make_dir()
@@ -433,7 +469,6 @@ class Journal:
         finally:
             tmp.unlink(missing_ok=True)
         fsync_dir(self.path)
-        return entry
 
     def _check_parent(self, parent: Entry) -> None:
         path = self.entry_path(parent.version)

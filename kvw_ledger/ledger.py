@@ -32,6 +32,7 @@ from kvw_ledger.errors import (
     BadInputError,
     IntegrityError,
     KVWLedgerError,
+    LedgerExistsError,
     LedgerLockedError,
     LedgerNotFoundError,
     ModelMismatchError,
@@ -52,6 +53,7 @@ from kvw_ledger.kvw import (
 )
 from kvw_ledger.loading import load_model, load_processor, max_length
 from kvw_ledger.lock import WriterLock
+from kvw_ledger.remote import Remote, is_url, local_path, mirror_dir
 from kvw_ledger.sites import Site, discover_sites, site_weight
 from kvw_ledger.stability import (
     StabilityLimits,
@@ -171,6 +173,11 @@ class Ledger:
             LedgerExistsError: ``path`` exists and is not empty.
             UnknownArchitectureError: no FFN value projection was found.
         """
+        if is_url(path):
+            return cls._create_remote(
+                str(path), model_dir, towers=towers, site_glob=site_glob, progress=progress, clock=clock
+            )
+        path = local_path(path)
         model_dir = Path(model_dir).resolve()
         model_files.weight_files(model_dir)  # refuses pickle-only weights, saying how to convert
         model = load_model(model_dir, progress=progress)
@@ -220,6 +227,26 @@ class Ledger:
         return ledger
 
     @classmethod
+    def _create_remote(cls, url: str, model_dir: str | Path, **options: Any) -> Ledger:
+        """``create`` at a URL: made in a fresh mirror, then published under the URL's lock."""
+        remote = Remote(url)
+        if remote.exists():
+            raise LedgerExistsError(f"{remote.url} already holds a ledger; choose a new URL for the ledger")
+        mirror = mirror_dir(remote.url)
+        shutil.rmtree(mirror, ignore_errors=True)  # a mirror of a ledger no longer at the URL
+        ledger = cls.create(mirror, model_dir, **options)
+        try:
+            with remote.lock("init"):
+                if remote.versions():
+                    raise LedgerExistsError(f"another writer created a ledger at {remote.url} first")
+                remote.push(mirror, options.get("progress", True))
+        except BaseException:
+            shutil.rmtree(mirror, ignore_errors=True)
+            raise
+        ledger.remote = remote
+        return ledger
+
+    @classmethod
     def open(
         cls, path: str | Path, *, clock: Callable[[], _dt.datetime] | None = None, check_root: bool = True
     ) -> Ledger:
@@ -233,13 +260,49 @@ class Ledger:
             LedgerNotFoundError: nothing at ``path`` is a ledger.
             FormatVersionError: it was written by a newer kvw-ledger.
         """
-        store = Store.open(Path(path))
+        if is_url(path):
+            return cls._open_remote(str(path), clock=clock, check_root=check_root)
+        store = Store.open(local_path(path))
         if not (store.path / "journal").is_dir():
             raise LedgerNotFoundError(f"{store.path} has no journal; it is not a kvw-ledger ledger")
         journal = Journal(store.path, clock=clock or _utc_now)
         if check_root:
             _check_root_attrs(store, journal)
         return cls(store, journal)
+
+    @classmethod
+    def _open_remote(
+        cls, url: str, *, clock: Callable[[], _dt.datetime] | None, check_root: bool
+    ) -> Ledger:
+        """``open`` of a URL: the mirror is brought up to the URL first (see :mod:`kvw_ledger.remote`)."""
+        remote = Remote(url)
+        mirror = mirror_dir(remote.url)
+        fresh = not mirror.exists()
+        mirror.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            with _locked(WriterLock(mirror, operation="pull"), cls.lock_timeout, None):
+                remote.pull(mirror)
+        except BaseException:
+            if fresh:
+                shutil.rmtree(mirror, ignore_errors=True)
+            raise
+        ledger = cls.open(mirror, clock=clock, check_root=check_root)
+        ledger.remote = remote
+        ledger._refresh_head()
+        return ledger
+
+    @property
+    def location(self) -> str:
+        """Where the ledger lives: its URL, or its directory."""
+        return self.remote.url if self.remote is not None else str(self.path)
+
+    def _refresh_head(self) -> None:
+        """Rebuilds a mirror's head cache when a pull moved HEAD past it."""
+        head = self.head()
+        if self._head_cache(head) is None:
+            with _locked(WriterLock(self.path, operation="head"), self.lock_timeout, self.on_wait):
+                if self._head_cache(self.head()) is None:
+                    self._write_head(self.head())
 
     # --- reading history ------------------------------------------------------------
 
@@ -1004,6 +1067,8 @@ class Ledger:
                 )
         if check_model and trusted:
             problems.extend(self._verify_base(model_dir))
+        if self.remote is not None:
+            problems.extend(self.remote.verify())
         return VerifyReport(problems, len(entries), checked)
 
     def _verify_head(self, entries: Sequence[Entry], state: LedgerState) -> list[Problem]:
@@ -1165,6 +1230,29 @@ class Ledger:
 
     @contextlib.contextmanager
     def _writing(self, operation: str) -> Iterator[None]:
+        """One write: under the local protocol, and for a URL ledger also under its lock,
+        after a pull, and followed by a push (see :mod:`kvw_ledger.remote`)."""
+        remote = self.remote
+        if remote is None:
+            with self._writing_local(operation):
+                yield
+            return
+        with remote.lock(operation, self.lock_timeout, self.on_wait):
+            with _locked(WriterLock(self.path, operation="pull"), self.lock_timeout, self.on_wait):
+                remote.pull(self.path)
+            remote.push(self.path)  # what an earlier write committed here but could not publish
+            with self._writing_local(operation):
+                yield
+            try:
+                remote.push(self.path)
+            except (OSError, KVWLedgerError) as e:
+                raise StorageError(
+                    f"{operation} was committed in the local copy {self.path} but not published to "
+                    f"{remote.url} ({e}); the next write there publishes it"
+                ) from e
+
+    @contextlib.contextmanager
+    def _writing_local(self, operation: str) -> Iterator[None]:
         """Holds the writer lock (waiting up to ``lock_timeout`` for it) around one write.
 
         Anything a failed write claimed (see :meth:`_claim`) is removed again, and a
@@ -1172,19 +1260,7 @@ class Ledger:
         ledger is left as it was.
         """
         lock = WriterLock(self.path, operation=operation, on_stale=self._on_stale)
-        deadline = time.monotonic() + self.lock_timeout
-        told = False
-        while True:
-            try:
-                lock.acquire()
-                break
-            except LedgerLockedError as e:
-                if time.monotonic() >= deadline:
-                    raise
-                if not told and self.on_wait is not None:
-                    self.on_wait(f"waiting for the writer lock: {e}")
-                    told = True
-                time.sleep(random.uniform(0.02, 0.1))
+        _acquire(lock, self.lock_timeout, self.on_wait)
         self._claimed = []
         self._committed = None
         self._base_cache = {}
@@ -1215,6 +1291,7 @@ class Ledger:
             lock.release()
 
     lock_timeout: float = 600.0  # seconds a writer waits for another writer to finish
+    remote: Remote | None = None  # set when the ledger lives at a URL; self.path is then its mirror
     on_wait: Callable[[str], None] | None = None
     _base_cache: dict[str, torch.Tensor] | None = None  # bases read during the current write
     _committed: Entry | None = None  # the entry the current write committed, if any
@@ -1260,6 +1337,32 @@ class Ledger:
             state = self.state(entry.version)
             tensors, log_scales = self._sum_exponents(state), self._sum_log_scales(state)
         self.store.write_head(dict(tensors), entry.version, entry.hash, log_scales)
+
+
+def _acquire(lock: WriterLock, timeout: float, on_wait: Callable[[str], None] | None) -> None:
+    """Takes ``lock``, retrying for up to ``timeout`` seconds while another writer holds it."""
+    deadline = time.monotonic() + timeout
+    told = False
+    while True:
+        try:
+            lock.acquire()
+            return
+        except LedgerLockedError as e:
+            if time.monotonic() >= deadline:
+                raise
+            if not told and on_wait is not None:
+                on_wait(f"waiting for the writer lock: {e}")
+                told = True
+            time.sleep(random.uniform(0.02, 0.1))
+
+
+@contextlib.contextmanager
+def _locked(lock: WriterLock, timeout: float, on_wait: Callable[[str], None] | None) -> Iterator[None]:
+    _acquire(lock, timeout, on_wait)
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _names_version(ref: str | int, version: int) -> bool:

@@ -542,3 +542,27 @@ def test_concurrent_writers_under_the_lock(tmp_path: Path) -> None:
     # exactly one writer took over the dead holder's lock
     stale = (tmp_path / "stale.log").read_text().splitlines()
     assert len(stale) == 1 and f"dead pid {dead}" in stale[0]
+
+
+def test_adopt_copies_entries_byte_for_byte_and_only_in_chain_order(tmp_path: Path) -> None:
+    made = _chain(tmp_path / "src", 3)
+    source = _journal(tmp_path / "src")
+    (tmp_path / "dst").mkdir()
+    mirror = _journal(tmp_path / "dst")
+    with pytest.raises(IntegrityError, match="records version 2 but its file name says 1"):
+        mirror.adopt(source.raw(2), None)
+    parent = None
+    for entry in made:
+        parent = mirror.adopt(source.raw(entry.version), parent)
+        assert parent == entry
+        assert mirror.raw(entry.version) == source.raw(entry.version)
+    with pytest.raises(ConcurrentCommitError):
+        mirror.adopt(source.raw(3), made[1])  # version 3 exists
+    (tmp_path / "other").mkdir()
+    other = _journal(tmp_path / "other")
+    head = None
+    for i in range(4):  # a chain with other bodies: its entry 4 names another entry 3
+        head = other.append("init" if i == 0 else "forget", {"other": i}, {}, parent=head)
+    with pytest.raises(IntegrityError, match="does not follow version 3"):
+        mirror.adopt(other.raw(4), parent)
+    assert [e.version for e in mirror.entries()] == [1, 2, 3]

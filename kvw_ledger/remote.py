@@ -1,0 +1,497 @@
+"""Ledgers kept at an fsspec URL (``s3://bucket/ledger``, ``gs://...``, ``memory://...``).
+
+Object stores have no rename, link or fsync, which the local commit protocol
+relies on, so a URL ledger is worked on through a local mirror: a plain ledger
+directory under the cache (``$KVW_LEDGER_CACHE``, else ``~/.cache/kvw-ledger``).
+The URL holds the same Zarr v3 layout, file for file, and is the truth:
+
+- Opening pulls: the journal entries the mirror lacks are read, checked against
+  the chain (each names its parent's sha256), and every file they name is
+  downloaded and checked against its sha256 before the entry is adopted.
+- A write takes the URL's ``lock`` (created exclusively), pulls, commits in the
+  mirror under the local protocol, then pushes: the files first, then each entry,
+  created exclusively, so a version appears at the URL only once every file it
+  names is there, and two writers can never both publish the same version.
+  A ``gc`` entry is pushed before the files it deletes are removed.
+- A push that fails leaves the URL at its previous version (files without an
+  entry are only reported by ``verify`` as unnamed) and the mirror one step
+  ahead; the next write there pushes it first.
+
+The head cache is not copied: each mirror rebuilds its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import random
+import re
+import secrets
+import socket
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kvw_ledger.errors import (
+    ConcurrentCommitError,
+    IntegrityError,
+    LedgerLockedError,
+    LedgerNotFoundError,
+    StorageError,
+)
+from kvw_ledger.journal import (
+    Entry,
+    Journal,
+    Problem,
+    canonical_json,
+    format_time,
+    parse_entry,
+    utc_now,
+)
+
+__all__ = ["Remote", "SyncReport", "is_url", "local_path", "mirror_dir"]
+
+_ENTRY_NAME = re.compile(r"(\d{8,})\.json")
+_LOCAL_PROTOCOLS = ("file", "local")
+
+
+def is_url(location: str | Path) -> bool:
+    """Whether ``location`` names a remote (non-local) fsspec URL; ``file://`` is local."""
+    text = str(location)
+    if "://" not in text:
+        return False
+    return text.split("://", 1)[0].lower() not in _LOCAL_PROTOCOLS
+
+
+def local_path(location: str | Path) -> Path:
+    """``location`` as a local path (``file://`` stripped)."""
+    text = str(location)
+    for protocol in _LOCAL_PROTOCOLS:
+        if text.lower().startswith(f"{protocol}://"):
+            return Path(text[len(protocol) + 3 :])
+    return Path(text)
+
+
+def mirror_dir(url: str) -> Path:
+    """The local mirror of ``url``: ``$KVW_LEDGER_CACHE`` (else ``~/.cache/kvw-ledger``)
+    ``/<first 16 hex of sha256(url)>``."""
+    base = os.environ.get("KVW_LEDGER_CACHE") or Path.home() / ".cache" / "kvw-ledger"
+    return Path(base) / hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class SyncReport:
+    """What a pull or push moved."""
+
+    entries: int  # journal entries adopted or published
+    files: int  # files downloaded or uploaded
+    bytes: int
+
+
+class Remote:
+    """The ledger files at one URL, read and written through fsspec.
+
+    Args:
+        url: where the ledger lives.
+        fs: an fsspec filesystem to use instead of the one the URL names (tests).
+    """
+
+    def __init__(self, url: str, fs: Any | None = None) -> None:
+        import fsspec  # only URL ledgers need it
+
+        self.url = url.rstrip("/")
+        if fs is None:
+            fs, root = fsspec.core.url_to_fs(self.url)
+        else:
+            root = fsspec.core.strip_protocol(self.url) if "://" in self.url else self.url
+        self.fs = fs
+        self.root = str(root).rstrip("/")
+
+    def where(self, rel: str) -> str:
+        """The URL of ledger-relative file ``rel``, for messages."""
+        return f"{self.url}/{rel}"
+
+    # --- reading ----------------------------------------------------------------------
+
+    def read(self, rel: str) -> bytes | None:
+        """File ``rel``'s bytes, or None if it does not exist."""
+        try:
+            return bytes(self.fs.cat_file(self._key(rel)))
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise StorageError(f"could not read {self.where(rel)} ({e})") from e
+
+    def exists(self) -> bool:
+        """Whether a ledger (its root ``zarr.json``) is at the URL."""
+        return self.read("zarr.json") is not None
+
+    def versions(self) -> list[int]:
+        """The journal's entry numbers, in order; IntegrityError if one is missing."""
+        try:
+            names = self.fs.ls(self._key("journal"), detail=False)
+        except FileNotFoundError:
+            return []
+        except OSError as e:
+            raise StorageError(f"could not list {self.where('journal')} ({e})") from e
+        found = sorted(
+            int(m.group(1))
+            for name in names
+            if (m := _ENTRY_NAME.fullmatch(str(name).rstrip("/").rsplit("/", 1)[-1]))
+        )
+        for expected, version in enumerate(found, start=1):
+            if version != expected:
+                raise IntegrityError(
+                    f"{self.where(f'journal/{version:08d}.json')} follows version {expected - 1}: "
+                    f"version {expected} is missing"
+                )
+        return found
+
+    def entry_raw(self, version: int) -> bytes:
+        """The bytes of entry ``version``; IntegrityError if it is gone."""
+        raw = self.read(_entry_rel(version))
+        if raw is None:
+            raise IntegrityError(f"{self.where(_entry_rel(version))} is missing")
+        return raw
+
+    # --- pull -------------------------------------------------------------------------
+
+    def pull(self, mirror: Path, progress: bool = False) -> SyncReport:
+        """Brings the mirror (a ledger directory, held under its writer lock) up to the URL.
+
+        A mirror ahead of the URL (a push that failed) is left as it is.
+
+        Raises:
+            LedgerNotFoundError: there is no ledger at the URL.
+            IntegrityError: naming the file, if an entry breaks the chain, a file does not
+                match the sha256 its entry recorded, or the mirror's history differs.
+        """
+        versions = self.versions()
+        if not versions:
+            raise LedgerNotFoundError(f"no ledger at {self.url}; create one with `kvw-ledger init`")
+        journal = Journal(mirror)
+        have = journal.head()
+        n, theirs = (0 if have is None else have.version), len(versions)
+        if n:
+            common = min(n, theirs)
+            if _sha(self.entry_raw(common)) != journal.get(common).hash:
+                raise IntegrityError(
+                    f"the local copy {mirror} and {self.url} differ from version {common} on (a push "
+                    f"that failed, then another writer); remove {mirror} to take the URL's history"
+                )
+        if n >= theirs:
+            return SyncReport(0, 0, 0)  # up to date, or ahead by a failed push: the next write pushes it
+        raws = [self.entry_raw(v) for v in range(n + 1, theirs + 1)]
+        entries = _chain(raws, have, self.where)
+        gone = _deleted_after(entries)
+        files = moved = 0
+        with _scratch(mirror) as scratch, _bar(progress, "pull", raws) as bar:
+            parent = have
+            for raw, entry in zip(raws, entries, strict=True):
+                for rel, digest in sorted(entry.files.items()):
+                    if gone.get(rel, 0) > entry.version or _local_sha(mirror / rel) == digest:
+                        continue
+                    data = self.read(rel)
+                    if data is None:
+                        raise IntegrityError(
+                            f"{self.where(rel)} is missing; {self.where(_entry_rel(entry.version))} "
+                            "recorded it (or a gc ran while this pull read it: retry)"
+                        )
+                    if _sha(data) != digest:
+                        raise IntegrityError(
+                            f"{self.where(rel)} has sha256 {_sha(data)} but "
+                            f"{_entry_rel(entry.version)} recorded {digest}; it was altered"
+                        )
+                    _install_file(mirror, scratch, rel, data)
+                    files, moved = files + 1, moved + len(data)
+                parent = journal.adopt(raw, parent)
+                if entry.op == "gc":
+                    _remove_files(mirror, entry.body.get("deleted_files", []))
+                bar.update(1)
+        return SyncReport(len(raws), files, moved)
+
+    # --- push -------------------------------------------------------------------------
+
+    def push(self, mirror: Path, progress: bool = False) -> SyncReport:
+        """Publishes the mirror's entries the URL lacks; the caller holds :meth:`lock`.
+
+        Raises:
+            ConcurrentCommitError: another writer published a version first.
+            IntegrityError: the URL's history is not a prefix of the mirror's.
+        """
+        journal = Journal(mirror)
+        mine = journal.entries()
+        theirs = self.versions()
+        if len(theirs) > len(mine) or (
+            theirs and _sha(self.entry_raw(len(theirs))) != mine[len(theirs) - 1].hash
+        ):
+            raise IntegrityError(
+                f"{self.url} has a history that the local copy {mirror} does not continue; "
+                f"remove {mirror} to take the URL's history"
+            )
+        pending = mine[len(theirs) :]
+        gone = _deleted_after(mine)
+        files = moved = 0
+        with _bar(progress, "push", pending) as bar:
+            for entry in pending:
+                for rel in sorted(entry.files):
+                    if gone.get(rel, 0) > entry.version:
+                        continue  # deleted by a later gc: never needed at the URL
+                    data = (mirror / rel).read_bytes()
+                    self._put(rel, data)
+                    files, moved = files + 1, moved + len(data)
+                try:
+                    self._create(_entry_rel(entry.version), journal.raw(entry.version))
+                except FileExistsError as e:
+                    raise ConcurrentCommitError(
+                        f"another writer published version {entry.version} at {self.url} first"
+                    ) from e
+                if entry.op == "gc":
+                    for rel in entry.body.get("deleted_files", []):
+                        with contextlib.suppress(FileNotFoundError):
+                            self.fs.rm_file(self._key(rel))
+                bar.update(1)
+        return SyncReport(len(pending), files, moved)
+
+    # --- verify -----------------------------------------------------------------------
+
+    def verify(self) -> list[Problem]:
+        """Re-reads the URL's chain and every file its entries name; paths are URLs."""
+        problems: list[Problem] = []
+        try:
+            versions = self.versions()
+            raws = [self.entry_raw(v) for v in versions]
+            entries = _chain(raws, None, self.where)
+        except IntegrityError as e:
+            return [Problem(self.where("journal"), str(e))]
+        gone = _deleted_after(entries)
+        named: set[str] = {_entry_rel(v) for v in versions}
+        for entry in entries:
+            for rel, digest in sorted(entry.files.items()):
+                named.add(rel)
+                data = self.read(rel)
+                if data is None:
+                    if gone.get(rel, 0) <= entry.version:
+                        problems.append(Problem(self.where(rel), f"missing; {_entry_rel(entry.version)} recorded it"))
+                elif _sha(data) != digest:
+                    problems.append(
+                        Problem(self.where(rel), f"has sha256 {_sha(data)} but {_entry_rel(entry.version)} recorded {digest}; it was altered")
+                    )
+        for rel in self._all_files():
+            if rel not in named and rel != "lock" and not rel.startswith("head/"):
+                problems.append(
+                    Problem(self.where(rel), "is named by no journal entry (left by a failed push?)", "warning")
+                )
+        return problems
+
+    # --- the lock ---------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def lock(
+        self, operation: str, timeout: float = 0.0, on_wait: Callable[[str], None] | None = None
+    ) -> Iterator[None]:
+        """Holds the URL's writer lock (``lock``, created exclusively) around a write."""
+        token = secrets.token_hex(8)
+        record = canonical_json(
+            {"host": socket.gethostname(), "pid": os.getpid(), "time": format_time(utc_now()),
+             "operation": operation, "token": token}
+        )
+        deadline, told = time.monotonic() + timeout, False
+        while True:
+            try:
+                self._create("lock", record)
+                break
+            except FileExistsError:
+                holder = self.read("lock") or b""
+                if self._stale(holder):
+                    with contextlib.suppress(FileNotFoundError):
+                        self.fs.rm_file(self._key("lock"))
+                    continue
+                message = (
+                    f"{self.url} is locked by {_describe(holder)}. Wait for it to finish, or if that "
+                    f"process is gone, delete {self.where('lock')}"
+                )
+                if time.monotonic() >= deadline:
+                    raise LedgerLockedError(message) from None
+                if on_wait is not None and not told:
+                    on_wait(f"waiting for the writer lock: {message}")
+                    told = True
+                time.sleep(random.uniform(0.05, 0.2))
+        try:
+            self._check_exclusive(record)
+            yield
+        finally:
+            if self.read("lock") == record:
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.rm_file(self._key("lock"))
+
+    # --- private ----------------------------------------------------------------------
+
+    def _key(self, rel: str) -> str:
+        return f"{self.root}/{rel}"
+
+    def _put(self, rel: str, data: bytes) -> None:
+        try:
+            self._parents(rel)
+            self.fs.pipe_file(self._key(rel), data)
+        except OSError as e:
+            raise StorageError(f"could not write {self.where(rel)} ({e})") from e
+
+    def _create(self, rel: str, data: bytes) -> None:
+        """Writes ``rel`` only if it does not exist (fsspec's exclusive write)."""
+        try:
+            self._parents(rel)
+            self.fs.pipe_file(self._key(rel), data, mode="create")
+        except FileExistsError:
+            raise
+        except (OSError, TypeError, NotImplementedError) as e:
+            raise StorageError(f"could not create {self.where(rel)} exclusively ({e})") from e
+
+    def _parents(self, rel: str) -> None:
+        """Makes the directories above ``rel`` where the filesystem has directories."""
+        parent = self._key(rel).rsplit("/", 1)[0]
+        if not self.fs.isdir(parent):
+            self.fs.makedirs(parent, exist_ok=True)
+
+    def _check_exclusive(self, record: bytes) -> None:
+        """Refuses a filesystem that lets an exclusive create replace a file."""
+        try:
+            self._create("lock", record + b" ")
+        except FileExistsError:
+            return
+        self._put("lock", record)
+        raise StorageError(
+            f"{self.url}: this filesystem ({type(self.fs).__name__}) replaced an existing file on an "
+            "exclusive create (fsspec mode='create'); kvw-ledger cannot write there safely"
+        )
+
+    def _stale(self, raw: bytes) -> bool:
+        """A lock left by a dead process on this host."""
+        try:
+            holder = json.loads(raw)
+            pid = holder["pid"]
+            if holder["host"] != socket.gethostname() or not isinstance(pid, int) or pid <= 0:
+                return False
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except (ValueError, KeyError, TypeError, OSError):
+            return False
+        return False
+
+    def _all_files(self) -> list[str]:
+        try:
+            found = self.fs.find(self.root)
+        except FileNotFoundError:
+            return []
+        prefix = self.root.lstrip("/") + "/"
+        return sorted(str(p).lstrip("/").removeprefix(prefix) for p in found)
+
+
+def _entry_rel(version: int) -> str:
+    return f"journal/{version:08d}.json"
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _local_sha(path: Path) -> str | None:
+    try:
+        return _sha(path.read_bytes())
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return None
+
+
+def _chain(raws: list[bytes], parent: Entry | None, where: Callable[[str], str]) -> list[Entry]:
+    """Parses consecutive entries after ``parent``, each naming the one before."""
+    out: list[Entry] = []
+    version = 0 if parent is None else parent.version
+    previous = None if parent is None else parent.hash
+    for raw in raws:
+        version += 1
+        entry = parse_entry(raw, version, where(_entry_rel(version)))
+        if entry.parent != previous:
+            raise IntegrityError(
+                f"{where(_entry_rel(version))} names parent {entry.parent}, but version "
+                f"{version - 1} has sha256 {previous}; one of the two was altered or replaced"
+            )
+        out.append(entry)
+        previous = entry.hash
+    return out
+
+
+def _deleted_after(entries: list[Entry]) -> dict[str, int]:
+    """file -> the version of the last gc entry that deleted it."""
+    gone: dict[str, int] = {}
+    for entry in entries:
+        if entry.op == "gc":
+            for rel in entry.body.get("deleted_files", []):
+                gone[rel] = entry.version
+    return gone
+
+
+@contextlib.contextmanager
+def _scratch(mirror: Path) -> Iterator[Path]:
+    """A scratch directory at the mirror's root, named as the store's crash leftovers are."""
+    path = mirror / f"pull.tmp-{secrets.token_hex(8)}"
+    old = os.umask(0o077)
+    try:
+        path.mkdir(parents=True)
+        yield path
+    finally:
+        os.umask(old)
+        for leftover in sorted(path.glob("*")):
+            leftover.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            path.rmdir()
+
+
+def _install_file(mirror: Path, scratch: Path, rel: str, data: bytes) -> None:
+    """Writes ``rel`` in the mirror whole or not at all: into the scratch, fsynced, renamed."""
+    target = mirror / rel
+    if not target.resolve().is_relative_to(mirror.resolve()):
+        raise IntegrityError(f"a journal entry names {rel!r}, which is outside the ledger")
+    tmp = scratch / secrets.token_hex(8)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, target)
+    fd = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_files(mirror: Path, paths: list[str]) -> None:
+    """Deletes the files a gc entry deleted, and the directories it leaves empty."""
+    for rel in paths:
+        target = mirror / rel
+        target.unlink(missing_ok=True)
+        parent = target.parent
+        while parent != mirror and parent.is_dir() and not any(parent.iterdir()):
+            parent.rmdir()
+            parent = parent.parent
+
+
+def _describe(raw: bytes) -> str:
+    try:
+        holder = json.loads(raw)
+        return f"pid {holder['pid']} on {holder['host']} ({holder['operation']}, since {holder['time']})"
+    except (ValueError, KeyError, TypeError):
+        return "an unreadable lock record"
+
+
+@contextlib.contextmanager
+def _bar(progress: bool, what: str, items: list[Any]) -> Iterator[Any]:
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(items), desc=f"{what} entries", unit="entry", disable=not progress or not items) as bar:
+        yield bar

@@ -1,0 +1,302 @@
+"""Tests for kvw_ledger.remote: ledgers at fsspec URLs, through local mirrors.
+
+The URLs are fsspec's in-memory filesystem (shared by every thread of the test
+process), each test under its own bucket; ``KVW_LEDGER_CACHE`` points each
+"machine" at its own mirror directory.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import fsspec
+import pytest
+import tiny
+import torch
+import zarr
+from click.testing import CliRunner
+from fsspec.implementations.memory import MemoryFileSystem
+
+from kvw_ledger.cli import main
+from kvw_ledger.errors import (
+    IntegrityError,
+    LedgerExistsError,
+    LedgerLockedError,
+    LedgerNotFoundError,
+    StorageError,
+)
+from kvw_ledger.kvw import KVWConfig
+from kvw_ledger.ledger import Ledger
+from kvw_ledger.remote import Remote, is_url, mirror_dir
+
+CONFIG = KVWConfig(gamma=0.5)
+
+
+@dataclass(frozen=True)
+class Env:
+    model_dir: Path
+    retain: Path
+    forget: tuple[Path, ...]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Env:
+    root = tmp_path_factory.mktemp("remote")
+    model_dir = root / "model"
+    tiny.llama().save_pretrained(model_dir)
+    tiny.char_tokenizer().save_pretrained(model_dir)
+    retain = tiny.write_jsonl(root / "retain.jsonl", tiny.qa_records(4, 40))
+    forget = tuple(tiny.write_jsonl(root / f"f{i}.jsonl", tiny.qa_records(2, 3 * i)) for i in range(4))
+    return Env(model_dir, retain, forget)
+
+
+@pytest.fixture
+def url() -> Iterator[str]:
+    bucket = f"/t-{uuid.uuid4().hex[:12]}"
+    yield f"memory://{bucket}/ledger"
+    fs = MemoryFileSystem()
+    if fs.exists(bucket):
+        fs.rm(bucket, recursive=True)
+
+
+class Machines:
+    """Switches ``KVW_LEDGER_CACHE``, as if the next call ran on another machine."""
+
+    def __init__(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.tmp_path, self.monkeypatch = tmp_path, monkeypatch
+
+    def on(self, name: str) -> None:
+        self.monkeypatch.setenv("KVW_LEDGER_CACHE", str(self.tmp_path / f"cache-{name}"))
+
+
+@pytest.fixture
+def machines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Machines:
+    m = Machines(tmp_path, monkeypatch)
+    m.on("a")
+    return m
+
+
+def _with_request(env: Env, url: str) -> Ledger:
+    ledger = Ledger.create(url, env.model_dir, progress=False)
+    ledger.retain(env.retain, progress=False)
+    ledger.forget(env.forget[0], request_id="A", config=CONFIG, progress=False)
+    return ledger
+
+
+def _flip_last_byte(url: str, rel: str) -> None:
+    fs, root = fsspec.core.url_to_fs(url)
+    data = bytearray(fs.cat_file(f"{root}/{rel}"))
+    data[-1] ^= 0x01
+    fs.pipe_file(f"{root}/{rel}", bytes(data))
+
+
+def test_is_url() -> None:
+    assert is_url("s3://bucket/ledger") and is_url("memory://x")
+    assert not is_url("/tmp/ledger") and not is_url("file:///tmp/ledger") and not is_url("led")
+
+
+def test_a_second_machine_sees_every_version_bit_for_bit(env: Env, url: str, machines: Machines, tmp_path: Path) -> None:
+    first = _with_request(env, url)
+    first.forget(env.forget[1], request_id="B", config=CONFIG, progress=False)
+    assert first.location == url and first.path == mirror_dir(url)
+
+    machines.on("b")
+    second = Ledger.open(url)
+    assert second.path != first.path
+    assert [e.hash for e in second.entries()] == [e.hash for e in first.entries()]
+    for version in range(1, first.head().version + 1):
+        mine, theirs = first.exponents(version), second.exponents(version)
+        assert all(torch.equal(mine[s], theirs[s]) for s in mine), version
+    assert any(bool(w.any()) for w in second.exponents().values()), "nothing was weakened"
+
+    second.revert("A")  # written from the second machine ...
+    machines.on("a")
+    again = Ledger.open(url)  # ... and seen by the first
+    assert again.path == first.path and again.state().active == ["B"]
+    exported = tiny.file_tensors(again.export(tmp_path / "out", progress=False))
+    expected = tiny.file_tensors(second.export(tmp_path / "out-b", progress=False))
+    assert all(tiny.same_bits(exported[k], expected[k]) for k in expected)
+    assert again.verify().problems == []
+
+
+def test_zarr_opens_the_url_and_reads_the_base(env: Env, url: str, machines: Machines) -> None:
+    ledger = _with_request(env, url)
+    group = zarr.open_group(url, mode="r")
+    site = ledger.sites[0].name
+    assert group.attrs["format_version"] == 1
+    stored = torch.from_numpy(group[f"base/{site}"][...])  # float32 model: native dtype
+    assert torch.equal(stored, ledger.base(site))
+
+
+def test_a_tampered_chunk_at_the_url_is_named_by_pull_and_verify(env: Env, url: str, machines: Machines) -> None:
+    ledger = _with_request(env, url)
+    array = ledger.store.list_arrays("requests/A/exponent")[0]
+    rel = f"{array}/c/0"
+    _flip_last_byte(url, rel)
+
+    problems = ledger.verify().problems  # the mirror is whole; the URL is not
+    assert [p.path for p in problems if p.severity == "error"] == [f"{url}/{rel}"]
+    machines.on("b")
+    with pytest.raises(IntegrityError, match=f"{url}/{rel} has sha256"):
+        Ledger.open(url)
+    assert not mirror_dir(url).exists(), "a failed first pull must not leave a half mirror"
+
+
+def test_a_tampered_entry_at_the_url_is_refused(env: Env, url: str, machines: Machines) -> None:
+    _with_request(env, url)
+    _flip_last_byte(url, "journal/00000002.json")
+    machines.on("b")
+    with pytest.raises(IntegrityError, match="00000002.json"):
+        Ledger.open(url)
+
+
+def test_a_writer_with_a_stale_mirror_pulls_before_it_commits(env: Env, url: str, machines: Machines) -> None:
+    first = _with_request(env, url)
+    machines.on("b")
+    second = Ledger.open(url)
+    machines.on("a")
+    first.forget(env.forget[1], request_id="B", config=CONFIG, progress=False)  # second's mirror is now behind
+    machines.on("b")
+    entry = second.forget(env.forget[2], request_id="C", config=CONFIG, progress=False)
+    assert entry.version == 5 and second.state().active == ["A", "B", "C"]
+    assert Remote(url).versions() == [1, 2, 3, 4, 5]
+    machines.on("c")
+    assert Ledger.open(url).state().active == ["A", "B", "C"]
+
+
+def test_two_writers_at_once_both_commit_one_after_the_other(env: Env, url: str, machines: Machines) -> None:
+    _with_request(env, url)
+    ledgers = []
+    for name in ["X", "Y"]:  # two machines, each with its own mirror
+        machines.on(name)
+        ledgers.append(Ledger.open(url))
+    errors: list[BaseException] = []
+    threads = [
+        threading.Thread(target=_forget, args=(ledger, name, data, errors))
+        for ledger, name, data in zip(ledgers, ["X", "Y"], env.forget[1:3], strict=True)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert errors == []
+    machines.on("z")
+    final = Ledger.open(url)
+    assert sorted(final.state().active) == ["A", "X", "Y"]
+    assert [e.op for e in final.entries()][-2:] == ["forget", "forget"]
+    assert final.verify().problems == []
+
+
+def _forget(ledger: Ledger, name: str, data: Path, errors: list[BaseException]) -> None:
+    try:
+        ledger.forget(data, request_id=name, config=CONFIG, progress=False)
+    except BaseException as e:
+        errors.append(e)
+
+
+def test_a_held_lock_at_the_url_makes_a_writer_wait_then_fail(env: Env, url: str, machines: Machines) -> None:
+    ledger = _with_request(env, url)
+    ledger.lock_timeout = 0.3
+    with Remote(url).lock("someone else's forget"), pytest.raises(LedgerLockedError, match=f"{url}/lock"):
+        ledger.revert("A")
+    assert Remote(url).versions() == [1, 2, 3]
+    ledger.revert("A")
+    assert Remote(url).versions() == [1, 2, 3, 4]
+
+
+def test_a_failed_push_leaves_the_url_as_it_was_and_the_next_write_publishes_it(
+    env: Env, url: str, machines: Machines, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ledger = _with_request(env, url)
+    real_create = Remote._create
+
+    def no_entries(self: Remote, rel: str, data: bytes) -> None:
+        if rel.startswith("journal/"):
+            raise StorageError(f"could not create {self.where(rel)} (network down)")
+        real_create(self, rel, data)
+
+    monkeypatch.setattr(Remote, "_create", no_entries)
+    with pytest.raises(StorageError, match="committed in the local copy .* not published"):
+        ledger.forget(env.forget[1], request_id="B", config=CONFIG, progress=False)
+    monkeypatch.setattr(Remote, "_create", real_create)
+
+    assert Remote(url).versions() == [1, 2, 3]
+    assert ledger.head().version == 4  # committed in the mirror
+    warnings = [p for p in Remote(url).verify() if p.severity == "warning"]
+    assert warnings and all("named by no journal entry" in p.message for p in warnings)
+    assert [p for p in Remote(url).verify() if p.severity == "error"] == []
+    machines.on("b")
+    assert Ledger.open(url).state().active == ["A"]  # readers elsewhere see the last published version
+
+    machines.on("a")
+    ledger.revert("A")  # publishes B's forget first, then the revert
+    assert Remote(url).versions() == [1, 2, 3, 4, 5]
+    machines.on("c")
+    fresh = Ledger.open(url)
+    assert fresh.state().active == ["B"]
+    assert fresh.verify().problems == []
+
+
+def test_gc_deletes_the_files_at_the_url_too(env: Env, url: str, machines: Machines) -> None:
+    ledger = _with_request(env, url)
+    ledger.revert("A")
+    ledger.gc()
+    fs, root = fsspec.core.url_to_fs(url)
+    assert not [p for p in fs.find(root) if "/requests/A/" in p]
+    machines.on("b")
+    fresh = Ledger.open(url)
+    assert list(fresh.state().deleted) == ["A"]
+    assert not (fresh.path / "requests" / "A").exists()
+    assert fresh.verify().problems == []
+
+
+def test_create_refuses_a_url_that_holds_a_ledger(env: Env, url: str, machines: Machines) -> None:
+    Ledger.create(url, env.model_dir, progress=False)
+    machines.on("b")
+    with pytest.raises(LedgerExistsError, match=url):
+        Ledger.create(url, env.model_dir, progress=False)
+
+
+def test_open_of_an_empty_url_says_so_and_leaves_no_mirror(url: str, machines: Machines) -> None:
+    with pytest.raises(LedgerNotFoundError, match=f"no ledger at {url}"):
+        Ledger.open(url)
+    assert not mirror_dir(url).exists()
+
+
+class _Overwriting(MemoryFileSystem):
+    """A filesystem whose exclusive create silently replaces the file."""
+
+    protocol = "overwriting"
+
+    def pipe_file(self, path: str, value: bytes, mode: str = "overwrite", **kwargs: object) -> None:
+        super().pipe_file(path, value, **kwargs)
+
+
+def test_a_filesystem_without_exclusive_create_is_refused_for_writes(env: Env, machines: Machines) -> None:
+    fsspec.register_implementation("overwriting", _Overwriting, clobber=True)
+    url = f"overwriting://t-{uuid.uuid4().hex[:12]}/ledger"
+    with pytest.raises(StorageError, match="exclusive create"):
+        Ledger.create(url, env.model_dir, progress=False)
+    assert not Remote(url).exists(), "nothing may be published without a safe lock"
+
+
+def test_the_cli_works_on_a_url(env: Env, url: str, machines: Machines) -> None:
+    runner = CliRunner()
+    init = runner.invoke(main, ["init", url, "--model", str(env.model_dir)])
+    assert init.exit_code == 0, init.output
+    retain = runner.invoke(main, ["retain", url, str(env.retain), "--id", "base-stats"])
+    assert retain.exit_code == 0, retain.output
+    forget = runner.invoke(main, ["forget", url, str(env.forget[0]), "--id", "A", "--gamma", "0.5"])
+    assert forget.exit_code == 0, forget.output
+    log = runner.invoke(main, ["log", url, "--json"])
+    assert log.exit_code == 0, log.output
+    entries = json.loads(log.stdout)
+    assert [(e["op"], e["active"]) for e in entries] == [("init", []), ("retain", []), ("forget", ["A"])]
+    machines.on("b")
+    verify = runner.invoke(main, ["verify", url])
+    assert verify.exit_code == 0, verify.output
