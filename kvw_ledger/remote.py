@@ -132,6 +132,8 @@ class Remote:
 
     def versions(self) -> list[int]:
         """The journal's entry numbers, in order; IntegrityError if one is missing."""
+        # Listings may be cached (s3fs keeps them): another machine's entries must be seen.
+        self.fs.invalidate_cache(self._key("journal"))
         try:
             names = self.fs.ls(self._key("journal"), detail=False)
         except FileNotFoundError:
@@ -336,26 +338,28 @@ class Remote:
 
     def _put(self, rel: str, data: bytes) -> None:
         try:
-            self._parents(rel)
-            self.fs.pipe_file(self._key(rel), data)
+            self._with_parents(rel, lambda key: self.fs.pipe_file(key, data))
         except OSError as e:
             raise StorageError(f"could not write {self.where(rel)} ({e})") from e
 
     def _create(self, rel: str, data: bytes) -> None:
         """Writes ``rel`` only if it does not exist (fsspec's exclusive write)."""
         try:
-            self._parents(rel)
-            self.fs.pipe_file(self._key(rel), data, mode="create")
+            self._with_parents(rel, lambda key: self.fs.pipe_file(key, data, mode="create"))
         except FileExistsError:
             raise
         except (OSError, TypeError, NotImplementedError) as e:
             raise StorageError(f"could not create {self.where(rel)} exclusively ({e})") from e
 
-    def _parents(self, rel: str) -> None:
-        """Makes the directories above ``rel`` where the filesystem has directories."""
-        parent = self._key(rel).rsplit("/", 1)[0]
-        if not self.fs.isdir(parent):
-            self.fs.makedirs(parent, exist_ok=True)
+    def _with_parents(self, rel: str, write: Callable[[str], object]) -> None:
+        """Runs ``write(key)``; where the filesystem has real directories and one is
+        missing, makes it and tries once more (object stores never need this)."""
+        key = self._key(rel)
+        try:
+            write(key)
+        except FileNotFoundError:
+            self.fs.makedirs(key.rsplit("/", 1)[0], exist_ok=True)
+            write(key)
 
     def _check_exclusive(self, record: bytes) -> None:
         """Refuses a filesystem that lets an exclusive create replace a file."""
@@ -384,6 +388,7 @@ class Remote:
         return False
 
     def _all_files(self) -> list[str]:
+        self.fs.invalidate_cache(self.root)
         try:
             found = self.fs.find(self.root)
         except FileNotFoundError:

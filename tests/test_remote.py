@@ -8,6 +8,7 @@ process), each test under its own bucket; ``KVW_LEDGER_CACHE`` points each
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import uuid
 from collections.abc import Iterator
@@ -300,3 +301,62 @@ def test_the_cli_works_on_a_url(env: Env, url: str, machines: Machines) -> None:
     machines.on("b")
     verify = runner.invoke(main, ["verify", url])
     assert verify.exit_code == 0, verify.output
+
+
+# --- the same over S3's wire protocol (moto's S3 server on localhost, s3fs) ---------------
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint() -> Iterator[str]:
+    server_module = pytest.importorskip("moto.server")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_url(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    s3fs = pytest.importorskip("s3fs")
+    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": s3_endpoint}.items():
+        monkeypatch.setenv(key, value)
+    s3fs.S3FileSystem.clear_instance_cache()  # a fresh client reads the endpoint above
+    bucket = f"kvw-{uuid.uuid4().hex[:12]}"
+    s3fs.S3FileSystem().mkdir(bucket)
+    return f"s3://{bucket}/ledgers/tiny"
+
+
+def test_over_s3_two_machines_write_in_turn_and_gc_deletes_objects(env: Env, s3_url: str, machines: Machines) -> None:
+    first = _with_request(env, s3_url)
+    machines.on("b")
+    second = Ledger.open(s3_url)
+    machines.on("a")
+    first.forget(env.forget[1], request_id="B", config=CONFIG, progress=False)
+    machines.on("b")
+    second.revert("A")  # its mirror was behind: it pulls B's forget first
+    second.gc()
+    assert Remote(s3_url).versions() == [1, 2, 3, 4, 5, 6]
+
+    machines.on("c")
+    fresh = Ledger.open(s3_url)
+    assert fresh.state().active == ["B"] and list(fresh.state().deleted) == ["A"]
+    mine, theirs = fresh.exponents(), second.exponents()  # downloaded vs written there
+    assert all(torch.equal(mine[s], theirs[s]) for s in mine)
+    assert any(bool(w.any()) for w in mine.values())
+    fs, root = fsspec.core.url_to_fs(s3_url)
+    assert not [p for p in fs.find(root) if "/requests/A/" in p]
+    assert fresh.verify().problems == []
+
+
+def test_over_s3_the_lock_and_entries_are_created_exclusively(env: Env, s3_url: str, machines: Machines) -> None:
+    ledger = Ledger.create(s3_url, env.model_dir, progress=False)
+    ledger.lock_timeout = 0.2
+    with Remote(s3_url).lock("another writer"), pytest.raises(LedgerLockedError, match="another writer"):
+        ledger.retain(env.retain, progress=False)
+    with pytest.raises(FileExistsError):
+        Remote(s3_url)._create("journal/00000001.json", b"{}")
+    assert Ledger.open(s3_url).head().op == "init"
