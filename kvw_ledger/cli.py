@@ -142,7 +142,7 @@ def init(ledger: str, model_dir: str, towers: str, site_glob: str | None, quiet:
     created = Ledger.create(
         ledger, model_dir, towers=towers, site_glob=site_glob, progress=not quiet
     )
-    click.echo(f"created {created.path}: {len(created.sites)} sites, version 1")
+    click.echo(f"created {created.location}: {len(created.sites)} sites, version 1")
 
 
 @main.command()

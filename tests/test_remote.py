@@ -290,6 +290,7 @@ def test_the_cli_works_on_a_url(env: Env, url: str, machines: Machines) -> None:
     runner = CliRunner()
     init = runner.invoke(main, ["init", url, "--model", str(env.model_dir)])
     assert init.exit_code == 0, init.output
+    assert init.stdout == f"created {url}: 4 sites, version 1\n"
     retain = runner.invoke(main, ["retain", url, str(env.retain), "--id", "base-stats"])
     assert retain.exit_code == 0, retain.output
     forget = runner.invoke(main, ["forget", url, str(env.forget[0]), "--id", "A", "--gamma", "0.5"])
