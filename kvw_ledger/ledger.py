@@ -281,7 +281,7 @@ class Ledger:
         mirror.mkdir(mode=0o700, parents=True, exist_ok=True)
         try:
             with _locked(WriterLock(mirror, operation="pull"), cls.lock_timeout, None):
-                remote.pull(mirror)
+                remote.pull(mirror, progress=True)  # shown on a terminal only
         except BaseException:
             if fresh:
                 shutil.rmtree(mirror, ignore_errors=True)
@@ -1239,12 +1239,12 @@ class Ledger:
             return
         with remote.lock(operation, self.lock_timeout, self.on_wait):
             with _locked(WriterLock(self.path, operation="pull"), self.lock_timeout, self.on_wait):
-                remote.pull(self.path)
-            remote.push(self.path)  # what an earlier write committed here but could not publish
+                remote.pull(self.path, progress=True)
+            remote.push(self.path, progress=True)  # what an earlier write committed here but could not publish
             with self._writing_local(operation):
                 yield
             try:
-                remote.push(self.path)
+                remote.push(self.path, progress=True)
             except (OSError, KVWLedgerError) as e:
                 raise StorageError(
                     f"{operation} was committed in the local copy {self.path} but not published to "

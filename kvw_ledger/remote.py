@@ -191,10 +191,12 @@ class Remote:
         entries = _chain(raws, have, self.where)
         gone = _deleted_after(entries)
         files = moved = 0
-        with _scratch(mirror) as scratch, _bar(progress, "pull", raws) as bar:
+        named = sum(len(entry.files) for entry in entries)
+        with _scratch(mirror) as scratch, _bar(progress, f"pull {self.url}", named) as bar:
             parent = have
             for raw, entry in zip(raws, entries, strict=True):
                 for rel, digest in sorted(entry.files.items()):
+                    bar.update(1)
                     if gone.get(rel, 0) > entry.version or _local_sha(mirror / rel) == digest:
                         continue
                     data = self.read(rel)
@@ -213,7 +215,6 @@ class Remote:
                 parent = journal.adopt(raw, parent)
                 if entry.op == "gc":
                     _remove_files(mirror, entry.body.get("deleted_files", []))
-                bar.update(1)
         return SyncReport(len(raws), files, moved)
 
     # --- push -------------------------------------------------------------------------
@@ -238,9 +239,11 @@ class Remote:
         pending = mine[len(theirs) :]
         gone = _deleted_after(mine)
         files = moved = 0
-        with _bar(progress, "push", pending) as bar:
+        named = sum(len(entry.files) for entry in pending)
+        with _bar(progress, f"push {self.url}", named) as bar:
             for entry in pending:
                 for rel in sorted(entry.files):
+                    bar.update(1)
                     if gone.get(rel, 0) > entry.version:
                         continue  # deleted by a later gc: never needed at the URL
                     data = (mirror / rel).read_bytes()
@@ -256,7 +259,6 @@ class Remote:
                     for rel in entry.body.get("deleted_files", []):
                         with contextlib.suppress(FileNotFoundError):
                             self.fs.rm_file(self._key(rel))
-                bar.update(1)
         return SyncReport(len(pending), files, moved)
 
     # --- verify -----------------------------------------------------------------------
@@ -495,8 +497,9 @@ def _describe(raw: bytes) -> str:
 
 
 @contextlib.contextmanager
-def _bar(progress: bool, what: str, items: list[Any]) -> Iterator[Any]:
+def _bar(progress: bool, what: str, total: int) -> Iterator[Any]:
+    """A files bar on stderr; with ``progress`` it still shows only on a terminal."""
     from tqdm.auto import tqdm
 
-    with tqdm(total=len(items), desc=f"{what} entries", unit="entry", disable=not progress or not items) as bar:
+    with tqdm(total=total, desc=what, unit="file", disable=None if progress and total else True) as bar:
         yield bar
