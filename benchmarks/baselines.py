@@ -38,6 +38,9 @@ class GradDiffConfig:
     retain_weight: float = 1.0  # weight of the descended retain loss
     weight_decay: float = 0.01  # AdamW decoupled weight decay (torch's default)
     max_grad_norm: float | None = 1.0  # global gradient-norm clip; None: no clip
+    # AdamW's fused kernel, as transformers' Trainer uses by default with torch >= 2.8
+    # (optim "adamw_torch_fused"); off: torch's per-parameter loop on the CPU.
+    fused: bool = True
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.lr) and self.lr >= 0):
@@ -78,7 +81,9 @@ def graddiff(
     """Runs GradDiff on ``model`` in place: step i ascends on forget batch i and descends
     on retain batch i (both cycled when ``config.steps`` asks for more than one epoch).
 
-    Every parameter that requires a gradient is trained (full fine-tuning). The two
+    Every parameter that requires a gradient is trained (full fine-tuning) with AdamW,
+    fused by default as in transformers' Trainer (one kernel per step rather than a
+    loop over the parameters: 3x less optimiser time on the CPU). The two
     terms are back-propagated one after the other into the same gradients: the same
     update as one backward of their sum, with only one batch's activations alive at a
     time (the cheaper way, so the baseline's memory is not overstated). The model is
@@ -91,7 +96,9 @@ def graddiff(
         raise ValueError("GradDiff needs at least one forget batch and one retain batch")
     device = model_device(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimiser = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    optimiser = torch.optim.AdamW(
+        params, lr=config.lr, weight_decay=config.weight_decay, fused=config.fused
+    )
     result = GradDiffResult()
     was_training = model.training
     model.train()

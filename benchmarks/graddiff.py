@@ -9,10 +9,10 @@ forget and retain records (random words; the answer is the last dozen words):
             the forget file, run the progressive KVW loop, run the stability checks,
             commit the request (exponents and trace) to Zarr and the journal.
   graddiff  load the same model and tokenizer, encode the forget and retain files,
-            then GradDiff (benchmarks/baselines.py): full fine-tuning with AdamW, one
-            epoch over the very batches the KVW request uses, each paired with a
-            retain batch of the same size. The fine-tuned model is not saved (that
-            would only add to its time).
+            then GradDiff (benchmarks/baselines.py): full fine-tuning with AdamW (fused,
+            as transformers' Trainer runs it by default), one epoch over the very
+            batches the KVW request uses, each paired with a retain batch of the same
+            size. The fine-tuned model is not saved (that would only add to its time).
   load      the common floor: load the model and tokenizer, encode both files.
 
 On the CPU each side runs in a fresh interpreter (``common.in_fresh_process``), so

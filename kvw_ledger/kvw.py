@@ -130,18 +130,30 @@ def scale_vectors(weight: torch.Tensor, factor: torch.Tensor, axis: int) -> torc
 
 
 def weakened(
-    base: torch.Tensor, exponent: torch.Tensor, axis: int, log_scale: torch.Tensor | None = None
+    base: torch.Tensor,
+    exponent: torch.Tensor,
+    axis: int,
+    log_scale: torch.Tensor | None = None,
+    *,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``base * exp(-exponent)`` along ``axis``, in float32, cast once to the base's dtype.
 
     With a ``log_scale`` S (a float32 scalar) the factor is ``exp(S - exponent)``.
+    With ``out`` (a tensor of the base's shape and dtype, e.g. a live weight) the
+    result is written there and ``out`` returned; a float32 base is then multiplied
+    straight into it, with no temporary matrix (the same products, so the same bits).
     """
     w = exponent.to(device=base.device, dtype=torch.float32)
     if log_scale is None:
         factor = torch.exp(-w)
     else:
         factor = torch.exp(log_scale.to(device=base.device, dtype=torch.float32) - w)
-    return scale_vectors(base.to(torch.float32), factor, axis).to(base.dtype)
+    if out is None:
+        return scale_vectors(base.to(torch.float32), factor, axis).to(base.dtype)
+    if base.dtype == out.dtype == torch.float32 and base.device == out.device:
+        return torch.mul(base, factor.unsqueeze(0) if axis == 1 else factor.unsqueeze(1), out=out)
+    return out.copy_(scale_vectors(base.to(torch.float32), factor, axis).to(base.dtype))
 
 
 def column_log_norms(base: torch.Tensor, axis: int) -> torch.Tensor:
@@ -205,7 +217,8 @@ def run_kvw(
         retain_means: C_r per site (pooled mean |coefficient| over the retain set).
         config: the request's parameters.
         pad_token_id: id used to right-pad batches.
-        base: the value matrices the ledger keeps (default: the model's current weights).
+        base: the value matrices the ledger keeps (default: the model's current weights);
+            only read, and copied only when they share memory with the model's weights.
         start: exponents already active (default: none).
         start_log_scale: summed log-scales already active, per site (default: none).
         progress: show a progress bar on stderr.
@@ -277,8 +290,8 @@ class _SiteState:
             dev = weight.device
             state.sites[site.name] = site
             state.weights[site.name] = weight
-            state.base[site.name] = (
-                (base[site.name] if base is not None else weight).to(dev).clone()
+            state.base[site.name] = _private_base(
+                weight, base[site.name] if base is not None else None
             )
             zeros = torch.zeros(site.n_vectors, dtype=torch.float32, device=dev)
             prior = start.get(site.name) if start is not None else None
@@ -308,4 +321,17 @@ class _SiteState:
             s = log_scale(self.log_sq[name], self.start[name], total)
             self.log_scales[name] = s
             scale = s if scale is None else scale + s
-        self.weights[name].copy_(weakened(self.base[name], total, site.axis, scale))
+        weakened(self.base[name], total, site.axis, scale, out=self.weights[name])
+
+
+def _private_base(weight: torch.Tensor, given: torch.Tensor | None) -> torch.Tensor:
+    """The base a loop reads while it rewrites ``weight``, on the weight's device.
+
+    A given base that lives apart from the weight is only read, so it is used as it
+    is (on the weight's device); one that shares the weight's memory (or none: the
+    weight itself) is copied first, since every step overwrites the weight.
+    """
+    source = weight if given is None else given.to(weight.device)
+    if source.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr():
+        return source.clone()
+    return source

@@ -624,6 +624,12 @@ class Ledger:
             encoder = data.Encoder(processor, max_length(model))
             examples = data.encode_all(encoder, records)
             _, start, start_scales = self.sums(head.version)
+            if self._base_cache is not None and not start_scales and not any(bool(w.any()) for w in start.values()):
+                # Nothing active: load() left the checked files' weights, the bases bit for
+                # bit. Copying them spares decompressing every base from the store.
+                self._base_cache.update(
+                    {s.name: site_weight(model, s).detach().to("cpu", copy=True) for s in self.sites}
+                )
             result = run_kvw(
                 model,
                 self.sites,

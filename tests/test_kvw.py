@@ -18,7 +18,7 @@ from kvw_ledger.data import (
     iter_batches,
 )
 from kvw_ledger.errors import BadInputError, NonFiniteActivationError
-from kvw_ledger.kvw import KVWConfig, accessor, batch_order, gate, run_kvw
+from kvw_ledger.kvw import KVWConfig, accessor, batch_order, gate, run_kvw, weakened
 from kvw_ledger.sites import discover_sites, select_layers, site_weight
 
 
@@ -371,3 +371,46 @@ def test_trace_with_the_same_retain_stats_reproduces_the_exponents_bit_for_bit()
         assert torch.equal(again, w), name
         other = exponents_from_trace(result.trace[name], retain.means()[name] * 2, cfg)
         assert not torch.equal(other, w) or not bool((w > 0).any())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("axis", [0, 1])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_weakened_into_a_weight_gives_the_same_bits(dtype: torch.dtype, axis: int, scaled: bool) -> None:
+    gen = torch.Generator().manual_seed(7)
+    base = torch.randn(6, 5, generator=gen).to(dtype)
+    exponent = torch.rand(base.shape[axis], generator=gen) * 3
+    scale = torch.tensor(0.25) if scaled else None
+    out = torch.full_like(base, float("nan"))
+    assert weakened(base, exponent, axis, scale, out=out) is out
+    assert tiny.same_bits(out, weakened(base, exponent, axis, scale))
+
+
+def test_a_base_sharing_the_weights_memory_is_copied_and_a_separate_one_only_read() -> None:
+    enc = Encoder(tiny.char_tokenizer())
+    forget = encode_all(enc, records(4))
+    cfg = KVWConfig(gamma=0.5, layers=(0, 3), batch_size=2)
+    probe = tiny.llama()
+    sites = discover_sites(probe)
+    means = collect(probe, sites, iter_batches(encode_all(enc, records(5, offset=9)), 1, 0), progress=False).means()
+
+    def run(base_of: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        model = tiny.llama()
+        weights = {s.name: site_weight(model, s) for s in sites}
+        base = {
+            "none": None,
+            "aliased": weights,  # the live weights themselves: the loop must not read what it writes
+            "separate": {n: w.clone() for n, w in weights.items()},
+        }[base_of]
+        kept = {n: w.clone() for n, w in (base or {}).items()}
+        result = run_kvw(model, sites, forget, means, cfg, pad_token_id=0, base=base, progress=False)
+        if base_of == "separate":
+            assert all(tiny.same_bits(base[n], kept[n]) for n in kept), "the given base was written"
+        return result.exponents, {s.name: site_weight(model, s).clone() for s in sites}
+
+    want_exponents, want_weights = run("none")
+    assert any(bool((w > 0).any()) for w in want_exponents.values()), "nothing was weakened"
+    for base_of in ("aliased", "separate"):
+        exponents, weights = run(base_of)
+        assert all(tiny.same_bits(exponents[n], want_exponents[n]) for n in want_exponents), base_of
+        assert all(tiny.same_bits(weights[n], want_weights[n]) for n in want_weights), base_of

@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from kvw_ledger.data import Encoder, encode_all, read_records
 from kvw_ledger.errors import (
     BadInputError,
     LedgerNotFoundError,
@@ -26,10 +27,11 @@ from kvw_ledger.errors import (
     RefNotFoundError,
     RequestStateError,
 )
-from kvw_ledger.kvw import KVWConfig
+from kvw_ledger.kvw import KVWConfig, run_kvw
 from kvw_ledger.ledger import Ledger
-from kvw_ledger.loading import load_model
+from kvw_ledger.loading import load_model, load_processor, max_length
 from kvw_ledger.sites import site_weight
+from kvw_ledger.stability import check_attenuation
 
 CONFIG = KVWConfig(gamma=0.5)
 N_FORGET_SETS = 10
@@ -355,6 +357,42 @@ def test_load_of_the_base_version_reads_no_base_array(
         assert tiny.same_bits(site_weight(model, site).detach(), original[ledger.locations[site.name].key])
     with pytest.raises(AssertionError, match="read the base"):
         ledger.load(at="HEAD", progress=False)
+
+
+def test_the_first_request_copies_its_bases_from_the_checked_model(
+    env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ledger = _copy(env.ledger, tmp_path / "led")
+    stored = {s.name: ledger.store.read_array(f"base/{s.name}") for s in ledger.sites}
+    stats = ledger.state().latest_retain
+    retain_means = {s.name: ledger.store.read_array(f"retain/{stats}/{s.name}") for s in ledger.sites}
+    read_array = ledger.store.read_array
+
+    def no_base(name: str) -> torch.Tensor:
+        if name.startswith("base/"):
+            raise AssertionError(f"read {name}")
+        return read_array(name)
+
+    monkeypatch.setattr(ledger.store, "read_array", no_base)
+    # Nothing active: the fingerprint-checked model holds the bases, so none is decompressed.
+    entry = ledger.forget(env.forget[0], request_id="A", config=CONFIG, progress=False)
+
+    # The same request by hand, on the stored bases, gives the same bits and figures.
+    model = load_model(env.model_dir)
+    encoder = Encoder(load_processor(env.model_dir), max_length(model))
+    examples = encode_all(encoder, read_records(env.forget[0]))
+    result = run_kvw(model, ledger.sites, examples, retain_means, CONFIG,
+                     pad_token_id=encoder.pad_token_id, base=stored, progress=False)  # fmt: skip
+    assert any(bool((w > 0).any()) for w in result.exponents.values()), "nothing was weakened"
+    for name, w in result.exponents.items():
+        assert tiny.same_bits(_exponent(ledger, "A", name, w.numel()), w), name
+    staged = {s.name: result.exponents.get(s.name, torch.zeros(s.n_vectors)) for s in ledger.sites}
+    _, shares = check_attenuation(stored, staged, {s.name: s.axis for s in ledger.sites}, 1.0)
+    assert entry.body["stability"]["attenuation"] == shares
+
+    # With a request active the model no longer holds the bases: they are read.
+    with pytest.raises(AssertionError, match="read base/"):
+        ledger.forget(env.forget[1], request_id="B", config=CONFIG, progress=False)
 
 
 def test_a_changed_model_dir_is_refused_naming_the_file(env: Env, tmp_path: Path) -> None:
