@@ -361,3 +361,73 @@ def test_over_s3_the_lock_and_entries_are_created_exclusively(env: Env, s3_url: 
     with pytest.raises(FileExistsError):
         Remote(s3_url)._create("journal/00000001.json", b"{}")
     assert Ledger.open(s3_url).head().op == "init"
+
+
+def test_a_mirror_whose_unpublished_version_lost_the_race_is_refused(
+    env: Env, url: str, machines: Machines, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ledger = _with_request(env, url)
+    real_create = Remote._create
+
+    def no_entries(self: Remote, rel: str, data: bytes) -> None:
+        if rel.startswith("journal/"):
+            raise StorageError("network down")
+        real_create(self, rel, data)
+
+    monkeypatch.setattr(Remote, "_create", no_entries)
+    with pytest.raises(StorageError):
+        ledger.revert("A")  # version 4 exists only in this mirror
+    monkeypatch.setattr(Remote, "_create", real_create)
+    machines.on("b")
+    Ledger.open(url).forget(env.forget[1], request_id="B", config=CONFIG, progress=False)  # another 4
+
+    machines.on("a")
+    with pytest.raises(IntegrityError, match=f"differ from version 4 on .*remove {ledger.path}"):
+        ledger.forget(env.forget[2], request_id="C", config=CONFIG, progress=False)
+    assert Remote(url).versions() == [1, 2, 3, 4]  # nothing published over the other writer's 4
+
+
+def test_a_pull_cut_off_midway_adopts_nothing_past_it_and_the_next_completes(
+    env: Env, url: str, machines: Machines, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _with_request(env, url)
+    machines.on("b")
+    real_read = Remote.read
+    reads = {"n": 0}
+
+    def flaky(self: Remote, rel: str) -> bytes | None:
+        if not rel.startswith("journal/"):
+            reads["n"] += 1
+            if reads["n"] == 5:
+                raise StorageError(f"could not read {self.where(rel)} (connection reset)")
+        return real_read(self, rel)
+
+    Ledger.open(url)  # a mirror at version 3
+    machines.on("a")
+    Ledger.open(url).forget(env.forget[1], request_id="B", config=CONFIG, progress=False)
+    machines.on("b")
+    mirror = mirror_dir(url)
+    monkeypatch.setattr(Remote, "read", flaky)
+    with pytest.raises(StorageError, match="connection reset"):
+        Ledger.open(url)
+    monkeypatch.setattr(Remote, "read", real_read)
+    assert [p.name for p in sorted((mirror / "journal").iterdir())][-1] == "00000003.json"
+    assert not list(mirror.glob("pull.tmp-*")), "the pull's scratch directory is left behind"
+    caught_up = Ledger.open(url)
+    assert caught_up.state().active == ["A", "B"]
+    assert caught_up.verify().problems == []
+
+
+def test_the_cli_exit_codes_on_a_damaged_and_on_a_locked_url(env: Env, url: str, machines: Machines) -> None:
+    ledger = _with_request(env, url)
+    runner = CliRunner()
+    with Remote(url).lock("a forget elsewhere"):
+        Ledger.lock_timeout, saved = 0.2, Ledger.lock_timeout
+        try:
+            locked = runner.invoke(main, ["revert", url, "A"])
+        finally:
+            Ledger.lock_timeout = saved
+    assert locked.exit_code == 2 and f"{url} is locked by pid" in locked.output
+    _flip_last_byte(url, f"{ledger.store.list_arrays('requests/A/exponent')[0]}/c/0")
+    verify = runner.invoke(main, ["verify", url])
+    assert verify.exit_code == 1 and f"{url}/requests/A/exponent/" in verify.output
