@@ -54,11 +54,17 @@ class LiveModel:
     ``torch.get_num_threads()`` threads, each running torch single-threaded (the
     calling thread's count is 1 meanwhile, then restored). Not safe to call from two
     threads at once.
+
+    With ``compile=True`` such a site is instead one kernel that widens, multiplies
+    and rounds in a single pass (``torch.compile``; needs a C++ compiler on the CPU).
+    The first :meth:`apply` pays the compilation (tens of seconds; torch keeps it in
+    its on-disk cache for later processes); the bits are the same.
     """
 
-    def __init__(self, ledger: Ledger, model: nn.Module) -> None:
+    def __init__(self, ledger: Ledger, model: nn.Module, *, compile: bool = False) -> None:
         self.ledger = ledger
         self.model = model
+        self._fused = torch.compile(_fused_write, dynamic=False) if compile else None
         self.version: int | None = None  # the version last applied; None before the first
         self._sites: list[Site] = list(ledger.sites)
         self._bases: dict[str, torch.Tensor] = {}
@@ -155,6 +161,9 @@ class LiveModel:
             torch.mul(base, vectors, out=weight)
             return []
         rounding = None if base.dtype in (torch.float32, weight.dtype) else base.dtype
+        if self._fused is not None and weight.device == base.device:
+            self._fused(base, vectors, weight, rounding)
+            return []
         return [
             (chunk, target, vectors if site.axis == 1 else vectors[rows], rounding)
             for chunk, target, rows in self._plan(site, weight)
@@ -270,6 +279,14 @@ def _factor(
     if scale is None:
         return torch.exp(-w)
     return torch.exp(scale.to(device="cpu", dtype=torch.float32) - w)
+
+
+def _fused_write(
+    base: torch.Tensor, vectors: torch.Tensor, weight: torch.Tensor, rounding: torch.dtype | None
+) -> None:
+    """The chunks' arithmetic on a whole site, for ``torch.compile`` to fuse into one pass."""
+    product = base.to(torch.float32) * vectors
+    weight.copy_(product if rounding is None else product.to(rounding))
 
 
 def _write_chunks(tasks: list[_Task], scratch: torch.Tensor) -> None:

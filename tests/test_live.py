@@ -100,6 +100,22 @@ def test_every_version_back_and_forth_equals_materialize(history: History) -> No
         _check(history, live, at)
 
 
+@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on the CPU needs a C++ compiler")
+def test_the_compiled_kernel_writes_every_version_bit_for_bit(
+    history: History, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if history.ledger.base(history.ledger.sites[0].name).dtype != torch.bfloat16:
+        pytest.skip("a float32 site is one multiply either way; only bfloat16 goes through the kernel")
+    monkeypatch.setattr(torch._inductor.config, "compile_threads", 1)  # no worker pool left behind
+    live = LiveModel(history.ledger, load_model(history.ledger.model_info["dir"]), compile=True)
+    chunks: list[int] = []
+    monkeypatch.setattr(live, "_run", lambda device, tasks: chunks.append(len(tasks)))
+    versions = list(range(1, history.head + 1))
+    for at in [*versions, *reversed(versions), "HEAD"]:
+        _check(history, live, at)
+    assert sum(chunks) == 0, "the compiled path fell back to chunks"
+
+
 @settings(max_examples=12, deadline=None)
 @given(order=st.lists(st.integers(1, 9), min_size=1, max_size=8), changed_only=st.booleans())
 def test_any_order_of_switches_equals_materialize(
