@@ -22,6 +22,8 @@ import torch
 import zarr
 from click.testing import CliRunner
 from fsspec.implementations.memory import MemoryFileSystem
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from kvw_ledger.cli import main
 from kvw_ledger.errors import (
@@ -431,3 +433,40 @@ def test_the_cli_exit_codes_on_a_damaged_and_on_a_locked_url(env: Env, url: str,
     _flip_last_byte(url, f"{ledger.store.list_arrays('requests/A/exponent')[0]}/c/0")
     verify = runner.invoke(main, ["verify", url])
     assert verify.exit_code == 1 and f"{url}/requests/A/exponent/" in verify.output
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=st.lists(st.tuples(st.sampled_from("abc"), st.booleans()), min_size=1, max_size=5))
+def test_writes_from_any_machines_in_any_order_make_one_history_every_mirror_agrees_on(
+    env: Env, machines: Machines, steps: list[tuple[str, bool]]
+) -> None:
+    url = f"memory:///h-{uuid.uuid4().hex[:12]}/ledger"
+    machines.on(f"init-{uuid.uuid4().hex[:8]}")
+    ledger = Ledger.create(url, env.model_dir, progress=False)
+    ledger.retain(env.retain, progress=False)
+    tag = uuid.uuid4().hex[:8]  # fresh mirrors for every example
+    opened = {}
+    expected = []  # the active set a single writer would reach
+    for n, (machine, forget) in enumerate(steps):
+        machines.on(f"{machine}-{tag}")
+        if machine not in opened:
+            opened[machine] = Ledger.open(url)
+        here = opened[machine]  # its mirror may be any number of versions behind
+        if forget or not expected:
+            here.forget(env.forget[n % len(env.forget)], request_id=f"r{n}", config=CONFIG, progress=False)
+            expected.append(f"r{n}")
+        else:
+            here.revert(expected.pop(0))
+    versions = Remote(url).versions()
+    assert versions == list(range(1, 3 + len(steps)))
+    assert Remote(url).verify() == []
+    machines.on(f"reader-{tag}")
+    reader = Ledger.open(url)
+    assert reader.state().active == expected
+    for machine in opened:
+        machines.on(f"{machine}-{tag}")
+        mine = Ledger.open(url)  # pulls whatever this machine missed
+        assert [e.hash for e in mine.entries()] == [e.hash for e in reader.entries()]
+        a, b = mine.exponents(), reader.exponents()
+        assert all(torch.equal(a[s], b[s]) for s in a)
+    MemoryFileSystem().rm(url.removeprefix("memory://").rsplit("/", 1)[0], recursive=True)
