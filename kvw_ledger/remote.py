@@ -38,6 +38,7 @@ from typing import Any
 
 from kvw_ledger.errors import (
     ConcurrentCommitError,
+    FormatVersionError,
     IntegrityError,
     LedgerLockedError,
     LedgerNotFoundError,
@@ -52,6 +53,7 @@ from kvw_ledger.journal import (
     parse_entry,
     utc_now,
 )
+from kvw_ledger.store import FORMAT_VERSION
 
 __all__ = ["Remote", "SyncReport", "is_url", "local_path", "mirror_dir"]
 
@@ -187,6 +189,7 @@ class Remote:
                 )
         if n >= theirs:
             return SyncReport(0, 0, 0)  # up to date, or ahead by a failed push: the next write pushes it
+        self._check_format()
         raws = [self.entry_raw(v) for v in range(n + 1, theirs + 1)]
         entries = _chain(raws, have, self.where)
         gone = _deleted_after(entries)
@@ -216,6 +219,19 @@ class Remote:
                 if entry.op == "gc":
                     _remove_files(mirror, entry.body.get("deleted_files", []))
         return SyncReport(len(raws), files, moved)
+
+    def _check_format(self) -> None:
+        """Refuses a ledger written by a newer kvw-ledger before adopting any of it."""
+        raw = self.read("zarr.json")
+        try:
+            version = json.loads(raw or b"{}").get("attributes", {}).get("format_version")
+        except (ValueError, AttributeError):
+            return  # a damaged root is named by the pull, against the init entry's hash
+        if isinstance(version, int) and version > FORMAT_VERSION:
+            raise FormatVersionError(
+                f"{self.url} was written by a newer kvw-ledger (format {version}, this one reads "
+                f"up to {FORMAT_VERSION}; format_version in zarr.json); upgrade kvw-ledger"
+            )
 
     # --- push -------------------------------------------------------------------------
 

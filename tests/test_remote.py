@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 
 from kvw_ledger.cli import main
 from kvw_ledger.errors import (
+    FormatVersionError,
     IntegrityError,
     LedgerExistsError,
     LedgerLockedError,
@@ -470,3 +471,17 @@ def test_writes_from_any_machines_in_any_order_make_one_history_every_mirror_agr
         a, b = mine.exponents(), reader.exponents()
         assert all(torch.equal(a[s], b[s]) for s in a)
     MemoryFileSystem().rm(url.removeprefix("memory://").rsplit("/", 1)[0], recursive=True)
+
+
+def test_a_ledger_of_a_newer_format_at_the_url_is_refused_before_anything_is_adopted(
+    env: Env, url: str, machines: Machines
+) -> None:
+    Ledger.create(url, env.model_dir, progress=False)
+    fs, root = fsspec.core.url_to_fs(url)
+    meta = json.loads(fs.cat_file(f"{root}/zarr.json"))
+    meta["attributes"]["format_version"] = 99
+    fs.pipe_file(f"{root}/zarr.json", json.dumps(meta).encode())
+    machines.on("b")
+    with pytest.raises(FormatVersionError, match=f"{url} was written by a newer kvw-ledger .format 99"):
+        Ledger.open(url)
+    assert not mirror_dir(url).exists()
