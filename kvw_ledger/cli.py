@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import click
 
+from kvw_ledger import views
 from kvw_ledger.errors import KVWLedgerError
 from kvw_ledger.journal import Entry
 from kvw_ledger.kvw import KVWConfig
@@ -300,7 +301,7 @@ def log(ledger: str, as_json: bool) -> None:
     """List the journal, one line per version."""
     entries = _open(ledger).entries()
     if as_json:
-        _dump([_entry_json(e) for e in entries])
+        _dump([views.entry_json(e) for e in entries])
         return
     for e in entries:
         active = _active_list(e.body.get("active", []))
@@ -322,19 +323,6 @@ def _active_list(active: list[str], shown: int = 8) -> str:
     return f"{len(active)} requests (newest: {', '.join(active[-3:])})"
 
 
-def _entry_json(entry: Entry) -> dict[str, Any]:
-    return {
-        "version": entry.version,
-        "op": entry.op,
-        "id": entry.body.get("request") or entry.body.get("stats"),
-        "hash": entry.hash,
-        "parent": entry.parent,
-        "time": entry.time,
-        "active": entry.body.get("active", []),
-        "body": entry.body,
-    }
-
-
 @main.command()
 @LEDGER
 @click.argument("ref")
@@ -342,27 +330,25 @@ def _entry_json(entry: Entry) -> dict[str, Any]:
 @_errors
 def show(ledger: str, ref: str, as_json: bool) -> None:
     """Show one version: its entry, and per site what its request weakened."""
-    opened = _open(ledger)
-    entries = opened.entries()
-    entry = entries[opened.resolve(ref, entries) - 1]
-    sites = _request_sites(opened, entry) if entry.op == "forget" else []
+    shown = _open(ledger).show(ref)
     if as_json:
-        _dump({**_entry_json(entry), "files": entry.files, "sites": sites})
+        _dump(shown)
         return
-    click.echo(f"version  {entry.version}")
-    click.echo(f"op       {entry.op}")
-    click.echo(f"time     {entry.time}")
-    click.echo(f"hash     {entry.hash}")
-    click.echo(f"parent   {entry.parent or '-'}")
-    click.echo(f"active   {', '.join(entry.body.get('active', [])) or '-'}")
+    body, sites = shown["body"], shown["sites"]
+    click.echo(f"version  {shown['version']}")
+    click.echo(f"op       {shown['op']}")
+    click.echo(f"time     {shown['time']}")
+    click.echo(f"hash     {shown['hash']}")
+    click.echo(f"parent   {shown['parent'] or '-'}")
+    click.echo(f"active   {', '.join(shown['active']) or '-'}")
     hidden = ("active", "arrays", "tokens", "model_fingerprint", "stability", "figures")
-    for key in sorted(k for k in entry.body if k not in hidden):
-        value = entry.body[key]
+    for key in sorted(k for k in body if k not in hidden):
+        value = body[key]
         click.echo(
             f"{key:<8} {json.dumps(value, sort_keys=True) if isinstance(value, dict | list) else value}"
         )
-    if "stability" in entry.body:
-        click.echo(f"checks   {_checks_line(entry.body['stability'])}")
+    if "stability" in body:
+        click.echo(f"checks   {_checks_line(body['stability'])}")
     if sites:
         scaled = any("log_scale" in s for s in sites)
         click.echo(
@@ -399,26 +385,6 @@ def _checks_line(stability: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
-def _request_sites(ledger: Ledger, entry: Entry) -> list[dict[str, Any]]:
-    out = []
-    request_id = entry.body["request"]
-    for name in ledger.store.list_arrays(f"requests/{request_id}/exponent"):
-        w = ledger.store.read_array(name)
-        hit = w > 0
-        site = name.rsplit("/", 1)[1]
-        row: dict[str, Any] = {
-            "site": site,
-            "weakened": int(hit.sum()),
-            "max": float(w.max()),
-            "mean": float(w[hit].mean()) if bool(hit.any()) else 0.0,
-        }
-        scale = f"requests/{request_id}/log_scale/{site}"
-        if f"{scale}" in entry.body.get("arrays", {}) and ledger.store.has_array(scale):
-            row["log_scale"] = float(ledger.store.read_array(scale))
-        out.append(row)
-    return out
-
-
 @main.command()
 @LEDGER
 @click.argument("ref_a")
@@ -431,43 +397,12 @@ def diff(ledger: str, ref_a: str, ref_b: str, top: int, as_json: bool) -> None:
 
     Sites with a log-scale (``forget --rescale``) also show its change.
     """
-    opened = _open(ledger)
-    a, b = opened.state(ref_a), opened.state(ref_b)
-    _, wa, sa = opened.sums(a.version)
-    _, wb, sb = opened.sums(b.version)
-    sites: list[dict[str, Any]] = []
-    for site in opened.sites:
-        delta = wb[site.name] - wa[site.name]
-        changed = delta != 0
-        n = int(changed.sum())
-        scaled = site.name in sa or site.name in sb
-        scale_change = float(sb.get(site.name, 0.0) - sa.get(site.name, 0.0)) if scaled else 0.0
-        if n == 0 and scale_change == 0:
-            continue
-        order = delta.abs().argsort(descending=True)[:top]
-        row: dict[str, Any] = {
-            "site": site.name,
-            "changed": n,
-            "max_abs_change": float(delta.abs().max()),
-            "mean_abs_change": float(delta[changed].abs().mean()) if n else 0.0,
-            "top": [
-                {"vector": int(i), "change": float(delta[i])} for i in order if bool(changed[i])
-            ],
-        }
-        if scaled:
-            row["log_scale_change"] = scale_change
-        sites.append(row)
-    result: dict[str, Any] = {
-        "from": a.version,
-        "to": b.version,
-        "added": [r for r in b.active if r not in a.active],
-        "removed": [r for r in a.active if r not in b.active],
-        "sites": sites,
-    }
+    result = _open(ledger).diff(ref_a, ref_b, top=top)
+    sites = result["sites"]
     if as_json:
         _dump(result)
         return
-    click.echo(f"version {a.version} -> {b.version}")
+    click.echo(f"version {result['from']} -> {result['to']}")
     click.echo(f"added    {', '.join(result['added']) or '-'}")
     click.echo(f"removed  {', '.join(result['removed']) or '-'}")
     for s in sites:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kvw_ledger import coefficients, data, model_files, probes
+from kvw_ledger import coefficients, data, model_files, probes, views
 from kvw_ledger.errors import (
     BadInputError,
     IntegrityError,
@@ -353,6 +353,16 @@ class Ledger:
         for entry in entries[:version]:
             _apply(state, entry)
         return state
+
+    def show(self, ref: str | int) -> dict[str, Any]:
+        """Version ``ref``: its entry, the files it added and, for a forget, per site what
+        its request weakened (the dict ``show --json`` prints; see :func:`views.show`)."""
+        return views.show(self, ref)
+
+    def diff(self, ref_a: str | int, ref_b: str | int, *, top: int = 5) -> dict[str, Any]:
+        """How version ``ref_b`` differs from ``ref_a``: requests added and removed, and per
+        site the exponents that changed (the dict ``diff --json`` prints; see :func:`views.diff`)."""
+        return views.diff(self, ref_a, ref_b, top)
 
     # --- weights ----------------------------------------------------------------------
 

@@ -290,6 +290,18 @@ def test_diff_json(env: Env) -> None:
     assert text[:3] == ["version 1 -> 4", "added    A, B", "removed  -"]
 
 
+def test_diff_and_show_are_python_methods_returning_what_json_prints(env: Env) -> None:
+    ledger = Ledger.open(env.ledger)
+    printed = json.loads(run("diff", env.ledger, "A", "HEAD", "--top", "2", "--json").output)
+    assert ledger.diff("A", "HEAD", top=2) == printed
+    assert all(len(s["top"]) == 2 for s in printed["sites"])
+    for ref in ("A", "1", "HEAD"):
+        assert ledger.show(ref) == json.loads(run("show", env.ledger, ref, "--json").output)
+    weakened = {s["site"]: s["weakened"] for s in ledger.show("A")["sites"]}
+    for site, n in weakened.items():
+        assert n == int((ledger.store.read_array(f"requests/A/exponent/{site}") > 0).sum())
+
+
 def test_export_loads_and_carries_provenance(env: Env, tmp_path: Path) -> None:
     out = tmp_path / "served"
     assert run("export", env.ledger, out, "--at", "B", "-q").output == f"exported version 4 to {out}\n"

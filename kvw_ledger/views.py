@@ -1,0 +1,106 @@
+"""Read-only views of versions, as JSON-ready dicts: one journal entry (``log``), one
+version with what its request weakened (``show``), and two versions compared (``diff``).
+
+The CLI prints these; :meth:`Ledger.show` and :meth:`Ledger.diff` return them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from kvw_ledger.journal import Entry
+
+if TYPE_CHECKING:
+    from kvw_ledger.ledger import Ledger
+
+__all__ = ["diff", "entry_json", "request_sites", "show"]
+
+
+def entry_json(entry: Entry) -> dict[str, Any]:
+    """One entry as ``log --json`` prints it: version, op, id, hash, parent, time,
+    active (the requests active after it) and body."""
+    return {
+        "version": entry.version,
+        "op": entry.op,
+        "id": entry.body.get("request") or entry.body.get("stats"),
+        "hash": entry.hash,
+        "parent": entry.parent,
+        "time": entry.time,
+        "active": entry.body.get("active", []),
+        "body": entry.body,
+    }
+
+
+def show(ledger: Ledger, ref: str | int) -> dict[str, Any]:
+    """Version ``ref``: its entry (as :func:`entry_json`), the files it added, and for a
+    forget, per site what its request weakened (see :func:`request_sites`)."""
+    entries = ledger.entries()
+    entry = entries[ledger.resolve(ref, entries) - 1]
+    sites = request_sites(ledger, entry) if entry.op == "forget" else []
+    return {**entry_json(entry), "files": entry.files, "sites": sites}
+
+
+def request_sites(ledger: Ledger, entry: Entry) -> list[dict[str, Any]]:
+    """Per site of a forget entry's request: vectors weakened (exponent > 0), the largest
+    and mean exponent among them, and its log-scale when made with ``rescale``."""
+    out = []
+    request_id = entry.body["request"]
+    for name in ledger.store.list_arrays(f"requests/{request_id}/exponent"):
+        w = ledger.store.read_array(name)
+        hit = w > 0
+        site = name.rsplit("/", 1)[1]
+        row: dict[str, Any] = {
+            "site": site,
+            "weakened": int(hit.sum()),
+            "max": float(w.max()),
+            "mean": float(w[hit].mean()) if bool(hit.any()) else 0.0,
+        }
+        scale = f"requests/{request_id}/log_scale/{site}"
+        if scale in entry.body.get("arrays", {}) and ledger.store.has_array(scale):
+            row["log_scale"] = float(ledger.store.read_array(scale))
+        out.append(row)
+    return out
+
+
+def diff(ledger: Ledger, ref_a: str | int, ref_b: str | int, top: int = 5) -> dict[str, Any]:
+    """How version ``ref_b`` differs from ``ref_a``.
+
+    Returns:
+        ``from`` and ``to`` (versions), ``added`` and ``removed`` (request ids), and
+        ``sites``: per site whose exponent sum or log-scale changed, the number of
+        vectors that changed, the largest and mean absolute change among them, the
+        ``top`` largest changes (``vector``, ``change``), and ``log_scale_change``
+        for sites with a log-scale.
+    """
+    a, b = ledger.state(ref_a), ledger.state(ref_b)
+    _, wa, sa = ledger.sums(a.version)
+    _, wb, sb = ledger.sums(b.version)
+    sites: list[dict[str, Any]] = []
+    for site in ledger.sites:
+        delta = wb[site.name] - wa[site.name]  # (n_vectors,)
+        changed = delta != 0
+        n = int(changed.sum())
+        scaled = site.name in sa or site.name in sb
+        scale_change = float(sb.get(site.name, 0.0) - sa.get(site.name, 0.0)) if scaled else 0.0
+        if n == 0 and scale_change == 0:
+            continue
+        order = delta.abs().argsort(descending=True)[:top]
+        row: dict[str, Any] = {
+            "site": site.name,
+            "changed": n,
+            "max_abs_change": float(delta.abs().max()),
+            "mean_abs_change": float(delta[changed].abs().mean()) if n else 0.0,
+            "top": [
+                {"vector": int(i), "change": float(delta[i])} for i in order if bool(changed[i])
+            ],
+        }
+        if scaled:
+            row["log_scale_change"] = scale_change
+        sites.append(row)
+    return {
+        "from": a.version,
+        "to": b.version,
+        "added": [r for r in b.active if r not in a.active],
+        "removed": [r for r in a.active if r not in b.active],
+        "sites": sites,
+    }
