@@ -20,6 +20,7 @@ import os
 import re
 import secrets
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
@@ -41,6 +42,7 @@ __all__ = [
     "canonical_json",
     "format_time",
     "fsync_dir",
+    "hash_workers",
     "parse_entry",
     "sha256_file",
     "utc_now",
@@ -512,6 +514,8 @@ class Journal:
             if item.entry is not None and item.entry.op == "gc":
                 for path in item.entry.body.get("deleted_files", []):
                     deleted_at[path] = item.entry.version
+        named = {path for item in scanned if item.entry is not None for path in item.entry.files}
+        hashes = _hash_files(root, named)
         problems: list[Problem] = []
         previous: _Scanned | None = None
         for item in scanned:
@@ -533,25 +537,23 @@ class Journal:
                         ),
                     )
                 )
-            problems.extend(self._verify_files(root, entry, rel, deleted_at))
+            problems.extend(self._verify_files(hashes, entry, rel, deleted_at))
         return problems
 
     @staticmethod
     def _verify_files(
-        root: Path, entry: Entry, rel: str, deleted_at: dict[str, int]
+        hashes: dict[str, str | OSError], entry: Entry, rel: str, deleted_at: dict[str, int]
     ) -> list[Problem]:
         problems = []
         for path, expected in sorted(entry.files.items()):
-            target = root / PurePosixPath(path)
-            try:
-                actual = sha256_file(target)
-            except FileNotFoundError:
+            actual = hashes[path]
+            if isinstance(actual, FileNotFoundError):
                 if deleted_at.get(path, 0) > entry.version:
                     continue
                 problems.append(Problem(path, f"missing; {rel} recorded it with sha256 {expected}"))
                 continue
-            except OSError as e:
-                problems.append(Problem(path, f"cannot be read ({e}); {rel} recorded it"))
+            if isinstance(actual, OSError):
+                problems.append(Problem(path, f"cannot be read ({actual}); {rel} recorded it"))
                 continue
             if actual != expected:
                 problems.append(
@@ -560,3 +562,22 @@ class Journal:
                     )
                 )
         return problems
+
+
+def hash_workers() -> int:
+    """Threads for hashing many files: sha256 and the codecs release the GIL, so a
+    verify of a large ledger uses the cores it has (at most 8)."""
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def _hash_files(root: Path, paths: set[str]) -> dict[str, str | OSError]:
+    """sha256 of each ledger-relative file, or the OSError reading it raised."""
+
+    def one(path: str) -> tuple[str, str | OSError]:
+        try:
+            return path, sha256_file(root / PurePosixPath(path))
+        except OSError as e:
+            return path, e
+
+    with ThreadPoolExecutor(max_workers=hash_workers()) as pool:
+        return dict(pool.map(one, sorted(paths)))

@@ -20,6 +20,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,7 @@ from kvw_ledger.errors import (
     StorageError,
 )
 from kvw_ledger.export import export_model
-from kvw_ledger.journal import Entry, Journal, Problem
+from kvw_ledger.journal import Entry, Journal, Problem, hash_workers
 from kvw_ledger.kvw import (
     KVWConfig,
     column_log_norms,
@@ -1041,17 +1042,17 @@ class Ledger:
         named: set[str] = set()
         checked = 0
         state = LedgerState(0)
+        contents = self._content_hashes({a for e in entries for a in e.body.get("arrays", {})})
         for entry in entries:
             named.update(entry.files)
             named.update(entry.body.get("deleted_files", []))
             for array, expected in entry.body.get("arrays", {}).items():
-                try:
-                    if not self.store.has_array(array):
-                        continue  # a missing array's files are already reported by the journal
-                    checked += 1
-                    actual = self.store.content_hash(array)
-                except IntegrityError as e:
-                    problems.append(Problem(array, str(e)))
+                actual = contents[array]
+                if actual is None:
+                    continue  # a missing array's files are already reported by the journal
+                checked += 1
+                if isinstance(actual, IntegrityError):
+                    problems.append(Problem(array, str(actual)))
                     continue
                 if actual != expected:
                     problems.append(
@@ -1086,6 +1087,18 @@ class Ledger:
         if self.remote is not None:
             problems.extend(self.remote.verify())
         return VerifyReport(problems, len(entries), checked)
+
+    def _content_hashes(self, arrays: set[str]) -> dict[str, str | IntegrityError | None]:
+        """Each array's content hash (None when absent, the error when unreadable), on threads."""
+
+        def one(array: str) -> tuple[str, str | IntegrityError | None]:
+            try:
+                return array, self.store.content_hash(array) if self.store.has_array(array) else None
+            except IntegrityError as e:
+                return array, e
+
+        with ThreadPoolExecutor(max_workers=hash_workers()) as pool:
+            return dict(pool.map(one, sorted(arrays)))
 
     def _verify_head(self, entries: Sequence[Entry], state: LedgerState) -> list[Problem]:
         """The head cache: sealed, naming an entry of the journal, equal to the replayed sum there.
