@@ -7,6 +7,7 @@ process), each test under its own bucket; ``KVW_LEDGER_CACHE`` points each
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -90,6 +91,21 @@ def _with_request(env: Env, url: str) -> Ledger:
     ledger.retain(env.retain, progress=False)
     ledger.forget(env.forget[0], request_id="A", config=CONFIG, progress=False)
     return ledger
+
+
+@contextlib.contextmanager
+def _entries_unpublishable() -> Iterator[None]:
+    """Inside: every journal entry a push creates at the URL fails, as if the network dropped."""
+    real_create = Remote._create
+
+    def no_entries(self: Remote, rel: str, data: bytes) -> None:
+        if rel.startswith("journal/"):
+            raise StorageError(f"could not create {self.where(rel)} (network down)")
+        real_create(self, rel, data)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Remote, "_create", no_entries)
+        yield
 
 
 def _flip_last_byte(url: str, rel: str) -> None:
@@ -214,20 +230,11 @@ def test_a_held_lock_at_the_url_makes_a_writer_wait_then_fail(env: Env, url: str
 
 
 def test_a_failed_push_leaves_the_url_as_it_was_and_the_next_write_publishes_it(
-    env: Env, url: str, machines: Machines, monkeypatch: pytest.MonkeyPatch
+    env: Env, url: str, machines: Machines
 ) -> None:
     ledger = _with_request(env, url)
-    real_create = Remote._create
-
-    def no_entries(self: Remote, rel: str, data: bytes) -> None:
-        if rel.startswith("journal/"):
-            raise StorageError(f"could not create {self.where(rel)} (network down)")
-        real_create(self, rel, data)
-
-    monkeypatch.setattr(Remote, "_create", no_entries)
-    with pytest.raises(StorageError, match="committed in the local copy .* not published"):
+    with _entries_unpublishable(), pytest.raises(StorageError, match="committed in the local copy .* not published"):
         ledger.forget(env.forget[1], request_id="B", config=CONFIG, progress=False)
-    monkeypatch.setattr(Remote, "_create", real_create)
 
     assert Remote(url).versions() == [1, 2, 3]
     assert ledger.head().version == 4  # committed in the mirror
@@ -367,20 +374,11 @@ def test_over_s3_the_lock_and_entries_are_created_exclusively(env: Env, s3_url: 
 
 
 def test_a_mirror_whose_unpublished_version_lost_the_race_is_refused(
-    env: Env, url: str, machines: Machines, monkeypatch: pytest.MonkeyPatch
+    env: Env, url: str, machines: Machines
 ) -> None:
     ledger = _with_request(env, url)
-    real_create = Remote._create
-
-    def no_entries(self: Remote, rel: str, data: bytes) -> None:
-        if rel.startswith("journal/"):
-            raise StorageError("network down")
-        real_create(self, rel, data)
-
-    monkeypatch.setattr(Remote, "_create", no_entries)
-    with pytest.raises(StorageError):
+    with _entries_unpublishable(), pytest.raises(StorageError):
         ledger.revert("A")  # version 4 exists only in this mirror
-    monkeypatch.setattr(Remote, "_create", real_create)
     machines.on("b")
     Ledger.open(url).forget(env.forget[1], request_id="B", config=CONFIG, progress=False)  # another 4
 
