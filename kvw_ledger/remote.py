@@ -95,22 +95,13 @@ class SyncReport:
 
 
 class Remote:
-    """The ledger files at one URL, read and written through fsspec.
+    """The ledger files at one URL (``url``), read and written through fsspec."""
 
-    Args:
-        url: where the ledger lives.
-        fs: an fsspec filesystem to use instead of the one the URL names (tests).
-    """
-
-    def __init__(self, url: str, fs: Any | None = None) -> None:
+    def __init__(self, url: str) -> None:
         import fsspec  # only URL ledgers need it
 
         self.url = url.rstrip("/")
-        if fs is None:
-            fs, root = fsspec.core.url_to_fs(self.url)
-        else:
-            root = fsspec.core.strip_protocol(self.url) if "://" in self.url else self.url
-        self.fs = fs
+        self.fs, root = fsspec.core.url_to_fs(self.url)
         self.root = str(root).rstrip("/")
 
     def where(self, rel: str) -> str:
