@@ -12,14 +12,15 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvw_ledger import refs
 from kvw_ledger.errors import IntegrityError, LedgerNotFoundError, RefNotFoundError
 from kvw_ledger.journal import Entry, Journal, sha256_file
-from kvw_ledger.lock import WriterLock, held_within
-from kvw_ledger.remote import Remote, is_url, local_path, mirror_dir
 from kvw_ledger.root import read_root_attrs
+
+if TYPE_CHECKING:
+    from kvw_ledger.remote import Remote
 
 __all__ = ["LedgerReader", "check_root_attrs"]
 
@@ -55,11 +56,15 @@ class LedgerReader:
             IntegrityError: ``check_root`` and the root differs from init's record.
         """
         remote = None
-        if is_url(location):
-            remote = Remote(str(location))
-            path = _pull(remote, lock_timeout)
-        else:
-            path = local_path(location)
+        path = Path(location)
+        if "://" in str(location):  # remote.py (and fsspec) only for URLs: `log` stays quick
+            from kvw_ledger.remote import Remote, is_url, local_path
+
+            if is_url(location):
+                remote = Remote(str(location))
+                path = _pull(remote, lock_timeout)
+            else:
+                path = local_path(location)
         attrs = read_root_attrs(path)
         if not (path / "journal").is_dir():
             raise LedgerNotFoundError(f"{path} has no journal; it is not a kvw-ledger ledger")
@@ -97,6 +102,9 @@ def check_root_attrs(path: Path, journal: Journal) -> None:
 
 def _pull(remote: Remote, lock_timeout: float) -> Path:
     """Brings the URL's mirror up to the URL and returns it; a new mirror that fails is removed."""
+    from kvw_ledger.lock import WriterLock, held_within
+    from kvw_ledger.remote import mirror_dir
+
     mirror = mirror_dir(remote.url)
     fresh = not mirror.exists()
     mirror.mkdir(mode=0o700, parents=True, exist_ok=True)
