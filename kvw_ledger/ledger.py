@@ -564,6 +564,7 @@ class Ledger:
             StabilityCheckError: the staged HEAD failed a check and ``on_fail`` is abort;
                 nothing was written.
         """
+        _check_limits_type(limits)
         config = config or KVWConfig()
         records = data.read_records(data_path)
         probe_records = data.read_records(forget_probe) if forget_probe is not None else None
@@ -662,6 +663,7 @@ class Ledger:
             RequestStateError: the request does not exist or is not active.
             StabilityCheckError: the staged HEAD failed a check (on_fail abort).
         """
+        _check_limits_type(limits)
         with self._writing("revert"):
             head = self.head()
             state = self.state(head.version)
@@ -807,6 +809,7 @@ class Ledger:
             BadInputError: a request has no trace and no exact data, or exact data
                 differs from the recorded fingerprint.
         """
+        _check_limits_type(limits)
         exact = dict(exact or {})
         with self._writing("rederive"):
             head = self.head()
@@ -1183,7 +1186,6 @@ class Ledger:
 
     def _limits(self, state: LedgerState, given: StabilityLimits | None) -> StabilityLimits:
         """``given``, else the defaults overridden by the ledger's limits (set with ``probe``)."""
-        _check_limits_type(given)
         if given is not None:
             return given
         unknown = set(state.limits) - set(StabilityLimits.__dataclass_fields__)
