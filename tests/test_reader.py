@@ -11,7 +11,12 @@ import pytest
 import tiny
 
 from kvw_ledger import refs
-from kvw_ledger.errors import FormatVersionError, IntegrityError, LedgerNotFoundError, RefNotFoundError
+from kvw_ledger.errors import (
+    FormatVersionError,
+    IntegrityError,
+    LedgerNotFoundError,
+    RefNotFoundError,
+)
 from kvw_ledger.ledger import Ledger
 from kvw_ledger.reader import LedgerReader
 
