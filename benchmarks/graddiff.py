@@ -193,8 +193,10 @@ def kvw_side(ledger_dir: str, forget: str, setting: Setting) -> dict[str, Any]:
 
     def work() -> dict[str, Any]:
         config = KVWConfig(gamma=setting.gamma, batch_size=setting.batch_size)
-        entry = Ledger.open(ledger_dir).forget(
-            forget, request_id="bench", config=config, limits={"on_fail": "warn"}, progress=False
+        opened = Ledger.open(ledger_dir)
+        entry = opened.forget(
+            forget, request_id="bench", config=config, limits=opened.limits(on_fail="warn"),
+            progress=False,
         )
         return {"batches": entry.body["batches"], "tokens": entry.body["tokens"]}
 

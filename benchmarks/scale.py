@@ -107,7 +107,7 @@ def first_request(ledger_path: Path, model_dir: Path, work: Path) -> Ledger:
     ledger.retain(write_jsonl(work / "retain.jsonl", qa_records(8)), progress=False)
     ledger.forget(
         write_jsonl(work / "forget.jsonl", qa_records(1, offset=8)), request_id="r0",
-        config=KVWConfig(), limits={"on_fail": "warn"}, progress=False,
+        config=KVWConfig(), limits=ledger.limits(on_fail="warn"), progress=False,
     )
     return ledger
 

@@ -4,7 +4,8 @@
 
 Builds a 4-layer Llama from a config (nothing is downloaded), writes a few
 question/answer records, then: create a ledger, register retain statistics,
-forget two requests, revert the first, export HEAD and verify.
+register ledger-wide stability limits, forget two requests (the second under
+looser limits for that call), revert the first, export HEAD and verify.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 import transformers as tf
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from kvw_ledger import KVWConfig, Ledger
+from kvw_ledger import KVWConfig, Ledger, StabilityCheckError, StabilityLimits
 
 
 def build_model(model_dir: Path) -> None:
@@ -53,8 +54,14 @@ def main() -> None:
 
     ledger = Ledger.create(work / "ledger", work / "model", progress=False)
     ledger.retain(retain, progress=False)
-    config = KVWConfig(gamma=0.5, layers=(0, 3))
+    ledger.probe(limits=StabilityLimits(max_attenuation=0.4), progress=False)  # the ledger's from now on
+    config = KVWConfig(gamma=0.5, layers=(0, 3))  # layers are 0-based and inclusive
     ledger.forget(alice, request_id="alice", reason="erasure request 1", config=config, progress=False)
+    try:
+        strict = ledger.limits(max_attenuation=0.001)  # the ledger's limits, one replaced, this call only
+        ledger.forget(bob, request_id="bob", config=config, limits=strict, progress=False)
+    except StabilityCheckError as e:
+        print("refused, nothing committed:", str(e)[:60], "...")
     ledger.forget(bob, request_id="bob", reason="erasure request 2", config=config, progress=False)
     ledger.revert("alice", reason="withdrawn")
     ledger.export(work / "export", progress=False)

@@ -4,24 +4,106 @@ The public API is the :class:`Ledger` and its verbs, and :class:`LiveModel` for 
 loaded model that switches between versions; the engine (:func:`run_kvw`,
 :class:`KVWConfig`) and the architecture table (:func:`discover_sites`) are
 usable on their own.
+
+``import kvw_ledger`` imports neither torch nor zarr: the names that need them
+are loaded on first use (PEP 562), so reading a journal stays fast.
 """
 
-from kvw_ledger.errors import KVWLedgerError
-from kvw_ledger.kvw import KVWConfig, KVWResult, run_kvw
-from kvw_ledger.ledger import Ledger
-from kvw_ledger.live import LiveModel
-from kvw_ledger.sites import Site, discover_sites
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from kvw_ledger.errors import (
+    BadInputError,
+    ConcurrentCommitError,
+    DataError,
+    FormatVersionError,
+    IntegrityError,
+    KVWLedgerError,
+    LedgerExistsError,
+    LedgerLockedError,
+    LedgerNotFoundError,
+    ModelMismatchError,
+    NonFiniteActivationError,
+    RefNotFoundError,
+    RequestStateError,
+    StabilityCheckError,
+    StorageError,
+    UnknownArchitectureError,
+)
+from kvw_ledger.journal import Entry
+from kvw_ledger.reader import LedgerReader
+
+if TYPE_CHECKING:
+    from kvw_ledger.kvw import KVWConfig, KVWResult, run_kvw
+    from kvw_ledger.ledger import Ledger, LedgerState, RequestInfo, VerifyReport
+    from kvw_ledger.live import LiveModel
+    from kvw_ledger.sites import Site, discover_sites
+    from kvw_ledger.stability import StabilityLimits, StabilityReport
 
 __version__ = "0.1.0"
 
+# name -> module that defines it; each module pulls in torch, so it loads on first use
+_LAZY = {
+    "KVWConfig": "kvw_ledger.kvw",
+    "KVWResult": "kvw_ledger.kvw",
+    "run_kvw": "kvw_ledger.kvw",
+    "Ledger": "kvw_ledger.ledger",
+    "LedgerState": "kvw_ledger.ledger",
+    "RequestInfo": "kvw_ledger.ledger",
+    "VerifyReport": "kvw_ledger.ledger",
+    "LiveModel": "kvw_ledger.live",
+    "Site": "kvw_ledger.sites",
+    "discover_sites": "kvw_ledger.sites",
+    "StabilityLimits": "kvw_ledger.stability",
+    "StabilityReport": "kvw_ledger.stability",
+}
+
 __all__ = [
+    "BadInputError",
+    "ConcurrentCommitError",
+    "DataError",
+    "Entry",
+    "FormatVersionError",
+    "IntegrityError",
     "KVWConfig",
     "KVWLedgerError",
     "KVWResult",
     "Ledger",
+    "LedgerExistsError",
+    "LedgerLockedError",
+    "LedgerNotFoundError",
+    "LedgerReader",
+    "LedgerState",
     "LiveModel",
+    "ModelMismatchError",
+    "NonFiniteActivationError",
+    "RefNotFoundError",
+    "RequestInfo",
+    "RequestStateError",
     "Site",
+    "StabilityCheckError",
+    "StabilityLimits",
+    "StabilityReport",
+    "StorageError",
+    "UnknownArchitectureError",
+    "VerifyReport",
     "__version__",
     "discover_sites",
     "run_kvw",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Loads a torch-backed public name from its module the first time it is asked for."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kvw_ledger' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,45 +1,120 @@
 """``kvw-ledger``: a thin click face over :class:`kvw_ledger.ledger.Ledger`.
 
 The library raises typed errors; only this module turns them into messages and
-exit codes: 0 success, 1 a failed check, 2 bad input.
+exit codes: 0 success, 1 a failed check, 2 bad input. With ``--json`` (every
+verb has it) the result, or the error as ``{"error", "exit_code"}``, is one JSON
+object on stdout, and the exit code is the same.
+
+This module imports torch, transformers and zarr inside the verbs that need them:
+``--help``, ``log`` and ``show`` of a non-forget entry read JSON files only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from kvw_ledger import views
 from kvw_ledger.errors import KVWLedgerError
 from kvw_ledger.journal import Entry
-from kvw_ledger.kvw import KVWConfig
-from kvw_ledger.ledger import Ledger
-from kvw_ledger.sites import TOWER_CHOICES, parse_layers
+from kvw_ledger.reader import LedgerReader
+
+if TYPE_CHECKING:
+    from kvw_ledger.ledger import Ledger
+    from kvw_ledger.stability import StabilityLimits
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+# The towers sites.py knows (``sites.TOWER_CHOICES``, which imports torch); listed here
+# so that ``--help`` stays light. tests/test_cli.py holds the two equal.
+TOWER_CHOICES = ("language", "vision", "all")
+
+
+def _fail(message: str, exit_code: int, as_json: bool) -> None:
+    """Reports an error (JSON on stdout under ``--json``, else on stderr) and exits."""
+    if as_json:
+        _dump({"error": message, "exit_code": exit_code})
+    else:
+        click.echo(f"Error: {message}", err=True)
+    sys.exit(exit_code)
+
 
 def _errors(fn: F) -> F:
-    """Turns library errors into a message on stderr and the error's exit code."""
+    """Turns library errors into a message and the error's exit code; with ``--json``
+    the message is a JSON object on stdout."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        as_json = bool(kwargs.get("as_json"))
         try:
             return fn(*args, **kwargs)
         except KVWLedgerError as e:
-            click.echo(f"Error: {e}", err=True)
-            sys.exit(e.exit_code)
+            _fail(str(e), e.exit_code, as_json)
+        except click.ClickException as e:  # a BadParameter raised inside a verb
+            if not as_json:
+                raise
+            _fail(e.format_message(), e.exit_code, True)
 
     return wrapper  # type: ignore[return-value]
 
 
+class _Command(click.Command):
+    """A verb whose usage errors (a bad option, a missing argument) are also JSON under ``--json``."""
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        options = args[: args.index("--")] if "--" in args else args
+        as_json = "--json" in options and any(p.name == "as_json" for p in self.params)
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.ClickException as e:
+            if not as_json:
+                raise
+            _dump({"error": e.format_message(), "exit_code": e.exit_code})
+            raise click.exceptions.Exit(e.exit_code) from e
+
+
+class _Group(click.Group):
+    command_class = _Command
+
+
+def _writes(fn: F) -> F:
+    """Gives a verb ``--json``: its result (an :class:`Entry`, or a JSON-ready dict) is
+    printed as one JSON object instead of its text lines, and an error as
+    ``{"error", "exit_code"}``. Warnings and progress bars stay on stderr.
+
+    A verb adopts it by returning its entry and putting ``@_writes`` last, in place
+    of ``@_errors``.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, as_json: bool, **kwargs: Any) -> Any:
+        if not as_json:
+            return fn(*args, **kwargs)
+        with contextlib.redirect_stdout(io.StringIO()):  # the text view is not wanted
+            result = fn(*args, **kwargs)
+        _dump(views.written_json(result) if isinstance(result, Entry) else result)
+        return result
+
+    return JSON(_errors(wrapper))  # type: ignore[return-value]
+
+
 def _open(path: str, check_root: bool = True) -> Ledger:
+    from kvw_ledger.ledger import Ledger
+
     ledger = Ledger.open(path, check_root=check_root)
     ledger.on_stale = lambda message: click.echo(f"Warning: {message}", err=True)
     return ledger
@@ -91,27 +166,40 @@ def _limit_options(fn: F) -> F:
 
 
 def _limits(
+    ledger: Ledger,
     max_attenuation: float | None,
     max_retain_drop: float | None,
     max_nll_increase: float | None,
-    on_fail: str | None,
-) -> dict[str, Any]:
-    return {
-        "max_attenuation": max_attenuation,
-        "max_retain_drop": max_retain_drop,
-        "max_nll_increase": max_nll_increase,
-        "on_fail": on_fail,
-    }
+    on_fail: Any,
+) -> StabilityLimits | None:
+    """The ledger's limits with the ones given in their place; None when none is given."""
+    given = (max_attenuation, max_retain_drop, max_nll_increase, on_fail)
+    if all(v is None for v in given):
+        return None
+    return ledger.limits(
+        max_attenuation=max_attenuation,
+        max_retain_drop=max_retain_drop,
+        max_nll_increase=max_nll_increase,
+        on_fail=on_fail,
+    )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="kvw-ledger")
 def main() -> None:
     """Sequential unlearning with Knowledge Vector Weakening, kept in a versioned ledger.
 
     LEDGER is a directory, or an fsspec URL (s3://bucket/ledger...) worked on through
     a local mirror under $KVW_LEDGER_CACHE. REF is a version number, a request id,
-    HEAD or HEAD~N.
+    HEAD or HEAD~N. Every verb takes --json: one JSON object (or list) on stdout,
+    errors included, with the same exit codes: 0 ok, 1 a failed check, 2 bad input.
+
+    \b
+    Example:
+      kvw-ledger init ledger/ --model path/to/model
+      kvw-ledger retain ledger/ retain.jsonl
+      kvw-ledger forget ledger/ alice.jsonl --id alice
+      kvw-ledger log ledger/
     """
 
 
@@ -122,7 +210,7 @@ def main() -> None:
     "model_dir",
     required=True,
     type=click.Path(file_okay=False),
-    help="Hugging Face model directory (safetensors).",
+    help="Hugging Face model directory: safetensors weights, config.json, and a tokenizer or processor with an eos token.",
 )
 @click.option(
     "--sites",
@@ -137,16 +225,40 @@ def main() -> None:
     help="fnmatch pattern naming the FFN value projections of an architecture the table does not know.",
 )
 @QUIET
-@_errors
-def init(ledger: str, model_dir: str, towers: str, site_glob: str | None, quiet: bool) -> None:
-    """Create a ledger for a model: copy its FFN value matrices as the base (version 1)."""
+@_writes
+def init(ledger: str, model_dir: str, towers: str, site_glob: str | None, quiet: bool) -> Entry:
+    """Create a ledger for a model: copy its FFN value matrices as the base (version 1).
+
+    \b
+    Example:
+      kvw-ledger init ledger/ --model path/to/model
+      kvw-ledger init ledger/ --model llava-dir --sites all
+    """
+    from kvw_ledger.ledger import Ledger
+
     created = Ledger.create(
         ledger, model_dir, towers=towers, site_glob=site_glob, progress=not quiet
     )
     click.echo(f"created {created.location}: {len(created.sites)} sites, version 1")
+    return created.head()
 
 
-@main.command()
+DATA_FORMAT = """DATA is JSONL: one {"question": ..., "answer": ...} object per line, with an
+    optional "image" (a path relative to the file) and "id". Only the answer's tokens
+    are labelled."""
+
+
+@main.command(
+    help=f"""Measure retain statistics (C_r) on DATA and register them.
+
+    {DATA_FORMAT}
+
+    \b
+    Example:
+      kvw-ledger retain ledger/ retain.jsonl
+      kvw-ledger retain ledger/ retain-v2.jsonl --id r2 --at HEAD
+    """
+)
 @LEDGER
 @DATA
 @click.option("--id", "stats_id", help="Id of the retain statistics (default retain-N).")
@@ -156,7 +268,7 @@ def init(ledger: str, model_dir: str, towers: str, site_glob: str | None, quiet:
 )
 @MODEL
 @QUIET
-@_errors
+@_writes
 def retain(
     ledger: str,
     data: str,
@@ -165,8 +277,7 @@ def retain(
     batch_size: int,
     model_dir: str | None,
     quiet: bool,
-) -> None:
-    """Measure retain statistics (C_r) on DATA and register them."""
+) -> Entry:
     entry = _open(ledger).retain(
         data,
         stats_id=stats_id,
@@ -178,9 +289,20 @@ def retain(
     click.echo(
         f"version {entry.version}: retain stats {entry.body['stats']} from {entry.body['records']} records"
     )
+    return entry
 
 
-@main.command()
+@main.command(
+    help=f"""Apply one deletion request: weaken what DATA activates, check, then commit.
+
+    {DATA_FORMAT}
+
+    \b
+    Example:
+      kvw-ledger forget ledger/ alice.jsonl --id alice --reason "GDPR art. 17, ticket 123"
+      kvw-ledger forget ledger/ bob.jsonl --layers 0:3 --gamma 0.05 --on-fail warn
+    """
+)
 @LEDGER
 @DATA
 @click.option("--id", "request_id", help="Request id (default request-N).")
@@ -189,7 +311,11 @@ def retain(
     "--gamma", type=float, default=0.02, show_default=True, help="Weakening strength per batch."
 )
 @click.option(
-    "--layers", default="1:25", show_default=True, help="Inclusive layer range START:END."
+    "--layers",
+    default="1:25",
+    show_default=True,
+    help="Layer range START:END, 0-based and inclusive, clipped to the model's depth "
+    "(the default skips layer 0, as the paper does).",
 )
 @click.option(
     "--batch-size",
@@ -221,7 +347,7 @@ def retain(
 @_limit_options
 @MODEL
 @QUIET
-@_errors
+@_writes
 def forget(
     ledger: str,
     data: str,
@@ -242,8 +368,10 @@ def forget(
     on_fail: str | None,
     model_dir: str | None,
     quiet: bool,
-) -> None:
-    """Apply one deletion request: weaken what DATA activates, check, then commit."""
+) -> Entry:
+    from kvw_ledger.kvw import KVWConfig
+    from kvw_ledger.sites import parse_layers
+
     config = KVWConfig(
         gamma=gamma,
         layers=parse_layers(layers),
@@ -253,13 +381,14 @@ def forget(
         keep_trace=not no_trace,
         rescale=rescale,
     )
-    entry = _open(ledger).forget(
+    opened = _open(ledger)
+    entry = opened.forget(
         data,
         request_id=request_id,
         reason=reason,
         config=config,
         retain_stats=retain_stats,
-        limits=_limits(max_attenuation, max_retain_drop, max_nll_increase, on_fail),
+        limits=_limits(opened, max_attenuation, max_retain_drop, max_nll_increase, on_fail),
         forget_probe=forget_probe,
         model_dir=model_dir,
         progress=not quiet,
@@ -270,6 +399,7 @@ def forget(
         f"({body['records']} records, {body['batches']} batches, {body['tokens']} answer tokens)"
     )
     _warn_failed(entry)
+    return entry
 
 
 def _summary(entry: Entry) -> str:
@@ -298,8 +428,14 @@ def _summary(entry: Entry) -> str:
 @JSON
 @_errors
 def log(ledger: str, as_json: bool) -> None:
-    """List the journal, one line per version."""
-    entries = _open(ledger).entries()
+    """List the journal, one line per version (reads the journal only).
+
+    \b
+    Example:
+      kvw-ledger log ledger/
+      kvw-ledger log ledger/ --json | jq '.[-1].hash'
+    """
+    entries = LedgerReader.open(ledger).entries()
     if as_json:
         _dump([views.entry_json(e) for e in entries])
         return
@@ -323,14 +459,32 @@ def _active_list(active: list[str], shown: int = 8) -> str:
     return f"{len(active)} requests (newest: {', '.join(active[-3:])})"
 
 
-@main.command()
+REF_HELP = """REF is a version number (1 is init), a request id, HEAD or HEAD~N (N
+    versions before HEAD); put -- before a REF that starts with '-'."""
+
+
+@main.command(
+    help=f"""Show one version: its entry, and per site what its request weakened.
+
+    {REF_HELP}
+
+    \b
+    Example:
+      kvw-ledger show ledger/ alice
+      kvw-ledger show ledger/ HEAD~1 --json
+    """
+)
 @LEDGER
 @click.argument("ref")
 @JSON
 @_errors
 def show(ledger: str, ref: str, as_json: bool) -> None:
-    """Show one version: its entry, and per site what its request weakened."""
-    shown = _open(ledger).show(ref)
+    reader = LedgerReader.open(ledger)
+
+    def store() -> Any:  # a forget's per-site figures need the arrays, so zarr and torch
+        return _open(ledger).store
+
+    shown = views.show(reader.entries(), ref, store)
     if as_json:
         _dump(shown)
         return
@@ -385,7 +539,17 @@ def _checks_line(stability: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
-@main.command()
+@main.command(
+    help=f"""Compare two versions: requests added and removed, and per site the exponents that changed.
+
+    Sites with a log-scale (forget --rescale) also show its change. {REF_HELP}
+
+    \b
+    Example:
+      kvw-ledger diff ledger/ alice HEAD
+      kvw-ledger diff ledger/ 2 5 --top 10 --json
+    """
+)
 @LEDGER
 @click.argument("ref_a")
 @click.argument("ref_b")
@@ -393,10 +557,6 @@ def _checks_line(stability: dict[str, Any]) -> str:
 @JSON
 @_errors
 def diff(ledger: str, ref_a: str, ref_b: str, top: int, as_json: bool) -> None:
-    """Compare two versions: requests added and removed, and per site the exponents that changed.
-
-    Sites with a log-scale (``forget --rescale``) also show its change.
-    """
     result = _open(ledger).diff(ref_a, ref_b, top=top)
     sites = result["sites"]
     if as_json:
@@ -421,7 +581,7 @@ def diff(ledger: str, ref_a: str, ref_b: str, top: int, as_json: bool) -> None:
 @_limit_options
 @MODEL
 @QUIET
-@_errors
+@_writes
 def revert(
     ledger: str,
     request_id: str,
@@ -432,12 +592,18 @@ def revert(
     on_fail: str | None,
     model_dir: str | None,
     quiet: bool,
-) -> None:
-    """Take one request back; later requests stay active. History is appended, never rewritten."""
-    entry = _open(ledger).revert(
+) -> Entry:
+    """Take one request back; later requests stay active. History is appended, never rewritten.
+
+    \b
+    Example:
+      kvw-ledger revert ledger/ alice --reason "request withdrawn"
+    """
+    opened = _open(ledger)
+    entry = opened.revert(
         request_id,
         reason=reason,
-        limits=_limits(max_attenuation, max_retain_drop, max_nll_increase, on_fail),
+        limits=_limits(opened, max_attenuation, max_retain_drop, max_nll_increase, on_fail),
         model_dir=model_dir,
         progress=not quiet,
     )
@@ -445,6 +611,7 @@ def revert(
         f"version {entry.version}: request {request_id} reverted; active: {', '.join(entry.body['active']) or '-'}"
     )
     _warn_failed(entry)
+    return entry
 
 
 @main.command()
@@ -453,11 +620,35 @@ def revert(
 @click.option("--at", default="HEAD", show_default=True, help="REF of the version to export.")
 @MODEL
 @QUIET
-@_errors
-def export(ledger: str, out_dir: str, at: str, model_dir: str | None, quiet: bool) -> None:
-    """Write a version as a Hugging Face model directory (no ledger data inside)."""
+@_writes
+def export(
+    ledger: str, out_dir: str, at: str, model_dir: str | None, quiet: bool
+) -> dict[str, Any]:
+    """Write a version as a Hugging Face model directory (no ledger data inside).
+
+    OUT_DIR gets the weights, config and tokenizer files, and kvw_provenance.json:
+    ledger_version and entry_hash (the version exported), head_hash (the ledger's
+    HEAD then) and active_requests.
+
+    \b
+    Example:
+      kvw-ledger export ledger/ served-model/
+      kvw-ledger export ledger/ version-3/ --at 3
+    """
+    from kvw_ledger.export import PROVENANCE_FILE
+
     path = _open(ledger).export(out_dir, at=at, model_dir=model_dir, progress=not quiet)
-    click.echo(f"exported version {_open(ledger).resolve(at)} to {path}")
+    provenance = json.loads((path / PROVENANCE_FILE).read_text(encoding="utf-8"))
+    version = provenance["ledger_version"]
+    click.echo(f"exported version {version} to {path}")
+    return {
+        "path": str(path),
+        "version": version,
+        "id": views.entry_json(LedgerReader.open(ledger).journal.get(version))["id"],
+        "hash": provenance["entry_hash"],
+        "head_hash": provenance["head_hash"],
+        "active": provenance["active_requests"],
+    }
 
 
 @main.command()
@@ -467,7 +658,13 @@ def export(ledger: str, out_dir: str, at: str, model_dir: str | None, quiet: boo
 @JSON
 @_errors
 def verify(ledger: str, model_dir: str | None, no_model: bool, as_json: bool) -> None:
-    """Re-hash the journal chain, every file and array, the head cache and the base; exit 1 on damage."""
+    """Re-hash the journal chain, every file and array, the head cache and the base; exit 1 on damage.
+
+    \b
+    Example:
+      kvw-ledger verify ledger/
+      kvw-ledger verify ledger/ --no-model --json
+    """
     report = _open(ledger, check_root=False).verify(model_dir=model_dir, check_model=not no_model)
     if as_json:
         _dump(report.to_json())
@@ -499,7 +696,7 @@ def verify(ledger: str, model_dir: str | None, no_model: bool, as_json: bool) ->
 @_limit_options
 @MODEL
 @QUIET
-@_errors
+@_writes
 def probe(
     ledger: str,
     retain_probe: str | None,
@@ -510,17 +707,19 @@ def probe(
     on_fail: str | None,
     model_dir: str | None,
     quiet: bool,
-) -> None:
-    """Register probe sets and/or this ledger's stability limits; later steps are checked against them."""
-    limits = {
-        k: v
-        for k, v in _limits(max_attenuation, max_retain_drop, max_nll_increase, on_fail).items()
-        if v is not None
-    }
-    entry = _open(ledger).probe(
+) -> Entry:
+    """Register probe sets and/or this ledger's stability limits; later steps are checked against them.
+
+    \b
+    Example:
+      kvw-ledger probe ledger/ --retain retain-probe.jsonl --general general.jsonl
+      kvw-ledger probe ledger/ --max-attenuation 0.3 --max-retain-drop 0.02
+    """
+    opened = _open(ledger)
+    entry = opened.probe(
         retain=retain_probe,
         general=general_probe,
-        limits=limits,
+        limits=_limits(opened, max_attenuation, max_retain_drop, max_nll_increase, on_fail),
         model_dir=model_dir,
         progress=not quiet,
     )
@@ -535,6 +734,7 @@ def probe(
             "limits: " + ", ".join(f"{k} {v}" for k, v in sorted(entry.body["limits"].items()))
         )
     click.echo(f"version {entry.version}: probe registered")
+    return entry
 
 
 @main.command()
@@ -553,7 +753,7 @@ def probe(
 @_limit_options
 @MODEL
 @QUIET
-@_errors
+@_writes
 def rederive(
     ledger: str,
     request_ids: tuple[str, ...],
@@ -565,8 +765,14 @@ def rederive(
     on_fail: str | None,
     model_dir: str | None,
     quiet: bool,
-) -> None:
-    """Recompute requests (default: all active) with other retain stats, as one atomic entry."""
+) -> Entry:
+    """Recompute requests (default: all active) with other retain stats, as one atomic entry.
+
+    \b
+    Example:
+      kvw-ledger rederive ledger/ --retain-stats r2
+      kvw-ledger rederive ledger/ alice --retain-stats r2 --exact alice=alice.jsonl
+    """
     pairs = {}
     for item in exact:
         request_id, sep, path = item.partition("=")
@@ -577,11 +783,12 @@ def rederive(
         if request_id in pairs:
             raise click.BadParameter(f"request {request_id!r} is given twice", param_hint="--exact")
         pairs[request_id] = path
-    entry = _open(ledger).rederive(
+    opened = _open(ledger)
+    entry = opened.rederive(
         stats_id,
         list(request_ids),
         exact=pairs,
-        limits=_limits(max_attenuation, max_retain_drop, max_nll_increase, on_fail),
+        limits=_limits(opened, max_attenuation, max_retain_drop, max_nll_increase, on_fail),
         model_dir=model_dir,
         progress=not quiet,
     )
@@ -591,6 +798,7 @@ def rederive(
         f"version {entry.version}: {len(entry.body['requests'])} request(s) re-derived with {stats_id}"
     )
     _warn_failed(entry)
+    return entry
 
 
 @main.command()
@@ -598,15 +806,21 @@ def rederive(
 @click.option(
     "--reverted", is_flag=True, required=True, help="Delete the arrays of reverted requests."
 )
-@_errors
-def gc(ledger: str, reverted: bool) -> None:
-    """Delete reverted requests' arrays for good; the journal keeps their hashes as tombstones."""
+@_writes
+def gc(ledger: str, reverted: bool) -> Entry:
+    """Delete reverted requests' arrays for good; the journal keeps their hashes as tombstones.
+
+    \b
+    Example:
+      kvw-ledger gc ledger/ --reverted
+    """
     entry = _open(ledger).gc(reverted=reverted)
     deleted = entry.body["deleted"]
     click.echo(
         f"version {entry.version}: deleted {len(entry.body['deleted_files'])} files of "
         f"{len(deleted)} reverted request(s): {', '.join(deleted) or '-'}"
     )
+    return entry
 
 
 @main.command()
@@ -620,7 +834,12 @@ def gc(ledger: str, reverted: bool) -> None:
 @JSON
 @_errors
 def demo(workdir: str, as_json: bool) -> None:
-    """Run the main job: a ledger's whole life on a small bundled model."""
+    """Run the main job: a ledger's whole life on a small bundled model.
+
+    \b
+    Example:
+      kvw-ledger demo --workdir kvw-demo
+    """
     from kvw_ledger.demo import run_demo
 
     report = run_demo(Path(workdir), echo=None if as_json else click.echo)
@@ -634,7 +853,12 @@ def demo(workdir: str, as_json: bool) -> None:
 @JSON
 @_errors
 def history(ledger: str, plot: str | None, as_json: bool) -> None:
-    """Per version: active requests, per-layer attenuation, probe figures, and warnings."""
+    """Per version: active requests, per-layer attenuation, probe figures, and warnings.
+
+    \b
+    Example:
+      kvw-ledger history ledger/ --plot history.png
+    """
     from kvw_ledger.history import build_history, plot_history
 
     rows = build_history(_open(ledger))
@@ -670,7 +894,7 @@ def history(ledger: str, plot: str | None, as_json: bool) -> None:
     "--layer-buckets",
     default="1:8,9:16,17:25,1:25",
     show_default=True,
-    help="Comma-separated inclusive layer ranges to try (clipped to the model).",
+    help="Comma-separated layer ranges START:END to try (0-based, inclusive, clipped to the model).",
 )
 @click.option(
     "--batch-size", type=int, default=1, show_default=True, help="Forget records per batch."
@@ -708,7 +932,14 @@ def tune(
     quiet: bool,
     as_json: bool,
 ) -> None:
-    """Sweep gamma and layer buckets on a staged copy (nothing is committed) and recommend one."""
+    """Sweep gamma and layer buckets on a staged copy (nothing is committed) and recommend one.
+
+    FORGET_VAL and RETAIN_VAL are JSONL files in the DATA format of forget.
+
+    \b
+    Example:
+      kvw-ledger tune ledger/ forget-val.jsonl retain-val.jsonl --gammas 0.02,0.05 --layer-buckets 1:8,1:25
+    """
     from kvw_ledger.tune import parse_buckets, parse_gammas
     from kvw_ledger.tune import tune as run_tune
 

@@ -111,7 +111,7 @@ def _run(workdir: Path, say: Echo, config: DemoConfig) -> dict[str, Any]:
             request_id=name,
             reason=f"demo: forget {name}",
             config=kvw,
-            limits={"on_fail": "warn"},  # record a failed check and go on: the report shows it
+            limits=ledger.limits(on_fail="warn"),  # record a failed check and go on: the report shows it
             progress=False,
         )
         for failed in entry.body["stability"]["failed"]:
@@ -121,7 +121,8 @@ def _run(workdir: Path, say: Echo, config: DemoConfig) -> dict[str, Any]:
             )
         rows.append(evaluate(f"forget {name}"))
     ledger.revert(
-        "group-2", reason="demo: request withdrawn", limits={"on_fail": "warn"}, progress=False
+        "group-2", reason="demo: request withdrawn", limits=ledger.limits(on_fail="warn"),
+        progress=False,
     )
     rows.append(evaluate("revert group-2"))
 

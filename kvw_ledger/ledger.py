@@ -15,10 +15,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import json
-import random
-import re
 import shutil
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,14 +25,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from kvw_ledger import coefficients, data, model_files, probes, views
+from kvw_ledger import coefficients, data, model_files, probes, refs, views
 from kvw_ledger.errors import (
     BadInputError,
     IntegrityError,
     KVWLedgerError,
     LedgerExistsError,
-    LedgerLockedError,
-    LedgerNotFoundError,
     ModelMismatchError,
     RefNotFoundError,
     RequestStateError,
@@ -53,10 +48,12 @@ from kvw_ledger.kvw import (
     weakened,
 )
 from kvw_ledger.loading import load_model, load_processor, max_length
-from kvw_ledger.lock import WriterLock
+from kvw_ledger.lock import WriterLock, acquire_within, held_within
+from kvw_ledger.reader import LedgerReader
 from kvw_ledger.remote import Remote, is_url, local_path, mirror_dir
 from kvw_ledger.sites import Site, discover_sites, site_weight
 from kvw_ledger.stability import (
+    OnFail,
     StabilityLimits,
     StabilityReport,
     check_attenuation,
@@ -68,9 +65,6 @@ from kvw_ledger.stability import (
 from kvw_ledger.store import HeadCache, Store, check_id
 
 __all__ = ["Ledger", "LedgerState", "RequestInfo", "VerifyReport"]
-
-_REF_HEAD = re.compile(r"HEAD(?:~([0-9]+))?")  # ASCII digits only, as version numbers
-
 
 @dataclass(frozen=True)
 class RequestInfo:
@@ -261,35 +255,13 @@ class Ledger:
             LedgerNotFoundError: nothing at ``path`` is a ledger.
             FormatVersionError: it was written by a newer kvw-ledger.
         """
-        if is_url(path):
-            return cls._open_remote(str(path), clock=clock, check_root=check_root)
-        store = Store.open(local_path(path))
-        if not (store.path / "journal").is_dir():
-            raise LedgerNotFoundError(f"{store.path} has no journal; it is not a kvw-ledger ledger")
-        journal = Journal(store.path, clock=clock or _utc_now)
-        if check_root:
-            _check_root_attrs(store, journal)
-        return cls(store, journal)
-
-    @classmethod
-    def _open_remote(
-        cls, url: str, *, clock: Callable[[], _dt.datetime] | None, check_root: bool
-    ) -> Ledger:
-        """``open`` of a URL: the mirror is brought up to the URL first (see :mod:`kvw_ledger.remote`)."""
-        remote = Remote(url)
-        mirror = mirror_dir(remote.url)
-        fresh = not mirror.exists()
-        mirror.mkdir(mode=0o700, parents=True, exist_ok=True)
-        try:
-            with _locked(WriterLock(mirror, operation="pull"), cls.lock_timeout, None):
-                remote.pull(mirror, progress=True)  # shown on a terminal only
-        except BaseException:
-            if fresh:
-                shutil.rmtree(mirror, ignore_errors=True)
-            raise
-        ledger = cls.open(mirror, clock=clock, check_root=check_root)
-        ledger.remote = remote
-        ledger._refresh_head()
+        reader = LedgerReader.open(
+            path, clock=clock or _utc_now, check_root=check_root, lock_timeout=cls.lock_timeout
+        )
+        ledger = cls(Store(reader.path, reader.attrs), reader.journal)
+        if reader.remote is not None:
+            ledger.remote = reader.remote
+            ledger._refresh_head()
         return ledger
 
     @property
@@ -301,7 +273,7 @@ class Ledger:
         """Rebuilds a mirror's head cache when a pull moved HEAD past it."""
         head = self.head()
         if self._head_cache(head) is None:
-            with _locked(WriterLock(self.path, operation="head"), self.lock_timeout, self.on_wait):
+            with held_within(WriterLock(self.path, operation="head"), self.lock_timeout, self.on_wait):
                 if self._head_cache(self.head()) is None:
                     self._write_head(self.head())
 
@@ -324,27 +296,7 @@ class Ledger:
         Raises:
             RefNotFoundError: the REF names nothing in this ledger.
         """
-        entries = list(entries) if entries is not None else self.entries()
-        last = entries[-1].version
-        text = str(ref).strip()
-        match = _REF_HEAD.fullmatch(text)
-        if match:
-            back = _small_int(match.group(1) or "0")
-            if back is None or back >= last:
-                raise RefNotFoundError(f"{text} goes back past version 1 (HEAD is version {last})")
-            return last - back
-        if text.isascii() and text.isdigit():
-            version = _small_int(text)
-            if version is None or not 1 <= version <= last:
-                raise RefNotFoundError(f"version {version or text} does not exist; versions are 1..{last}")
-            return version
-        for entry in entries:
-            if entry.op == "forget" and entry.body.get("request") == text:
-                return entry.version
-        raise RefNotFoundError(
-            f"{text!r} is not a version, a request id, HEAD or HEAD~N of this ledger "
-            "(see `kvw-ledger log`)"
-        )
+        return refs.resolve(ref, list(entries) if entries is not None else self.entries())
 
     def state(self, at: str | int = "HEAD") -> LedgerState:
         """Replays the journal up to ``at``."""
@@ -358,7 +310,7 @@ class Ledger:
     def show(self, ref: str | int) -> dict[str, Any]:
         """Version ``ref``: its entry, the files it added and, for a forget, per site what
         its request weakened (the dict ``show --json`` prints; see :func:`views.show`)."""
-        return views.show(self, ref)
+        return views.show(self.entries(), ref, lambda: self.store)
 
     def diff(self, ref_a: str | int, ref_b: str | int, *, top: int = 5) -> dict[str, Any]:
         """How version ``ref_b`` differs from ``ref_a``: requests added and removed, and per
@@ -393,12 +345,12 @@ class Ledger:
         REF, or a stale or damaged cache, replays the journal and sums the requests.
         """
         head = self.head()
-        if _names_version(at, head.version):
+        if refs.names_version(at, head.version):
             cached = self._head_cache(head)
             if cached is not None:
                 return head.version, cached.exponents, cached.log_scales
         state = self.state(at)
-        if state.version == head.version and not _names_version(at, head.version):
+        if state.version == head.version and not refs.names_version(at, head.version):
             cached = self._head_cache(head)  # a request id that names HEAD
             if cached is not None:
                 return state.version, cached.exponents, cached.log_scales
@@ -594,7 +546,7 @@ class Ledger:
         reason: str = "",
         config: KVWConfig | None = None,
         retain_stats: str | None = None,
-        limits: Mapping[str, Any] | None = None,
+        limits: StabilityLimits | None = None,
         forget_probe: str | Path | None = None,
         model_dir: str | Path | None = None,
         progress: bool = True,
@@ -602,7 +554,8 @@ class Ledger:
         """Answers one deletion request: KVW on the model at HEAD, checks, then a commit.
 
         Args:
-            limits: per-call overrides of the stability limits (StabilityLimits fields).
+            limits: the stability limits of this call (default: the ledger's, see
+                :meth:`limits`; ``ledger.limits(on_fail="warn")`` changes one of them).
             forget_probe: a JSONL file whose figures are recorded as efficacy.
 
         Raises:
@@ -611,6 +564,7 @@ class Ledger:
             StabilityCheckError: the staged HEAD failed a check and ``on_fail`` is abort;
                 nothing was written.
         """
+        _check_limits_type(limits)
         config = config or KVWConfig()
         records = data.read_records(data_path)
         probe_records = data.read_records(forget_probe) if forget_probe is not None else None
@@ -699,7 +653,7 @@ class Ledger:
         request_id: str,
         *,
         reason: str = "",
-        limits: Mapping[str, Any] | None = None,
+        limits: StabilityLimits | None = None,
         model_dir: str | Path | None = None,
         progress: bool = True,
     ) -> Entry:
@@ -709,6 +663,7 @@ class Ledger:
             RequestStateError: the request does not exist or is not active.
             StabilityCheckError: the staged HEAD failed a check (on_fail abort).
         """
+        _check_limits_type(limits)
         with self._writing("revert"):
             head = self.head()
             state = self.state(head.version)
@@ -735,7 +690,7 @@ class Ledger:
         *,
         retain: str | Path | None = None,
         general: str | Path | None = None,
-        limits: Mapping[str, Any] | None = None,
+        limits: StabilityLimits | None = None,
         model_dir: str | Path | None = None,
         progress: bool = True,
     ) -> Entry:
@@ -745,8 +700,8 @@ class Ledger:
         each staged step with both.
         """
         sources = {k: v for k, v in (("retain", retain), ("general", general)) if v is not None}
-        given = {k: v for k, v in (limits or {}).items() if v is not None}
-        if not sources and not given:
+        _check_limits_type(limits)
+        if not sources and limits is None:
             raise BadInputError(
                 "probe has nothing to do; pass --retain FILE, --general FILE or a limit such as "
                 "--max-attenuation 0.3"
@@ -756,7 +711,9 @@ class Ledger:
         with self._writing("probe"):
             head = self.head()
             state = self.state(head.version)
-            self._limits(state, given)  # validated merged with the ledger's, as checks will use them
+            current = self._limits(state, None).to_dict()
+            # Only the limits this changes are recorded: replay merges them over earlier ones.
+            given = {k: v for k, v in (limits.to_dict() if limits else {}).items() if current[k] != v}
             version = head.version + 1
             files: dict[str, str] = {}
             stored: dict[str, dict[str, Any]] = {}
@@ -776,7 +733,6 @@ class Ledger:
                 self.materialize(model, head.version)
                 for kind, ex in examples.items():
                     figures[kind] = probe_metrics(model, ex, encoder.pad_token_id)
-            # Only the limits set here are recorded: replay merges them over earlier ones.
             body = {"probes": stored, "limits": given, "figures": {**state.probe_figures, **figures},
                     "active": state.active}
             entry = self._commit("probe", body, files, parent=head)
@@ -836,7 +792,7 @@ class Ledger:
         request_ids: Sequence[str] = (),
         *,
         exact: Mapping[str, str | Path] | None = None,
-        limits: Mapping[str, Any] | None = None,
+        limits: StabilityLimits | None = None,
         model_dir: str | Path | None = None,
         progress: bool = True,
     ) -> Entry:
@@ -853,6 +809,7 @@ class Ledger:
             BadInputError: a request has no trace and no exact data, or exact data
                 differs from the recorded fingerprint.
         """
+        _check_limits_type(limits)
         exact = dict(exact or {})
         with self._writing("rederive"):
             head = self.head()
@@ -1200,13 +1157,41 @@ class Ledger:
 
     # --- internals --------------------------------------------------------------------
 
-    def _limits(self, state: LedgerState, overrides: Mapping[str, Any] | None) -> StabilityLimits:
-        """Defaults, then the ledger's limits (set with ``probe``), then this call's."""
-        values = {**state.limits, **{k: v for k, v in (overrides or {}).items() if v is not None}}
-        unknown = set(values) - set(StabilityLimits.__dataclass_fields__)
+    def limits(
+        self,
+        *,
+        max_attenuation: float | None = None,
+        max_retain_drop: float | None = None,
+        max_nll_increase: float | None = None,
+        on_fail: OnFail | None = None,
+    ) -> StabilityLimits:
+        """The ledger's stability limits at HEAD (the defaults, then those registered with
+        :meth:`probe`), with the limits given here in their place.
+
+        ``ledger.forget(data, limits=ledger.limits(on_fail="warn"))`` keeps every other
+        limit the ledger has.
+
+        Raises:
+            BadInputError: a limit is out of range.
+        """
+        given = {
+            "max_attenuation": max_attenuation,
+            "max_retain_drop": max_retain_drop,
+            "max_nll_increase": max_nll_increase,
+            "on_fail": on_fail,
+        }
+        state = self.state()
+        return StabilityLimits(**{**self._limits(state, None).to_dict(),
+                                  **{k: v for k, v in given.items() if v is not None}})
+
+    def _limits(self, state: LedgerState, given: StabilityLimits | None) -> StabilityLimits:
+        """``given``, else the defaults overridden by the ledger's limits (set with ``probe``)."""
+        if given is not None:
+            return given
+        unknown = set(state.limits) - set(StabilityLimits.__dataclass_fields__)
         if unknown:
             raise BadInputError(f"unknown stability limit(s): {', '.join(sorted(unknown))}")
-        return StabilityLimits(**values)
+        return StabilityLimits(**state.limits)
 
     def _check_staged(
         self,
@@ -1267,7 +1252,7 @@ class Ledger:
                 yield
             return
         with remote.lock(operation, self.lock_timeout, self.on_wait):
-            with _locked(WriterLock(self.path, operation="pull"), self.lock_timeout, self.on_wait):
+            with held_within(WriterLock(self.path, operation="pull"), self.lock_timeout, self.on_wait):
                 remote.pull(self.path, progress=True)
             remote.push(self.path, progress=True)  # what an earlier write committed here but could not publish
             with self._writing_local(operation):
@@ -1289,7 +1274,7 @@ class Ledger:
         ledger is left as it was.
         """
         lock = WriterLock(self.path, operation=operation, on_stale=self._on_stale)
-        _acquire(lock, self.lock_timeout, self.on_wait)
+        acquire_within(lock, self.lock_timeout, self.on_wait)
         self._claimed = []
         self._committed = None
         self._base_cache = {}
@@ -1368,51 +1353,6 @@ class Ledger:
         self.store.write_head(dict(tensors), entry.version, entry.hash, log_scales)
 
 
-def _acquire(lock: WriterLock, timeout: float, on_wait: Callable[[str], None] | None) -> None:
-    """Takes ``lock``, retrying for up to ``timeout`` seconds while another writer holds it."""
-    deadline = time.monotonic() + timeout
-    told = False
-    while True:
-        try:
-            lock.acquire()
-            return
-        except LedgerLockedError as e:
-            if time.monotonic() >= deadline:
-                raise
-            if not told and on_wait is not None:
-                on_wait(f"waiting for the writer lock: {e}")
-                told = True
-            time.sleep(random.uniform(0.02, 0.1))
-
-
-@contextlib.contextmanager
-def _locked(lock: WriterLock, timeout: float, on_wait: Callable[[str], None] | None) -> Iterator[None]:
-    _acquire(lock, timeout, on_wait)
-    try:
-        yield
-    finally:
-        lock.release()
-
-
-def _names_version(ref: str | int, version: int) -> bool:
-    """Whether ``ref`` is ``HEAD``, ``HEAD~0`` or the number ``version``, without a replay."""
-    text = str(ref).strip()
-    return text in ("HEAD", "HEAD~0") or (text.isascii() and text.isdigit() and text.lstrip("0") == str(version))
-
-
-def _check_root_attrs(store: Store, journal: Journal) -> None:
-    """The sites, tensor locations and fingerprint every verb trusts must be those of init."""
-    root = store.path / "zarr.json"
-    try:
-        init = journal.get(1)
-    except RefNotFoundError as e:
-        raise IntegrityError(
-            f"{store.path}: init never committed (interrupted?); remove the directory and run init again"
-        ) from e
-    if init.files.get("zarr.json") != _sha256(root):
-        raise IntegrityError(f"{root} differs from what init recorded; the ledger is damaged")
-
-
 def _apply(state: LedgerState, entry: Entry) -> None:
     """Advances a replay by one entry."""
     body = entry.body
@@ -1478,16 +1418,19 @@ def _add_scales(parts: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, torch.
     return total
 
 
-def _small_int(digits: str) -> int | None:
-    """ASCII digits as an int, or None past any journal's length (int() refuses > 4300 digits)."""
-    digits = digits.lstrip("0") or "0"
-    return int(digits) if len(digits) <= 18 else None
+def _check_limits_type(limits: object) -> None:
+    """Limits are one typed value; a mapping (the old form) is refused saying what to pass."""
+    if limits is not None and not isinstance(limits, StabilityLimits):
+        raise BadInputError(
+            f"limits must be a StabilityLimits, not {type(limits).__name__}; pass "
+            "ledger.limits(max_attenuation=..., on_fail=...) or StabilityLimits(...)"
+        )
 
 
 def _check_request_id(request_id: str) -> str:
     """A request id must not read as another kind of REF."""
     check_id(request_id)
-    if request_id.isdigit() or _REF_HEAD.fullmatch(request_id):
+    if request_id.isdigit() or refs.HEAD_REF.fullmatch(request_id):
         raise BadInputError(
             f"request id {request_id!r} reads as a version REF; choose an id with a letter, e.g. req-{request_id}"
         )

@@ -11,10 +11,12 @@ import fcntl
 import hashlib
 import json
 import os
+import random
 import re
 import secrets
 import socket
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -22,7 +24,7 @@ from types import TracebackType
 from kvw_ledger.errors import LedgerLockedError, LedgerNotFoundError, StorageError
 from kvw_ledger.journal import canonical_json, format_time, fsync_dir, utc_now
 
-__all__ = ["WriterLock"]
+__all__ = ["WriterLock", "acquire_within", "held_within"]
 
 _MAX_LOCK_BYTES = 1 << 16
 _LOCK_ATTEMPTS = 8
@@ -259,3 +261,37 @@ class WriterLock:
                 fsync_dir(self.root)
         finally:
             os.close(fd)
+
+
+def acquire_within(
+    lock: WriterLock, timeout: float, on_wait: Callable[[str], None] | None = None
+) -> None:
+    """Takes ``lock``, retrying for up to ``timeout`` seconds while another writer holds it.
+
+    ``on_wait`` is told once, the first time the lock is found held.
+    """
+    deadline = time.monotonic() + timeout
+    told = False
+    while True:
+        try:
+            lock.acquire()
+            return
+        except LedgerLockedError as e:
+            if time.monotonic() >= deadline:
+                raise
+            if not told and on_wait is not None:
+                on_wait(f"waiting for the writer lock: {e}")
+                told = True
+            time.sleep(random.uniform(0.02, 0.1))
+
+
+@contextlib.contextmanager
+def held_within(
+    lock: WriterLock, timeout: float, on_wait: Callable[[str], None] | None = None
+) -> Iterator[None]:
+    """Holds ``lock`` (taken as :func:`acquire_within` does) for the block."""
+    acquire_within(lock, timeout, on_wait)
+    try:
+        yield
+    finally:
+        lock.release()

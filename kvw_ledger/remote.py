@@ -53,7 +53,7 @@ from kvw_ledger.journal import (
     parse_entry,
     utc_now,
 )
-from kvw_ledger.store import FORMAT_VERSION
+from kvw_ledger.root import FORMAT_VERSION
 
 __all__ = ["Remote", "SyncReport", "is_url", "local_path", "mirror_dir"]
 

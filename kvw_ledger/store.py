@@ -46,12 +46,12 @@ from zarr.storage import LocalStore
 
 from kvw_ledger.errors import (
     BadInputError,
-    FormatVersionError,
     IntegrityError,
     LedgerExistsError,
-    LedgerNotFoundError,
     RefNotFoundError,
 )
+from kvw_ledger.root import FORMAT_VERSION, read_root_attrs
+from kvw_ledger.root import read_zarr_meta as _read_meta
 
 __all__ = [
     "FORMAT_VERSION",
@@ -62,8 +62,6 @@ __all__ = [
     "check_site",
     "tensor_hash",
 ]
-
-FORMAT_VERSION = 1
 
 # 2-D arrays are chunked along axis 0 so one chunk holds about this many bytes
 # (the brief allows 4-16 MiB): small enough to stream, large enough to compress.
@@ -240,24 +238,7 @@ class Store:
             FormatVersionError: if the format version is newer than this code or not an int.
         """
         path = Path(path)
-        meta_path = path / "zarr.json"
-        if not meta_path.is_file():
-            raise LedgerNotFoundError(f"no ledger at {path}; create one with `kvw-ledger init`")
-        meta = _read_meta(meta_path)
-        attrs = meta.get("attributes", {})
-        if meta.get("node_type") != "group" or not isinstance(attrs, dict):
-            raise IntegrityError(f"{meta_path} is not a Zarr v3 group; the ledger is damaged")
-        version = attrs.get("format_version")
-        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-            raise FormatVersionError(
-                f"{meta_path}: format_version {version!r} is not a positive integer; "
-                "this is not a kvw-ledger ledger, or it is damaged"
-            )
-        if version > FORMAT_VERSION:
-            raise FormatVersionError(
-                f"{path} was written by a newer kvw-ledger (format {version}, this one reads "
-                f"up to {FORMAT_VERSION}; format_version in zarr.json); upgrade kvw-ledger"
-            )
+        attrs = read_root_attrs(path)
         return cls(path, attrs)
 
     @property
@@ -707,16 +688,6 @@ def _read_bytes(path: Path) -> bytes | None:
         return None
     except OSError as e:
         raise IntegrityError(f"{path} is unreadable ({e}); the ledger is damaged") from e
-
-
-def _read_meta(path: Path) -> dict[str, Any]:
-    try:
-        meta = json.loads(path.read_bytes())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise IntegrityError(f"{path} is unreadable ({e}); the ledger is damaged") from e
-    if not isinstance(meta, dict) or meta.get("zarr_format") != 3:
-        raise IntegrityError(f"{path} is not Zarr v3 metadata; the ledger is damaged")
-    return meta
 
 
 def _check_name(name: str) -> list[str]:

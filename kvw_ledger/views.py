@@ -1,19 +1,24 @@
 """Read-only views of versions, as JSON-ready dicts: one journal entry (``log``), one
 version with what its request weakened (``show``), and two versions compared (``diff``).
 
-The CLI prints these; :meth:`Ledger.show` and :meth:`Ledger.diff` return them.
+The CLI prints these; :meth:`Ledger.show` and :meth:`Ledger.diff` return them. This
+module imports no torch and no zarr: ``log`` and ``show`` of a non-forget entry read
+the journal only.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from kvw_ledger import refs
 from kvw_ledger.journal import Entry
 
 if TYPE_CHECKING:
     from kvw_ledger.ledger import Ledger
+    from kvw_ledger.store import Store
 
-__all__ = ["diff", "entry_json", "request_sites", "show"]
+__all__ = ["diff", "entry_json", "request_sites", "show", "written_json"]
 
 
 def entry_json(entry: Entry) -> dict[str, Any]:
@@ -31,22 +36,31 @@ def entry_json(entry: Entry) -> dict[str, Any]:
     }
 
 
-def show(ledger: Ledger, ref: str | int) -> dict[str, Any]:
-    """Version ``ref``: its entry (as :func:`entry_json`), the files it added, and for a
-    forget, per site what its request weakened (see :func:`request_sites`)."""
-    entries = ledger.entries()
-    entry = entries[ledger.resolve(ref, entries) - 1]
-    sites = request_sites(ledger, entry) if entry.op == "forget" else []
+def written_json(entry: Entry) -> dict[str, Any]:
+    """An entry a verb just committed, as its ``--json`` prints it: :func:`entry_json`
+    plus ``stability``, the figures of the checks it passed (None for ops without checks)."""
+    return {**entry_json(entry), "stability": entry.body.get("stability")}
+
+
+def show(entries: Sequence[Entry], ref: str | int, store: Callable[[], Store]) -> dict[str, Any]:
+    """Version ``ref`` among ``entries``: its entry (as :func:`entry_json`), the files it
+    added, and for a forget, per site what its request weakened (see :func:`request_sites`).
+
+    ``store`` opens the array store; it is called for a forget only, so showing any
+    other entry reads the journal alone.
+    """
+    entry = entries[refs.resolve(ref, entries) - 1]
+    sites = request_sites(store(), entry) if entry.op == "forget" else []
     return {**entry_json(entry), "files": entry.files, "sites": sites}
 
 
-def request_sites(ledger: Ledger, entry: Entry) -> list[dict[str, Any]]:
+def request_sites(store: Store, entry: Entry) -> list[dict[str, Any]]:
     """Per site of a forget entry's request: vectors weakened (exponent > 0), the largest
     and mean exponent among them, and its log-scale when made with ``rescale``."""
     out = []
     request_id = entry.body["request"]
-    for name in ledger.store.list_arrays(f"requests/{request_id}/exponent"):
-        w = ledger.store.read_array(name)
+    for name in store.list_arrays(f"requests/{request_id}/exponent"):
+        w = store.read_array(name)
         hit = w > 0
         site = name.rsplit("/", 1)[1]
         row: dict[str, Any] = {
@@ -56,8 +70,8 @@ def request_sites(ledger: Ledger, entry: Entry) -> list[dict[str, Any]]:
             "mean": float(w[hit].mean()) if bool(hit.any()) else 0.0,
         }
         scale = f"requests/{request_id}/log_scale/{site}"
-        if scale in entry.body.get("arrays", {}) and ledger.store.has_array(scale):
-            row["log_scale"] = float(ledger.store.read_array(scale))
+        if scale in entry.body.get("arrays", {}) and store.has_array(scale):
+            row["log_scale"] = float(store.read_array(scale))
         out.append(row)
     return out
 

@@ -207,7 +207,7 @@ def test_concurrent_writers_and_readers(scenario: crashkit.Scenario, tmp_path: P
                 data[w],
                 request_id=f"w{w}-{j}",
                 config=KVWConfig(gamma=0.01, layers=(0, 1)),
-                limits={"on_fail": "warn"},
+                limits=ledger.limits(on_fail="warn"),
                 progress=False,
             )
 
