@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -16,7 +17,7 @@ from typing import Any, TypeVar
 import click
 
 from kvw_ledger import views
-from kvw_ledger.errors import KVWLedgerError
+from kvw_ledger.errors import ImageOnlyProcessorWarning, KVWLedgerError
 from kvw_ledger.journal import Entry
 from kvw_ledger.kvw import KVWConfig
 from kvw_ledger.ledger import Ledger
@@ -113,6 +114,18 @@ def main() -> None:
     a local mirror under $KVW_LEDGER_CACHE. REF is a version number, a request id,
     HEAD or HEAD~N.
     """
+    warnings.showwarning = _show_warning
+
+
+_default_showwarning = warnings.showwarning
+
+
+def _show_warning(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+    """This package's warnings as one "Warning: ..." line on stderr; others as Python shows them."""
+    if issubclass(category, ImageOnlyProcessorWarning):
+        click.echo(f"Warning: {message}", err=True)
+    else:
+        _default_showwarning(message, category, *args, **kwargs)
 
 
 @main.command()

@@ -255,6 +255,43 @@ VISION_ARCHITECTURES: dict[str, Any] = {
 }
 
 
+# A short chat template in the shape of Qwen2-VL's: the image placeholder is the
+# vision-start, image-pad and vision-end tokens, and the answer follows the prompt.
+QWEN_CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'][0] }}:"
+    "{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<s>a:{% endif %}"
+)
+
+
+def save_qwen_vl_processor(model_dir: Path, processor_class: str = "Qwen2VLProcessor") -> None:
+    """Writes a Qwen2-VL / Qwen2.5-VL processor as their checkpoints ship one.
+
+    ``preprocessor_config.json`` (the image processor, naming the processor class),
+    the tokenizer files and ``chat_template.json``: the files of e.g.
+    Qwen2-VL-2B-Instruct, at a size that fits the tiny models (16 x 16 images, 2 x 2
+    patches, no merging: 64 image tokens).
+    """
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
+
+    model_dir.mkdir(parents=True, exist_ok=True)
+    image = Qwen2VLImageProcessorPil(
+        min_pixels=64, max_pixels=256, patch_size=2, merge_size=1, temporal_patch_size=1
+    )
+    image.save_pretrained(model_dir)
+    config_path = model_dir / "preprocessor_config.json"
+    config = json.loads(config_path.read_text())
+    config["processor_class"] = processor_class
+    config_path.write_text(json.dumps(config, indent=2))
+    char_tokenizer().save_pretrained(model_dir)
+    (model_dir / "chat_template.json").write_text(json.dumps({"chat_template": QWEN_CHAT_TEMPLATE}))
+
+
 def write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
