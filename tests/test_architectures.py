@@ -15,9 +15,11 @@ import pytest
 import tiny
 import torch
 from click.testing import CliRunner
-from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
+from transformers.utils import is_torchvision_available
 
 from kvw_ledger.cli import main
+from kvw_ledger.data import Encoder, collate, read_records
 from kvw_ledger.export import PROVENANCE_FILE
 from kvw_ledger.ledger import Ledger
 from kvw_ledger.loading import load_processor
@@ -101,21 +103,27 @@ def records(tmp: Path, name: str) -> tuple[Path, Path]:
     return retain, forget
 
 
-@pytest.mark.parametrize("name", sorted(ALL))
-def test_architecture_end_to_end(name: str, tmp_path: Path) -> None:
-    model_dir = tmp_path / "model"
-    ALL[name]().save_pretrained(model_dir)
-    save_processor(name, model_dir)
-    retain, forget = records(tmp_path, name)
-    ledger, out = tmp_path / "led", tmp_path / "out"
+def run_verbs(name: str, model_dir: Path, tmp: Path) -> tuple[Path, Path]:
+    """init, retain, forget and export through the CLI; returns (ledger, export)."""
+    retain, forget = records(tmp, name)
+    ledger, out = tmp / "led", tmp / "out"
     towers = "all" if name in IMAGE_MODELS else "language"
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Qwen2-VL's image-only note; tested on its own
+        warnings.simplefilter("ignore")  # Qwen2-VL's image-only note; tested in test_loading
         run("init", ledger, "--model", model_dir, "--sites", towers, "-q")
         run("retain", ledger, retain, "-q")
         run("forget", ledger, forget, "--id", "f", "--gamma", "0.5", "--layers", "0:3", "-q")
         run("export", ledger, out, "-q")
     assert run("verify", ledger).startswith("ok: 3 entries")
+    return ledger, out
+
+
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_architecture_end_to_end(name: str, tmp_path: Path) -> None:
+    model_dir = tmp_path / "model"
+    ALL[name]().save_pretrained(model_dir)
+    save_processor(name, model_dir)
+    ledger, out = run_verbs(name, model_dir, tmp_path)
 
     assert check_export(model_dir, ledger, out, "f") > 0, "the forget weakened nothing"
     auto = AutoModelForImageTextToText if name in tiny.VISION_ARCHITECTURES else AutoModelForCausalLM
@@ -125,3 +133,48 @@ def test_architecture_end_to_end(name: str, tmp_path: Path) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             assert hasattr(load_processor(out), "image_processor")
+
+
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen_vl_export_carries_its_own_processor(name: str, tmp_path: Path) -> None:
+    model_dir = tmp_path / "model"
+    ALL[name]().save_pretrained(model_dir)
+    save_processor(name, model_dir)
+    _, out = run_verbs(name, model_dir, tmp_path)
+
+    files = ["preprocessor_config.json", "chat_template.json", "tokenizer.json", "tokenizer_config.json"]
+    for file in files:  # what AutoProcessor reads, byte for byte
+        assert (out / file).read_bytes() == (model_dir / file).read_bytes(), file
+    if is_torchvision_available():
+        processor = AutoProcessor.from_pretrained(out, local_files_only=True)
+    else:
+        # AutoProcessor refuses the export exactly as it refuses the original here
+        # (its video processor needs torchvision); the loader's image-only build of
+        # the same class from the same files stands in for it.
+        with pytest.raises(ImportError, match="Torchvision"):
+            AutoProcessor.from_pretrained(out, local_files_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            processor = load_processor(out)
+    model = AutoModelForImageTextToText.from_pretrained(out, local_files_only=True)
+    record = read_records(tmp_path / "forget.jsonl")[0]
+    batch = collate([Encoder(processor).encode(record)], 0)
+    with torch.no_grad():
+        logits = model(**batch.inputs).logits
+    assert bool(torch.isfinite(logits).all())
+
+
+@pytest.mark.parametrize("name", ["llava", "qwen2_vl"])
+def test_bfloat16_vision_language_model_end_to_end(name: str, tmp_path: Path) -> None:
+    model_dir = tmp_path / "model"
+    ALL[name]().to(torch.bfloat16).save_pretrained(model_dir)
+    save_processor(name, model_dir)
+    assert {t.dtype for t in tiny.file_tensors(model_dir).values()} == {torch.bfloat16}
+    ledger, out = run_verbs(name, model_dir, tmp_path)
+
+    # Every site is base * exp(-w) computed in float32 and cast to bfloat16 once.
+    assert check_export(model_dir, ledger, out, "f") > 0
+    assert {t.dtype for t in tiny.file_tensors(out).values()} == {torch.bfloat16}
+    assert Ledger.open(ledger).base(Ledger.open(ledger).sites[0].name).dtype == torch.bfloat16
+    loaded = AutoModelForImageTextToText.from_pretrained(out, local_files_only=True, dtype="auto")
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
