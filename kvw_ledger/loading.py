@@ -120,7 +120,7 @@ def load_processor(model_dir: str | Path) -> Any:
         ) from e
 
 
-def _processor_class(model_dir: Path) -> type | None:
+def _processor_class(model_dir: Path) -> Any:
     """The processor class the directory names, as AutoProcessor looks it up."""
     from transformers.models.auto.processing_auto import (
         PROCESSOR_MAPPING_NAMES,
@@ -146,9 +146,9 @@ def _processor_class(model_dir: Path) -> type | None:
 def _image_only_processor(model_dir: Path, error: BaseException) -> Any | None:
     """The directory's processor without its video processor, or None if that is not the fault."""
     cls = _processor_class(model_dir)
-    if cls is None or "video_processor" not in cls.get_attributes():  # type: ignore[attr-defined]
+    if cls is None or "video_processor" not in cls.get_attributes():
         return None
-    image_only = _image_only_class(cls)
+    image_only: Any = _image_only_class(cls)
     processor = image_only.from_pretrained(model_dir, local_files_only=True)
     warnings.warn(
         f"{model_dir}: built {cls.__name__} without its video processor, because the video "
@@ -162,7 +162,7 @@ def _image_only_processor(model_dir: Path, error: BaseException) -> Any | None:
 
 
 @functools.cache
-def _image_only_class(cls: type) -> type:
+def _image_only_class(cls: Any) -> type:
     """A subclass of ``cls`` whose sub-processors are all but ``video_processor``.
 
     transformers reads a processor's parts from its ``__init__`` signature, so this

@@ -363,7 +363,7 @@ def discover_sites(
         UnknownArchitectureError: nothing was found; the message explains ``--site-glob``.
     """
     wanted = _towers(towers)
-    config = getattr(model, "config", None)
+    config: Any = getattr(model, "config", None)
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     if site_glob is not None:
         return _glob_sites(model, site_glob, _widths(text, _MODEL_WIDTH_KEYS))
