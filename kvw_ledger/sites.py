@@ -278,7 +278,7 @@ def _block_lists(root: nn.Module, prefix: str) -> Iterator[tuple[str, nn.ModuleL
 
 
 def _language_root(model: nn.Module) -> str | None:
-    """Path of the decoder: the module that owns the input embeddings."""
+    """Path of the decoder: the nearest owner of the input embeddings that holds blocks."""
     get = getattr(model, "get_input_embeddings", None)
     try:
         embeddings = get() if callable(get) else None
@@ -289,7 +289,13 @@ def _language_root(model: nn.Module) -> str | None:
     path = _module_path(model, embeddings)
     if path is None:
         return None
-    return path.rsplit(".", 1)[0] if "." in path else ""
+    # Walk up from the embeddings to the first module that holds a list of blocks
+    # (GPT-2: transformer; BERT-style: the embeddings module, then its owner).
+    while path:
+        path = path.rsplit(".", 1)[0] if "." in path else ""
+        if next(_block_lists(model.get_submodule(path) if path else model, path), None):
+            return path
+    return None
 
 
 def _tower_sites(

@@ -356,3 +356,14 @@ def test_layer_ranges() -> None:
             parse_layers(bad)
     sites = discover_sites(TEXT_MODELS["llama"]())
     assert [s.layer for s in select_layers(sites, (1, 25))] == [1, 2]  # clipped to the depth
+
+
+def test_the_decoder_is_the_nearest_owner_of_the_embeddings_that_holds_blocks() -> None:
+    # BERT keeps its word embeddings in bert.embeddings and its blocks in bert.encoder.layer.
+    model = causal(
+        tf.BertConfig, vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+        num_attention_heads=2, is_decoder=True,
+    )
+    assert [(s.name, s.n_vectors) for s in discover_sites(model)] == [
+        (f"bert.encoder.layer.{i}.output.dense", 24) for i in range(2)
+    ]
