@@ -115,9 +115,10 @@ class _Override:
 # (which happens when d_ff equals d_model, so gate, up and down all qualify).  Each
 # entry says why it exists; every other architecture is found from its structure.
 OVERRIDES: dict[str, tuple[_Override, ...]] = {
-    # Gated MLPs whose d_ff can equal d_model in small configs: gate_proj, up_proj
-    # and down_proj are then all [d, d]; the value projection is the one fed by their
-    # product, down_proj.  One entry per decoder family whose MLP is gated this way.
+    # Gated MLPs built with d_ff == d_model (small test and draft configs): gate_proj,
+    # up_proj and down_proj are then all [d, d]; the value projection is the one fed
+    # by their product, down_proj.  Only the families such configs are made of are
+    # listed; any other such model is refused with a --site-glob suggestion.
     "llama": (_Override("language", "mlp.down_proj"),),
     "qwen2": (_Override("language", "mlp.down_proj"),),
     # GPT-2's MLP is c_fc then c_proj, both Conv1D; with n_inner == n_embd both map
@@ -202,6 +203,16 @@ def _walk(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:
         path = f"{prefix}.{name}"
         if any(hasattr(child, mark) for mark in _ATTENTION_MARKS):
             continue
+        if isinstance(child, nn.ModuleList):
+            # Routed experts kept as separate modules (transformers before fused
+            # experts): each runs on its own tokens only, which a pre-hook cannot
+            # map back to the batch's positions.
+            raise UnknownArchitectureError(
+                f"{path} is a list of modules inside a block (routed experts kept as separate "
+                "modules?); their inputs hold only the tokens routed to them, which coefficient "
+                "collection cannot place. Use a transformers release with fused experts, or name "
+                "non-routed projections with --site-glob."
+            )
         yield path, child
         if not _is_fused_experts(child):
             yield from _walk(child, path)

@@ -367,3 +367,13 @@ def test_the_decoder_is_the_nearest_owner_of_the_embeddings_that_holds_blocks() 
     assert [(s.name, s.n_vectors) for s in discover_sites(model)] == [
         (f"bert.encoder.layer.{i}.output.dense", 24) for i in range(2)
     ]
+
+
+def test_routed_experts_kept_as_separate_modules_are_refused() -> None:
+    # transformers before fused experts: a ModuleList of expert MLPs, each fed only its tokens.
+    model = TEXT_MODELS["llama"]()
+    mlp = model.model.layers[0].mlp
+    model.model.layers[0].mlp = nn.Module()
+    model.model.layers[0].mlp.experts = nn.ModuleList([mlp, TEXT_MODELS["llama"]().model.layers[0].mlp])
+    with pytest.raises(UnknownArchitectureError, match=r"model\.layers\.0\.mlp\.experts is a list of modules inside a block"):
+        discover_sites(model)
