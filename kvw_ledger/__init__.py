@@ -2,7 +2,7 @@
 
 The public API is the :class:`Ledger` and its verbs, and :class:`LiveModel` for a
 loaded model that switches between versions; the engine (:func:`run_kvw`,
-:class:`KVWConfig`) and the architecture table (:func:`discover_sites`) are
+:class:`KVWConfig`) and site discovery from structure (:func:`discover_sites`) are
 usable on their own.
 
 ``import kvw_ledger`` imports neither torch nor zarr: the names that need them

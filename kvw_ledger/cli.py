@@ -16,6 +16,7 @@ import functools
 import io
 import json
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from kvw_ledger import views
-from kvw_ledger.errors import KVWLedgerError
+from kvw_ledger.errors import ImageOnlyProcessorWarning, KVWLedgerError
 from kvw_ledger.journal import Entry
 from kvw_ledger.reader import LedgerReader
 
@@ -201,6 +202,18 @@ def main() -> None:
       kvw-ledger forget ledger/ alice.jsonl --id alice
       kvw-ledger log ledger/
     """
+    warnings.showwarning = _show_warning
+
+
+_default_showwarning = warnings.showwarning
+
+
+def _show_warning(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+    """This package's warnings as one "Warning: ..." line on stderr; others as Python shows them."""
+    if issubclass(category, ImageOnlyProcessorWarning):
+        click.echo(f"Warning: {message}", err=True)
+    else:
+        _default_showwarning(message, category, *args, **kwargs)
 
 
 @main.command()

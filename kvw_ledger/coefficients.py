@@ -89,7 +89,9 @@ class CoefficientHooks:
         try:
             for module_name in self._by_module:
                 hook = self._make_hook(module_name)
-                self._handles.append(modules[module_name].register_forward_pre_hook(hook))
+                self._handles.append(
+                    modules[module_name].register_forward_pre_hook(hook, with_kwargs=True)
+                )
         except BaseException:
             self._remove()
             raise
@@ -133,13 +135,13 @@ class CoefficientHooks:
     def _make_hook(self, module_name: str) -> Any:
         sites = self._by_module[module_name]
 
-        def hook(module: nn.Module, args: tuple[Any, ...], *_: Any) -> None:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             if self._current is None or self._batch is None:
                 return  # a forward outside measure(): not ours to record
             if sites[0].kind == "experts":
-                self._record_experts(module, sites, args)
+                self._record_experts(module, sites, args, kwargs)
             else:
-                self._record_linear(sites[0], args[0])
+                self._record_linear(sites[0], args[0] if args else next(iter(kwargs.values())))
             self._fired.add(module_name)
             if self.stop_early and self._needed <= self._fired:
                 raise StopForward
@@ -164,26 +166,50 @@ class CoefficientHooks:
         count = torch.tensor(flat.shape[0], dtype=torch.long, device=summed.device)
         self._store(site.name, summed, count)
 
-    def _record_experts(self, module: nn.Module, sites: list[Site], args: tuple[Any, ...]) -> None:
+    def _record_experts(
+        self, module: nn.Module, sites: list[Site], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
         # Fused MoE experts never call a down-projection module we could hook, so the
         # per-expert input act(gate) * up is recomputed here for the selected tokens.
+        # The experts' forward takes (hidden_states, top_k_index, top_k_weights), by
+        # position or by name, in transformers' experts interface.
         assert self._batch is not None
-        hidden, top_k_index = args[0], args[1]
+        hidden, top_k_index = [*args, *kwargs.values()][:2]
         hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(
             0, self._batch.positions
-        )  # (N, H)
+        )  # (B*T, H) -> (N, H)
         routed = top_k_index.reshape(-1, top_k_index.shape[-1]).index_select(
             0, self._batch.positions
-        )
-        gate_up: torch.Tensor = module.gate_up_proj  # type: ignore[assignment]
-        act: Any = module.act_fn
+        )  # (N, top_k) expert ids
         for site in sites:
             assert site.expert is not None
             takes = (routed == site.expert).any(dim=-1)  # (N,) bool: tokens routed to this expert
-            gate, up = nn.functional.linear(hidden, gate_up[site.expert]).chunk(2, dim=-1)
-            coeff = (act(gate) * up).to(torch.float32).abs()  # (N, d_ff)
+            coeff = expert_input(module, hidden, site.expert).to(torch.float32).abs()  # (N, d_ff)
             summed = (coeff * takes.unsqueeze(1)).sum(0)  # (N, d_ff) -> (d_ff,)
             self._store(site.name, summed, takes.sum())
+
+
+def expert_input(module: nn.Module, hidden: torch.Tensor, expert: int) -> torch.Tensor:
+    """The input of one fused expert's down projection: (N, H) -> (N, d_ff).
+
+    Follows transformers' experts interface: ``gate_up_proj`` (or ``up_proj`` when
+    the experts have no gate), optional biases, weights stored [out, in] or, with
+    ``is_transposed``, [in, out], and the module's own gating (``_apply_gate``).
+    """
+    gated = bool(getattr(module, "has_gate", True))
+    name = "gate_up_proj" if gated else "up_proj"
+    weight: torch.Tensor = getattr(module, name)[expert]
+    if getattr(module, "is_transposed", False):
+        projected = hidden @ weight  # (N, H) @ (H, 2*d_ff) -> (N, 2*d_ff)
+    else:
+        projected = nn.functional.linear(hidden, weight)  # (N, H) -> (N, 2*d_ff)
+    if getattr(module, "has_bias", False):
+        projected = projected + getattr(module, f"{name}_bias")[expert]
+    if gated:
+        apply_gate: Any = module._apply_gate
+        return apply_gate(projected)  # type: ignore[no-any-return]
+    act: Any = module.act_fn
+    return act(projected)  # type: ignore[no-any-return]
 
 
 def model_device(model: nn.Module) -> torch.device:

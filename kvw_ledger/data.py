@@ -235,7 +235,11 @@ class Encoder:
 
     def _image_placeholder(self) -> str:
         name = type(self.processor).__name__
-        token = _IMAGE_PLACEHOLDERS.get(name) or getattr(self.processor, "image_token", None)
+        # By class or base class: loading may build a subclass (an image-only processor).
+        placeholders = (_IMAGE_PLACEHOLDERS.get(k.__name__) for k in type(self.processor).__mro__)
+        token = next((p for p in placeholders if p), None) or getattr(
+            self.processor, "image_token", None
+        )
         if not token:
             raise BadInputError(f"{name} has no image_token; give the model a chat template")
         return str(token)

@@ -81,3 +81,7 @@ class StabilityCheckError(KVWLedgerError, RuntimeError):
 
 class StorageError(KVWLedgerError, OSError):
     """The ledger's storage refused a write (full disk, read-only directory); nothing was committed."""
+
+
+class ImageOnlyProcessorWarning(UserWarning):
+    """A vision-language processor was built without its video processor (no video backend)."""

@@ -7,6 +7,7 @@ model directory is never executed.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import warnings
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kvw_ledger.errors import BadInputError
+from kvw_ledger.errors import BadInputError, ImageOnlyProcessorWarning
 
 
 @contextlib.contextmanager
@@ -89,19 +90,92 @@ def _loading_bars(progress: bool) -> Iterator[None]:
 
 
 def load_processor(model_dir: str | Path) -> Any:
-    """The processor of a vision-language model, else the tokenizer."""
+    """The processor of a vision-language model, else the tokenizer.
+
+    Qwen2-VL-style processors also build a video processor, which needs torchvision;
+    without a working torchvision ``AutoProcessor`` refuses the whole processor. Then
+    the same processor class is built without its video processor (tokenizer, the
+    PIL image processor and the chat template, read from the same files), with an
+    :class:`ImageOnlyProcessorWarning` saying so: image and text records work the
+    same, video inputs are refused.
+    """
     from transformers import AutoProcessor, AutoTokenizer
 
     model_dir = Path(model_dir)
     try:
         if is_vision_language(model_dir):
-            return AutoProcessor.from_pretrained(model_dir, local_files_only=True)
+            try:
+                return AutoProcessor.from_pretrained(model_dir, local_files_only=True)
+            except (ImportError, RuntimeError, AttributeError) as e:
+                # A missing or broken torchvision surfaces as any of these.
+                processor = _image_only_processor(model_dir, e)
+                if processor is None:
+                    raise
+                return processor
         return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, ImportError, RuntimeError, AttributeError) as e:
         raise BadInputError(
             f"cannot load a tokenizer/processor from {model_dir}: {e}; save it beside the model "
-            "with tokenizer.save_pretrained(dir)"
+            "with processor.save_pretrained(dir) (tokenizer.save_pretrained(dir) for text models)"
         ) from e
+
+
+def _processor_class(model_dir: Path) -> Any:
+    """The processor class the directory names, as AutoProcessor looks it up."""
+    from transformers.models.auto.processing_auto import (
+        PROCESSOR_MAPPING_NAMES,
+        processor_class_from_name,
+    )
+
+    name = None
+    for file in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
+        try:
+            name = json.loads((model_dir / file).read_text()).get("processor_class")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if name:
+            break
+    if not name:
+        name = PROCESSOR_MAPPING_NAMES.get(str(_config(model_dir).get("model_type")))
+    if not isinstance(name, str):
+        return None
+    found = processor_class_from_name(name)
+    return found if isinstance(found, type) else None
+
+
+def _image_only_processor(model_dir: Path, error: BaseException) -> Any | None:
+    """The directory's processor without its video processor, or None if that is not the fault."""
+    cls = _processor_class(model_dir)
+    if cls is None or "video_processor" not in cls.get_attributes():
+        return None
+    image_only: Any = _image_only_class(cls)
+    processor = image_only.from_pretrained(model_dir, local_files_only=True)
+    warnings.warn(
+        f"{model_dir}: built {cls.__name__} without its video processor, because the video "
+        f"backend failed to load ({' '.join(str(error).split()).split('. ')[0]}). Image and text records "
+        "work the same; video inputs do not. Install the torchvision release that matches your "
+        "torch to get the full processor.",
+        ImageOnlyProcessorWarning,
+        stacklevel=3,
+    )
+    return processor
+
+
+@functools.cache
+def _image_only_class(cls: Any) -> type:
+    """A subclass of ``cls`` whose sub-processors are all but ``video_processor``.
+
+    transformers reads a processor's parts from its ``__init__`` signature, so this
+    signature without ``video_processor`` makes ``from_pretrained`` load only the
+    tokenizer, the image processor and the chat template.
+    """
+
+    def __init__(
+        self: Any, image_processor: Any = None, tokenizer: Any = None, chat_template: Any = None, **kwargs: Any
+    ) -> None:
+        cls.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+    return type(f"ImageOnly{cls.__name__}", (cls,), {"__init__": __init__, "__doc__": cls.__doc__})
 
 
 def max_length(model: nn.Module) -> int | None:

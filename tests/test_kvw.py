@@ -136,10 +136,18 @@ def reference_forget(model, site_names, axis, forget, retain, cfg: KVWConfig, pa
     return {n: modules[n].weight.data.clone() for n in site_names}
 
 
+# Architectures found only since sites come from structure, each with its own MLP shape:
+# Falcon (dense_4h_to_h), StableLM and Gemma 3 (gated), OLMo2 (post-norms), Phi-3
+# (fused gate_up), Qwen2-MoE's shared expert (its routed experts: test_coefficients).
+NEW_KINDS = ["falcon", "stablelm", "gemma3_text", "olmo2", "phi3"]
+
+
 @pytest.mark.parametrize("batch_size", [1, 3])
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2_vl"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2_vl", *NEW_KINDS])
 def test_forget_matches_reference_semantics(arch: str, batch_size: int) -> None:
-    build = {"llama": tiny.llama, "gpt2": tiny.gpt2, "qwen2_vl": tiny.qwen2_vl}[arch]
+    build = {"llama": tiny.llama, "gpt2": tiny.gpt2, "qwen2_vl": tiny.qwen2_vl}.get(
+        arch, tiny.TEXT_ARCHITECTURES.get(arch)
+    )
     tok = tiny.char_tokenizer()
     if arch == "qwen2_vl":
         forget, retain = qwen_examples(5), qwen_examples(6, offset=20)

@@ -34,11 +34,13 @@ import crashkit
 import pytest
 import tiny
 import torch
+import transformers as tf
 from click.testing import CliRunner, Result
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 from tokenizers import normalizers
+from transformers import AutoModelForCausalLM
 
 import kvw_ledger
 from kvw_ledger.cli import main
@@ -489,6 +491,26 @@ def _pickle_only(c: Case) -> list[str | Path]:
     return ["init", new, "--model", model, "-q"]
 
 
+def _no_vision_tower(c: Case) -> list[str | Path]:
+    new = c.tmp / "new-ledger"
+    c.must_not_exist.append(new)
+    return ["init", new, "--model", c.scenario.model_dir, "--sites", "vision", "-q"]
+
+
+def _ambiguous_ffn(c: Case) -> list[str | Path]:
+    # d_ff == d_model: gate, up and down projections all map 16 -> 16.
+    torch.manual_seed(0)
+    model: Any = AutoModelForCausalLM.from_config(
+        tf.MistralConfig(vocab_size=tiny.VOCAB, hidden_size=16, intermediate_size=16,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2)
+    )
+    model_dir = c.tmp / "square-ffn"
+    model.save_pretrained(model_dir)
+    new = c.tmp / "new-ledger"
+    c.must_not_exist.append(new)
+    return ["init", new, "--model", model_dir, "-q"]
+
+
 def _inf_model(c: Case) -> list[str | Path]:
     model: Any = tiny.llama()
     with torch.no_grad():
@@ -625,6 +647,8 @@ CASES: dict[str, Callable[[Case], list[str | Path]]] = {
     "model-mismatch": _changed_model,
     "other-architecture": _gpt2,
     "pickle-only-model": _pickle_only,
+    "no-vision-tower": _no_vision_tower,
+    "ambiguous-ffn": _ambiguous_ffn,
     "non-finite-activations": _inf_model,
     "gamma-zero": _gamma("0"),
     "gamma-negative": _gamma("-1"),

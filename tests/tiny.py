@@ -134,6 +134,164 @@ def qwen2_vl(seed: int = 0) -> torch.nn.Module:
     return AutoModelForImageTextToText.from_config(cfg).eval()
 
 
+def qwen2_5_vl(seed: int = 0, **text: Any) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    cfg = tf.Qwen2_5_VLConfig(
+        text_config=dict(
+            _text(model_type="qwen2_5_vl_text", intermediate_size=24, num_hidden_layers=2, **text),
+            rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]},
+        ),
+        vision_config=dict(
+            depth=2,
+            hidden_size=16,
+            intermediate_size=20,
+            num_heads=2,
+            out_hidden_size=16,
+            patch_size=2,
+            spatial_merge_size=1,
+            temporal_patch_size=1,
+            fullatt_block_indexes=[1],
+        ),
+        image_token_id=5,
+        video_token_id=6,
+        vision_start_token_id=4,
+    )
+    return AutoModelForImageTextToText.from_config(cfg).eval()
+
+
+def mllama(seed: int = 0) -> torch.nn.Module:
+    """Mllama: a language tower with one cross-attention layer, and a two-part vision tower."""
+    torch.manual_seed(seed)
+    cfg = tf.MllamaConfig(
+        text_config=_text(
+            model_type="mllama_text_model",
+            num_hidden_layers=3,
+            cross_attention_layers=[1],
+            intermediate_size=24,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+        vision_config=dict(
+            hidden_size=16,
+            intermediate_size=24,
+            num_hidden_layers=2,
+            num_global_layers=1,
+            attention_heads=2,
+            image_size=16,
+            patch_size=8,
+            vision_output_dim=32,
+            max_num_tiles=1,
+            intermediate_layers_indices=[0],
+            supported_aspect_ratios=[[1, 1]],
+        ),
+        image_token_index=3,
+    )
+    return AutoModelForImageTextToText.from_config(cfg).eval()
+
+
+def _causal(config_cls: Any, seed: int, **kw: Any) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    kw.setdefault("bos_token_id", 1)
+    kw.setdefault("eos_token_id", 2)
+    kw.setdefault("pad_token_id", 0)
+    return AutoModelForCausalLM.from_config(config_cls(**kw)).eval()
+
+
+def _small(**overrides: Any) -> dict[str, Any]:
+    """A 2-layer decoder config: hidden 16, FFN 24."""
+    cfg = _text(num_hidden_layers=2, intermediate_size=24)
+    cfg.pop("model_type")
+    cfg.update(overrides)
+    return cfg
+
+
+def _moe(**overrides: Any) -> dict[str, Any]:
+    return _small(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=12, **overrides)
+
+
+# Every architecture the tests run end to end: name -> builder of a tiny random model.
+# Text models take the character tokenizer; the vision-language ones have processors.
+TEXT_ARCHITECTURES: dict[str, Any] = {
+    "llama": lambda seed=0: _causal(tf.LlamaConfig, seed, **_small()),
+    "mistral": lambda seed=0: _causal(tf.MistralConfig, seed, **_small()),
+    "qwen2": lambda seed=0: _causal(tf.Qwen2Config, seed, **_small()),
+    "qwen3": lambda seed=0: _causal(tf.Qwen3Config, seed, **_small(head_dim=8)),
+    "gemma": lambda seed=0: _causal(tf.GemmaConfig, seed, **_small(head_dim=8)),
+    "gemma2": lambda seed=0: _causal(tf.Gemma2Config, seed, **_small(head_dim=8)),
+    "gemma3_text": lambda seed=0: _causal(tf.Gemma3TextConfig, seed, **_small(head_dim=8)),
+    "gpt2": lambda seed=0: _causal(
+        tf.GPT2Config, seed, vocab_size=VOCAB, n_embd=16, n_inner=24, n_layer=2, n_head=2,
+        n_positions=256,
+    ),
+    "gpt_neox": lambda seed=0: _causal(tf.GPTNeoXConfig, seed, **_small()),
+    "opt": lambda seed=0: _causal(
+        tf.OPTConfig, seed, vocab_size=VOCAB, hidden_size=16, ffn_dim=24, num_hidden_layers=2,
+        num_attention_heads=2, word_embed_proj_dim=16, max_position_embeddings=256,
+    ),
+    "phi": lambda seed=0: _causal(tf.PhiConfig, seed, **_small()),
+    "phi3": lambda seed=0: _causal(tf.Phi3Config, seed, **_small()),
+    "olmo": lambda seed=0: _causal(tf.OlmoConfig, seed, **_small()),
+    "olmo2": lambda seed=0: _causal(tf.Olmo2Config, seed, **_small()),
+    "granite": lambda seed=0: _causal(tf.GraniteConfig, seed, **_small()),
+    "stablelm": lambda seed=0: _causal(tf.StableLmConfig, seed, **_small()),
+    "falcon": lambda seed=0: _causal(
+        tf.FalconConfig, seed, vocab_size=VOCAB, hidden_size=16, ffn_hidden_size=24,
+        num_hidden_layers=2, num_attention_heads=2,
+    ),
+    "mixtral": lambda seed=0: _causal(
+        tf.MixtralConfig, seed, **_small(num_local_experts=4, num_experts_per_tok=2)
+    ),
+    "qwen2_moe": lambda seed=0: _causal(
+        tf.Qwen2MoeConfig, seed, **_moe(shared_expert_intermediate_size=20)
+    ),
+    "qwen3_moe": lambda seed=0: _causal(tf.Qwen3MoeConfig, seed, **_moe(head_dim=8)),
+}
+VISION_ARCHITECTURES: dict[str, Any] = {
+    "llava": llava,
+    "qwen2_vl": lambda seed=0: qwen2_vl(seed),
+    "qwen2_5_vl": qwen2_5_vl,
+    "mllama": mllama,
+}
+
+
+# A short chat template in the shape of Qwen2-VL's: the image placeholder is the
+# vision-start, image-pad and vision-end tokens, and the answer follows the prompt.
+QWEN_CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'][0] }}:"
+    "{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<s>a:{% endif %}"
+)
+
+
+def save_qwen_vl_processor(model_dir: Path, processor_class: str = "Qwen2VLProcessor") -> None:
+    """Writes a Qwen2-VL / Qwen2.5-VL processor as their checkpoints ship one.
+
+    ``preprocessor_config.json`` (the image processor, naming the processor class),
+    the tokenizer files and ``chat_template.json``: the files of e.g.
+    Qwen2-VL-2B-Instruct, at a size that fits the tiny models (16 x 16 images, 2 x 2
+    patches, no merging: 64 image tokens).
+    """
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
+
+    model_dir.mkdir(parents=True, exist_ok=True)
+    image = Qwen2VLImageProcessorPil(
+        min_pixels=64, max_pixels=256, patch_size=2, merge_size=1, temporal_patch_size=1
+    )
+    image.save_pretrained(model_dir)
+    config_path = model_dir / "preprocessor_config.json"
+    config = json.loads(config_path.read_text())
+    config["processor_class"] = processor_class
+    config_path.write_text(json.dumps(config, indent=2))
+    char_tokenizer().save_pretrained(model_dir)
+    (model_dir / "chat_template.json").write_text(json.dumps({"chat_template": QWEN_CHAT_TEMPLATE}))
+
+
 def write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
