@@ -1002,3 +1002,37 @@ def tune(
             f"recommended: --gamma {rec['gamma']:g} --layers {rec['layers'][0]}:{rec['layers'][1]}"
             + (" --rescale" if rescale else "")
         )
+
+
+@main.command("import")
+@click.argument("benchmark", type=click.Choice(["mllmu", "clear", "tofu"]))
+@click.argument("source", type=click.Path(file_okay=False))
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option(
+    "--split",
+    "splits",
+    multiple=True,
+    metavar="NAME",
+    help="A config to import (repeatable), e.g. forget_5; default: every known one in SOURCE.",
+)
+@JSON
+@_errors
+def import_(benchmark: str, source: str, out_dir: str, splits: tuple[str, ...], as_json: bool) -> None:
+    """Convert a local copy of MLLMU-Bench, CLEAR or TOFU into JSONL data files.
+
+    SOURCE is laid out as on the dataset hub: one folder per config holding its
+    parquet files. Each config becomes OUT_DIR/<config>.jsonl; images are written
+    under OUT_DIR/images/. Example:
+
+        kvw-ledger import mllmu MLLMU-Bench/ data/ --split forget_5 --split retain_95
+    """
+    from kvw_ledger.importers import import_benchmark
+
+    report = import_benchmark(benchmark, source, out_dir, splits)
+    if as_json:
+        _dump(report.to_dict())
+        return
+    for s in report.splits:
+        extras = f", {s.multiple_choice} multiple choice" if s.multiple_choice else ""
+        skipped = f", {s.skipped} without an answer left out" if s.skipped else ""
+        click.echo(f"{s.name}: {s.records} records{extras}, {s.images} new images{skipped} -> {s.file}")
