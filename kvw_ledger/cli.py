@@ -1034,9 +1034,13 @@ def import_(benchmark: str, source: str, out_dir: str, splits: tuple[str, ...], 
 
     SOURCE is laid out as on the dataset hub: one folder per config holding its
     parquet files. Each config becomes OUT_DIR/<config>.jsonl; images are written
-    under OUT_DIR/images/. Example:
+    under OUT_DIR/images/. Multiple-choice items keep their options and the
+    correct index.
 
-        kvw-ledger import mllmu MLLMU-Bench/ data/ --split forget_5 --split retain_95
+    \b
+    Example:
+      kvw-ledger import mllmu MLLMU-Bench/ data/ --split forget_5 --split retain_95
+      kvw-ledger import tofu TOFU/ data/tofu/ --json
     """
     from kvw_ledger.importers import import_benchmark
 

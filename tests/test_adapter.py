@@ -24,7 +24,6 @@ from kvw_ledger.sites import Site
 
 # Strong enough that every weakened site visibly moves the logits.
 STRONG = KVWConfig(gamma=1.0)
-LIMITS = {"on_fail": "warn"}
 
 
 def _ledger(root: Path, model: nn.Module) -> Ledger:
@@ -34,10 +33,10 @@ def _ledger(root: Path, model: nn.Module) -> Ledger:
     ledger = Ledger.create(root / "ledger", model_dir, progress=False)
     ledger.retain(tiny.write_jsonl(root / "retain.jsonl", tiny.qa_records(4, 40)), progress=False)
     ledger.forget(tiny.write_jsonl(root / "a.jsonl", tiny.qa_records(2, 0)), request_id="a",
-                  config=STRONG, limits=LIMITS, progress=False)  # fmt: skip
+                  config=STRONG, limits=ledger.limits(on_fail="warn"), progress=False)  # fmt: skip
     rescaled = KVWConfig(gamma=1.0, rescale=True)
     ledger.forget(tiny.write_jsonl(root / "b.jsonl", tiny.qa_records(2, 5)), request_id="b",
-                  config=rescaled, limits=LIMITS, progress=False)  # fmt: skip
+                  config=rescaled, limits=ledger.limits(on_fail="warn"), progress=False)  # fmt: skip
     return ledger
 
 
