@@ -631,26 +631,38 @@ def revert(
 @LEDGER
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--at", default="HEAD", show_default=True, help="REF of the version to export.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["safetensors", "peft"]),
+    default="safetensors",
+    show_default=True,
+    help="safetensors: a whole model directory; peft: an IA3 adapter for the base model.",
+)
 @MODEL
 @QUIET
 @_writes
 def export(
-    ledger: str, out_dir: str, at: str, model_dir: str | None, quiet: bool
+    ledger: str, out_dir: str, at: str, fmt: str, model_dir: str | None, quiet: bool
 ) -> dict[str, Any]:
     """Write a version as a Hugging Face model directory (no ledger data inside).
 
     OUT_DIR gets the weights, config and tokenizer files, and kvw_provenance.json:
     ledger_version and entry_hash (the version exported), head_hash (the ledger's
-    HEAD then) and active_requests.
+    HEAD then) and active_requests. With --format peft, OUT_DIR is a peft IA3
+    adapter for the base model instead: PeftModel.from_pretrained(base, OUT_DIR).
 
     \b
     Example:
       kvw-ledger export ledger/ served-model/
       kvw-ledger export ledger/ version-3/ --at 3
+      kvw-ledger export ledger/ adapter-v3/ --at 3 --format peft
     """
     from kvw_ledger.export import PROVENANCE_FILE
 
-    path = _open(ledger).export(out_dir, at=at, model_dir=model_dir, progress=not quiet)
+    path = _open(ledger).export(
+        out_dir, at=at, model_dir=model_dir, progress=not quiet, format=fmt
+    )
     provenance = json.loads((path / PROVENANCE_FILE).read_text(encoding="utf-8"))
     version = provenance["ledger_version"]
     click.echo(f"exported version {version} to {path}")
@@ -1002,3 +1014,41 @@ def tune(
             f"recommended: --gamma {rec['gamma']:g} --layers {rec['layers'][0]}:{rec['layers'][1]}"
             + (" --rescale" if rescale else "")
         )
+
+
+@main.command("import")
+@click.argument("benchmark", type=click.Choice(["mllmu", "clear", "tofu"]))
+@click.argument("source", type=click.Path(file_okay=False))
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option(
+    "--split",
+    "splits",
+    multiple=True,
+    metavar="NAME",
+    help="A config to import (repeatable), e.g. forget_5; default: every known one in SOURCE.",
+)
+@JSON
+@_errors
+def import_(benchmark: str, source: str, out_dir: str, splits: tuple[str, ...], as_json: bool) -> None:
+    """Convert a local copy of MLLMU-Bench, CLEAR or TOFU into JSONL data files.
+
+    SOURCE is laid out as on the dataset hub: one folder per config holding its
+    parquet files. Each config becomes OUT_DIR/<config>.jsonl; images are written
+    under OUT_DIR/images/. Multiple-choice items keep their options and the
+    correct index.
+
+    \b
+    Example:
+      kvw-ledger import mllmu MLLMU-Bench/ data/ --split forget_5 --split retain_95
+      kvw-ledger import tofu TOFU/ data/tofu/ --json
+    """
+    from kvw_ledger.importers import import_benchmark
+
+    report = import_benchmark(benchmark, source, out_dir, splits)
+    if as_json:
+        _dump(report.to_dict())
+        return
+    for s in report.splits:
+        extras = f", {s.multiple_choice} multiple choice" if s.multiple_choice else ""
+        skipped = f", {s.skipped} without an answer left out" if s.skipped else ""
+        click.echo(f"{s.name}: {s.records} records{extras}, {s.images} new images{skipped} -> {s.file}")

@@ -17,8 +17,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from kvw_ledger.bench.instill import InstillConfig, build_model
 from kvw_ledger.bench.profiles import BenchConfig, generate
+from kvw_ledger.cpu import CoreMeter
 from kvw_ledger.errors import BadInputError
 from kvw_ledger.evaluate import evaluate_split
 from kvw_ledger.kvw import KVWConfig
@@ -41,7 +44,7 @@ class DemoConfig:
     epochs: int = 1  # passes over each forget group
     retain_records: int = 400  # retain records for C_r (a seeded sample; count)
     eval_records: int = 160  # retain records evaluated per version (count)
-    threads: int = 2  # torch CPU threads
+    threads: int = 0  # torch CPU threads; 0: the cores other processes leave free, re-read per step
 
 
 def run_demo(
@@ -49,7 +52,7 @@ def run_demo(
 ) -> dict[str, Any]:
     """Runs the demo in ``workdir`` and returns the report (also written as report.json)."""
     config = config or DemoConfig()
-    with torch_threads(config.threads):
+    with torch_threads(config.threads or CoreMeter().threads()):
         return _run(workdir, echo or (lambda _: None), config)
 
 
@@ -84,7 +87,15 @@ def _run(workdir: Path, say: Echo, config: DemoConfig) -> dict[str, Any]:
     splits = {**groups, "retain": paths.retain_demo}
     limits = {**{g: None for g in groups}, "retain": config.eval_records}
 
+    meter = CoreMeter() if config.threads == 0 else None
+
+    def pace() -> None:
+        # Each step is seconds long: re-read the free cores before it, not once per run.
+        if meter is not None:
+            torch.set_num_threads(meter.threads())
+
     def evaluate(label: str) -> dict[str, Any]:
+        pace()
         version = ledger.materialize(model)
         figures = {
             name: evaluate_split(model, processor, path, max_records=limits[name])
@@ -106,6 +117,7 @@ def _run(workdir: Path, say: Echo, config: DemoConfig) -> dict[str, Any]:
     say(_table_header(list(splits)))
     rows = [evaluate("before")]
     for name, path in groups.items():
+        pace()
         entry = ledger.forget(
             path,
             request_id=name,

@@ -190,7 +190,8 @@ def _fsync(f: BinaryIO) -> None:
     os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Makes a rename into ``path`` (a directory) durable, where the platform allows."""
     # Make a rename or a new entry durable; not every platform can open a directory.
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
@@ -338,7 +339,8 @@ def _copy_file(src: Path, dst: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _check_out_dir(out_dir: Path) -> None:
+def check_out_dir(out_dir: Path) -> None:
+    """Refuses an export directory that exists and is not empty (exports never overwrite)."""
     if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
         raise LedgerExistsError(
             f"{out_dir} already exists and is not a directory; export never overwrites"
@@ -397,7 +399,7 @@ def export_model(
         provenance_pretty = json.dumps(provenance, sort_keys=True, indent=2) + "\n"
     except (TypeError, ValueError) as e:
         raise BadInputError(f"provenance is not JSON-serialisable: {e}") from e
-    _check_out_dir(out)
+    check_out_dir(out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
     # mkdtemp makes the directory 0o700: nobody reads a half-written export.
@@ -420,7 +422,7 @@ def export_model(
         for p in tmp.iterdir():
             p.chmod(0o644)
         tmp.chmod(0o755)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         try:
             # POSIX rename replaces an empty directory and fails on a non-empty one,
             # so a directory created meanwhile is never overwritten.
@@ -431,7 +433,7 @@ def export_model(
                     f"{out} appeared during the export; export never overwrites"
                 ) from e
             raise
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

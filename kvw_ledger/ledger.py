@@ -66,6 +66,9 @@ from kvw_ledger.store import HeadCache, Store, check_id
 
 __all__ = ["Ledger", "LedgerState", "RequestInfo", "VerifyReport"]
 
+EXPORT_FORMATS = ("safetensors", "peft")  # export: a full model directory, or a peft IA3 adapter
+
+
 @dataclass(frozen=True)
 class RequestInfo:
     """One deletion request as the journal records it."""
@@ -746,14 +749,26 @@ class Ledger:
         at: str | int = "HEAD",
         model_dir: str | Path | None = None,
         progress: bool = True,
+        format: str = "safetensors",
     ) -> Path:
         """Writes version ``at`` as a Hugging Face model directory, one shard at a time.
 
         The weight files come from the model directory (fingerprint-checked, so they
         are the base); only the sites' tensors change. No ledger array goes in.
+
+        ``format="peft"`` writes the version instead as a peft IA3 adapter on the
+        value projections (``exp(S - W)`` per value vector, see :mod:`kvw_ledger.adapter`),
+        to load with ``PeftModel.from_pretrained(base, out_dir)`` on the base model.
+
+        Raises:
+            BadInputError: an unknown format, or a site IA3 cannot express (named).
         """
+        if format not in EXPORT_FORMATS:
+            raise BadInputError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, not {format!r}")
         entries = self.entries()
         version = self.resolve(at, entries)
+        if format == "peft":
+            return self._export_adapter(out_dir, version, entries, model_dir)
         directory = self.model_dir(model_dir)
         self._check_model_dir(directory, progress)
         _, exponents, scales = self.sums(version)
@@ -784,6 +799,37 @@ class Ledger:
             # export_model built it in a temporary sibling and removed that: nothing is left
             raise StorageError(
                 f"could not write the export to {out_dir} ({e.strerror or e}); nothing was exported"
+            ) from e
+
+    def _export_adapter(
+        self, out_dir: str | Path, version: int, entries: Sequence[Entry], model_dir: str | Path | None
+    ) -> Path:
+        from kvw_ledger.adapter import check_ia3_sites, write_ia3_adapter
+
+        check_ia3_sites(self.sites)  # before any array is read
+        _, exponents, scales = self.sums(version)
+        zero = torch.zeros((), dtype=torch.float32)
+        factors = {
+            s.name: torch.exp(scales.get(s.name, zero).to(torch.float32) - exponents[s.name])
+            for s in self.sites
+        }
+        provenance = {
+            "ledger_version": version,
+            "entry_hash": entries[version - 1].hash,
+            "head_hash": entries[-1].hash,
+            "active_requests": self.state(version).active,
+            "model_fingerprint": self.model_info["fingerprint"],
+            "format": "peft-ia3",
+            "tool": "kvw-ledger",
+        }
+        base = str(self.model_dir(model_dir))
+        try:
+            return write_ia3_adapter(out_dir, self.sites, factors, base, provenance)
+        except OSError as e:
+            if isinstance(e, KVWLedgerError):
+                raise
+            raise StorageError(
+                f"could not write the adapter to {out_dir} ({e.strerror or e}); nothing was exported"
             ) from e
 
     def rederive(

@@ -241,3 +241,28 @@ def test_ffn_learns_only_at_answer_positions() -> None:
     everywhere = grads(False, instill.cause_mask(labels, mask))
     assert all(v > 0 for n, v in answer.items() if ".mlp." in n)
     assert answer != everywhere  # the other positions' share is gone
+
+
+def test_training_follows_the_free_cores(
+    bench: BenchPaths, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[int] = []
+
+    class Meter:  # another process holds all but one core
+        def threads(self) -> int:
+            seen.append(torch.get_num_threads())
+            return 1
+
+    monkeypatch.setattr(instill, "CoreMeter", Meter)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        auto = instill.InstillConfig(**{**TINY.__dict__, "threads": 0})
+        out = instill.build_model(tmp_path, bench, auto)
+        # Re-read as it ran (every stage, every few steps), and on one thread throughout.
+        assert len(seen) >= 4 and set(seen[1:]) == {1}
+        assert torch.get_num_threads() == 2
+        # The thread count is not part of the model's identity: the cache hits.
+        assert instill.build_model(tmp_path, bench, instill.InstillConfig(**{**auto.__dict__, "threads": 2})) == out
+    finally:
+        torch.set_num_threads(before)
