@@ -15,8 +15,8 @@ What makes a remembered digest safe to reuse:
 - That last case is git's "racy" index entry (Documentation/technical/racy-git.txt),
   and the rule is git's: an entry is trusted only when its mtime and ctime are
   strictly older than the cache file's own timestamp. That timestamp is read from
-  the filesystem clock before the first file is examined (the cache's scratch file
-  is created first, and the finished cache keeps its mtime), so a file whose tick
+  the filesystem clock before the first file is examined (a scratch file is created
+  and removed first, and the finished cache gets its mtime), so a file whose tick
   had not yet passed when it was stat-ed is re-hashed by the next command. A
   margin (``RACY_MARGIN_NS``) covers filesystems with coarse timestamps (FAT's 2 s,
   1 s ones) and a little clock skew to a network file server.
@@ -72,7 +72,6 @@ class FingerprintCache:
         self.path = path
         self._trusted: dict[StatKey, str] = dict(trusted or {})
         self._fresh: dict[StatKey, str] = {}
-        self._scratch: Path | None = None
         self._stamp_ns: int | None = None
 
     @classmethod
@@ -92,17 +91,20 @@ class FingerprintCache:
         return cls(path, {key: digest for key, digest in entries.items() if key[4] < limit and key[5] < limit})
 
     def begin(self) -> None:
-        """Reads the filesystem clock (by creating the scratch file) before any file is stat-ed."""
-        if self._scratch is not None:
+        """Reads the filesystem clock before any file is stat-ed: the mtime of a scratch
+        file created (and removed again at once, so a killed process leaves none) here."""
+        if self._stamp_ns is not None:
             return
-        scratch = self.path.with_name(f"{_SCRATCH}{secrets.token_hex(8)}")
+        probe = self.path.with_name(f"{_SCRATCH}{secrets.token_hex(8)}")
         try:
-            fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                self._stamp_ns = os.fstat(fd).st_mtime_ns
+            finally:
+                os.close(fd)
+                probe.unlink()
         except OSError:
             return  # a read-only ledger: lookups still work, nothing is remembered
-        os.close(fd)
-        self._scratch = scratch
-        self._stamp_ns = scratch.stat().st_mtime_ns
 
     def get(self, key: StatKey) -> str | None:
         """The digest remembered for ``key``, if it is trusted."""
@@ -113,15 +115,12 @@ class FingerprintCache:
         self._fresh[key] = digest
 
     def save(self) -> None:
-        """Writes the cache (atomically, owner-only) when it learnt something; else tidies up."""
-        scratch, stamp = self._scratch, self._stamp_ns
-        self._scratch = self._stamp_ns = None
-        if scratch is None or stamp is None:
+        """Writes the cache (atomically, owner-only) when it learnt something."""
+        stamp, self._stamp_ns = self._stamp_ns, None
+        if stamp is None or not self._fresh:
             return
+        scratch = self.path.with_name(f"{_SCRATCH}{secrets.token_hex(8)}")
         try:
-            if not self._fresh:
-                scratch.unlink()
-                return
             merged = {**self._trusted, **self._fresh}
             kept = list(merged.items())[-_MAX_ENTRIES:]
             entries = [
@@ -130,7 +129,7 @@ class FingerprintCache:
                 for k, d in kept
             ]  # fmt: skip
             body = {"format": _FORMAT, "entries": entries, "seal": _seal(entries)}
-            with open(scratch, "w", encoding="utf-8") as fh:
+            with open(os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w", encoding="utf-8") as fh:
                 json.dump(body, fh, sort_keys=True)
                 fh.flush()
                 os.fsync(fh.fileno())

@@ -359,7 +359,11 @@ class Store:
         removed: list[str] = []
         for entry in sorted(os.listdir(self.path)):
             if _TEMP_ROOT_RE.fullmatch(entry):
-                shutil.rmtree(self.path / entry, ignore_errors=True)
+                if (self.path / entry).is_dir():
+                    shutil.rmtree(self.path / entry, ignore_errors=True)
+                else:  # a file: the fingerprint cache's scratch, left by a killed process
+                    with contextlib.suppress(OSError):
+                        (self.path / entry).unlink()
                 removed.append(entry)
         for dirpath, dirnames, filenames in os.walk(self.path):
             parts = Path(dirpath).relative_to(self.path).parts
