@@ -25,7 +25,8 @@ lint: $(STAMP)
 test: lint
 	$(VENV)/bin/pytest
 
-# Speed, memory and scale side by side, and the unlearning frontier (issue 7):
+# Speed, memory and scale side by side, the unlearning frontier (issue 7) and a forget's
+# fixed cost before and after the fingerprint cache (issue 11, benchmarks/fixedcost.py):
 # writes benchmarks/results.json and benchmarks/RESULTS.md.
 bench: $(STAMP)
 	$(PY) benchmarks/run.py

@@ -26,9 +26,10 @@ after its last weakened layer and never pages in the LM head. The increments abo
 statistics are measured once per retain set and reused by every request, so their
 cost is reported on its own, as the ratio if a request had to pay them too.
 
-With ``device="cuda"`` both sides run in this process on the GPU (the ledger loads
-on the CPU, so the KVW side is ``kvw_ledger.kvw.run_kvw``, the loop ``forget`` runs)
-and memory is ``torch.cuda.max_memory_allocated``.
+With ``device="cuda"`` the model is a ~1.1B-parameter Llama in bfloat16 (``GPU``), both
+sides run in this process on the GPU (the KVW side a real ``Ledger.forget(device="cuda")``,
+model loading included; a ``load`` floor is timed beside it) and memory is
+``torch.cuda.max_memory_allocated``.
 
     python benchmarks/run.py --only graddiff [--quick]
 """
@@ -52,12 +53,11 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from transformers.models.llama import modeling_llama  # noqa: F401  (see below)
 
-from kvw_ledger import coefficients
-from kvw_ledger.data import Encoder, encode_all, iter_batches, read_records
-from kvw_ledger.kvw import KVWConfig, run_kvw
+from kvw_ledger.data import Encoder, encode_all, read_records
+from kvw_ledger.devices import Placement
+from kvw_ledger.kvw import KVWConfig
 from kvw_ledger.ledger import Ledger
 from kvw_ledger.loading import load_model, load_processor, max_length, torch_threads
-from kvw_ledger.sites import discover_sites
 
 from baselines import GradDiffConfig, graddiff, kvw_batches, retain_batches
 from common import Figure, PeakRSS, Result, in_fresh_process, mib
@@ -90,8 +90,13 @@ class Setting:
     repeats: int = 3  # timed rounds (each side once per round, interleaved)
     warmup: int = 1  # untimed rounds first (page cache, allocator)
     threads: int = 1  # torch threads per side: on a shared 2-core machine, 2 OpenMP threads stall
+    dtype: str = "float32"  # the checkpoint's dtype (and the model's: --dtype auto)
 
 
+# On a GPU (--device cuda): a ~1.1B-parameter Llama (TinyLlama's shape) in bfloat16.
+GPU = Setting(
+    hidden_size=2048, intermediate_size=5632, num_layers=22, num_heads=16, dtype="bfloat16", threads=4,
+)  # fmt: skip
 QUICK = Setting(
     vocab_size=8000, hidden_size=256, intermediate_size=768, num_layers=6, num_heads=4,
     forget_records=16, retain_records=32, repeats=1, warmup=0,
@@ -132,7 +137,8 @@ def write_records(path: Path, n: int, setting: Setting, seed: int) -> Path:
 def prepare(workdir: Path, setting: Setting) -> dict[str, Path]:
     """Model directory, data files and a fresh ledger (init only), reused while the
     setting is unchanged; returns their paths."""
-    key = json.dumps({**asdict(setting), "layout": 2}, sort_keys=True)  # bump when this changes
+    described = {k: v for k, v in asdict(setting).items() if (k, v) != ("dtype", "float32")}  # keys as before
+    key = json.dumps({**described, "layout": 2}, sort_keys=True)  # bump when this changes
     paths = {
         "model": workdir / "model",
         "forget": workdir / "forget.jsonl",
@@ -151,7 +157,7 @@ def prepare(workdir: Path, setting: Setting) -> dict[str, Path]:
         num_attention_heads=setting.num_heads, num_key_value_heads=setting.num_heads,
         bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )  # fmt: skip
-    AutoModelForCausalLM.from_config(config).save_pretrained(paths["model"])
+    AutoModelForCausalLM.from_config(config).to(getattr(torch, setting.dtype)).save_pretrained(paths["model"])
     word_tokenizer(setting.vocab_size).save_pretrained(paths["model"])
     write_records(paths["forget"], setting.forget_records, setting, seed=1)
     write_records(paths["retain"], setting.retain_records, setting, seed=2)
@@ -309,48 +315,72 @@ def _median(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def measure_cuda(paths: dict[str, Path], setting: Setting) -> dict[str, Any]:
-    """On the GPU, in this process: ``run_kvw`` (the loop ``forget`` runs) against GradDiff,
-    each from a freshly loaded model; memory is the peak allocated, weights included."""
-    processor = load_processor(paths["model"])
-    runs: dict[str, list[dict[str, Any]]] = {"kvw": [], "graddiff": [], "retain": []}
-    for round_ in range(setting.warmup + setting.repeats):
-        for name in ("retain", "kvw", "graddiff"):
-            model = load_model(paths["model"]).to("cuda")
-            encoder = Encoder(processor, max_length(model))
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            start = time.perf_counter()
-            out = _cuda_side(name, model, encoder, paths, setting)
-            torch.cuda.synchronize()
-            seconds = time.perf_counter() - start
-            if round_ >= setting.warmup:
-                runs[name].append({"seconds": seconds, "memory": torch.cuda.max_memory_allocated(), **out})
-            del model
-            torch.cuda.empty_cache()
-    med = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
-    med["kvw"]["compute_seconds"] = med["kvw"]["seconds"]
-    med["graddiff"]["compute_seconds"] = med["graddiff"]["seconds"]
-    return {"kvw": med["kvw"], "graddiff": med["graddiff"], "retain_stats": med["retain"], "runs": runs}
+    """On the GPU, in this process, in bfloat16: a real ``Ledger.forget(device="cuda")``
+    against GradDiff on a model loaded onto the GPU, rounds interleaved; memory is the peak
+    allocated, weights included. Retain statistics are measured once, on the GPU too."""
+    placement = Placement.resolve("cuda", setting.dtype)
+    with_stats = paths["ledger"].with_name("ledger-retain")
+    shutil.rmtree(with_stats, ignore_errors=True)
+    shutil.copytree(paths["ledger"], with_stats)
+    copy = paths["ledger"].with_name("ledger-request")
+    runs: dict[str, list[dict[str, Any]]] = {"load": [], "kvw": [], "graddiff": [], "retain": []}
 
+    def timed(name: str, work: Callable[[], dict[str, Any]], keep: bool) -> None:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        out = work()
+        torch.cuda.synchronize()
+        if keep:
+            runs[name].append({"seconds": time.perf_counter() - start, "memory": torch.cuda.max_memory_allocated(), **out})
+        torch.cuda.empty_cache()
 
-def _cuda_side(name: str, model: Any, encoder: Encoder, paths: dict[str, Path], setting: Setting) -> dict[str, Any]:
-    pad = encoder.pad_token_id
-    sites = discover_sites(model)
-    retain = encode_all(encoder, read_records(paths["retain"]))
-    if name == "retain":
-        coefficients.collect(model, sites, iter_batches(retain, setting.batch_size, pad), progress=False)
+    def retain() -> dict[str, Any]:
+        entry = Ledger.open(with_stats).retain(paths["retain"], stats_id="retain", batch_size=setting.batch_size,
+                                               progress=False, device=placement.device, dtype=placement.dtype)
+        return {"records": entry.body["records"]}
+
+    def load() -> dict[str, Any]:
+        model = load_model(paths["model"], placement=placement)
+        encoder = Encoder(load_processor(paths["model"]), max_length(model))
+        encode_all(encoder, read_records(paths["forget"]))
+        encode_all(encoder, read_records(paths["retain"]))
         return {}
-    forget = encode_all(encoder, read_records(paths["forget"]))
-    config = KVWConfig(gamma=setting.gamma, batch_size=setting.batch_size)
-    if name == "kvw":
-        # C_r on the CPU side would be measured once; here a stand-in of ones keeps the loop's cost.
-        means = {s.name: torch.ones(s.n_vectors) for s in sites}
-        result = run_kvw(model, sites, forget, means, config, pad_token_id=pad, progress=False)
-        return {"batches": result.n_batches, "tokens": result.n_tokens}
-    forget_b = kvw_batches(forget, config, pad)
-    out = graddiff(model, forget_b, retain_batches(retain, len(forget_b), setting.batch_size, pad),
-                   GradDiffConfig(lr=setting.lr))  # fmt: skip
-    return {"steps": out.steps, "forward_passes": out.forward_passes, "backward_passes": out.backward_passes}
+
+    def kvw() -> dict[str, Any]:
+        entry = Ledger.open(copy).forget(
+            paths["forget"], request_id="bench", config=KVWConfig(gamma=setting.gamma, batch_size=setting.batch_size),
+            limits={"on_fail": "warn"}, progress=False, device=placement.device, dtype=placement.dtype,
+        )
+        return {"batches": entry.body["batches"], "tokens": entry.body["tokens"]}
+
+    def gd() -> dict[str, Any]:
+        start = time.perf_counter()
+        model = load_model(paths["model"], placement=placement)
+        encoder = Encoder(load_processor(paths["model"]), max_length(model))
+        pad = encoder.pad_token_id
+        config = KVWConfig(gamma=setting.gamma, batch_size=setting.batch_size)
+        forget_b = kvw_batches(encode_all(encoder, read_records(paths["forget"])), config, pad)
+        retain_b = retain_batches(encode_all(encoder, read_records(paths["retain"])), len(forget_b),
+                                  setting.batch_size, pad)
+        loaded = time.perf_counter()
+        out = graddiff(model, forget_b, retain_b, GradDiffConfig(lr=setting.lr))
+        return {"load_seconds": loaded - start, "compute_seconds": time.perf_counter() - loaded, "steps": out.steps,
+                "forward_passes": out.forward_passes, "backward_passes": out.backward_passes}
+
+    timed("retain", retain, keep=True)
+    for round_ in range(setting.warmup + setting.repeats):
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.copytree(with_stats, copy)
+        keep = round_ >= setting.warmup
+        timed("load", load, keep)
+        timed("kvw", kvw, keep)
+        timed("graddiff", gd, keep)
+    shutil.rmtree(copy, ignore_errors=True)
+    med = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
+    med["kvw"]["compute_seconds"] = med["kvw"]["seconds"] - med["load"]["seconds"]
+    return {"kvw": med["kvw"], "graddiff": med["graddiff"], "load": med["load"], "retain_stats": med["retain"],
+            "runs": runs}
 
 
 # --- figures ----------------------------------------------------------------------
@@ -379,8 +409,8 @@ def figures(kvw: dict[str, Any], graddiff: dict[str, Any], retain_seconds: float
 
 def run(quick: bool = False, device: str = "cpu") -> Result:
     """Item 2: one deletion request with kvw_ledger vs GradDiff, time and peak memory."""
-    setting = QUICK if quick else Setting()
-    workdir = HERE / "_work" / ("graddiff-quick" if quick else "graddiff")
+    setting = QUICK if quick else GPU if device == "cuda" else Setting()
+    workdir = HERE / "_work" / ("graddiff-quick" if quick else "graddiff-gpu" if device == "cuda" else "graddiff")
     paths = prepare(workdir, setting)
     measured = (measure_cuda if device == "cuda" else measure_cpu)(paths, setting)
     with torch.device("meta"):  # the shapes only: no weights loaded into this process

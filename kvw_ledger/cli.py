@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from kvw_ledger import views
+from kvw_ledger.devices import DEVICE_CHOICES, DTYPE_CHOICES
 from kvw_ledger.errors import ImageOnlyProcessorWarning, KVWLedgerError
 from kvw_ledger.journal import Entry
 from kvw_ledger.reader import LedgerReader
@@ -135,6 +136,24 @@ MODEL = click.option(
     help="Model directory (default: the one given to init).",
 )
 QUIET = click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+
+
+def _placement_options(fn: F) -> F:
+    """--device and --dtype, on every verb that runs the model (checked by the library)."""
+    fn = click.option(
+        "--dtype",
+        default="auto",
+        show_default=True,
+        metavar="|".join(DTYPE_CHOICES),
+        help="Model dtype; auto is the checkpoint's own. The ledger's base keeps the checkpoint's.",
+    )(fn)
+    return click.option(
+        "--device",
+        default="auto",
+        show_default=True,
+        metavar=DEVICE_CHOICES,
+        help="Where the model runs; auto is the first GPU, else the CPU.",
+    )(fn)
 
 
 def _limit_options(fn: F) -> F:
@@ -279,6 +298,7 @@ DATA_FORMAT = """DATA is JSONL: one {"question": ..., "answer": ...} object per 
 @click.option(
     "--batch-size", type=int, default=1, show_default=True, help="Retain records per forward pass."
 )
+@_placement_options
 @MODEL
 @QUIET
 @_writes
@@ -289,6 +309,8 @@ def retain(
     at: str,
     batch_size: int,
     model_dir: str | None,
+    device: str,
+    dtype: str,
     quiet: bool,
 ) -> Entry:
     entry = _open(ledger).retain(
@@ -298,6 +320,8 @@ def retain(
         batch_size=batch_size,
         model_dir=model_dir,
         progress=not quiet,
+        device=device,
+        dtype=dtype,
     )
     click.echo(
         f"version {entry.version}: retain stats {entry.body['stats']} from {entry.body['records']} records"
@@ -358,6 +382,7 @@ def retain(
     help="JSONL whose figures are recorded as efficacy (never stored).",
 )
 @_limit_options
+@_placement_options
 @MODEL
 @QUIET
 @_writes
@@ -380,6 +405,8 @@ def forget(
     max_nll_increase: float | None,
     on_fail: str | None,
     model_dir: str | None,
+    device: str,
+    dtype: str,
     quiet: bool,
 ) -> Entry:
     from kvw_ledger.kvw import KVWConfig
@@ -405,6 +432,8 @@ def forget(
         forget_probe=forget_probe,
         model_dir=model_dir,
         progress=not quiet,
+        device=device,
+        dtype=dtype,
     )
     body = entry.body
     click.echo(
@@ -592,6 +621,7 @@ def diff(ledger: str, ref_a: str, ref_b: str, top: int, as_json: bool) -> None:
 @click.argument("request_id")
 @click.option("--reason", default="", help="Why the request is taken back (kept in the journal).")
 @_limit_options
+@_placement_options
 @MODEL
 @QUIET
 @_writes
@@ -604,6 +634,8 @@ def revert(
     max_nll_increase: float | None,
     on_fail: str | None,
     model_dir: str | None,
+    device: str,
+    dtype: str,
     quiet: bool,
 ) -> Entry:
     """Take one request back; later requests stay active. History is appended, never rewritten.
@@ -619,6 +651,8 @@ def revert(
         limits=_limits(opened, max_attenuation, max_retain_drop, max_nll_increase, on_fail),
         model_dir=model_dir,
         progress=not quiet,
+        device=device,
+        dtype=dtype,
     )
     click.echo(
         f"version {entry.version}: request {request_id} reverted; active: {', '.join(entry.body['active']) or '-'}"
@@ -719,6 +753,7 @@ def verify(ledger: str, model_dir: str | None, no_model: bool, as_json: bool) ->
     help="General-ability probe set (JSONL); stored in the ledger.",
 )
 @_limit_options
+@_placement_options
 @MODEL
 @QUIET
 @_writes
@@ -731,6 +766,8 @@ def probe(
     max_nll_increase: float | None,
     on_fail: str | None,
     model_dir: str | None,
+    device: str,
+    dtype: str,
     quiet: bool,
 ) -> Entry:
     """Register probe sets and/or this ledger's stability limits; later steps are checked against them.
@@ -747,6 +784,8 @@ def probe(
         limits=_limits(opened, max_attenuation, max_retain_drop, max_nll_increase, on_fail),
         model_dir=model_dir,
         progress=not quiet,
+        device=device,
+        dtype=dtype,
     )
     for kind, p in sorted(entry.body["probes"].items()):
         figures = entry.body["figures"][kind]
@@ -776,6 +815,7 @@ def probe(
     help="Re-run the progressive loop for this request on its original data (repeatable).",
 )
 @_limit_options
+@_placement_options
 @MODEL
 @QUIET
 @_writes
@@ -789,6 +829,8 @@ def rederive(
     max_nll_increase: float | None,
     on_fail: str | None,
     model_dir: str | None,
+    device: str,
+    dtype: str,
     quiet: bool,
 ) -> Entry:
     """Recompute requests (default: all active) with other retain stats, as one atomic entry.
@@ -816,6 +858,8 @@ def rederive(
         limits=_limits(opened, max_attenuation, max_retain_drop, max_nll_increase, on_fail),
         model_dir=model_dir,
         progress=not quiet,
+        device=device,
+        dtype=dtype,
     )
     for request_id, change in entry.body["requests"].items():
         click.echo(f"{request_id}: re-derived ({change['mode']})")
@@ -938,6 +982,7 @@ def history(ledger: str, plot: str | None, as_json: bool) -> None:
     is_flag=True,
     help="Restore each weakened site's Frobenius norm, as forget --rescale does.",
 )
+@_placement_options
 @MODEL
 @QUIET
 @JSON
@@ -954,6 +999,8 @@ def tune(
     max_retain_drop: float | None,
     rescale: bool,
     model_dir: str | None,
+    device: str,
+    dtype: str,
     quiet: bool,
     as_json: bool,
 ) -> None:
@@ -988,6 +1035,8 @@ def tune(
         rescale=rescale,
         model_dir=model_dir,
         progress=not quiet,
+        device=device,
+        dtype=dtype,
     )
     if as_json:
         _dump(result)

@@ -163,7 +163,8 @@ class CoefficientHooks:
         if site.tower == "language":
             flat = flat.index_select(0, self._batch.positions)  # (B*T, d_ff) -> (N, d_ff)
         summed = flat.to(torch.float32).abs().sum(0)  # (N, d_ff) -> (d_ff,)
-        count = torch.tensor(flat.shape[0], dtype=torch.long, device=summed.device)
+        # A fill on the device, not torch.tensor(n, device=...): that copies from the host.
+        count = summed.new_full((), flat.shape[0], dtype=torch.long)
         self._store(site.name, summed, count)
 
     def _record_experts(

@@ -140,20 +140,25 @@ def weakened(
     """``base * exp(-exponent)`` along ``axis``, in float32, cast once to the base's dtype.
 
     With a ``log_scale`` S (a float32 scalar) the factor is ``exp(S - exponent)``.
-    With ``out`` (a tensor of the base's shape and dtype, e.g. a live weight) the
-    result is written there and ``out`` returned; a float32 base is then multiplied
-    straight into it, with no temporary matrix (the same products, so the same bits).
+    With ``out`` (a tensor of the base's shape, e.g. a live weight, on any device)
+    the result is written there, cast once to ``out``'s dtype, and ``out`` returned:
+    a model loaded in float32 from a bfloat16 checkpoint holds the float32 product,
+    never one rounded through bfloat16 first. A float32 base is multiplied straight
+    into a float32 ``out``, with no temporary matrix (the same products, so the same bits).
     """
-    w = exponent.to(device=base.device, dtype=torch.float32)
+    # exp runs where the exponent lives (the CPU for stored exponents), so a model on a
+    # GPU gets the very factors an export computes, and so the same bits.
+    w = exponent.to(torch.float32)
     if log_scale is None:
         factor = torch.exp(-w)
     else:
-        factor = torch.exp(log_scale.to(device=base.device, dtype=torch.float32) - w)
+        factor = torch.exp(log_scale.to(device=w.device, dtype=torch.float32) - w)
+    factor = factor.to(base.device)
     if out is None:
         return scale_vectors(base.to(torch.float32), factor, axis).to(base.dtype)
     if base.dtype == out.dtype == torch.float32 and base.device == out.device:
         return torch.mul(base, factor.unsqueeze(0) if axis == 1 else factor.unsqueeze(1), out=out)
-    return out.copy_(scale_vectors(base.to(torch.float32), factor, axis).to(base.dtype))
+    return out.copy_(scale_vectors(base.to(torch.float32), factor, axis).to(out.dtype))
 
 
 def column_log_norms(base: torch.Tensor, axis: int) -> torch.Tensor:

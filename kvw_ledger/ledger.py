@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from kvw_ledger import coefficients, data, model_files, probes, refs, views
+from kvw_ledger.devices import Placement
 from kvw_ledger.errors import (
     BadInputError,
     IntegrityError,
@@ -38,6 +39,7 @@ from kvw_ledger.errors import (
     StorageError,
 )
 from kvw_ledger.export import export_model
+from kvw_ledger.fingerprint_cache import CACHE_NAME, FingerprintCache
 from kvw_ledger.journal import Entry, Journal, Problem, hash_workers
 from kvw_ledger.kvw import (
     KVWConfig,
@@ -456,21 +458,53 @@ class Ledger:
         return Path(override if override is not None else self.model_info["dir"]).resolve()
 
     def load(
-        self, model_dir: str | Path | None = None, at: str | int = "HEAD", *, progress: bool = True
+        self,
+        model_dir: str | Path | None = None,
+        at: str | int = "HEAD",
+        *,
+        progress: bool = True,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
     ) -> tuple[nn.Module, Any]:
-        """Loads the model (fingerprint checked) materialised at ``at``, and its processor."""
+        """Loads the model (fingerprint checked) materialised at ``at``, and its processor.
+
+        ``device`` (auto, cpu, cuda, cuda:N) and ``dtype`` (auto, bfloat16, float16,
+        float32) say where and how the model is loaded; auto is the first GPU (else the
+        CPU) and the model's own dtype. In another dtype than the checkpoint's, the sites
+        hold ``base * exp(-w)`` computed in float32 and cast once into that dtype.
+
+        Raises:
+            BadInputError: a bad ``device`` or ``dtype`` (see :class:`Placement`).
+        """
+        return self._load(model_dir, at, Placement.resolve(device, dtype), progress)
+
+    def _load(
+        self, model_dir: str | Path | None, at: str | int, placement: Placement, progress: bool
+    ) -> tuple[nn.Module, Any]:
         directory = self.model_dir(model_dir)
         self._check_model_dir(directory, progress)
-        model = load_model(directory, progress=progress)
+        model = load_model(directory, progress=progress, placement=placement)
         _, exponents, scales = self.sums(at)
         if scales or any(bool(w.any()) for w in exponents.values()):
             self._materialize_exponents(model, exponents, scales)
         # else the version is the base, and the checked files hold exactly the base
-        # (base * exp(-0) is the base, bit for bit): nothing to read or write.
+        # (base * exp(-0) is the base, bit for bit, and widening or rounding it into
+        # another dtype is the one cast from_pretrained made): nothing to read or write.
         return model, load_processor(directory)
 
-    def _check_model_dir(self, directory: Path, progress: bool = True) -> None:
+    def _model_holds_base_dtype(self, model: nn.Module) -> bool:
+        """Whether every site's weight has its stored base's dtype (no --dtype cast at load)."""
+        return all(
+            str(site_weight(model, s).dtype).removeprefix("torch.")
+            == self.store.array_attrs(f"base/{s.name}").get("dtype")
+            for s in self.sites
+        )
+
+    def _check_model_dir(self, directory: Path, progress: bool = True, *, cached: bool = True) -> None:
         """The model directory must hold the model init saw: same architecture, same bytes.
+
+        With ``cached``, files the ledger's fingerprint cache trusts are not read again
+        (see :mod:`kvw_ledger.fingerprint_cache`); ``verify`` passes False and hashes all.
 
         Raises:
             ModelMismatchError: another architecture, or a weight file or config that differs.
@@ -485,7 +519,8 @@ class Ledger:
                 f"{directory} holds a {found} model, but this ledger was made for a {recorded} model "
                 f"({self.model_info.get('dir')}); pass that model directory, or create a new ledger"
             )
-        model_files.check_fingerprint(directory, self.model_info["fingerprint"], progress)
+        cache = FingerprintCache.open(self.path / CACHE_NAME) if cached else None
+        model_files.check_fingerprint(directory, self.model_info["fingerprint"], progress, cache)
 
     # --- verbs that write -------------------------------------------------------------
 
@@ -498,8 +533,14 @@ class Ledger:
         batch_size: int = 1,
         model_dir: str | Path | None = None,
         progress: bool = True,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
     ) -> Entry:
-        """Measures retain statistics (C_r per site) on version ``at`` and registers them."""
+        """Measures retain statistics (C_r per site) on version ``at`` and registers them.
+
+        ``device`` and ``dtype`` place the model as :meth:`load` does.
+        """
+        placement = Placement.resolve(device, dtype)  # a bad option fails before anything runs
         records = data.read_records(data_path)
         with self._writing("retain"):
             entries = self.entries()
@@ -509,7 +550,7 @@ class Ledger:
             state = self.state(head.version)
             if stats_id in state.retain_stats:
                 raise BadInputError(f"retain stats {stats_id!r} already exist; choose another --id")
-            model, processor = self.load(model_dir, version, progress=progress)
+            model, processor = self._load(model_dir, version, placement, progress)
             encoder = data.Encoder(processor, max_length(model))
             examples = data.encode_all(encoder, records)
             batches = data.iter_batches(examples, batch_size, encoder.pad_token_id)
@@ -553,6 +594,8 @@ class Ledger:
         forget_probe: str | Path | None = None,
         model_dir: str | Path | None = None,
         progress: bool = True,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
     ) -> Entry:
         """Answers one deletion request: KVW on the model at HEAD, checks, then a commit.
 
@@ -560,6 +603,8 @@ class Ledger:
             limits: the stability limits of this call (default: the ledger's, see
                 :meth:`limits`; ``ledger.limits(on_fail="warn")`` changes one of them).
             forget_probe: a JSONL file whose figures are recorded as efficacy.
+            device, dtype: where and how the model runs (see :meth:`load`); the stored
+                base and exponents do not depend on them.
 
         Raises:
             BadInputError: no retain statistics are registered, the id is taken, or
@@ -569,6 +614,7 @@ class Ledger:
         """
         _check_limits_type(limits)
         config = config or KVWConfig()
+        placement = Placement.resolve(device, dtype)
         records = data.read_records(data_path)
         probe_records = data.read_records(forget_probe) if forget_probe is not None else None
         with self._writing("forget"):
@@ -588,11 +634,16 @@ class Ledger:
             retain_means = {
                 s.name: self.store.read_array(f"retain/{stats_id}/{s.name}") for s in self.sites
             }
-            model, processor = self.load(model_dir, head.version, progress=progress)
+            model, processor = self._load(model_dir, head.version, placement, progress)
             encoder = data.Encoder(processor, max_length(model))
             examples = data.encode_all(encoder, records)
             _, start, start_scales = self.sums(head.version)
-            if self._base_cache is not None and not start_scales and not any(bool(w.any()) for w in start.values()):
+            if (
+                self._base_cache is not None
+                and not start_scales
+                and not any(bool(w.any()) for w in start.values())
+                and self._model_holds_base_dtype(model)
+            ):
                 # Nothing active: load() left the checked files' weights, the bases bit for
                 # bit. Copying them spares decompressing every base from the store.
                 self._base_cache.update(
@@ -614,7 +665,7 @@ class Ledger:
             staged_scales = _add_scales([start_scales, result.log_scales or {}])
             report = self._check_staged(
                 state, staged, checked, staged_scales, model=model, processor=processor,
-                forget_records=probe_records, progress=progress,
+                forget_records=probe_records, placement=placement, progress=progress,
             )
             self._claim(f"requests/{request_id}")
             files, arrays = {}, {}
@@ -659,6 +710,8 @@ class Ledger:
         limits: StabilityLimits | None = None,
         model_dir: str | Path | None = None,
         progress: bool = True,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
     ) -> Entry:
         """Takes one request back; later requests stay. History is appended, never rewritten.
 
@@ -667,6 +720,7 @@ class Ledger:
             StabilityCheckError: the staged HEAD failed a check (on_fail abort).
         """
         _check_limits_type(limits)
+        placement = Placement.resolve(device, dtype)
         with self._writing("revert"):
             head = self.head()
             state = self.state(head.version)
@@ -681,7 +735,8 @@ class Ledger:
             staged = self._sum_exponents(state, active)
             staged_scales = self._sum_log_scales(state, active)
             report = self._check_staged(
-                state, staged, checked, staged_scales, model_dir=model_dir, progress=progress
+                state, staged, checked, staged_scales, model_dir=model_dir, placement=placement,
+                progress=progress,
             )
             body = {"request": request_id, "reason": reason, "active": active, "stability": report.to_json()}
             entry = self._commit("revert", body, {}, parent=head)
@@ -696,12 +751,15 @@ class Ledger:
         limits: StabilityLimits | None = None,
         model_dir: str | Path | None = None,
         progress: bool = True,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
     ) -> Entry:
         """Registers probe sets (kept in the ledger) and/or ledger-wide stability limits.
 
         The probes are measured on the base and on HEAD now; later checks compare
         each staged step with both.
         """
+        placement = Placement.resolve(device, dtype)
         sources = {k: v for k, v in (("retain", retain), ("general", general)) if v is not None}
         _check_limits_type(limits)
         if not sources and limits is None:
@@ -722,7 +780,7 @@ class Ledger:
             stored: dict[str, dict[str, Any]] = {}
             figures: dict[str, dict[str, float]] = {}
             if sources:
-                model, processor = self.load(model_dir, 1, progress=progress)
+                model, processor = self._load(model_dir, 1, placement, progress)
                 encoder = data.Encoder(processor, max_length(model))
                 for kind, source in sources.items():
                     self._claim(f"probes/v{version}/{kind}")
@@ -841,6 +899,8 @@ class Ledger:
         limits: StabilityLimits | None = None,
         model_dir: str | Path | None = None,
         progress: bool = True,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
     ) -> Entry:
         """Recomputes requests with other retain statistics, as one atomic entry.
 
@@ -857,6 +917,7 @@ class Ledger:
         """
         _check_limits_type(limits)
         exact = dict(exact or {})
+        placement = Placement.resolve(device, dtype)
         with self._writing("rederive"):
             head = self.head()
             state = self.state(head.version)
@@ -891,7 +952,7 @@ class Ledger:
             model: Any = None
             processor: Any = None
             if exact_records:
-                model, processor = self.load(model_dir, 1, progress=progress)
+                model, processor = self._load(model_dir, 1, placement, progress)
             # One pass in chain order: ``running`` is the sum (exponents, log-scales) of the
             # requests before the current one, as re-derived so far; at the end, the staged HEAD.
             running = _add(self.sites, [])
@@ -936,7 +997,8 @@ class Ledger:
             if model is not None:  # it holds the last exact request's loop, not the staged HEAD
                 self._materialize_exponents(model, staged, staged_scales)
             report = self._check_staged(state, staged, checked, staged_scales, model=model,
-                                        processor=processor, model_dir=model_dir, progress=progress)
+                                        processor=processor, model_dir=model_dir, placement=placement,
+                                        progress=progress)
             prefix = f"rederived/v{head.version + 1}"
             self._claim(prefix)
             files: dict[str, str] = {}
@@ -1025,8 +1087,10 @@ class Ledger:
         with torch.no_grad():
             for site in self.sites:
                 weight = site_weight(model, site)
-                value = self.effective(site.name, exponents[site.name], scales.get(site.name))
-                weight.copy_(value.to(weight.device))
+                # The factors are computed on the CPU (where the sums are), the product on
+                # the weight's device, cast once into the weight's dtype.
+                base = self.base(site.name).to(weight.device)
+                weakened(base, exponents[site.name], site.axis, scales.get(site.name), out=weight)
 
     # --- verification -----------------------------------------------------------------
 
@@ -1183,7 +1247,7 @@ class Ledger:
                 )
             ]
         try:
-            self._check_model_dir(directory)
+            self._check_model_dir(directory, cached=False)  # verify trusts no remembered digest
         except KVWLedgerError as e:
             return [Problem(str(directory), str(e))]
         from safetensors import safe_open
@@ -1250,6 +1314,7 @@ class Ledger:
         processor: Any = None,
         forget_records: Sequence[data.Record] | None = None,
         model_dir: str | Path | None = None,
+        placement: Placement | None = None,
         progress: bool = True,
     ) -> StabilityReport:
         """Checks a staged HEAD; raises StabilityCheckError on failure unless on_fail is warn.
@@ -1268,7 +1333,7 @@ class Ledger:
         report.checks += checks
         if state.probes or forget_records is not None:
             if model is None:
-                model, processor = self.load(model_dir, 1, progress=progress)
+                model, processor = self._load(model_dir, 1, placement or Placement.resolve(), progress)
                 self._materialize_exponents(model, staged, staged_scales)
             encoder = data.Encoder(processor, max_length(model))
             sets = {kind: probes.read_probe(self.path, p["path"]) for kind, p in state.probes.items()}

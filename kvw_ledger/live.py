@@ -30,10 +30,9 @@ _MAX_WORKERS = 8  # threads sharing the chunks; more only contend for memory ban
 
 # One chunk of rows of a site: its base rows, its weight rows, the rows.
 _Chunk = tuple[torch.Tensor, torch.Tensor, slice]
-# One chunk to write: base rows, weight rows, the factor as (1, n) or (rows, 1), and the
-# dtype to round to before the weight's (the base's, when neither it nor the weight's
-# is float32 and they differ), else None.
-_Task = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.dtype | None]
+# One chunk to write: base rows, weight rows, the factor as (1, n) or (rows, 1). The
+# float32 product is cast once, into the weight's dtype (as ``kvw.weakened`` does).
+_Task = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 _WeightKey = tuple[int, tuple[int, ...], torch.dtype, torch.device]  # memory and layout
 
 
@@ -143,9 +142,9 @@ class LiveModel:
         return last is not None and last[1] == weight.data_ptr() and torch.equal(last[0], factor)
 
     def _write(self, site: Site, weight: torch.Tensor, factor: torch.Tensor) -> list[_Task]:
-        """``weight <- (base.float() * factor along axis).to(base.dtype)``, as ``kvw.weakened``.
+        """``weight <- (base.float() * factor along axis).to(weight.dtype)``, as ``kvw.weakened``.
 
-        A float32 site (or, off the CPU, one whose weight has its base's dtype) is written
+        A float32 weight (or, off the CPU, one that has its base's dtype) is written
         here; any other is returned as chunks for :meth:`_run`.
         """
         base = self._bases[site.name]
@@ -153,19 +152,18 @@ class LiveModel:
         vectors = factor.unsqueeze(0) if site.axis == 1 else factor.unsqueeze(1)  # (1, n) or (n, 1)
         if (
             weight.device == base.device
-            and weight.dtype == base.dtype
-            and (base.dtype == torch.float32 or base.device.type != "cpu")
+            and (weight.dtype == torch.float32 or (weight.dtype == base.dtype and base.device.type != "cpu"))
         ):
-            # float32: the product is the value. Off the CPU a mixed-dtype multiply casts
-            # in its kernel, computing in float32 and rounding once into the output.
+            # A float32 weight: the product (bfloat16 and float16 widen exactly) is the
+            # value. Off the CPU a mixed-dtype multiply casts in its kernel, computing in
+            # float32 and rounding once into the output.
             torch.mul(base, vectors, out=weight)
             return []
-        rounding = None if base.dtype in (torch.float32, weight.dtype) else base.dtype
         if self._fused is not None and weight.device == base.device:
-            self._fused(base, vectors, weight, rounding)
+            self._fused(base, vectors, weight)
             return []
         return [
-            (chunk, target, vectors if site.axis == 1 else vectors[rows], rounding)
+            (chunk, target, vectors if site.axis == 1 else vectors[rows])
             for chunk, target, rows in self._plan(site, weight)
         ]
 
@@ -281,18 +279,16 @@ def _factor(
     return torch.exp(scale.to(device="cpu", dtype=torch.float32) - w)
 
 
-def _fused_write(
-    base: torch.Tensor, vectors: torch.Tensor, weight: torch.Tensor, rounding: torch.dtype | None
-) -> None:
+def _fused_write(base: torch.Tensor, vectors: torch.Tensor, weight: torch.Tensor) -> None:
     """The chunks' arithmetic on a whole site, for ``torch.compile`` to fuse into one pass."""
     product = base.to(torch.float32) * vectors
-    weight.copy_(product if rounding is None else product.to(rounding))
+    weight.copy_(product)
 
 
 def _write_chunks(tasks: list[_Task], scratch: torch.Tensor) -> None:
     """Each chunk: widen to float32 in ``scratch``, multiply, cast once into the weight."""
-    for chunk, target, vectors, rounding in tasks:
+    for chunk, target, vectors in tasks:
         product = scratch[: chunk.numel()].view(chunk.shape)  # (rows, n_cols) float32
         product.copy_(chunk)  # exact for bfloat16/float16, as base.to(torch.float32)
         product.mul_(vectors)
-        target.copy_(product if rounding is None else product.to(rounding))  # the one cast
+        target.copy_(product)  # the one cast

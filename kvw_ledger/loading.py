@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kvw_ledger.devices import Placement
 from kvw_ledger.errors import BadInputError, ImageOnlyProcessorWarning
 
 
@@ -54,10 +55,14 @@ def is_vision_language(model_dir: str | Path) -> bool:
     return "vision_config" in _config(Path(model_dir))
 
 
-def load_model(model_dir: str | Path, progress: bool = False) -> nn.Module:
-    """Loads the model in its checkpoint dtype, in eval mode, without touching the network.
+def load_model(
+    model_dir: str | Path, progress: bool = False, placement: Placement | None = None
+) -> nn.Module:
+    """Loads the model in eval mode, without touching the network.
 
-    transformers' weight-loading bar shows only with ``progress``.
+    ``placement`` (default: the CPU, in the checkpoint's dtype) says where and in
+    which dtype; see :class:`kvw_ledger.devices.Placement`. transformers'
+    weight-loading bar shows only with ``progress``.
     """
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
@@ -67,11 +72,18 @@ def load_model(model_dir: str | Path, progress: bool = False) -> nn.Module:
         with warnings.catch_warnings(), _loading_bars(progress):
             warnings.simplefilter("ignore")
             model = auto.from_pretrained(
-                model_dir, dtype="auto", local_files_only=True, use_safetensors=True
+                model_dir,
+                dtype="auto" if placement is None or placement.dtype is None else placement.dtype,
+                local_files_only=True,
+                use_safetensors=True,
             )
     except (OSError, ValueError, KeyError) as e:
         raise BadInputError(f"cannot load the model in {model_dir}: {e}") from e
-    return model.eval()
+    module: nn.Module = model
+    if placement is not None and placement.device.type != "cpu":
+        # Loaded on the CPU (memory-mapped), then moved: one path for every architecture.
+        module = module.to(placement.device)
+    return module.eval()
 
 
 @contextlib.contextmanager

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from kvw_ledger.errors import BadInputError, ModelMismatchError
+from kvw_ledger.fingerprint_cache import FingerprintCache, StatKey, stat_key
 
 __all__ = [
     "INDEX_NAME",
@@ -136,57 +136,53 @@ def _index_shards(index: Path) -> list[str]:
     return sorted(names)
 
 
-# (path, device, inode, size, mtime_ns, ctime_ns) -> sha256 hex, for this process.
-# ctime changes with any write to the file (and cannot be set back by the user),
-# so a file whose stat key is unchanged still has the bytes that were hashed. The
-# clock behind ctime can be coarse (a few ms), so, as git does with its index, a
-# file changed less than _RACY_NS before its hash began is never remembered: a
-# write in the same clock tick would leave its key unchanged.
-_DIGESTS: dict[tuple[str, int, int, int, int, int], str] = {}
-_RACY_NS = 2_000_000_000
+def _hash_files(
+    paths: Iterable[Path], desc: str, progress: bool = True, cache: FingerprintCache | None = None
+) -> dict[str, str]:
+    """sha256 of each file. With a ``cache``, a file whose stat key it trusts is not read
+    again (see :mod:`kvw_ledger.fingerprint_cache`): a service applying request after
+    request to a 14 GB model would otherwise re-read it for every one."""
+    if cache is not None:
+        cache.begin()  # the cache's timestamp comes from before the first stat
+    try:
+        digests: dict[str, str] = {}
+        todo: list[tuple[Path, StatKey]] = []
+        for p in paths:
+            key = stat_key(p)
+            known = cache.get(key) if cache is not None else None
+            if known is not None:
+                digests[p.name] = known
+            else:
+                todo.append((p, key))
+        total = sum(key[3] for _, key in todo)
+        buf = bytearray(_BLOCK)
+        view = memoryview(buf)
+        with tqdm(
+            total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
+            file=sys.stderr, disable=not progress or total <= _PROGRESS_MIN_BYTES, leave=False,
+        ) as bar:
+            for p, key in todo:
+                h = hashlib.sha256()
+                with p.open("rb") as f:
+                    while n := f.readinto(buf):
+                        h.update(view[:n])
+                        bar.update(n)
+                digests[p.name] = h.hexdigest()
+                if cache is not None and stat_key(p) == key:  # not written while it was read
+                    cache.put(key, digests[p.name])
+        return digests
+    finally:
+        if cache is not None:
+            cache.save()
 
 
-def _stat_key(path: Path) -> tuple[str, int, int, int, int, int]:
-    st = path.stat()
-    return (str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
-def _hash_files(paths: Iterable[Path], desc: str, progress: bool = True) -> dict[str, str]:
-    """sha256 of each file; a file this process hashed before and that has not been
-    written since (same stat key) is not read again: a service applying request
-    after request to a 14 GB model would otherwise re-read it for every one."""
-    digests: dict[str, str] = {}
-    todo: list[tuple[Path, tuple[str, int, int, int, int, int]]] = []
-    for p in paths:
-        key = _stat_key(p)
-        if key in _DIGESTS:
-            digests[p.name] = _DIGESTS[key]
-        else:
-            todo.append((p, key))
-    total = sum(key[3] for _, key in todo)
-    started = time.time_ns()
-    buf = bytearray(_BLOCK)
-    view = memoryview(buf)
-    with tqdm(
-        total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
-        file=sys.stderr, disable=not progress or total <= _PROGRESS_MIN_BYTES, leave=False,
-    ) as bar:
-        for p, key in todo:
-            h = hashlib.sha256()
-            with p.open("rb") as f:
-                while n := f.readinto(buf):
-                    h.update(view[:n])
-                    bar.update(n)
-            digests[p.name] = h.hexdigest()
-            if key[5] < started - _RACY_NS and _stat_key(p) == key:
-                _DIGESTS[key] = digests[p.name]
-    return digests
-
-
-def fingerprint(model_dir: str | Path, progress: bool = True) -> dict[str, Any]:
+def fingerprint(
+    model_dir: str | Path, progress: bool = True, cache: FingerprintCache | None = None
+) -> dict[str, Any]:
     """Return the sha256 of every weight file and of ``config.json``.
 
     A progress bar shows on stderr for big models, unless ``progress`` is false.
+    Files that ``cache`` trusts are not read (see :mod:`kvw_ledger.fingerprint_cache`).
 
     Returns:
         ``{"files": {file name: sha256 hex}, "config": sha256 hex of config.json}``.
@@ -199,15 +195,20 @@ def fingerprint(model_dir: str | Path, progress: bool = True) -> dict[str, Any]:
     config = path / CONFIG_NAME
     if not config.is_file():
         raise BadInputError(f"{path}: no {CONFIG_NAME}; pass a Hugging Face model directory")
-    digests = _hash_files([*files, config], desc=f"hash {path.name}", progress=progress)
+    digests = _hash_files([*files, config], desc=f"hash {path.name}", progress=progress, cache=cache)
     config_digest = digests.pop(CONFIG_NAME)
     return {"files": digests, "config": config_digest}
 
 
 def check_fingerprint(
-    model_dir: str | Path, recorded: Mapping[str, Any], progress: bool = True
+    model_dir: str | Path,
+    recorded: Mapping[str, Any],
+    progress: bool = True,
+    cache: FingerprintCache | None = None,
 ) -> None:
     """Check that ``model_dir`` is the model whose fingerprint was recorded.
+
+    Files that ``cache`` trusts are not read again; without one, every file is hashed.
 
     Raises:
         ModelMismatchError: naming the first file (in name order) that differs,
@@ -228,7 +229,7 @@ def check_fingerprint(
             raise ModelMismatchError(f"{path}: weight file {name} is missing. {advice}")
         if name not in rec_files:
             raise ModelMismatchError(f"{path}: weight file {name} is extra. {advice}")
-    current = fingerprint(path, progress)
+    current = fingerprint(path, progress, cache)
     pairs = {**{n: (d, rec_files[n]) for n, d in current["files"].items()},
              CONFIG_NAME: (current["config"], recorded.get("config"))}
     for name in sorted(pairs):

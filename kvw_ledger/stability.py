@@ -165,7 +165,11 @@ def probe_metrics(
     answer token: exactly what greedy decoding would produce for the answer.
     """
     device = model_device(model)
-    total_nll, total_tokens, correct = 0.0, 0, 0
+    # Sums stay on the device until the end (no host sync per batch); the NLL adds each
+    # batch's float32 sum in float64, as a Python float would.
+    total_nll = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    total_tokens = 0  # answer tokens are known on the host: the batch's selected positions
     with torch.no_grad():
         for batch in iter_batches(examples, batch_size, pad_token_id):
             inputs = {k: v.to(device) for k, v in batch.inputs.items()}
@@ -175,11 +179,11 @@ def probe_metrics(
             mask = targets != IGNORE_INDEX
             logp = torch.log_softmax(shifted, dim=-1)
             picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
-            total_nll -= float((picked * mask).sum())
-            total_tokens += int(mask.sum())
+            total_nll -= (picked * mask).sum().to(torch.float64)
+            total_tokens += batch.n_tokens
             hits = (shifted.argmax(-1) == targets) | ~mask
-            correct += int(hits.all(dim=1).sum())
-    return {"acc": correct / len(examples), "nll": total_nll / max(total_tokens, 1)}
+            correct += hits.all(dim=1).sum()
+    return {"acc": int(correct) / len(examples), "nll": float(total_nll) / max(total_tokens, 1)}
 
 
 def _labels(batch: Batch, device: torch.device) -> torch.Tensor:

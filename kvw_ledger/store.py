@@ -50,6 +50,7 @@ from kvw_ledger.errors import (
     LedgerExistsError,
     RefNotFoundError,
 )
+from kvw_ledger.fingerprint_cache import CACHE_NAME
 from kvw_ledger.root import FORMAT_VERSION, read_root_attrs
 from kvw_ledger.root import read_zarr_meta as _read_meta
 
@@ -73,7 +74,9 @@ _SITE_RE = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
 # ``<name>.<uuid4 hex>.partial`` files zarr's LocalStore writes before renaming.
 _TEMP_ROOT_RE = re.compile(r"[a-z]+\.(?:tmp|old)-[A-Za-z0-9_-]+")
 _PARTIAL_RE = re.compile(r".*\.[0-9a-f]{32}\.partial")
-_NOT_OURS = frozenset({"journal", "lock"})  # owned by journal.py
+# Owned by journal.py and lock.py, and the model fingerprint cache (never hashed, never
+# named by an entry: see fingerprint_cache.py).
+_NOT_OURS = frozenset({"journal", "lock", CACHE_NAME})
 
 # Which path components follow each top-level group: "id", "site", or a set of
 # literal names.
@@ -356,7 +359,11 @@ class Store:
         removed: list[str] = []
         for entry in sorted(os.listdir(self.path)):
             if _TEMP_ROOT_RE.fullmatch(entry):
-                shutil.rmtree(self.path / entry, ignore_errors=True)
+                if (self.path / entry).is_dir():
+                    shutil.rmtree(self.path / entry, ignore_errors=True)
+                else:  # a file: the fingerprint cache's scratch, left by a killed process
+                    with contextlib.suppress(OSError):
+                        (self.path / entry).unlink()
                 removed.append(entry)
         for dirpath, dirnames, filenames in os.walk(self.path):
             parts = Path(dirpath).relative_to(self.path).parts

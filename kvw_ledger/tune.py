@@ -13,9 +13,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm import tqdm
 
 from kvw_ledger import data
+from kvw_ledger.devices import Placement
 from kvw_ledger.errors import BadInputError
 from kvw_ledger.kvw import KVWConfig, run_kvw
 from kvw_ledger.ledger import Ledger
@@ -78,12 +80,16 @@ def tune(
     rescale: bool = False,
     model_dir: str | Path | None = None,
     progress: bool = True,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
 ) -> dict[str, Any]:
     """Runs the sweep and returns {"baseline", "rows", "recommended", "limit", "rescale"}.
 
     With ``rescale`` every point restores each weakened site's Frobenius norm, as
-    ``forget --rescale`` would.
+    ``forget --rescale`` would. ``device`` and ``dtype`` place the model as
+    :meth:`Ledger.load` does.
     """
+    placement = Placement.resolve(device, dtype)  # a bad option fails before anything is read
     state = ledger.state()
     stats_id = retain_stats or state.latest_retain
     if stats_id is None:
@@ -98,7 +104,9 @@ def tune(
     retain_means = {
         s.name: ledger.store.read_array(f"retain/{stats_id}/{s.name}") for s in ledger.sites
     }
-    model, processor = ledger.load(model_dir, "HEAD", progress=progress)
+    model, processor = ledger.load(
+        model_dir, "HEAD", progress=progress, device=placement.device, dtype=placement.dtype
+    )
     encoder = data.Encoder(processor, max_length(model))
     forget_ex = data.encode_all(encoder, data.read_records(forget_val))
     retain_ex = data.encode_all(encoder, data.read_records(retain_val))

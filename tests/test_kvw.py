@@ -422,3 +422,68 @@ def test_a_base_sharing_the_weights_memory_is_copied_and_a_separate_one_only_rea
         exponents, weights = run(base_of)
         assert all(tiny.same_bits(exponents[n], want_exponents[n]) for n in want_exponents), base_of
         assert all(tiny.same_bits(weights[n], want_weights[n]) for n in want_weights), base_of
+
+
+_HOST_READS = ("item", "cpu", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__")
+
+
+def _host_reads_by_kvw_ledger(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Records every tensor -> host read (each one a device sync on a GPU) that
+    kvw_ledger's own code makes; transformers' internals are not counted."""
+    import sys
+
+    seen: list[str] = []
+    for name in _HOST_READS:
+        real = getattr(torch.Tensor, name)
+
+        def counting(self: torch.Tensor, *args: object, _real: object = real, _name: str = name, **kw: object) -> object:
+            caller = sys._getframe(1).f_code.co_filename
+            if "kvw_ledger" in caller:
+                seen.append(f"{_name} in {caller.rsplit('/', 1)[-1]}:{sys._getframe(1).f_lineno}")
+            return _real(self, *args, **kw)  # type: ignore[operator]
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    return seen
+
+
+@pytest.mark.parametrize("rescale", [False, True])
+def test_no_host_read_per_batch(monkeypatch: pytest.MonkeyPatch, rescale: bool) -> None:
+    # On a GPU every read of a device tensor on the host waits for the device. The loop
+    # may read once at its end, never per batch: 2 batches and 6 batches read alike.
+    enc = Encoder(tiny.char_tokenizer())
+    probe = tiny.llama()
+    sites = discover_sites(probe)
+    means = collect(probe, sites, iter_batches(encode_all(enc, records(4, offset=20)), 2, 0), progress=False).means()
+
+    def reads(n_records: int) -> list[str]:
+        model = tiny.llama()
+        forget = encode_all(enc, records(n_records))
+        with pytest.MonkeyPatch.context() as mp:
+            seen = _host_reads_by_kvw_ledger(mp)
+            result = run_kvw(model, sites, forget, means, KVWConfig(gamma=0.5, layers=(0, 3), rescale=rescale),
+                             pad_token_id=0, progress=False)  # fmt: skip
+        assert result.n_batches == n_records
+        return [s.split(":")[0] for s in seen]
+
+    assert reads(2) == reads(6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_no_device_sync_inside_the_loop_on_a_gpu() -> None:
+    enc = Encoder(tiny.char_tokenizer())
+    model = tiny.llama().to("cuda", torch.bfloat16)
+    sites = discover_sites(model)
+    means = {s.name: torch.ones(s.n_vectors, device="cuda") for s in sites}
+    forget = encode_all(enc, records(4))
+    state = run_kvw.__globals__["_SiteState"].build(model, sites, means, KVWConfig(gamma=0.5), None, None)
+    measured = None
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with CoefficientHooks(model, sites) as hooks:
+            for example in forget:
+                measured = hooks.measure(collate([example], 0).to("cuda"))
+                for name, c_forget in measured.means().items():
+                    state.step(name, c_forget, KVWConfig(gamma=0.5))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert measured is not None

@@ -46,6 +46,7 @@ import kvw_ledger
 from kvw_ledger.cli import main
 from kvw_ledger.errors import RefNotFoundError
 from kvw_ledger.export import PROVENANCE_FILE
+from kvw_ledger.fingerprint_cache import CACHE_NAME
 from kvw_ledger.kvw import KVWConfig
 from kvw_ledger.ledger import Ledger
 from kvw_ledger.lock import WriterLock
@@ -79,17 +80,26 @@ def _copy(scenario: crashkit.Scenario, dst: Path) -> Path:
     return dst
 
 
+def _beside(root: Path, p: Path) -> bool:
+    # The model fingerprint cache (and its scratch) lives beside the ledger's files, not
+    # among them: a command that fails may still have learnt a model file's digest, and
+    # damage to it is ignored by design (tests/test_fingerprint_cache.py).
+    return p.parent == root and p.name.startswith((CACHE_NAME, "fingerprints.tmp-"))
+
+
 def _tree(root: Path) -> dict[str, str]:
     """Every path under ``root``: files by sha256 of their bytes, directories as 'dir'."""
     out = {}
     for p in sorted(root.rglob("*")):
+        if _beside(root, p):
+            continue
         rel = p.relative_to(root).as_posix()
         out[rel] = "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
     return out
 
 
 def _files(root: Path) -> list[str]:
-    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and not _beside(root, p))
 
 
 # --- crashes ------------------------------------------------------------------------------
