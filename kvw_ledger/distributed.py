@@ -90,7 +90,13 @@ class World:
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
         if not dist.is_initialized():
-            dist.init_process_group(backend, timeout=_dt.timedelta(seconds=timeout_s))
+            try:
+                dist.init_process_group(backend, timeout=_dt.timedelta(seconds=timeout_s))
+            except (RuntimeError, ValueError) as e:
+                raise BadInputError(
+                    f"rank {rank} of {size} could not join the data-parallel job ({e}); start it "
+                    "with torchrun or accelerate launch, which set MASTER_ADDR and MASTER_PORT"
+                ) from e
         return cls(rank, size, local_rank, backend)
 
     def close(self) -> None:
@@ -100,6 +106,26 @@ class World:
 
             if dist.is_initialized():
                 dist.destroy_process_group()
+
+    def meet(self, timeout_s: float = 60.0) -> bool:
+        """Waits (up to ``timeout_s``) until every rank got here; False if one never came.
+
+        Ranks that fail meet before they exit, so that they leave together: a launcher
+        stops the whole job when its first process fails, and a rank still on its way
+        out would be killed (exit -15) instead of exiting with its own status.
+        """
+        if not self.parallel:
+            return True
+        import torch.distributed as dist
+
+        try:
+            if self.backend == "gloo":
+                dist.monitored_barrier(timeout=_dt.timedelta(seconds=timeout_s))
+            else:
+                dist.barrier()
+        except RuntimeError:
+            return False
+        return True
 
     def shard(self, items: Sequence[T]) -> list[T]:
         """This rank's share of ``items``: every ``size``-th one, from position ``rank``."""
