@@ -156,3 +156,24 @@ def test_load_through_device_map_materialises_into_offloaded_layers(ledgers: tup
     assert offloaded
     for site in ledger.sites:
         assert tiny.same_bits(site_weight(dispatched, site), site_weight(plain, site)), site.name
+
+
+def test_cli_forget_with_device_map_equals_the_plain_forget(ledgers: tuple[Path, Path, Path]) -> None:
+    import shutil
+
+    from click.testing import CliRunner
+
+    from kvw_ledger.cli import main
+
+    root, _, ledger_dir = ledgers
+    exponents = {}
+    for name, extra in (("cli-plain", []), ("cli-mapped", ["--device-map", "sequential", "--offload-folder", str(root / "off")])):
+        target = root / name
+        shutil.copytree(ledger_dir, target)
+        result = CliRunner().invoke(
+            main, ["forget", str(target), str(root / "a.jsonl"), "--id", "c", "--batch-size", "2", "--gamma", "0.5", "-q", *extra]
+        )
+        assert result.exit_code == 0, result.output
+        exponents[name] = Ledger.open(target).request_exponents("c")
+    for site, w in exponents["cli-plain"].items():
+        assert torch.equal(w, exponents["cli-mapped"][site]), site
