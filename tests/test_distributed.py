@@ -7,6 +7,7 @@ and a port nobody else holds, so a hang fails the test instead of stalling the s
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -187,3 +188,23 @@ def test_malformed_launcher_variables_are_refused_by_name(monkeypatch: pytest.Mo
     monkeypatch.setenv("RANK", "5")
     with pytest.raises(ValueError, match="RANK=5 is outside WORLD_SIZE=2"):
         World.from_env()
+
+
+def test_a_failure_on_one_rank_reaches_every_rank(tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    run = subprocess.run(
+        [str(TORCHRUN), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
+         str(_free_port()), str(Path(__file__).with_name("dp_worker.py")), str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=DEADLINE_S,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    for seen in ranks:  # rank 1's error, on both ranks, with its class, message and exit code
+        assert seen["together"] == ["DataError", "rank1.jsonl:3: not valid JSON", 2]
+        assert seen["shared"] == "from rank 0"
+        assert seen["sums"] == [3.0, 3.0, 3.0]
+    assert ranks[0]["all_reduce"] == [3.0, 3.0, 3.0]  # the failing rank itself raises its own error
+    assert ranks[1]["all_reduce"] == [
+        "PeerFailedError",
+        "another rank failed while measuring its share of a batch (its error is above); nothing was committed",
+    ]
