@@ -210,3 +210,12 @@ def test_a_failure_on_one_rank_reaches_every_rank(tmp_path: Path) -> None:
         "PeerFailedError",
         "another rank failed while measuring its share of a batch (its error is above); nothing was committed",
     ]
+
+
+def test_under_nccl_auto_is_each_ranks_own_gpu() -> None:
+    from kvw_ledger.ledger import _rank_device
+
+    rank3 = World(rank=3, size=4, local_rank=3, backend="nccl")
+    assert _rank_device(None, rank3) == _rank_device("auto", rank3) == "cuda:3"
+    assert _rank_device("cuda:1", rank3) == "cuda:1"  # an explicit device stays
+    assert _rank_device("auto", World(rank=1, size=2, local_rank=1, backend="gloo")) == "auto"
