@@ -26,6 +26,7 @@ from kvw_ledger.errors import (
     LedgerNotFoundError,
     ModelMismatchError,
     NonFiniteActivationError,
+    PeerFailedError,
     RefNotFoundError,
     RequestStateError,
     StabilityCheckError,
@@ -36,6 +37,7 @@ from kvw_ledger.journal import Entry
 from kvw_ledger.reader import LedgerReader
 
 if TYPE_CHECKING:
+    from kvw_ledger.distributed import World
     from kvw_ledger.kvw import KVWConfig, KVWResult, run_kvw
     from kvw_ledger.ledger import Ledger, LedgerState, RequestInfo, VerifyReport
     from kvw_ledger.live import LiveModel
@@ -58,6 +60,7 @@ _LAZY = {
     "discover_sites": "kvw_ledger.sites",
     "StabilityLimits": "kvw_ledger.stability",
     "StabilityReport": "kvw_ledger.stability",
+    "World": "kvw_ledger.distributed",
 }
 
 __all__ = [
@@ -79,6 +82,7 @@ __all__ = [
     "LiveModel",
     "ModelMismatchError",
     "NonFiniteActivationError",
+    "PeerFailedError",
     "RefNotFoundError",
     "RequestInfo",
     "RequestStateError",
@@ -89,6 +93,7 @@ __all__ = [
     "StorageError",
     "UnknownArchitectureError",
     "VerifyReport",
+    "World",
     "__version__",
     "discover_sites",
     "run_kvw",

@@ -15,6 +15,7 @@ import contextlib
 import functools
 import io
 import json
+import os
 import sys
 import warnings
 from collections.abc import Callable
@@ -119,7 +120,91 @@ def _open(path: str, check_root: bool = True) -> Ledger:
 
     ledger = Ledger.open(path, check_root=check_root)
     ledger.on_stale = lambda message: click.echo(f"Warning: {message}", err=True)
+    meta = click.get_current_context().meta
+    ledger.device_map = meta.get("kvw.device_map")
+    ledger.offload_folder = meta.get("kvw.offload_folder")
+    world = meta.get("kvw.world")
+    if ledger.device_map is None and world is not None and world.backend == "nccl":
+        ledger.device_map = {"": world.local_rank}  # one GPU per rank
     return ledger
+
+
+def _open_for(path: str, world: Any) -> Ledger:
+    """Opens the ledger on every rank: rank 0 first (a URL ledger's mirror is pulled once),
+    then the others; a rank that cannot open it fails every rank."""
+    with world.together():
+        opened = _open(path) if world.is_main else None
+    with world.together():
+        if opened is None:
+            opened = _open(path)
+    return opened
+
+
+# Verbs that run under torchrun / accelerate launch; any other refuses to (see main).
+_DATA_PARALLEL = ("retain", "forget")
+
+
+def _device_map_options(fn: F) -> F:
+    """``--device-map`` and ``--offload-folder``: accelerate's loading, which overrides ``--device``."""
+
+    @click.option(
+        "--device-map",
+        type=click.Choice(["auto", "balanced", "balanced_low_0", "sequential"]),
+        help="Load the model with accelerate's big-model loading, spread over GPUs, CPU and disk.",
+    )
+    @click.option(
+        "--offload-folder",
+        type=click.Path(file_okay=False),
+        help="Where --device-map offloads layers to disk (default: a temporary directory).",
+    )
+    @functools.wraps(fn)
+    def wrapper(*args: Any, device_map: str | None, offload_folder: str | None, **kwargs: Any) -> Any:
+        meta = click.get_current_context().meta
+        meta["kvw.device_map"], meta["kvw.offload_folder"] = device_map, offload_folder
+        return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _data_parallel(fn: F) -> F:
+    """Joins the torchrun / accelerate launch job the environment describes, if any.
+
+    Goes above ``@_writes``. Every rank runs the verb; rank 0 alone writes the ledger
+    and prints its result (the others' stdout is dropped), and every rank exits with
+    rank 0's status.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from kvw_ledger.distributed import World
+
+        try:
+            world = World.from_env()
+        except KVWLedgerError as e:
+            _fail(str(e), e.exit_code, bool(kwargs.get("as_json")))
+        click.get_current_context().meta["kvw.world"] = world
+        quiet = contextlib.nullcontext() if world.is_main else contextlib.redirect_stdout(io.StringIO())
+        try:
+            with quiet:
+                result = fn(*args, **kwargs)
+        except SystemExit as e:  # _fail: the error is printed; now every rank leaves at once,
+            if not world.parallel or not e.code:  # since the launcher kills the others as
+                raise  # soon as one process exits with a failure
+            sys.stdout.flush()
+            sys.stderr.flush()
+            world.meet()
+            os._exit(e.code if isinstance(e.code, int) else 1)
+        world.close()
+        return result
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _world() -> Any:
+    """The data-parallel job of this verb (one process when none)."""
+    from kvw_ledger.distributed import LOCAL
+
+    return click.get_current_context().meta.get("kvw.world", LOCAL)
 
 
 def _dump(data: Any) -> None:
@@ -206,7 +291,8 @@ def _limits(
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="kvw-ledger")
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """Sequential unlearning with Knowledge Vector Weakening, kept in a versioned ledger.
 
     LEDGER is a directory, or an fsspec URL (s3://bucket/ledger...) worked on through
@@ -220,8 +306,20 @@ def main() -> None:
       kvw-ledger retain ledger/ retain.jsonl
       kvw-ledger forget ledger/ alice.jsonl --id alice
       kvw-ledger log ledger/
+
+    Under torchrun (or accelerate launch), retain and forget run data parallel;
+    other verbs run in one process.
     """
     warnings.showwarning = _show_warning
+    size = os.environ.get("WORLD_SIZE", "1")
+    if ctx.invoked_subcommand not in _DATA_PARALLEL and size not in ("", "0", "1"):
+        click.echo(
+            f"Error: kvw-ledger {ctx.invoked_subcommand} runs in one process, not under torchrun "
+            f"(WORLD_SIZE={size}); only {' and '.join(_DATA_PARALLEL)} run data parallel. "
+            "Run it without the launcher",
+            err=True,
+        )
+        sys.exit(2)
 
 
 _default_showwarning = warnings.showwarning
@@ -257,6 +355,7 @@ def _show_warning(message: Any, category: type[Warning], *args: Any, **kwargs: A
     help="fnmatch pattern naming the FFN value projections of an architecture the table does not know.",
 )
 @QUIET
+@_device_map_options
 @_writes
 def init(ledger: str, model_dir: str, towers: str, site_glob: str | None, quiet: bool) -> Entry:
     """Create a ledger for a model: copy its FFN value matrices as the base (version 1).
@@ -269,7 +368,8 @@ def init(ledger: str, model_dir: str, towers: str, site_glob: str | None, quiet:
     from kvw_ledger.ledger import Ledger
 
     created = Ledger.create(
-        ledger, model_dir, towers=towers, site_glob=site_glob, progress=not quiet
+        ledger, model_dir, towers=towers, site_glob=site_glob, progress=not quiet,
+        device_map=click.get_current_context().meta.get("kvw.device_map"),
     )
     click.echo(f"created {created.location}: {len(created.sites)} sites, version 1")
     return created.head()
@@ -301,6 +401,8 @@ DATA_FORMAT = """DATA is JSONL: one {"question": ..., "answer": ...} object per 
 @_placement_options
 @MODEL
 @QUIET
+@_device_map_options
+@_data_parallel
 @_writes
 def retain(
     ledger: str,
@@ -313,7 +415,8 @@ def retain(
     dtype: str,
     quiet: bool,
 ) -> Entry:
-    entry = _open(ledger).retain(
+    world = _world()  # under torchrun: every rank measures a share of each batch
+    entry = _open_for(ledger, world).retain(
         data,
         stats_id=stats_id,
         at=at,
@@ -322,6 +425,7 @@ def retain(
         progress=not quiet,
         device=device,
         dtype=dtype,
+        world=world,
     )
     click.echo(
         f"version {entry.version}: retain stats {entry.body['stats']} from {entry.body['records']} records"
@@ -385,6 +489,8 @@ def retain(
 @_placement_options
 @MODEL
 @QUIET
+@_device_map_options
+@_data_parallel
 @_writes
 def forget(
     ledger: str,
@@ -421,7 +527,8 @@ def forget(
         keep_trace=not no_trace,
         rescale=rescale,
     )
-    opened = _open(ledger)
+    world = _world()  # under torchrun: every rank measures a share of each batch
+    opened = _open_for(ledger, world)
     entry = opened.forget(
         data,
         request_id=request_id,
@@ -434,6 +541,7 @@ def forget(
         progress=not quiet,
         device=device,
         dtype=dtype,
+        world=world,
     )
     body = entry.body
     click.echo(
@@ -624,6 +732,7 @@ def diff(ledger: str, ref_a: str, ref_b: str, top: int, as_json: bool) -> None:
 @_placement_options
 @MODEL
 @QUIET
+@_device_map_options
 @_writes
 def revert(
     ledger: str,
@@ -756,6 +865,7 @@ def verify(ledger: str, model_dir: str | None, no_model: bool, as_json: bool) ->
 @_placement_options
 @MODEL
 @QUIET
+@_device_map_options
 @_writes
 def probe(
     ledger: str,
@@ -818,6 +928,7 @@ def probe(
 @_placement_options
 @MODEL
 @QUIET
+@_device_map_options
 @_writes
 def rederive(
     ledger: str,
@@ -986,6 +1097,7 @@ def history(ledger: str, plot: str | None, as_json: bool) -> None:
 @MODEL
 @QUIET
 @JSON
+@_device_map_options
 @_errors
 def tune(
     ledger: str,

@@ -85,3 +85,9 @@ class StorageError(KVWLedgerError, OSError):
 
 class ImageOnlyProcessorWarning(UserWarning):
     """A vision-language processor was built without its video processor (no video backend)."""
+
+
+class PeerFailedError(KVWLedgerError, RuntimeError):
+    """Another rank of a data-parallel job failed; this one stops with it (exit 1 unless told)."""
+
+    exit_code = 1

@@ -30,8 +30,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from kvw_ledger.coefficients import CoefficientHooks, model_device
-from kvw_ledger.data import Example, collate
+from kvw_ledger.coefficients import CoefficientHooks, measure_shared
+from kvw_ledger.data import Example
+from kvw_ledger.distributed import LOCAL, World
 from kvw_ledger.errors import BadInputError, NonFiniteActivationError
 from kvw_ledger.sites import Site, select_layers, site_weight
 
@@ -212,8 +213,14 @@ def run_kvw(
     start: Mapping[str, torch.Tensor] | None = None,
     start_log_scale: Mapping[str, torch.Tensor] | None = None,
     progress: bool = True,
+    world: World = LOCAL,
 ) -> KVWResult:
     """Runs the progressive KVW loop for one request and leaves the model weakened.
+
+    Under data parallel every rank runs this loop on its own copy of the model with
+    the same examples: the batch order comes from the seed, each rank measures its
+    share of every batch, and the sums are all-reduced before the gate, so every rank
+    computes the same exponents and leaves its model weakened alike.
 
     Args:
         model: the model, materialised at ``base * exp(start_log_scale - start)``.
@@ -227,6 +234,7 @@ def run_kvw(
         start: exponents already active (default: none).
         start_log_scale: summed log-scales already active, per site (default: none).
         progress: show a progress bar on stderr.
+        world: the data-parallel job this process is a rank of (default: one process).
 
     Raises:
         BadInputError: empty forget set, or retain statistics missing a site.
@@ -238,20 +246,22 @@ def run_kvw(
     missing = [s.name for s in chosen if s.name not in retain_means]
     if missing:
         raise BadInputError(f"the retain statistics have no coefficients for site {missing[0]}")
-    device = model_device(model)
     state = _SiteState.build(model, chosen, retain_means, config, base, start, start_log_scale)
-    plan = batch_order(len(examples), config)
+    plan = batch_order(len(examples), config)  # from the seed alone: the same on every rank
     traces: dict[str, list[torch.Tensor]] = {s.name: [] for s in chosen}
     n_tokens = 0
     with CoefficientHooks(model, chosen) as hooks:
         for indices in tqdm(plan, desc="forget", disable=not progress, leave=False):
-            batch = collate([examples[i] for i in indices], pad_token_id)
-            n_tokens += batch.n_tokens
-            measured = hooks.measure(batch.to(device))
+            measured, share = measure_shared(hooks, [examples[i] for i in indices], pad_token_id, world)
+            n_tokens += share
             for name, c_forget in measured.means().items():
+                # To the weight's device: an offloaded site's weight waits on the CPU while
+                # its layer runs (and its sums land) on another device.
+                c_forget = c_forget.to(state.log_retain[name].device)
                 state.step(name, c_forget, config)
                 if config.keep_trace:
                     traces[name].append(c_forget)
+    n_tokens = world.total(n_tokens)
     exponents = {name: w.cpu() for name, w in state.exponents.items()}
     for name, w in exponents.items():
         if not bool(torch.isfinite(w).all()):

@@ -27,6 +27,7 @@ from torch import nn
 
 from kvw_ledger import coefficients, data, model_files, probes, refs, views
 from kvw_ledger.devices import Placement
+from kvw_ledger.distributed import LOCAL, Step, World, is_shared
 from kvw_ledger.errors import (
     BadInputError,
     IntegrityError,
@@ -49,7 +50,7 @@ from kvw_ledger.kvw import (
     run_kvw,
     weakened,
 )
-from kvw_ledger.loading import load_model, load_processor, max_length
+from kvw_ledger.loading import DeviceMap, load_model, load_processor, max_length
 from kvw_ledger.lock import WriterLock, acquire_within, held_within
 from kvw_ledger.reader import LedgerReader
 from kvw_ledger.remote import Remote, is_url, local_path, mirror_dir
@@ -163,11 +164,13 @@ class Ledger:
         site_glob: str | None = None,
         progress: bool = True,
         clock: Callable[[], _dt.datetime] | None = None,
+        device_map: DeviceMap | None = None,
     ) -> Ledger:
         """Creates a ledger for the model in ``model_dir`` and commits version 1 (init).
 
         The base value matrices are copied from the model's weight files, bit-exact.
-        ``clock`` stamps journal entries (default: the current UTC time).
+        ``clock`` stamps journal entries (default: the current UTC time). With
+        ``device_map`` the model is loaded by accelerate (see :attr:`device_map`).
 
         Raises:
             LedgerExistsError: ``path`` exists and is not empty.
@@ -175,12 +178,13 @@ class Ledger:
         """
         if is_url(path):
             return cls._create_remote(
-                str(path), model_dir, towers=towers, site_glob=site_glob, progress=progress, clock=clock
+                str(path), model_dir, towers=towers, site_glob=site_glob, progress=progress, clock=clock,
+                device_map=device_map,
             )
         path = local_path(path)
         model_dir = Path(model_dir).resolve()
         model_files.weight_files(model_dir)  # refuses pickle-only weights, saying how to convert
-        model = load_model(model_dir, progress=progress)
+        model = load_model(model_dir, progress=progress, device_map=device_map)
         sites = discover_sites(model, towers, site_glob)
         wanted = {s.name: site_weight(model, s) for s in sites}
         locations = model_files.locate_tensors(model_dir, wanted)
@@ -483,7 +487,10 @@ class Ledger:
     ) -> tuple[nn.Module, Any]:
         directory = self.model_dir(model_dir)
         self._check_model_dir(directory, progress)
-        model = load_model(directory, progress=progress, placement=placement)
+        model = load_model(
+            directory, progress=progress, placement=placement,
+            device_map=self.device_map, offload_folder=self.offload_folder,
+        )  # a device_map (accelerate) overrides placement's device
         _, exponents, scales = self.sums(at)
         if scales or any(bool(w.any()) for w in exponents.values()):
             self._materialize_exponents(model, exponents, scales)
@@ -535,15 +542,19 @@ class Ledger:
         progress: bool = True,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
+        world: World = LOCAL,
     ) -> Entry:
         """Measures retain statistics (C_r per site) on version ``at`` and registers them.
 
-        ``device`` and ``dtype`` place the model as :meth:`load` does.
+        ``device`` and ``dtype`` place the model as :meth:`load` does. Under data
+        parallel (``world``) each rank measures its share of every batch and rank 0
+        alone commits; every rank returns its entry (or raises its error).
         """
-        placement = Placement.resolve(device, dtype)  # a bad option fails before anything runs
-        records = data.read_records(data_path)
-        with self._writing("retain"):
-            entries = self.entries()
+        placement = Placement.resolve(_rank_device(device, world), dtype)  # fails before anything runs
+        progress = progress and world.is_main
+        records = world.call(data.read_records, data_path)
+        with self._parallel_write("retain", world) as write:
+            entries = self.entries()[: write.head.version]
             version = self.resolve(at, entries)
             head = entries[-1]
             stats_id = check_id(stats_id or f"retain-{head.version + 1}", "retain stats id")
@@ -553,11 +564,15 @@ class Ledger:
             model, processor = self._load(model_dir, version, placement, progress)
             encoder = data.Encoder(processor, max_length(model))
             examples = data.encode_all(encoder, records)
-            batches = data.iter_batches(examples, batch_size, encoder.pad_token_id)
+            batches = _batches(examples, batch_size, encoder.pad_token_id, world)
             total = -(-len(examples) // batch_size)
+            write.ready()
             measured = coefficients.collect(
-                model, self.sites, batches, total=total, desc="retain", progress=progress
+                model, self.sites, batches, total=total, desc="retain", progress=progress,
+                world=world, pad_token_id=encoder.pad_token_id,
             )
+            if not world.is_main:
+                return self._entry(write.finish())
             self._claim(f"retain/{stats_id}")
             means = measured.means()
             files, hashes = {}, {}
@@ -596,6 +611,7 @@ class Ledger:
         progress: bool = True,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
+        world: World = LOCAL,
     ) -> Entry:
         """Answers one deletion request: KVW on the model at HEAD, checks, then a commit.
 
@@ -605,6 +621,9 @@ class Ledger:
             forget_probe: a JSONL file whose figures are recorded as efficacy.
             device, dtype: where and how the model runs (see :meth:`load`); the stored
                 base and exponents do not depend on them.
+            world: the data-parallel job this process is a rank of: every rank runs the
+                progressive loop on its share of each batch, rank 0 alone checks and
+                commits, and every rank returns its entry (or raises its error).
 
         Raises:
             BadInputError: no retain statistics are registered, the id is taken, or
@@ -614,11 +633,12 @@ class Ledger:
         """
         _check_limits_type(limits)
         config = config or KVWConfig()
-        placement = Placement.resolve(device, dtype)
-        records = data.read_records(data_path)
-        probe_records = data.read_records(forget_probe) if forget_probe is not None else None
-        with self._writing("forget"):
-            head = self.head()
+        placement = Placement.resolve(_rank_device(device, world), dtype)
+        progress = progress and world.is_main
+        records = world.call(data.read_records, data_path)
+        probe_records = world.call(data.read_records, forget_probe) if forget_probe is not None else None
+        with self._parallel_write("forget", world) as write:
+            head = write.head
             state = self.state(head.version)
             checked = self._limits(state, limits)  # bad limits fail before the forward passes
             request_id = _check_request_id(request_id or f"request-{head.version + 1}")
@@ -649,6 +669,7 @@ class Ledger:
                 self._base_cache.update(
                     {s.name: site_weight(model, s).detach().to("cpu", copy=True) for s in self.sites}
                 )
+            write.ready()
             result = run_kvw(
                 model,
                 self.sites,
@@ -660,7 +681,10 @@ class Ledger:
                 start=start,
                 start_log_scale=start_scales,
                 progress=progress,
+                world=world,
             )
+            if not world.is_main:
+                return self._entry(write.finish())
             staged = {n: start[n] + result.exponents[n] if n in result.exponents else start[n] for n in start}
             staged_scales = _add_scales([start_scales, result.log_scales or {}])
             report = self._check_staged(
@@ -1415,7 +1439,48 @@ class Ledger:
             self._base_cache = None
             lock.release()
 
+    @contextlib.contextmanager
+    def _parallel_write(self, operation: str, world: World) -> Iterator[Step]:
+        """:meth:`_writing` for one rank of a data-parallel job (one process: just that).
+
+        Rank 0 takes the write and finds HEAD under its lock; every rank gets that entry
+        as ``step.head``. The body calls ``step.ready()`` before its forward passes, and
+        on every rank but 0, ``step.finish()`` after them. Rank 0's commit (or any
+        rank's error) then reaches every rank.
+        """
+        step = Step(world)
+        if not world.parallel:
+            with self._writing(operation):
+                step.head = self.head()
+                yield step
+            return
+        try:
+            with contextlib.ExitStack() as held:
+                with world.together() as plan:
+                    if world.is_main:
+                        held.enter_context(self._writing(operation))
+                        plan.value = self.head().version
+                with world.together():
+                    step.head = self.head() if world.is_main else self._entry(plan.main)
+                yield step
+        except Exception as e:
+            if not step.finished and not is_shared(e):
+                step.finish(error=e)  # tells the others, and raises here
+            raise
+        if not step.finished:
+            step.finish(self._committed.version if self._committed is not None else None)
+
+    def _entry(self, version: int) -> Entry:
+        """Entry ``version``; a URL ledger's mirror catches up first if it lacks it
+        (another rank's writer may have pulled past this rank's mirror)."""
+        if self.remote is not None and self.head().version < version:
+            with held_within(WriterLock(self.path, operation="pull"), self.lock_timeout, self.on_wait):
+                self.remote.pull(self.path, progress=False)
+        return self.journal.get(version)
+
     lock_timeout: float = 600.0  # seconds a writer waits for another writer to finish
+    device_map: DeviceMap | None = None  # how load() places the model (accelerate); None: the CPU
+    offload_folder: str | None = None  # where load() offloads layers mapped to "disk" (None: a temp dir)
     remote: Remote | None = None  # set when the ledger lives at a URL; self.path is then its mirror
     on_wait: Callable[[str], None] | None = None
     _base_cache: dict[str, torch.Tensor] | None = None  # bases read during the current write
@@ -1536,6 +1601,23 @@ def _check_limits_type(limits: object) -> None:
             f"limits must be a StabilityLimits, not {type(limits).__name__}; pass "
             "ledger.limits(max_attenuation=..., on_fail=...) or StabilityLimits(...)"
         )
+
+
+def _rank_device(device: str | torch.device | None, world: World) -> str | torch.device | None:
+    """Under nccl, ``auto`` is this rank's own GPU (not every rank on cuda:0)."""
+    if world.backend == "nccl" and (device is None or str(device).strip().lower() == "auto"):
+        return f"cuda:{world.local_rank}"
+    return device
+
+
+def _batches(
+    examples: Sequence[data.Example], batch_size: int, pad_token_id: int, world: World
+) -> Iterable[data.Batch] | list[list[data.Example]]:
+    """Retain batches: collated for one process; under data parallel the examples of each,
+    which every rank sees alike and measures its share of."""
+    if not world.parallel:
+        return data.iter_batches(examples, batch_size, pad_token_id)
+    return [list(examples[i : i + batch_size]) for i in range(0, len(examples), batch_size)]
 
 
 def _check_request_id(request_id: str) -> str:

@@ -1,7 +1,9 @@
 """Loading a local model directory and its tokenizer or processor, offline.
 
 Only safetensors weights are ever read (``use_safetensors=True``): a pickle in a
-model directory is never executed.
+model directory is never executed. With a ``device_map`` (``"auto"``, or an explicit
+map) a model larger than one device loads through accelerate's big-model loading:
+its layers spread over the GPUs, the CPU and the disk.
 """
 
 from __future__ import annotations
@@ -9,7 +11,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import shutil
+import tempfile
 import warnings
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -55,19 +60,46 @@ def is_vision_language(model_dir: str | Path) -> bool:
     return "vision_config" in _config(Path(model_dir))
 
 
+DeviceMap = str | dict[str, Any]  # accelerate's "auto"/"balanced"/"sequential", or module -> device
+
+
 def load_model(
-    model_dir: str | Path, progress: bool = False, placement: Placement | None = None
+    model_dir: str | Path,
+    progress: bool = False,
+    placement: Placement | None = None,
+    *,
+    device_map: DeviceMap | None = None,
+    offload_folder: str | Path | None = None,
 ) -> nn.Module:
     """Loads the model in eval mode, without touching the network.
 
     ``placement`` (default: the CPU, in the checkpoint's dtype) says where and in
     which dtype; see :class:`kvw_ledger.devices.Placement`. transformers'
-    weight-loading bar shows only with ``progress``.
+    weight-loading bar shows only with ``progress``. With ``device_map`` the model is
+    dispatched by accelerate (``from_pretrained(device_map=...)``) and the map, not
+    ``placement.device``, says where each layer goes (the dtype still applies); layers
+    placed on ``"disk"`` are offloaded to ``offload_folder`` (default: a temporary
+    directory removed with the model).
+
+    Raises:
+        BadInputError: the directory holds no loadable model, or accelerate is missing.
     """
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     model_dir = Path(model_dir)
     auto = AutoModelForImageTextToText if is_vision_language(model_dir) else AutoModelForCausalLM
+    dispatch: dict[str, Any] = {}
+    scratch = None
+    if device_map is not None:
+        try:
+            import accelerate  # noqa: F401  (transformers dispatches through it)
+        except ImportError as e:
+            raise BadInputError(
+                "--device-map needs accelerate; install it with `pip install accelerate`"
+            ) from e
+        if offload_folder is None:
+            offload_folder = scratch = tempfile.mkdtemp(prefix="kvw-offload-")
+        dispatch = {"device_map": device_map, "offload_folder": str(offload_folder)}
     try:
         with warnings.catch_warnings(), _loading_bars(progress):
             warnings.simplefilter("ignore")
@@ -76,11 +108,16 @@ def load_model(
                 dtype="auto" if placement is None or placement.dtype is None else placement.dtype,
                 local_files_only=True,
                 use_safetensors=True,
+                **dispatch,
             )
     except (OSError, ValueError, KeyError) as e:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
         raise BadInputError(f"cannot load the model in {model_dir}: {e}") from e
+    if scratch is not None:  # offloaded weights live there as long as the model
+        weakref.finalize(model, shutil.rmtree, scratch, True)
     module: nn.Module = model
-    if placement is not None and placement.device.type != "cpu":
+    if device_map is None and placement is not None and placement.device.type != "cpu":
         # Loaded on the CPU (memory-mapped), then moved: one path for every architecture.
         module = module.to(placement.device)
     return module.eval()

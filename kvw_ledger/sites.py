@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from kvw_ledger.errors import BadInputError, UnknownArchitectureError
+from kvw_ledger.offload import parameter_data
 
 Tower = Literal["language", "vision"]
 Kind = Literal["linear", "experts"]
@@ -491,9 +492,13 @@ def select_layers(sites: Sequence[Site], layers: tuple[int, int]) -> list[Site]:
 
 
 def site_weight(model: nn.Module, site: Site) -> torch.Tensor:
-    """The live weight (a view) whose slices along ``site.axis`` are the value vectors."""
-    param = model.get_parameter(site.param)
-    return param.data[site.expert] if site.expert is not None else param.data
+    """The live weight (a view) whose slices along ``site.axis`` are the value vectors.
+
+    For a layer accelerate offloaded (its parameters on ``meta``), the tensor its
+    hook loads them from (see :mod:`kvw_ledger.offload`).
+    """
+    data = parameter_data(model, site.param)
+    return data[site.expert] if site.expert is not None else data
 
 
 def sites_to_json(sites: Iterable[Site]) -> list[dict[str, Any]]:
