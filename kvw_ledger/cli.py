@@ -126,6 +126,7 @@ def _open(path: str, check_root: bool = True) -> Ledger:
     world = meta.get("kvw.world")
     if ledger.device_map is None and world is not None and world.backend == "nccl":
         ledger.device_map = {"": world.local_rank}  # one GPU per rank
+    ledger.operator = _operator()
     return ledger
 
 
@@ -205,6 +206,32 @@ def _world() -> Any:
     from kvw_ledger.distributed import LOCAL
 
     return click.get_current_context().meta.get("kvw.world", LOCAL)
+
+
+def _operator() -> str | None:
+    """The --operator of the running command, if it was given (checked by its callback)."""
+    context = click.get_current_context(silent=True)
+    return None if context is None else context.meta.get("kvw_ledger.operator")
+
+
+def _set_operator(context: click.Context, _: click.Parameter, value: str | None) -> None:
+    if value is not None:
+        from kvw_ledger.journal import check_operator
+
+        try:
+            context.meta["kvw_ledger.operator"] = check_operator(value)
+        except KVWLedgerError as e:
+            raise click.BadParameter(str(e), param_hint="--operator") from e
+
+
+# Not passed to the command: _open() reads it, so each write verb needs only this line.
+OPERATOR = click.option(
+    "--operator",
+    metavar="NAME",
+    expose_value=False,
+    callback=_set_operator,
+    help="Who acts, recorded in the journal entry (default $KVW_LEDGER_OPERATOR, else user@host).",
+)
 
 
 def _dump(data: Any) -> None:
@@ -356,6 +383,7 @@ def _show_warning(message: Any, category: type[Warning], *args: Any, **kwargs: A
 )
 @QUIET
 @_device_map_options
+@OPERATOR
 @_writes
 def init(ledger: str, model_dir: str, towers: str, site_glob: str | None, quiet: bool) -> Entry:
     """Create a ledger for a model: copy its FFN value matrices as the base (version 1).
@@ -370,6 +398,7 @@ def init(ledger: str, model_dir: str, towers: str, site_glob: str | None, quiet:
     created = Ledger.create(
         ledger, model_dir, towers=towers, site_glob=site_glob, progress=not quiet,
         device_map=click.get_current_context().meta.get("kvw.device_map"),
+        operator=_operator(),
     )
     click.echo(f"created {created.location}: {len(created.sites)} sites, version 1")
     return created.head()
@@ -403,6 +432,7 @@ DATA_FORMAT = """DATA is JSONL: one {"question": ..., "answer": ...} object per 
 @QUIET
 @_device_map_options
 @_data_parallel
+@OPERATOR
 @_writes
 def retain(
     ledger: str,
@@ -491,6 +521,7 @@ def retain(
 @QUIET
 @_device_map_options
 @_data_parallel
+@OPERATOR
 @_writes
 def forget(
     ledger: str,
@@ -570,6 +601,8 @@ def _summary(entry: Entry) -> str:
         return f"{', '.join(body['requests'])} with {body['stats']}"
     if entry.op == "gc":
         return f"deleted {', '.join(body['deleted']) or 'nothing'}"
+    if entry.op == "audit":
+        return f"{body['request']} at version {body['version']} against {body['before']}"
     return ""
 
 
@@ -592,7 +625,8 @@ def log(ledger: str, as_json: bool) -> None:
     for e in entries:
         active = _active_list(e.body.get("active", []))
         click.echo(
-            f"{e.version:>4}  {e.op:<8} {e.time}  {e.hash[:12]}  {_summary(e)}  active: {active}"
+            f"{e.version:>4}  {e.op:<8} {e.time}  {e.hash[:12]}  {e.operator or '-'}  "
+            f"{_summary(e)}  active: {active}"
         )
 
 
@@ -642,6 +676,7 @@ def show(ledger: str, ref: str, as_json: bool) -> None:
     click.echo(f"version  {shown['version']}")
     click.echo(f"op       {shown['op']}")
     click.echo(f"time     {shown['time']}")
+    click.echo(f"operator {shown['operator'] or '- (not recorded)'}")
     click.echo(f"hash     {shown['hash']}")
     click.echo(f"parent   {shown['parent'] or '-'}")
     click.echo(f"active   {', '.join(shown['active']) or '-'}")
@@ -733,6 +768,7 @@ def diff(ledger: str, ref_a: str, ref_b: str, top: int, as_json: bool) -> None:
 @MODEL
 @QUIET
 @_device_map_options
+@OPERATOR
 @_writes
 def revert(
     ledger: str,
@@ -866,6 +902,7 @@ def verify(ledger: str, model_dir: str | None, no_model: bool, as_json: bool) ->
 @MODEL
 @QUIET
 @_device_map_options
+@OPERATOR
 @_writes
 def probe(
     ledger: str,
@@ -929,6 +966,7 @@ def probe(
 @MODEL
 @QUIET
 @_device_map_options
+@OPERATOR
 @_writes
 def rederive(
     ledger: str,
@@ -986,6 +1024,7 @@ def rederive(
 @click.option(
     "--reverted", is_flag=True, required=True, help="Delete the arrays of reverted requests."
 )
+@OPERATOR
 @_writes
 def gc(ledger: str, reverted: bool) -> Entry:
     """Delete reverted requests' arrays for good; the journal keeps their hashes as tombstones.

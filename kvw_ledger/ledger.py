@@ -41,7 +41,7 @@ from kvw_ledger.errors import (
 )
 from kvw_ledger.export import export_model
 from kvw_ledger.fingerprint_cache import CACHE_NAME, FingerprintCache
-from kvw_ledger.journal import Entry, Journal, Problem, hash_workers
+from kvw_ledger.journal import Entry, Journal, Problem, check_operator, hash_workers
 from kvw_ledger.kvw import (
     KVWConfig,
     column_log_norms,
@@ -165,11 +165,13 @@ class Ledger:
         progress: bool = True,
         clock: Callable[[], _dt.datetime] | None = None,
         device_map: DeviceMap | None = None,
+        operator: str | None = None,
     ) -> Ledger:
         """Creates a ledger for the model in ``model_dir`` and commits version 1 (init).
 
         The base value matrices are copied from the model's weight files, bit-exact.
-        ``clock`` stamps journal entries (default: the current UTC time). With
+        ``clock`` stamps journal entries (default: the current UTC time); ``operator``
+        names who acts in them (default ``$KVW_LEDGER_OPERATOR``, else user@host). With
         ``device_map`` the model is loaded by accelerate (see :attr:`device_map`).
 
         Raises:
@@ -180,8 +182,11 @@ class Ledger:
             return cls._create_remote(
                 str(path), model_dir, towers=towers, site_glob=site_glob, progress=progress, clock=clock,
                 device_map=device_map,
+                operator=operator,
             )
         path = local_path(path)
+        if operator is not None:
+            check_operator(operator)  # before the model is read
         model_dir = Path(model_dir).resolve()
         model_files.weight_files(model_dir)  # refuses pickle-only weights, saying how to convert
         model = load_model(model_dir, progress=progress, device_map=device_map)
@@ -203,6 +208,7 @@ class Ledger:
         }
         store = Store.create(Path(path), attrs)
         ledger = cls(store, Journal(store.path, clock=clock or _utc_now))
+        ledger.operator = operator
         try:
             with WriterLock(store.path, operation="init"):
                 files = {"zarr.json": _sha256(store.path / "zarr.json")}
@@ -219,7 +225,7 @@ class Ledger:
                     "arrays": {f"base/{n}": h for n, h in hashes.items()},
                     "active": [],
                 }
-                entry = ledger.journal.append("init", body, files, parent=None)
+                entry = ledger.journal.append("init", body, files, parent=None, operator=operator)
                 ledger._write_head(entry)
         except BaseException as e:
             # The directory is ours (create refuses existing ones): leave nothing half made.
@@ -1481,6 +1487,7 @@ class Ledger:
     lock_timeout: float = 600.0  # seconds a writer waits for another writer to finish
     device_map: DeviceMap | None = None  # how load() places the model (accelerate); None: the CPU
     offload_folder: str | None = None  # where load() offloads layers mapped to "disk" (None: a temp dir)
+    operator: str | None = None  # who this handle's writes name; None: journal.default_operator()
     remote: Remote | None = None  # set when the ledger lives at a URL; self.path is then its mirror
     on_wait: Callable[[str], None] | None = None
     _base_cache: dict[str, torch.Tensor] | None = None  # bases read during the current write
@@ -1511,7 +1518,7 @@ class Ledger:
 
     def _commit(self, op: str, body: dict[str, Any], files: dict[str, str], *, parent: Entry) -> Entry:
         """Appends the journal entry: the commit point. Claimed arrays now belong to it."""
-        entry = self.journal.append(op, body, files, parent=parent)
+        entry = self.journal.append(op, body, files, parent=parent, operator=self.operator)
         self._claimed = []
         self._committed = entry
         return entry

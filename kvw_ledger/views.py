@@ -23,7 +23,8 @@ __all__ = ["diff", "entry_json", "request_sites", "show", "written_json"]
 
 def entry_json(entry: Entry) -> dict[str, Any]:
     """One entry as ``log --json`` prints it: version, op, id, hash, parent, time,
-    active (the requests active after it) and body."""
+    operator (None in entries older than the field), active (the requests active
+    after it) and body."""
     return {
         "version": entry.version,
         "op": entry.op,
@@ -31,6 +32,7 @@ def entry_json(entry: Entry) -> dict[str, Any]:
         "hash": entry.hash,
         "parent": entry.parent,
         "time": entry.time,
+        "operator": entry.operator,
         "active": entry.body.get("active", []),
         "body": entry.body,
     }
