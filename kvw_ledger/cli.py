@@ -1252,3 +1252,101 @@ def import_(benchmark: str, source: str, out_dir: str, splits: tuple[str, ...], 
         extras = f", {s.multiple_choice} multiple choice" if s.multiple_choice else ""
         skipped = f", {s.skipped} without an answer left out" if s.skipped else ""
         click.echo(f"{s.name}: {s.records} records{extras}, {s.images} new images{skipped} -> {s.file}")
+
+
+@main.command()
+@LEDGER
+@click.argument("request_id")
+@click.option(
+    "--forget-probe",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="JSONL of the forgotten facts to probe (only its fingerprint is kept).",
+)
+@click.option(
+    "--retain-probe", type=click.Path(dir_okay=False), help="JSONL of facts the model must keep."
+)
+@click.option(
+    "--quantize",
+    default="8,4",
+    show_default=True,
+    help="Bit widths (8: int8; 4: int4 and nf4), scheme names int8,int4,nf4, or none.",
+)
+@click.option(
+    "--group-size", type=int, default=64, show_default=True, help="Weights per quantization group."
+)
+@click.option(
+    "--relearn-data",
+    type=click.Path(dir_okay=False),
+    help="JSONL to fine-tune on, e.g. the facts of a third of the forgotten people.",
+)
+@click.option(
+    "--relearn-steps", type=int, default=20, show_default=True, help="AdamW steps of relearning."
+)
+@click.option(
+    "--relearn-lr", type=float, default=1e-5, show_default=True, help="Relearning learning rate."
+)
+@click.option(
+    "--relearn-batch-size", type=int, default=4, show_default=True, help="Records per relearning step."
+)
+@click.option(
+    "--at", default="HEAD", show_default=True, help="REF of a version where the request is active."
+)
+@MODEL
+@QUIET
+@JSON
+@OPERATOR
+@_errors
+def audit(
+    ledger: str,
+    request_id: str,
+    forget_probe: str,
+    retain_probe: str | None,
+    quantize: str,
+    group_size: int,
+    relearn_data: str | None,
+    relearn_steps: int,
+    relearn_lr: float,
+    relearn_batch_size: int,
+    at: str,
+    model_dir: str | None,
+    quiet: bool,
+    as_json: bool,
+) -> None:
+    """Check that a request's forgetting holds: efficacy, after 8/4-bit quantization, after relearning.
+
+    Measures the version where REQUEST_ID is active against the version just before
+    it, and records the figures (and the probes' fingerprints, never their records)
+    as an audit journal entry. No weight changes.
+
+    \b
+    Example:
+      kvw-ledger audit ledger/ alice --forget-probe alice_probe.jsonl \\
+        --retain-probe retain_probe.jsonl --quantize 8,4 \\
+        --relearn-data alice_third.jsonl --relearn-steps 20
+    """
+    from kvw_ledger.audit import audit as run_audit
+    from kvw_ledger.audit import summary_lines
+    from kvw_ledger.quantize import parse_schemes
+
+    entry = run_audit(
+        _open(ledger),
+        request_id,
+        forget_probe,
+        retain_probe=retain_probe,
+        quantize=parse_schemes(quantize),
+        group_size=group_size,
+        relearn_data=relearn_data,
+        relearn_steps=relearn_steps,
+        relearn_lr=relearn_lr,
+        relearn_batch_size=relearn_batch_size,
+        at=at,
+        model_dir=model_dir,
+        progress=not quiet,
+    )
+    if as_json:
+        _dump(views.entry_json(entry))
+        return
+    for line in summary_lines(entry.body):
+        click.echo(line)
+    click.echo(f"version {entry.version}: audit of {request_id} recorded")

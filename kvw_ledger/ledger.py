@@ -830,6 +830,25 @@ class Ledger:
             self._write_head(entry)
             return entry
 
+    def record_audit(self, body: Mapping[str, Any]) -> Entry:
+        """Commits an audit's figures (see :mod:`kvw_ledger.audit`) as an ``audit`` entry.
+
+        It adds no file and changes no weight: the active set and the head cache's
+        sums stay those of the version before it.
+
+        Raises:
+            RequestStateError: ``body["request"]`` is no request of this ledger.
+        """
+        with self._writing("audit"):
+            head = self.head()
+            state = self.state(head.version)
+            if body.get("request") not in state.requests:
+                raise RequestStateError(f"no request {body.get('request')!r} in this ledger")
+            _, exponents, scales = self.sums(head.version)
+            entry = self._commit("audit", {**body, "active": state.active}, {}, parent=head)
+            self._write_head(entry, exponents, scales)
+            return entry
+
     def export(
         self,
         out_dir: str | Path,
