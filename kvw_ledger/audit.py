@@ -151,7 +151,10 @@ def _figures(
 ) -> dict[str, Any]:
     """Accuracies over all records (and per modality), weighted by each modality's count."""
     choice = all("options" in r and "correct" in r for r in records)
-    by_modality = evaluate_records(model, processor, records, base_dir, multiple_choice=choice)
+    by_modality = evaluate_records(
+        model,  # type: ignore[arg-type]  # any causal LM: evaluate.py only calls it
+        processor, records, base_dir, multiple_choice=choice,
+    )
     n = sum(v["n"] for v in by_modality.values())
     if not n:
         raise BadInputError(f"{where}: no record this model can answer (image records need a vision model)")

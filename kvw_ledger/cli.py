@@ -1350,3 +1350,117 @@ def audit(
     for line in summary_lines(entry.body):
         click.echo(line)
     click.echo(f"version {entry.version}: audit of {request_id} recorded")
+
+
+@main.command()
+@LEDGER
+@click.argument("request_id")
+@click.option(
+    "--out", required=True, type=click.Path(dir_okay=False), help="Where to write the certificate (JSON)."
+)
+@click.option("--markdown", type=click.Path(dir_okay=False), help="Also write it as Markdown.")
+@click.option(
+    "--sign-key",
+    type=click.Path(dir_okay=False),
+    help="Ed25519 private key (PEM) to sign with, e.g. from `openssl genpkey -algorithm ed25519`.",
+)
+@MODEL
+@QUIET
+@JSON
+@OPERATOR
+@_errors
+def certify(
+    ledger: str,
+    request_id: str,
+    out: str,
+    markdown: str | None,
+    sign_key: str | None,
+    model_dir: str | None,
+    quiet: bool,
+    as_json: bool,
+) -> None:
+    """Write an erasure certificate for one request: what, who, when, hashes, checks.
+
+    It never holds forget data. Its first line says whether the erasure is in effect
+    or was reverted. The model's weight hashes are those an export of HEAD holds.
+
+    \b
+    Example:
+      kvw-ledger certify ledger/ alice --out alice.cert.json --markdown alice.cert.md \\
+        --sign-key issuer.pem
+    """
+    from kvw_ledger.certify import certify as make_certificate
+    from kvw_ledger.certify import markdown as render
+    from kvw_ledger.certify import write_certificate
+
+    cert = make_certificate(
+        _open(ledger), request_id, sign_key=sign_key, model_dir=model_dir, progress=not quiet
+    )
+    write_certificate(cert, out)
+    if markdown:
+        Path(markdown).write_text(render(cert), encoding="utf-8")
+    if as_json:
+        _dump({"out": out, "markdown": markdown, "statement": cert["statement"],
+               "status": cert["status"], "digest": cert["digest"], "signed": "signature" in cert})
+        return
+    click.echo(cert["statement"])
+    click.echo(f"wrote {out}" + (f" and {markdown}" if markdown else "")
+               + (" (signed)" if "signature" in cert else " (not signed)"))
+
+
+@main.command("check-certificate")
+@click.argument("certificate", type=click.Path(dir_okay=False))
+@click.option(
+    "--public-key",
+    type=click.Path(dir_okay=False),
+    help="The issuer's Ed25519 public key (PEM); the signature must be by it.",
+)
+@click.option(
+    "--ledger",
+    "ledger_path",
+    type=click.Path(file_okay=False),
+    help="Check every hash against this ledger (and its model's weights).",
+)
+@MODEL
+@click.option("--no-model", is_flag=True, help="Do not recompute the weight tensors' hashes.")
+@JSON
+@_errors
+def check_certificate(
+    certificate: str,
+    public_key: str | None,
+    ledger_path: str | None,
+    model_dir: str | None,
+    no_model: bool,
+    as_json: bool,
+) -> None:
+    """Check a certificate's digest and signature, and with --ledger every hash in it; exit 1 on a mismatch.
+
+    \b
+    Example:
+      kvw-ledger check-certificate alice.cert.json --public-key issuer.pub --ledger ledger/
+    """
+    from kvw_ledger.certify import check_certificate as run_check
+
+    result = run_check(
+        certificate,
+        public_key=public_key,
+        ledger=_open(ledger_path) if ledger_path else None,
+        model_dir=model_dir,
+        check_model=not no_model,
+    )
+    if as_json:
+        _dump(result.to_json())
+    else:
+        for note in result.notes:
+            click.echo(f"note: {note}")
+        for failure in result.failures:
+            click.echo(f"FAILED: {failure}", err=True)
+        if result.ok:
+            checked = ["digest"] + (["signature"] if result.signed else [])
+            if result.ledger_checked:
+                checked.append("ledger hashes")
+            if result.model_checked:
+                checked.append("weight tensors")
+            click.echo(f"ok: {certificate} ({', '.join(checked)} checked)")
+    if not result.ok:
+        sys.exit(1)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import hashlib
 import json
 import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -878,16 +879,8 @@ class Ledger:
             return self._export_adapter(out_dir, version, entries, model_dir)
         directory = self.model_dir(model_dir)
         self._check_model_dir(directory, progress)
-        _, exponents, scales = self.sums(version)
-        by_location = {(loc.file, loc.key): name for name, loc in self.locations.items()}
+        transform, by_location = self._export_transform(version)
         state = self.state(version)
-
-        def transform(file: str, key: str, tensor: torch.Tensor) -> torch.Tensor | None:
-            name = by_location.get((file, key))
-            if name is None:
-                return None
-            return weakened(tensor, exponents[name], self._sites_by_name[name].axis, scales.get(name))
-
         provenance = {
             "ledger_version": version,
             "entry_hash": entries[version - 1].hash,
@@ -938,6 +931,47 @@ class Ledger:
             raise StorageError(
                 f"could not write the adapter to {out_dir} ({e.strerror or e}); nothing was exported"
             ) from e
+
+    def _export_transform(
+        self, version: int
+    ) -> tuple[Callable[[str, str, torch.Tensor], torch.Tensor | None], dict[tuple[str, str], str]]:
+        """What an export of ``version`` does to each checkpoint tensor (None: left as is),
+        and the (file, key) of every site's tensor."""
+        _, exponents, scales = self.sums(version)
+        by_location = {(loc.file, loc.key): name for name, loc in self.locations.items()}
+
+        def transform(file: str, key: str, tensor: torch.Tensor) -> torch.Tensor | None:
+            name = by_location.get((file, key))
+            if name is None:
+                return None
+            return weakened(tensor, exponents[name], self._sites_by_name[name].axis, scales.get(name))
+
+        return transform, by_location
+
+    def tensor_hashes(
+        self, at: str | int = "HEAD", *, model_dir: str | Path | None = None, progress: bool = True
+    ) -> dict[str, str]:
+        """sha256 of every weight tensor that ``export(at=...)`` writes, by checkpoint key.
+
+        Computed as the export computes them (the same transform of the same checkpoint
+        tensors), one tensor at a time, without writing an export: each hash is of the
+        tensor's raw bytes, which a safetensors file stores as they are.
+        """
+        from safetensors import safe_open
+
+        version = self.resolve(at)
+        directory = self.model_dir(model_dir)
+        self._check_model_dir(directory, progress)
+        transform, _ = self._export_transform(version)
+        hashes: dict[str, str] = {}
+        for path in model_files.weight_files(directory):
+            with safe_open(str(path), "pt") as fh:
+                for key in fh.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    tensor = fh.get_tensor(key)
+                    changed = transform(path.name, key, tensor)
+                    value = tensor if changed is None else changed
+                    hashes[key] = hashlib.sha256(_bits(value).numpy().tobytes()).hexdigest()
+        return dict(sorted(hashes.items()))
 
     def rederive(
         self,

@@ -91,7 +91,7 @@ def relearn(
     try:
         position = len(order)
         for _ in range(steps):
-            chosen = []
+            chosen: list[int] = []
             while len(chosen) < min(batch_size, len(order)):
                 if position == len(order):
                     rng.shuffle(order)
