@@ -680,7 +680,7 @@ def show(ledger: str, ref: str, as_json: bool) -> None:
     click.echo(f"hash     {shown['hash']}")
     click.echo(f"parent   {shown['parent'] or '-'}")
     click.echo(f"active   {', '.join(shown['active']) or '-'}")
-    hidden = ("active", "arrays", "tokens", "model_fingerprint", "stability", "figures")
+    hidden = ("active", "arrays", "tokens", "model_fingerprint", "stability", "figures", "results")
     for key in sorted(k for k in body if k not in hidden):
         value = body[key]
         click.echo(
@@ -688,6 +688,13 @@ def show(ledger: str, ref: str, as_json: bool) -> None:
         )
     if "stability" in body:
         click.echo(f"checks   {_checks_line(body['stability'])}")
+    if shown["op"] == "audit":
+        from kvw_ledger.audit import summary_lines
+
+        for line in summary_lines(body):
+            click.echo(line)
+    if shown.get("audits"):
+        click.echo("audits   " + ", ".join(f"version {a['version']} (of {a['at']})" for a in shown["audits"]))
     if sites:
         scaled = any("log_scale" in s for s in sites)
         click.echo(

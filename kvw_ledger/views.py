@@ -46,14 +46,23 @@ def written_json(entry: Entry) -> dict[str, Any]:
 
 def show(entries: Sequence[Entry], ref: str | int, store: Callable[[], Store]) -> dict[str, Any]:
     """Version ``ref`` among ``entries``: its entry (as :func:`entry_json`), the files it
-    added, and for a forget, per site what its request weakened (see :func:`request_sites`).
+    added, and for a forget, per site what its request weakened (see :func:`request_sites`)
+    and the ``audits`` recorded of its request (version, hash, time, operator, audited version).
 
     ``store`` opens the array store; it is called for a forget only, so showing any
     other entry reads the journal alone.
     """
     entry = entries[refs.resolve(ref, entries) - 1]
     sites = request_sites(store(), entry) if entry.op == "forget" else []
-    return {**entry_json(entry), "files": entry.files, "sites": sites}
+    shown = {**entry_json(entry), "files": entry.files, "sites": sites}
+    if entry.op == "forget":  # the audits of this request, however much later they came
+        shown["audits"] = [
+            {"version": e.version, "hash": e.hash, "time": e.time, "operator": e.operator,
+             "at": e.body["version"]}
+            for e in entries
+            if e.op == "audit" and e.body.get("request") == entry.body["request"]
+        ]
+    return shown
 
 
 def request_sites(store: Store, entry: Entry) -> list[dict[str, Any]]:
