@@ -1460,8 +1460,8 @@ def check_certificate(
     else:
         for note in result.notes:
             click.echo(f"note: {note}")
-        for failure in result.failures:
-            click.echo(f"FAILED: {failure}", err=True)
+        for failure in result.failures:  # one line, as every verb reports what it refuses
+            click.echo(f"Error: certificate check FAILED: {failure}", err=True)
         if result.ok:
             checked = ["digest"] + (["signature"] if result.signed else [])
             if result.ledger_checked:
