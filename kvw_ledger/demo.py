@@ -68,7 +68,7 @@ def _run(workdir: Path, say: Echo, config: DemoConfig) -> dict[str, Any]:
     started = time.perf_counter()
     workdir.mkdir(parents=True, exist_ok=True)
 
-    say(f"[1/6] benchmark data: {config.n_people} fictitious people in {workdir / 'data'}")
+    say(f"[1/7] benchmark data: {config.n_people} fictitious people in {workdir / 'data'}")
     paths = generate(
         workdir / "data", config=BenchConfig(n_people=config.n_people, seed=config.seed)
     )

@@ -42,7 +42,14 @@ from kvw_ledger.errors import (
 )
 from kvw_ledger.export import export_model
 from kvw_ledger.fingerprint_cache import CACHE_NAME, FingerprintCache
-from kvw_ledger.journal import Entry, Journal, Problem, check_operator, hash_workers
+from kvw_ledger.journal import (
+    Entry,
+    Journal,
+    Problem,
+    check_operator,
+    default_operator,
+    hash_workers,
+)
 from kvw_ledger.kvw import (
     KVWConfig,
     column_log_norms,
@@ -1440,6 +1447,8 @@ class Ledger:
     def _writing(self, operation: str) -> Iterator[None]:
         """One write: under the local protocol, and for a URL ledger also under its lock,
         after a pull, and followed by a push (see :mod:`kvw_ledger.remote`)."""
+        if self.operator is None:
+            default_operator()  # a bad $KVW_LEDGER_OPERATOR fails before any work, not at the commit
         remote = self.remote
         if remote is None:
             with self._writing_local(operation):
