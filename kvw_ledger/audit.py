@@ -35,6 +35,7 @@ from kvw_ledger.journal import Entry
 from kvw_ledger.ledger import Ledger
 from kvw_ledger.quantize import SCHEMES, library, quantized_copy
 from kvw_ledger.relearn import held_out, relearn
+from kvw_ledger.views import audit_lines as summary_lines
 
 __all__ = ["audit", "audits_of", "latest_audit", "summary_lines"]
 
@@ -231,43 +232,3 @@ def latest_audit(ledger: Ledger, request_id: str, entries: Sequence[Entry] | Non
     """The newest audit entry of ``request_id``, or None."""
     found = audits_of(ledger, request_id, entries)
     return found[-1] if found else None
-
-
-def summary_lines(body: dict[str, Any]) -> list[str]:
-    """An audit entry's figures as a few lines of text (for the CLI and certificates)."""
-    res = body["results"]
-    eff = res["efficacy"]
-
-    def acc(figures: dict[str, Any]) -> str:
-        parts = [f"{k} {figures[k]:.3f}" for k in _SCORED if figures.get(k) is not None]
-        return ", ".join(parts) or "-"
-
-    lines = [
-        f"audit of {body['request']} at version {body['version']} against version {body['before']}",
-        f"  forget probe: before {acc(eff['before']['forget'])}; after {acc(eff['after']['forget'])}",
-    ]
-    if "retain" in eff["after"]:
-        lines.append(
-            f"  retain probe: before {acc(eff['before']['retain'])}; after {acc(eff['after']['retain'])}"
-        )
-    quantized = res.get("quantized", {})
-    for scheme in (body.get("quantization") or {}).get("schemes", sorted(quantized)):
-        row = quantized[scheme]
-        shares = ", ".join(
-            f"{k} resurfaced {r['resurfaced']:+.3f}"
-            + (f" ({r['share']:.0%} of removed)" if r["share"] is not None else "")
-            for k, r in row["resurfacing"].items()
-        )
-        lines.append(f"  {scheme}: forget after {acc(row['after']['forget'])}; {shares}")
-    relearned = res.get("relearned")
-    if relearned:
-        for k, r in relearned.get("recovery", {}).items():
-            parts = [
-                f"{name} {r[name]:.2f}" if r[name] is not None else f"{name} -"
-                for name in ("after", "before", "ratio")
-            ]
-            lines.append(
-                f"  relearned ({body['relearn']['steps']} steps, {body['relearn']['held_out']} held-out "
-                f"records) {k}: recovery " + ", ".join(parts)
-            )
-    return lines

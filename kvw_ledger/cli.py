@@ -689,9 +689,7 @@ def show(ledger: str, ref: str, as_json: bool) -> None:
     if "stability" in body:
         click.echo(f"checks   {_checks_line(body['stability'])}")
     if shown["op"] == "audit":
-        from kvw_ledger.audit import summary_lines
-
-        for line in summary_lines(body):
+        for line in views.audit_lines(body):
             click.echo(line)
     if shown.get("audits"):
         click.echo("audits   " + ", ".join(f"version {a['version']} (of {a['at']})" for a in shown["audits"]))
@@ -1301,9 +1299,8 @@ def import_(benchmark: str, source: str, out_dir: str, splits: tuple[str, ...], 
 )
 @MODEL
 @QUIET
-@JSON
 @OPERATOR
-@_errors
+@_writes
 def audit(
     ledger: str,
     request_id: str,
@@ -1318,8 +1315,7 @@ def audit(
     at: str,
     model_dir: str | None,
     quiet: bool,
-    as_json: bool,
-) -> None:
+) -> Entry:
     """Check that a request's forgetting holds: efficacy, after 8/4-bit quantization, after relearning.
 
     Measures the version where REQUEST_ID is active against the version just before
@@ -1351,12 +1347,10 @@ def audit(
         model_dir=model_dir,
         progress=not quiet,
     )
-    if as_json:
-        _dump(views.entry_json(entry))
-        return
     for line in summary_lines(entry.body):
         click.echo(line)
     click.echo(f"version {entry.version}: audit of {request_id} recorded")
+    return entry
 
 
 @main.command()

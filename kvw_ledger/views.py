@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from kvw_ledger.ledger import Ledger
     from kvw_ledger.store import Store
 
-__all__ = ["diff", "entry_json", "request_sites", "show", "written_json"]
+__all__ = ["audit_lines", "diff", "entry_json", "request_sites", "show", "written_json"]
 
 
 def entry_json(entry: Entry) -> dict[str, Any]:
@@ -129,3 +129,43 @@ def diff(ledger: Ledger, ref_a: str | int, ref_b: str | int, top: int = 5) -> di
         "removed": [r for r in a.active if r not in b.active],
         "sites": sites,
     }
+
+
+def audit_lines(body: dict[str, Any]) -> list[str]:
+    """An audit entry's figures as a few lines of text (for the CLI and certificates)."""
+    res = body["results"]
+    eff = res["efficacy"]
+
+    def acc(figures: dict[str, Any]) -> str:
+        parts = [f"{k} {figures[k]:.3f}" for k in ("gen_acc", "mc_acc") if figures.get(k) is not None]
+        return ", ".join(parts) or "-"
+
+    lines = [
+        f"audit of {body['request']} at version {body['version']} against version {body['before']}",
+        f"  forget probe: before {acc(eff['before']['forget'])}; after {acc(eff['after']['forget'])}",
+    ]
+    if "retain" in eff["after"]:
+        lines.append(
+            f"  retain probe: before {acc(eff['before']['retain'])}; after {acc(eff['after']['retain'])}"
+        )
+    quantized = res.get("quantized", {})
+    for scheme in (body.get("quantization") or {}).get("schemes", sorted(quantized)):
+        row = quantized[scheme]
+        shares = ", ".join(
+            f"{k} resurfaced {r['resurfaced']:+.3f}"
+            + (f" ({r['share']:.0%} of removed)" if r["share"] is not None else "")
+            for k, r in row["resurfacing"].items()
+        )
+        lines.append(f"  {scheme}: forget after {acc(row['after']['forget'])}; {shares}")
+    relearned = res.get("relearned")
+    if relearned:
+        for k, r in relearned.get("recovery", {}).items():
+            parts = [
+                f"{name} {r[name]:.2f}" if r[name] is not None else f"{name} -"
+                for name in ("after", "before", "ratio")
+            ]
+            lines.append(
+                f"  relearned ({body['relearn']['steps']} steps, {body['relearn']['held_out']} held-out "
+                f"records) {k}: recovery " + ", ".join(parts)
+            )
+    return lines

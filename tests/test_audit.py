@@ -64,9 +64,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     ledger = Ledger.create(paths["ledger"], root / "model", progress=False)
     ledger.retain(paths["retain"], progress=False)
     strong = KVWConfig(gamma=2.0, layers=(0, 3))
-    ledger.forget(paths["forget"], request_id="a", config=strong, limits={"on_fail": "warn"}, progress=False)
+    ledger.forget(paths["forget"], request_id="a", config=strong, limits=ledger.limits(on_fail="warn"), progress=False)
     ledger.forget(paths["other"], request_id="b", config=KVWConfig(gamma=0.2, layers=(0, 3)),
-                  limits={"on_fail": "warn"}, progress=False)
+                  limits=ledger.limits(on_fail="warn"), progress=False)
     return paths
 
 

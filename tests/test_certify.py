@@ -64,8 +64,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     ledger.retain(root / "retain.jsonl", progress=False)
     config = KVWConfig(gamma=0.5, layers=(0, 3))
     ledger.forget(paths["forget"], request_id="a", reason="GDPR art. 17, ticket 9", config=config,
-                  limits={"on_fail": "warn"}, progress=False)
-    ledger.forget(paths["other"], request_id="b", config=config, limits={"on_fail": "warn"}, progress=False)
+                  limits=ledger.limits(on_fail="warn"), progress=False)
+    ledger.forget(paths["other"], request_id="b", config=config, limits=ledger.limits(on_fail="warn"), progress=False)
     ledger.operator = "auditor"
     audit(ledger, "a", paths["forget"], quantize=("int4",), relearn_data=paths["relearn"],
           relearn_steps=2, progress=False)
