@@ -12,6 +12,7 @@ are loaded on first use (PEP 562), so reading a journal stays fast.
 from __future__ import annotations
 
 import importlib
+import logging as _logging
 from typing import TYPE_CHECKING, Any
 
 from kvw_ledger.errors import (
@@ -43,6 +44,13 @@ if TYPE_CHECKING:
     from kvw_ledger.live import LiveModel
     from kvw_ledger.sites import Site, discover_sites
     from kvw_ledger.stability import StabilityLimits, StabilityReport
+
+# transformers imports torchao (the audits' quantization library) whenever it builds a
+# model; torchao's CPU wheel then logs every CUDA kernel it lacks, and torch a notice
+# about torchao's enums, on each command. Neither is about the user's work.
+for _name in ("torchao", "torch.utils._pytree"):
+    if _logging.getLogger(_name).level == _logging.NOTSET:
+        _logging.getLogger(_name).setLevel(_logging.ERROR)
 
 __version__ = "0.1.0"
 

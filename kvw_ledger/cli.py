@@ -126,6 +126,7 @@ def _open(path: str, check_root: bool = True) -> Ledger:
     world = meta.get("kvw.world")
     if ledger.device_map is None and world is not None and world.backend == "nccl":
         ledger.device_map = {"": world.local_rank}  # one GPU per rank
+    ledger.operator = _operator()
     return ledger
 
 
@@ -205,6 +206,32 @@ def _world() -> Any:
     from kvw_ledger.distributed import LOCAL
 
     return click.get_current_context().meta.get("kvw.world", LOCAL)
+
+
+def _operator() -> str | None:
+    """The --operator of the running command, if it was given (checked by its callback)."""
+    context = click.get_current_context(silent=True)
+    return None if context is None else context.meta.get("kvw_ledger.operator")
+
+
+def _set_operator(context: click.Context, _: click.Parameter, value: str | None) -> None:
+    if value is not None:
+        from kvw_ledger.journal import check_operator
+
+        try:
+            context.meta["kvw_ledger.operator"] = check_operator(value)
+        except KVWLedgerError as e:
+            raise click.BadParameter(str(e), param_hint="--operator") from e
+
+
+# Not passed to the command: _open() reads it, so each write verb needs only this line.
+OPERATOR = click.option(
+    "--operator",
+    metavar="NAME",
+    expose_value=False,
+    callback=_set_operator,
+    help="Who acts, recorded in the journal entry (default $KVW_LEDGER_OPERATOR, else user@host).",
+)
 
 
 def _dump(data: Any) -> None:
@@ -356,6 +383,7 @@ def _show_warning(message: Any, category: type[Warning], *args: Any, **kwargs: A
 )
 @QUIET
 @_device_map_options
+@OPERATOR
 @_writes
 def init(ledger: str, model_dir: str, towers: str, site_glob: str | None, quiet: bool) -> Entry:
     """Create a ledger for a model: copy its FFN value matrices as the base (version 1).
@@ -370,6 +398,7 @@ def init(ledger: str, model_dir: str, towers: str, site_glob: str | None, quiet:
     created = Ledger.create(
         ledger, model_dir, towers=towers, site_glob=site_glob, progress=not quiet,
         device_map=click.get_current_context().meta.get("kvw.device_map"),
+        operator=_operator(),
     )
     click.echo(f"created {created.location}: {len(created.sites)} sites, version 1")
     return created.head()
@@ -403,6 +432,7 @@ DATA_FORMAT = """DATA is JSONL: one {"question": ..., "answer": ...} object per 
 @QUIET
 @_device_map_options
 @_data_parallel
+@OPERATOR
 @_writes
 def retain(
     ledger: str,
@@ -491,6 +521,7 @@ def retain(
 @QUIET
 @_device_map_options
 @_data_parallel
+@OPERATOR
 @_writes
 def forget(
     ledger: str,
@@ -570,6 +601,8 @@ def _summary(entry: Entry) -> str:
         return f"{', '.join(body['requests'])} with {body['stats']}"
     if entry.op == "gc":
         return f"deleted {', '.join(body['deleted']) or 'nothing'}"
+    if entry.op == "audit":
+        return f"{body['request']} at version {body['version']} against {body['before']}"
     return ""
 
 
@@ -592,7 +625,8 @@ def log(ledger: str, as_json: bool) -> None:
     for e in entries:
         active = _active_list(e.body.get("active", []))
         click.echo(
-            f"{e.version:>4}  {e.op:<8} {e.time}  {e.hash[:12]}  {_summary(e)}  active: {active}"
+            f"{e.version:>4}  {e.op:<8} {e.time}  {e.hash[:12]}  {e.operator or '-'}  "
+            f"{_summary(e)}  active: {active}"
         )
 
 
@@ -642,10 +676,11 @@ def show(ledger: str, ref: str, as_json: bool) -> None:
     click.echo(f"version  {shown['version']}")
     click.echo(f"op       {shown['op']}")
     click.echo(f"time     {shown['time']}")
+    click.echo(f"operator {shown['operator'] or '- (not recorded)'}")
     click.echo(f"hash     {shown['hash']}")
     click.echo(f"parent   {shown['parent'] or '-'}")
     click.echo(f"active   {', '.join(shown['active']) or '-'}")
-    hidden = ("active", "arrays", "tokens", "model_fingerprint", "stability", "figures")
+    hidden = ("active", "arrays", "tokens", "model_fingerprint", "stability", "figures", "results")
     for key in sorted(k for k in body if k not in hidden):
         value = body[key]
         click.echo(
@@ -653,6 +688,11 @@ def show(ledger: str, ref: str, as_json: bool) -> None:
         )
     if "stability" in body:
         click.echo(f"checks   {_checks_line(body['stability'])}")
+    if shown["op"] == "audit":
+        for line in views.audit_lines(body):
+            click.echo(line)
+    if shown.get("audits"):
+        click.echo("audits   " + ", ".join(f"version {a['version']} (of {a['at']})" for a in shown["audits"]))
     if sites:
         scaled = any("log_scale" in s for s in sites)
         click.echo(
@@ -733,6 +773,7 @@ def diff(ledger: str, ref_a: str, ref_b: str, top: int, as_json: bool) -> None:
 @MODEL
 @QUIET
 @_device_map_options
+@OPERATOR
 @_writes
 def revert(
     ledger: str,
@@ -866,6 +907,7 @@ def verify(ledger: str, model_dir: str | None, no_model: bool, as_json: bool) ->
 @MODEL
 @QUIET
 @_device_map_options
+@OPERATOR
 @_writes
 def probe(
     ledger: str,
@@ -929,6 +971,7 @@ def probe(
 @MODEL
 @QUIET
 @_device_map_options
+@OPERATOR
 @_writes
 def rederive(
     ledger: str,
@@ -986,6 +1029,7 @@ def rederive(
 @click.option(
     "--reverted", is_flag=True, required=True, help="Delete the arrays of reverted requests."
 )
+@OPERATOR
 @_writes
 def gc(ledger: str, reverted: bool) -> Entry:
     """Delete reverted requests' arrays for good; the journal keeps their hashes as tombstones.
@@ -1213,3 +1257,211 @@ def import_(benchmark: str, source: str, out_dir: str, splits: tuple[str, ...], 
         extras = f", {s.multiple_choice} multiple choice" if s.multiple_choice else ""
         skipped = f", {s.skipped} without an answer left out" if s.skipped else ""
         click.echo(f"{s.name}: {s.records} records{extras}, {s.images} new images{skipped} -> {s.file}")
+
+
+@main.command()
+@LEDGER
+@click.argument("request_id")
+@click.option(
+    "--forget-probe",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="JSONL of the forgotten facts to probe (only its fingerprint is kept).",
+)
+@click.option(
+    "--retain-probe", type=click.Path(dir_okay=False), help="JSONL of facts the model must keep."
+)
+@click.option(
+    "--quantize",
+    default="8,4",
+    show_default=True,
+    help="Bit widths (8: int8; 4: int4 and nf4), scheme names int8,int4,nf4, or none.",
+)
+@click.option(
+    "--group-size", type=int, default=64, show_default=True, help="Weights per quantization group."
+)
+@click.option(
+    "--relearn-data",
+    type=click.Path(dir_okay=False),
+    help="JSONL to fine-tune on, e.g. the facts of a third of the forgotten people.",
+)
+@click.option(
+    "--relearn-steps", type=int, default=20, show_default=True, help="AdamW steps of relearning."
+)
+@click.option(
+    "--relearn-lr", type=float, default=1e-5, show_default=True, help="Relearning learning rate."
+)
+@click.option(
+    "--relearn-batch-size", type=int, default=4, show_default=True, help="Records per relearning step."
+)
+@click.option(
+    "--at", default="HEAD", show_default=True, help="REF of a version where the request is active."
+)
+@MODEL
+@QUIET
+@OPERATOR
+@_writes
+def audit(
+    ledger: str,
+    request_id: str,
+    forget_probe: str,
+    retain_probe: str | None,
+    quantize: str,
+    group_size: int,
+    relearn_data: str | None,
+    relearn_steps: int,
+    relearn_lr: float,
+    relearn_batch_size: int,
+    at: str,
+    model_dir: str | None,
+    quiet: bool,
+) -> Entry:
+    """Check that a request's forgetting holds: efficacy, after 8/4-bit quantization, after relearning.
+
+    Measures the version where REQUEST_ID is active against the version just before
+    it, and records the figures (and the probes' fingerprints, never their records)
+    as an audit journal entry. No weight changes.
+
+    \b
+    Example:
+      kvw-ledger audit ledger/ alice --forget-probe alice_probe.jsonl \\
+        --retain-probe retain_probe.jsonl --quantize 8,4 \\
+        --relearn-data alice_third.jsonl --relearn-steps 20
+    """
+    from kvw_ledger.audit import audit as run_audit
+    from kvw_ledger.audit import summary_lines
+    from kvw_ledger.quantize import parse_schemes
+
+    entry = run_audit(
+        _open(ledger),
+        request_id,
+        forget_probe,
+        retain_probe=retain_probe,
+        quantize=parse_schemes(quantize),
+        group_size=group_size,
+        relearn_data=relearn_data,
+        relearn_steps=relearn_steps,
+        relearn_lr=relearn_lr,
+        relearn_batch_size=relearn_batch_size,
+        at=at,
+        model_dir=model_dir,
+        progress=not quiet,
+    )
+    for line in summary_lines(entry.body):
+        click.echo(line)
+    click.echo(f"version {entry.version}: audit of {request_id} recorded")
+    return entry
+
+
+@main.command()
+@LEDGER
+@click.argument("request_id")
+@click.option(
+    "--out", required=True, type=click.Path(dir_okay=False), help="Where to write the certificate (JSON)."
+)
+@click.option("--markdown", type=click.Path(dir_okay=False), help="Also write it as Markdown.")
+@click.option(
+    "--sign-key",
+    type=click.Path(dir_okay=False),
+    help="Ed25519 private key (PEM) to sign with, e.g. from `openssl genpkey -algorithm ed25519`.",
+)
+@MODEL
+@QUIET
+@JSON
+@OPERATOR
+@_errors
+def certify(
+    ledger: str,
+    request_id: str,
+    out: str,
+    markdown: str | None,
+    sign_key: str | None,
+    model_dir: str | None,
+    quiet: bool,
+    as_json: bool,
+) -> None:
+    """Write an erasure certificate for one request: what, who, when, hashes, checks.
+
+    It never holds forget data. Its first line says whether the erasure is in effect
+    or was reverted. The model's weight hashes are those an export of HEAD holds.
+
+    \b
+    Example:
+      kvw-ledger certify ledger/ alice --out alice.cert.json --markdown alice.cert.md \\
+        --sign-key issuer.pem
+    """
+    from kvw_ledger.certify import certify as make_certificate
+    from kvw_ledger.certify import markdown as render
+    from kvw_ledger.certify import write_certificate
+
+    cert = make_certificate(
+        _open(ledger), request_id, sign_key=sign_key, model_dir=model_dir, progress=not quiet
+    )
+    write_certificate(cert, out)
+    if markdown:
+        Path(markdown).write_text(render(cert), encoding="utf-8")
+    if as_json:
+        _dump({"out": out, "markdown": markdown, "statement": cert["statement"],
+               "status": cert["status"], "digest": cert["digest"], "signed": "signature" in cert})
+        return
+    click.echo(cert["statement"])
+    click.echo(f"wrote {out}" + (f" and {markdown}" if markdown else "")
+               + (" (signed)" if "signature" in cert else " (not signed)"))
+
+
+@main.command("check-certificate")
+@click.argument("certificate", type=click.Path(dir_okay=False))
+@click.option(
+    "--public-key",
+    type=click.Path(dir_okay=False),
+    help="The issuer's Ed25519 public key (PEM); the signature must be by it.",
+)
+@click.option(
+    "--ledger",
+    "ledger_path",
+    type=click.Path(file_okay=False),
+    help="Check every hash against this ledger (and its model's weights).",
+)
+@MODEL
+@click.option("--no-model", is_flag=True, help="Do not recompute the weight tensors' hashes.")
+@JSON
+@_errors
+def check_certificate(
+    certificate: str,
+    public_key: str | None,
+    ledger_path: str | None,
+    model_dir: str | None,
+    no_model: bool,
+    as_json: bool,
+) -> None:
+    """Check a certificate's digest and signature, and with --ledger every hash in it; exit 1 on a mismatch.
+
+    \b
+    Example:
+      kvw-ledger check-certificate alice.cert.json --public-key issuer.pub --ledger ledger/
+    """
+    from kvw_ledger.certify import check_certificate as run_check
+
+    result = run_check(
+        certificate,
+        public_key=public_key,
+        ledger=_open(ledger_path) if ledger_path else None,
+        model_dir=model_dir,
+        check_model=not no_model,
+    )
+    if as_json:
+        _dump(result.to_json())
+    else:
+        for note in result.notes:
+            click.echo(f"note: {note}")
+        for failure in result.failures:  # one line, as every verb reports what it refuses
+            click.echo(f"Error: certificate check FAILED: {failure}", err=True)
+        if result.ok:
+            checked = ["digest"] + (["signature"] if result.signed else [])
+            if result.ledger_checked:
+                checked.append("ledger hashes")
+            if result.model_checked:
+                checked.append("weight tensors")
+            click.echo(f"ok: {certificate} ({', '.join(checked)} checked)")
+    if not result.ok:
+        sys.exit(1)

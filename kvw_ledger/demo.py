@@ -4,7 +4,9 @@ Builds (or reuses) the benchmark data and a small LLaVA-architecture model that
 knows it, then creates a ledger, registers retain statistics, forgets three
 disjoint groups of people one after another, reverts the second, exports HEAD and
 verifies. After every version it evaluates each group and the retain set on both
-modalities and writes ``report.json``, ``report.md`` and ``history.png``.
+modalities and writes ``report.json``, ``report.md`` and ``history.png``. Last, it
+audits group 1's request (8- and 4-bit quantization, and relearning on a third of
+its people) and writes its signed certificate, ``certificate.json`` and ``.md``.
 """
 
 from __future__ import annotations
@@ -45,6 +47,12 @@ class DemoConfig:
     retain_records: int = 400  # retain records for C_r (a seeded sample; count)
     eval_records: int = 160  # retain records evaluated per version (count)
     threads: int = 0  # torch CPU threads; 0: the cores other processes leave free, re-read per step
+    # The audit's relearning attack: stronger than the verb's default (1e-5), because
+    # this model was trained at 5e-4 and a weaker attack would show nothing either way.
+    relearn_steps: int = 30  # AdamW steps on a third of group 1's people
+    relearn_lr: float = 1e-4  # relearning learning rate
+    quantize: tuple[str, ...] = ("int8", "int4", "nf4")  # the audit's quantization schemes
+    audit: bool = True  # audit and certify group-1 at the end
 
 
 def run_demo(
@@ -60,16 +68,16 @@ def _run(workdir: Path, say: Echo, config: DemoConfig) -> dict[str, Any]:
     started = time.perf_counter()
     workdir.mkdir(parents=True, exist_ok=True)
 
-    say(f"[1/6] benchmark data: {config.n_people} fictitious people in {workdir / 'data'}")
+    say(f"[1/7] benchmark data: {config.n_people} fictitious people in {workdir / 'data'}")
     paths = generate(
         workdir / "data", config=BenchConfig(n_people=config.n_people, seed=config.seed)
     )
     if paths.retain_demo is None or len(paths.groups) < 3:
         raise BadInputError("the benchmark has no demo groups; regenerate it with 3 demo groups")
-    say("[2/6] the model that knows them (trained once, then cached)")
+    say("[2/7] the model that knows them (trained once, then cached)")
     model_dir = build_model(workdir / "models", paths, config.instill)
 
-    say("[3/6] a fresh ledger and retain statistics")
+    say("[3/7] a fresh ledger and retain statistics")
     ledger_dir = workdir / "ledger"
     if ledger_dir.exists():
         shutil.rmtree(ledger_dir)
@@ -113,7 +121,7 @@ def _run(workdir: Path, say: Echo, config: DemoConfig) -> dict[str, Any]:
     kvw = KVWConfig(
         gamma=config.gamma, layers=config.layers, batch_size=config.batch_size, epochs=config.epochs
     )
-    say("[4/6] three deletion requests, one after another, then revert the second")
+    say("[4/7] three deletion requests, one after another, then revert the second")
     say(_table_header(list(splits)))
     rows = [evaluate("before")]
     for name, path in groups.items():
@@ -138,14 +146,24 @@ def _run(workdir: Path, say: Echo, config: DemoConfig) -> dict[str, Any]:
     )
     rows.append(evaluate("revert group-2"))
 
-    say("[5/6] export HEAD and verify")
+    say("[5/7] export HEAD and verify")
     export_dir = workdir / "export"
     if export_dir.exists():
         shutil.rmtree(export_dir)
     ledger.export(export_dir, progress=False)
     verified = ledger.verify()
 
-    say("[6/6] report")
+    audited: dict[str, Any] | None = None
+    certificate: dict[str, Any] | None = None
+    if config.audit:
+        say(f"[6/7] audit group-1's request ({', '.join(config.quantize)}; relearning on a third of its people)")
+        audited = _audit_group(ledger, paths, config, workdir)
+        for line in audited["lines"]:
+            say(line)
+        certificate = _certify_group(ledger, workdir)
+        say(certificate["statement"])
+
+    say("[7/7] report")
     report: dict[str, Any] = {
         "config": {**asdict(config), "layers": list(config.layers)},
         "model": str(model_dir),
@@ -153,6 +171,10 @@ def _run(workdir: Path, say: Echo, config: DemoConfig) -> dict[str, Any]:
         "layers": _layer_history(ledger),
         "targets": _targets(rows),
         "verify": verified.to_json(),
+        "audit": audited,
+        "certificate": None
+        if certificate is None
+        else {k: certificate[k] for k in ("statement", "status", "digest")},
         "seconds": round(time.perf_counter() - started, 1),
     }
     (workdir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -162,9 +184,68 @@ def _run(workdir: Path, say: Echo, config: DemoConfig) -> dict[str, Any]:
         say(line)
     say(
         f"verify: {'ok' if verified.ok else 'FAILED'}; wrote {workdir / 'report.md'}, report.json, "
-        f"history.png in {report['seconds']} s"
+        f"history.png{', certificate.json and certificate.md' if certificate else ''} in {report['seconds']} s"
     )
     return report
+
+
+def _audit_group(ledger: Ledger, paths: Any, config: DemoConfig, workdir: Path) -> dict[str, Any]:
+    """Audits group-1 at HEAD against the version before its request."""
+    from kvw_ledger.audit import audit, summary_lines
+
+    taught = _third_of_people(paths.groups[0], paths.groups[0].parent / "g1_relearn.jsonl")
+    entry = audit(
+        ledger,
+        "group-1",
+        paths.groups_heldout[0],
+        retain_probe=_sample(
+            paths.retain_demo_heldout,
+            paths.retain_demo_heldout.parent / "retain_probe.jsonl",
+            config.eval_records,
+        ),
+        quantize=config.quantize,
+        relearn_data=taught,
+        relearn_steps=config.relearn_steps,
+        relearn_lr=config.relearn_lr,
+        progress=False,
+    )
+    lines = summary_lines(entry.body)
+    if taught is None:
+        lines.append("  relearning skipped: group-1 has fewer than two people")
+    return {"version": entry.version, "body": entry.body, "lines": lines}
+
+
+def _third_of_people(source: Path, dest: Path) -> Path | None:
+    """The records of the first third of the people in ``source`` (None under two people)."""
+    records = [json.loads(line) for line in source.read_text().splitlines() if line.strip()]
+    people = sorted({r["person"] for r in records})
+    if len(people) < 2:
+        return None
+    chosen = set(people[: max(1, len(people) // 3)])
+    dest.write_text("".join(json.dumps(r) + "\n" for r in records if r["person"] in chosen))
+    return dest
+
+
+def _certify_group(ledger: Ledger, workdir: Path) -> dict[str, Any]:
+    """group-1's certificate beside report.md, signed with a key made for the demo."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from kvw_ledger.certify import certify, markdown, write_certificate
+
+    key = Ed25519PrivateKey.generate()  # a real issuer keeps one key and publishes its .pub
+    pem = workdir / "demo-issuer.pem"
+    pem.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ))
+    pem.chmod(0o600)
+    (workdir / "demo-issuer.pub").write_bytes(key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ))
+    cert = certify(ledger, "group-1", sign_key=pem, progress=False)
+    write_certificate(cert, workdir / "certificate.json")
+    (workdir / "certificate.md").write_text(markdown(cert), encoding="utf-8")
+    return cert
 
 
 def _sample(source: Path, dest: Path, n: int) -> Path:
@@ -269,6 +350,9 @@ def _markdown(report: dict[str, Any]) -> str:
     lines += ["", "Multiple-choice accuracy and ROUGE-L are in report.json.", "", "## Targets", ""]
     lines += [line.strip() for line in _targets_lines(report["targets"])]
     lines += ["", f"verify: {'ok' if report['verify']['ok'] else 'FAILED'}", ""]
+    if report.get("audit"):
+        lines += ["## Audit of group-1", "", "```", *report["audit"]["lines"], "```", ""]
+        lines += [f"Certificate: certificate.json (and .md): {report['certificate']['statement']}", ""]
     return "\n".join(lines)
 
 

@@ -28,6 +28,7 @@ class VersionRecord:
     attenuation: dict[int, float] | None  # layer -> largest share of norm removed among its sites
     probes: dict[str, dict[str, float]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    audit: dict[str, Any] | None = None  # an audit entry's results (see kvw_ledger.audit)
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready form (layers as string keys)."""
@@ -41,6 +42,7 @@ class VersionRecord:
             else {str(k): v for k, v in self.attenuation.items()},
             "probes": self.probes,
             "warnings": self.warnings,
+            "audit": self.audit,
         }
 
 
@@ -71,6 +73,9 @@ def build_history(ledger: Ledger) -> list[VersionRecord]:
                     row.warnings.append(
                         f"{kind} probe accuracy down {drop:.3f} from the base (limit {limits.max_retain_drop})"
                     )
+        if entry.op == "audit":
+            row.audit = entry.body["results"]
+            row.warnings += audit_warnings(entry.body)
         for failed in stability.get("failed", []):
             row.warnings.append(
                 f"committed despite failed check {failed['name']} ({failed['value']:.4g})"
@@ -108,6 +113,30 @@ def build_history(ledger: Ledger) -> list[VersionRecord]:
                 )
         rows.append(row)
     return rows
+
+
+def audit_warnings(body: dict[str, Any]) -> list[str]:
+    """Where an audit saw forgotten knowledge come back: quantization giving back at least
+    half of what the request removed, or relearning recovering at least 80% of what the
+    unweakened model reaches after the same fine-tuning."""
+    warnings = []
+    for scheme, row in body["results"].get("quantized", {}).items():
+        for metric, r in row["resurfacing"].items():
+            if r["share"] is not None and r["share"] >= 0.5:
+                warnings.append(
+                    f"{body['request']}: {scheme} quantization gives back {r['share']:.0%} of the "
+                    f"{metric} the request removed"
+                )
+    efficacy = body["results"]["efficacy"]
+    recovery = (body["results"].get("relearned") or {}).get("recovery", {})
+    for metric, r in recovery.items():
+        removed = (efficacy["before"]["forget"].get(metric) or 0) - (efficacy["after"]["forget"].get(metric) or 0)
+        if removed > 0 and r["ratio"] is not None and r["ratio"] >= 0.8:
+            warnings.append(
+                f"{body['request']}: relearning brings {metric} back to {r['ratio']:.0%} of the "
+                "unweakened model's: the knowledge looks hidden, not removed"
+            )
+    return warnings
 
 
 def plot_history(rows: list[VersionRecord], path: str | Path) -> Path:

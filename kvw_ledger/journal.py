@@ -14,11 +14,13 @@ Readers never lock. Writers hold :class:`kvw_ledger.lock.WriterLock`.
 
 from __future__ import annotations
 
+import getpass
 import hashlib
 import json
 import os
 import re
 import secrets
+import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -39,6 +41,8 @@ __all__ = [
     "Journal",
     "Problem",
     "canonical_json",
+    "check_operator",
+    "default_operator",
     "format_time",
     "fsync_dir",
     "hash_workers",
@@ -47,9 +51,13 @@ __all__ = [
     "utc_now",
 ]
 
-OPS = ("init", "retain", "forget", "revert", "rederive", "gc", "probe")
+OPS = ("init", "retain", "forget", "revert", "rederive", "gc", "probe", "audit")
 
 _KEYS = frozenset({"version", "op", "time", "parent", "files", "body", "digest"})
+# Entries written before operators were recorded lack this key; they still parse and verify.
+_OPTIONAL_KEYS = frozenset({"operator"})
+OPERATOR_ENV = "KVW_LEDGER_OPERATOR"
+_MAX_OPERATOR = 200
 _ENTRY_NAME = re.compile(r"\d{8,}\.json")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
@@ -80,6 +88,33 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def check_operator(name: str, where: str = "--operator") -> str:
+    """Returns ``name`` if it can stand in an entry as its operator.
+
+    Raises:
+        BadInputError: it is empty, longer than 200 characters, or holds a control character.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise BadInputError(f"{where} must name who acts (e.g. alice@example.org), not {name!r}")
+    if len(name) > _MAX_OPERATOR or any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise BadInputError(
+            f"{where} {name[:40]!r} must be at most {_MAX_OPERATOR} printable characters"
+        )
+    return name
+
+
+def default_operator() -> str:
+    """Who acts when nobody says: ``$KVW_LEDGER_OPERATOR``, else user@host."""
+    named = os.environ.get(OPERATOR_ENV)
+    if named is not None:
+        return check_operator(named, f"${OPERATOR_ENV}")
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry and no $USER: a bare container
+        user = f"uid{os.getuid()}"
+    return check_operator(f"{user}@{socket.gethostname() or 'localhost'}", "user@host")
+
+
 def utc_now() -> datetime:
     return datetime.now(UTC)
 
@@ -104,6 +139,7 @@ class Entry:
     files: dict[str, str]  # each file the commit added: path relative to the ledger root -> sha256
     body: dict[str, Any]  # op-specific JSON data
     hash: str  # sha256 hex of this entry's own file bytes
+    operator: str | None = None  # who committed it; None in entries older than the field
 
     def to_json(self) -> dict[str, Any]:
         """Returns every field, ``hash`` included, as plain JSON data (for ``log --json``)."""
@@ -112,7 +148,7 @@ class Entry:
         return data
 
     def _content(self) -> dict[str, Any]:
-        return {
+        content = {
             "version": self.version,
             "op": self.op,
             "time": self.time,
@@ -120,6 +156,9 @@ class Entry:
             "files": self.files,
             "body": self.body,
         }
+        if self.operator is not None:
+            content["operator"] = self.operator
+        return content
 
 
 @dataclass(frozen=True)
@@ -158,9 +197,14 @@ def _entry_problem(data: object, version: int) -> str | None:
     """Says what is wrong with a decoded entry that should be ``version``, or None."""
     if not isinstance(data, dict):
         return "is not a JSON object"
-    if set(data) != _KEYS:
-        missing, extra = sorted(_KEYS - set(data)), sorted(set(data) - _KEYS)
+    if set(data) - _OPTIONAL_KEYS != _KEYS:
+        missing, extra = sorted(_KEYS - set(data)), sorted(set(data) - _KEYS - _OPTIONAL_KEYS)
         return f"has missing keys {missing} / unexpected keys {extra}"
+    if "operator" in data:
+        try:
+            check_operator(data["operator"], "operator")
+        except BadInputError as e:
+            return f"has an unusable operator: {e}"
     found = data["version"]
     if not isinstance(found, int) or isinstance(found, bool) or found != version:
         return f"records version {found!r} but its file name says {version}"
@@ -231,6 +275,7 @@ def parse_entry(raw: bytes, version: int, where: Path | str) -> Entry:
         files=data["files"],
         body=data["body"],
         hash=hashlib.sha256(raw).hexdigest(),
+        operator=data.get("operator"),
     )
 
 
@@ -386,7 +431,13 @@ class Journal:
         return self._read_raw(path)
 
     def append(
-        self, op: str, body: dict[str, Any], files: dict[str, str], *, parent: Entry | None
+        self,
+        op: str,
+        body: dict[str, Any],
+        files: dict[str, str],
+        *,
+        parent: Entry | None,
+        operator: str | None = None,
     ) -> Entry:
         """Commits a new entry after ``parent``; this is the ledger's commit point.
 
@@ -395,6 +446,7 @@ class Journal:
             body: op-specific JSON data.
             files: every file the commit added, relative path -> sha256 hex.
             parent: the entry this one follows (the head the writer read), None for the first.
+            operator: who commits it (hashed with the rest); default :func:`default_operator`.
 
         Raises:
             BadInputError: ``op``, ``body`` or ``files`` is not valid.
@@ -408,6 +460,7 @@ class Journal:
             "parent": None if parent is None else parent.hash,
             "files": files,
             "body": body,
+            "operator": check_operator(operator) if operator is not None else default_operator(),
         }
         final = self.entry_path(version)
         try:

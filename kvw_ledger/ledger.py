@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import hashlib
 import json
 import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -41,7 +42,14 @@ from kvw_ledger.errors import (
 )
 from kvw_ledger.export import export_model
 from kvw_ledger.fingerprint_cache import CACHE_NAME, FingerprintCache
-from kvw_ledger.journal import Entry, Journal, Problem, hash_workers
+from kvw_ledger.journal import (
+    Entry,
+    Journal,
+    Problem,
+    check_operator,
+    default_operator,
+    hash_workers,
+)
 from kvw_ledger.kvw import (
     KVWConfig,
     column_log_norms,
@@ -165,11 +173,13 @@ class Ledger:
         progress: bool = True,
         clock: Callable[[], _dt.datetime] | None = None,
         device_map: DeviceMap | None = None,
+        operator: str | None = None,
     ) -> Ledger:
         """Creates a ledger for the model in ``model_dir`` and commits version 1 (init).
 
         The base value matrices are copied from the model's weight files, bit-exact.
-        ``clock`` stamps journal entries (default: the current UTC time). With
+        ``clock`` stamps journal entries (default: the current UTC time); ``operator``
+        names who acts in them (default ``$KVW_LEDGER_OPERATOR``, else user@host). With
         ``device_map`` the model is loaded by accelerate (see :attr:`device_map`).
 
         Raises:
@@ -180,8 +190,11 @@ class Ledger:
             return cls._create_remote(
                 str(path), model_dir, towers=towers, site_glob=site_glob, progress=progress, clock=clock,
                 device_map=device_map,
+                operator=operator,
             )
         path = local_path(path)
+        if operator is not None:
+            check_operator(operator)  # before the model is read
         model_dir = Path(model_dir).resolve()
         model_files.weight_files(model_dir)  # refuses pickle-only weights, saying how to convert
         model = load_model(model_dir, progress=progress, device_map=device_map)
@@ -203,6 +216,7 @@ class Ledger:
         }
         store = Store.create(Path(path), attrs)
         ledger = cls(store, Journal(store.path, clock=clock or _utc_now))
+        ledger.operator = operator
         try:
             with WriterLock(store.path, operation="init"):
                 files = {"zarr.json": _sha256(store.path / "zarr.json")}
@@ -219,7 +233,7 @@ class Ledger:
                     "arrays": {f"base/{n}": h for n, h in hashes.items()},
                     "active": [],
                 }
-                entry = ledger.journal.append("init", body, files, parent=None)
+                entry = ledger.journal.append("init", body, files, parent=None, operator=operator)
                 ledger._write_head(entry)
         except BaseException as e:
             # The directory is ours (create refuses existing ones): leave nothing half made.
@@ -824,6 +838,25 @@ class Ledger:
             self._write_head(entry)
             return entry
 
+    def record_audit(self, body: Mapping[str, Any]) -> Entry:
+        """Commits an audit's figures (see :mod:`kvw_ledger.audit`) as an ``audit`` entry.
+
+        It adds no file and changes no weight: the active set and the head cache's
+        sums stay those of the version before it.
+
+        Raises:
+            RequestStateError: ``body["request"]`` is no request of this ledger.
+        """
+        with self._writing("audit"):
+            head = self.head()
+            state = self.state(head.version)
+            if body.get("request") not in state.requests:
+                raise RequestStateError(f"no request {body.get('request')!r} in this ledger")
+            _, exponents, scales = self.sums(head.version)
+            entry = self._commit("audit", {**body, "active": state.active}, {}, parent=head)
+            self._write_head(entry, exponents, scales)
+            return entry
+
     def export(
         self,
         out_dir: str | Path,
@@ -853,16 +886,8 @@ class Ledger:
             return self._export_adapter(out_dir, version, entries, model_dir)
         directory = self.model_dir(model_dir)
         self._check_model_dir(directory, progress)
-        _, exponents, scales = self.sums(version)
-        by_location = {(loc.file, loc.key): name for name, loc in self.locations.items()}
+        transform, by_location = self._export_transform(version)
         state = self.state(version)
-
-        def transform(file: str, key: str, tensor: torch.Tensor) -> torch.Tensor | None:
-            name = by_location.get((file, key))
-            if name is None:
-                return None
-            return weakened(tensor, exponents[name], self._sites_by_name[name].axis, scales.get(name))
-
         provenance = {
             "ledger_version": version,
             "entry_hash": entries[version - 1].hash,
@@ -913,6 +938,47 @@ class Ledger:
             raise StorageError(
                 f"could not write the adapter to {out_dir} ({e.strerror or e}); nothing was exported"
             ) from e
+
+    def _export_transform(
+        self, version: int
+    ) -> tuple[Callable[[str, str, torch.Tensor], torch.Tensor | None], dict[tuple[str, str], str]]:
+        """What an export of ``version`` does to each checkpoint tensor (None: left as is),
+        and the (file, key) of every site's tensor."""
+        _, exponents, scales = self.sums(version)
+        by_location = {(loc.file, loc.key): name for name, loc in self.locations.items()}
+
+        def transform(file: str, key: str, tensor: torch.Tensor) -> torch.Tensor | None:
+            name = by_location.get((file, key))
+            if name is None:
+                return None
+            return weakened(tensor, exponents[name], self._sites_by_name[name].axis, scales.get(name))
+
+        return transform, by_location
+
+    def tensor_hashes(
+        self, at: str | int = "HEAD", *, model_dir: str | Path | None = None, progress: bool = True
+    ) -> dict[str, str]:
+        """sha256 of every weight tensor that ``export(at=...)`` writes, by checkpoint key.
+
+        Computed as the export computes them (the same transform of the same checkpoint
+        tensors), one tensor at a time, without writing an export: each hash is of the
+        tensor's raw bytes, which a safetensors file stores as they are.
+        """
+        from safetensors import safe_open
+
+        version = self.resolve(at)
+        directory = self.model_dir(model_dir)
+        self._check_model_dir(directory, progress)
+        transform, _ = self._export_transform(version)
+        hashes: dict[str, str] = {}
+        for path in model_files.weight_files(directory):
+            with safe_open(str(path), "pt") as fh:
+                for key in fh.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    tensor = fh.get_tensor(key)
+                    changed = transform(path.name, key, tensor)
+                    value = tensor if changed is None else changed
+                    hashes[key] = hashlib.sha256(_bits(value).numpy().tobytes()).hexdigest()
+        return dict(sorted(hashes.items()))
 
     def rederive(
         self,
@@ -1381,6 +1447,8 @@ class Ledger:
     def _writing(self, operation: str) -> Iterator[None]:
         """One write: under the local protocol, and for a URL ledger also under its lock,
         after a pull, and followed by a push (see :mod:`kvw_ledger.remote`)."""
+        if self.operator is None:
+            default_operator()  # a bad $KVW_LEDGER_OPERATOR fails before any work, not at the commit
         remote = self.remote
         if remote is None:
             with self._writing_local(operation):
@@ -1481,6 +1549,7 @@ class Ledger:
     lock_timeout: float = 600.0  # seconds a writer waits for another writer to finish
     device_map: DeviceMap | None = None  # how load() places the model (accelerate); None: the CPU
     offload_folder: str | None = None  # where load() offloads layers mapped to "disk" (None: a temp dir)
+    operator: str | None = None  # who this handle's writes name; None: journal.default_operator()
     remote: Remote | None = None  # set when the ledger lives at a URL; self.path is then its mirror
     on_wait: Callable[[str], None] | None = None
     _base_cache: dict[str, torch.Tensor] | None = None  # bases read during the current write
@@ -1511,7 +1580,7 @@ class Ledger:
 
     def _commit(self, op: str, body: dict[str, Any], files: dict[str, str], *, parent: Entry) -> Entry:
         """Appends the journal entry: the commit point. Claimed arrays now belong to it."""
-        entry = self.journal.append(op, body, files, parent=parent)
+        entry = self.journal.append(op, body, files, parent=parent, operator=self.operator)
         self._claimed = []
         self._committed = entry
         return entry

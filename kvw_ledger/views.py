@@ -18,12 +18,13 @@ if TYPE_CHECKING:
     from kvw_ledger.ledger import Ledger
     from kvw_ledger.store import Store
 
-__all__ = ["diff", "entry_json", "request_sites", "show", "written_json"]
+__all__ = ["audit_lines", "diff", "entry_json", "request_sites", "show", "written_json"]
 
 
 def entry_json(entry: Entry) -> dict[str, Any]:
     """One entry as ``log --json`` prints it: version, op, id, hash, parent, time,
-    active (the requests active after it) and body."""
+    operator (None in entries older than the field), active (the requests active
+    after it) and body."""
     return {
         "version": entry.version,
         "op": entry.op,
@@ -31,6 +32,7 @@ def entry_json(entry: Entry) -> dict[str, Any]:
         "hash": entry.hash,
         "parent": entry.parent,
         "time": entry.time,
+        "operator": entry.operator,
         "active": entry.body.get("active", []),
         "body": entry.body,
     }
@@ -44,14 +46,23 @@ def written_json(entry: Entry) -> dict[str, Any]:
 
 def show(entries: Sequence[Entry], ref: str | int, store: Callable[[], Store]) -> dict[str, Any]:
     """Version ``ref`` among ``entries``: its entry (as :func:`entry_json`), the files it
-    added, and for a forget, per site what its request weakened (see :func:`request_sites`).
+    added, and for a forget, per site what its request weakened (see :func:`request_sites`)
+    and the ``audits`` recorded of its request (version, hash, time, operator, audited version).
 
     ``store`` opens the array store; it is called for a forget only, so showing any
     other entry reads the journal alone.
     """
     entry = entries[refs.resolve(ref, entries) - 1]
     sites = request_sites(store(), entry) if entry.op == "forget" else []
-    return {**entry_json(entry), "files": entry.files, "sites": sites}
+    shown = {**entry_json(entry), "files": entry.files, "sites": sites}
+    if entry.op == "forget":  # the audits of this request, however much later they came
+        shown["audits"] = [
+            {"version": e.version, "hash": e.hash, "time": e.time, "operator": e.operator,
+             "at": e.body["version"]}
+            for e in entries
+            if e.op == "audit" and e.body.get("request") == entry.body["request"]
+        ]
+    return shown
 
 
 def request_sites(store: Store, entry: Entry) -> list[dict[str, Any]]:
@@ -118,3 +129,43 @@ def diff(ledger: Ledger, ref_a: str | int, ref_b: str | int, top: int = 5) -> di
         "removed": [r for r in a.active if r not in b.active],
         "sites": sites,
     }
+
+
+def audit_lines(body: dict[str, Any]) -> list[str]:
+    """An audit entry's figures as a few lines of text (for the CLI and certificates)."""
+    res = body["results"]
+    eff = res["efficacy"]
+
+    def acc(figures: dict[str, Any]) -> str:
+        parts = [f"{k} {figures[k]:.3f}" for k in ("gen_acc", "mc_acc") if figures.get(k) is not None]
+        return ", ".join(parts) or "-"
+
+    lines = [
+        f"audit of {body['request']} at version {body['version']} against version {body['before']}",
+        f"  forget probe: before {acc(eff['before']['forget'])}; after {acc(eff['after']['forget'])}",
+    ]
+    if "retain" in eff["after"]:
+        lines.append(
+            f"  retain probe: before {acc(eff['before']['retain'])}; after {acc(eff['after']['retain'])}"
+        )
+    quantized = res.get("quantized", {})
+    for scheme in (body.get("quantization") or {}).get("schemes", sorted(quantized)):
+        row = quantized[scheme]
+        shares = ", ".join(
+            f"{k} resurfaced {r['resurfaced']:+.3f}"
+            + (f" ({r['share']:.0%} of removed)" if r["share"] is not None else "")
+            for k, r in row["resurfacing"].items()
+        )
+        lines.append(f"  {scheme}: forget after {acc(row['after']['forget'])}; {shares}")
+    relearned = res.get("relearned")
+    if relearned:
+        for k, r in relearned.get("recovery", {}).items():
+            parts = [
+                f"{name} {r[name]:.2f}" if r[name] is not None else f"{name} -"
+                for name in ("after", "before", "ratio")
+            ]
+            lines.append(
+                f"  relearned ({body['relearn']['steps']} steps, {body['relearn']['held_out']} held-out "
+                f"records) {k}: recovery " + ", ".join(parts)
+            )
+    return lines

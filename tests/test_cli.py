@@ -75,13 +75,14 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     clock = iter(START + dt.timedelta(minutes=i) for i in range(100))
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("kvw_ledger.ledger._utc_now", lambda: next(clock))
+        mp.setenv("KVW_LEDGER_OPERATOR", "alice@lab")
         init = run("init", ledger, "--model", model_dir, "-q").output
         outputs = [
             run("retain", ledger, retain, "-q").output,
             run("forget", ledger, forget_a, "--id", "A", "--reason", "asked by A",
                 "--gamma", "0.5", "-q").output,
             run("forget", ledger, forget_b, "--id", "B", "--gamma", "0.5", "--no-trace", "-q").output,
-            run("revert", ledger, "A", "--reason", "mistake").output,
+            run("revert", ledger, "A", "--reason", "mistake", "--operator", "bob").output,
         ]
     yield Env(root, model_dir, ledger, retain, forget_a, forget_b, init, outputs)
 
@@ -115,11 +116,11 @@ def test_log_exact(env: Env) -> None:
     h = {v: d[:12] for v, d in _hashes(env.ledger).items()}
     t = _times(5)
     assert run("log", env.ledger).output == (
-        f"   1  init     {t[0]}  {h[1]}  llama, 4 sites  active: -\n"
-        f"   2  retain   {t[1]}  {h[2]}  retain-2 (4 records, measured at 1)  active: -\n"
-        f"   3  forget   {t[2]}  {h[3]}  A (2 records, gamma 0.5)  active: A\n"
-        f"   4  forget   {t[3]}  {h[4]}  B (2 records, gamma 0.5)  active: A, B\n"
-        f"   5  revert   {t[4]}  {h[5]}  A  active: B\n"
+        f"   1  init     {t[0]}  {h[1]}  alice@lab  llama, 4 sites  active: -\n"
+        f"   2  retain   {t[1]}  {h[2]}  alice@lab  retain-2 (4 records, measured at 1)  active: -\n"
+        f"   3  forget   {t[2]}  {h[3]}  alice@lab  A (2 records, gamma 0.5)  active: A\n"
+        f"   4  forget   {t[3]}  {h[4]}  alice@lab  B (2 records, gamma 0.5)  active: A, B\n"
+        f"   5  revert   {t[4]}  {h[5]}  bob  A  active: B\n"
     )
 
 
@@ -133,6 +134,7 @@ def test_log_json(env: Env) -> None:
     assert [e["parent"] for e in entries] == [None] + [hashes[v] for v in range(1, 5)]
     assert [e["time"] for e in entries] == _times(5)
     assert [e["active"] for e in entries] == [[], [], ["A"], ["A", "B"], ["B"]]
+    assert [e["operator"] for e in entries] == ["alice@lab"] * 4 + ["bob"]
     for e in entries:
         assert {"version", "op", "id", "hash", "parent", "time", "active"} <= set(e)
 
@@ -143,6 +145,7 @@ def test_show_init_exact(env: Env) -> None:
         "version  1\n"
         "op       init\n"
         f"time     {_times(1)[0]}\n"
+        "operator alice@lab\n"
         f"hash     {h[1]}\n"
         "parent   -\n"
         "active   -\n"
@@ -164,6 +167,7 @@ def test_show_forget_exact(env: Env) -> None:
         "version  3\n"
         "op       forget\n"
         f"time     {_times(3)[2]}\n"
+        "operator alice@lab\n"
         f"hash     {h[3]}\n"
         f"parent   {h[2]}\n"
         "active   A\n"

@@ -16,7 +16,7 @@ from click.testing import CliRunner, Result
 
 from kvw_ledger.cli import main
 
-ENTRY_KEYS = {"version", "op", "id", "hash", "parent", "time", "active", "body", "stability"}
+ENTRY_KEYS = {"version", "op", "id", "hash", "parent", "time", "operator", "active", "body", "stability"}
 
 
 def invoke(*args: str | Path, code: int = 0) -> Result:
@@ -88,6 +88,7 @@ def test_each_write_verb_prints_its_entry(env: Env, verb: str, version: int, op:
     assert (printed["version"], printed["op"], printed["id"]) == (version, op, id_)
     assert printed["hash"] == _entry_hash(env.ledger, version)
     assert printed["parent"] == journal["parent"] and printed["time"] == journal["time"]
+    assert printed["operator"] == journal["operator"]
     assert printed["body"] == journal["body"]
     assert printed["active"] == journal["body"]["active"]
     assert printed["stability"] == journal["body"].get("stability")

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from kvw_ledger.bench.instill import InstillConfig
+from kvw_ledger.certify import check_certificate
 from kvw_ledger.demo import DemoConfig, run_demo
+from kvw_ledger.ledger import Ledger
 
 # A model small enough to train in seconds: the test checks the job's plumbing,
 # not what the model learns (docs/demo-model.md measures that).
@@ -25,6 +28,7 @@ def test_demo_runs_the_whole_life_of_a_ledger(tmp_path: Path) -> None:
     config = DemoConfig(
         n_people=20, instill=TINY, layers=(0, 1), batch_size=4, retain_records=40, eval_records=20,
         threads=threads + 1,
+        quantize=("int4",),  # the audit tests cover every scheme; here the demo's plumbing
     )  # fmt: skip
     report = run_demo(tmp_path, echo=lines.append, config=config)
     # It ran with config.threads but gave the caller's count back: a process
@@ -43,9 +47,19 @@ def test_demo_runs_the_whole_life_of_a_ledger(tmp_path: Path) -> None:
     assert (tmp_path / "export" / "kvw_provenance.json").is_file()
     assert "| version | step | active |" in (tmp_path / "report.md").read_text()
     assert any(line.startswith("verify: ok") for line in lines)
+    # group-1's audit, quantized figures included, and its certificate beside report.md
+    audit = report["audit"]["body"]
+    assert audit["request"] == "group-1" and set(audit["results"]["quantized"]) == {"int4"}
+    assert "## Audit of group-1" in (tmp_path / "report.md").read_text()
+    certificate = tmp_path / "certificate.json"
+    assert certificate.read_text().startswith('{"statement": "ERASURE IN EFFECT: request group-1')
+    checked = check_certificate(certificate, public_key=tmp_path / "demo-issuer.pub",
+                                ledger=Ledger.open(tmp_path / "ledger"))
+    assert checked.ok and checked.signed and checked.model_checked, checked.to_json()
     # A second run reuses the trained model (cached by its configuration's hash).
     models = sorted((tmp_path / "models").iterdir())
-    # ... also when it picks its thread count from the free cores (threads=0, the default).
-    run_demo(tmp_path, echo=None, config=DemoConfig(**{**config.__dict__, "threads": 0}))
+    # ... also when it picks its thread count from the free cores (threads=0, the default),
+    # and without the audit (covered above; its model copies are the slow part).
+    run_demo(tmp_path, echo=None, config=replace(config, threads=0, audit=False))
     assert sorted((tmp_path / "models").iterdir()) == models
     assert torch.get_num_threads() == threads

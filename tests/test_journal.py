@@ -34,6 +34,7 @@ from kvw_ledger.journal import (
     Journal,
     Problem,
     canonical_json,
+    default_operator,
     sha256_file,
 )
 from kvw_ledger.lock import WriterLock
@@ -115,6 +116,7 @@ def test_append_read_round_trip(tmp_path: Path) -> None:
         "parent": None,
         "files": files,
         "body": {"model": "tiny", "sites": [1, 2]},
+        "operator": default_operator(),
         "hash": first.hash,
     }
     with pytest.raises(RefNotFoundError, match="version 3 does not exist"):

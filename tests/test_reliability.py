@@ -47,6 +47,7 @@ from kvw_ledger.cli import main
 from kvw_ledger.errors import RefNotFoundError
 from kvw_ledger.export import PROVENANCE_FILE
 from kvw_ledger.fingerprint_cache import CACHE_NAME
+from kvw_ledger.journal import canonical_json
 from kvw_ledger.kvw import KVWConfig
 from kvw_ledger.ledger import Ledger
 from kvw_ledger.lock import WriterLock
@@ -644,6 +645,72 @@ def _damaged_root(c: Case) -> list[str | Path]:
     return ["log", c.ledger]
 
 
+def _probe(c: Case) -> Path:
+    return c.data("probe.jsonl", [GOOD, {"question": "Where does Bob1 live?", "answer": "City 7"}])
+
+
+def _audit(request: str, *extra: str) -> Callable[[Case], list[str | Path]]:
+    return lambda c: ["audit", c.ledger, request, "--forget-probe", _probe(c), "-q", *extra]
+
+
+def _relearn_covers(c: Case) -> list[str | Path]:
+    return ["audit", c.ledger, "B", "--forget-probe", _probe(c), "--relearn-data", _probe(c), "-q"]
+
+
+def _sign_key(content: str | None) -> Callable[[Case], list[str | Path]]:
+    def build(c: Case) -> list[str | Path]:
+        key = c.tmp / "key.pem"
+        if content is not None:
+            key.write_text(content)
+        out = c.tmp / "cert.json"
+        c.must_not_exist.append(out)
+        return ["certify", c.ledger, "B", "--out", out, "--sign-key", key, "-q"]
+
+    return build
+
+
+def _signed_certificate(c: Case) -> tuple[Path, Path]:
+    """B's certificate, signed; and a second key's public half."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from kvw_ledger.certify import certify, write_certificate
+
+    key = c.tmp / "issuer.pem"
+    key.write_bytes(Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    other = c.tmp / "other.pub"
+    other.write_bytes(Ed25519PrivateKey.generate().public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    cert = write_certificate(certify(Ledger.open(c.ledger), "B", sign_key=key, progress=False), c.tmp / "c.json")
+    return cert, other
+
+
+def _certificate_altered(c: Case) -> list[str | Path]:
+    cert, _ = _signed_certificate(c)
+    cert.write_text(cert.read_text().replace('"records": 2', '"records": 3', 1))
+    return ["check-certificate", cert]
+
+
+def _certificate_other_key(c: Case) -> list[str | Path]:
+    cert, other = _signed_certificate(c)
+    return ["check-certificate", cert, "--public-key", other]
+
+
+def _certificate_ledger_mismatch(c: Case) -> list[str | Path]:
+    cert, _ = _signed_certificate(c)
+    forget_b = next(
+        p for p in sorted((c.ledger / "journal").glob("*.json"))
+        if json.loads(p.read_bytes())["body"].get("request") == "B"
+    )
+    content = json.loads(forget_b.read_bytes())
+    content.pop("digest")
+    content["operator"] = "mallory"
+    content["digest"] = hashlib.sha256(canonical_json(content)).hexdigest()
+    forget_b.write_bytes(canonical_json(content))
+    return ["check-certificate", cert, "--ledger", c.ledger, "--no-model"]
+
+
 CASES: dict[str, Callable[[Case], list[str | Path]]] = {
     "malformed-jsonl": _malformed,
     "record-not-object": _not_object,
@@ -685,6 +752,17 @@ CASES: dict[str, Callable[[Case], list[str | Path]]] = {
     "stability-check-failed": _option("--max-attenuation", "0.0001"),
     "damaged-ledger": _damaged,
     "damaged-root": _damaged_root,
+    "operator-unusable": lambda c: ["revert", c.ledger, "B", "--operator", ""],
+    "audit-unknown-request": _audit("nobody"),
+    "audit-not-active": _audit("A"),
+    "audit-bad-quantize": _audit("B", "--quantize", "3"),
+    "audit-relearn-covers-probe": _relearn_covers,
+    "sign-key-missing": _sign_key(None),
+    "sign-key-unusable": _sign_key("not a key"),
+    "certificate-missing": lambda c: ["check-certificate", c.tmp / "nope.json"],
+    "certificate-altered": _certificate_altered,
+    "certificate-other-key": _certificate_other_key,
+    "certificate-ledger-mismatch": _certificate_ledger_mismatch,
 }
 
 
