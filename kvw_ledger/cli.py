@@ -20,7 +20,7 @@ import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
@@ -91,7 +91,25 @@ class _Command(click.Command):
 
 
 class _Group(click.Group):
+    """The command group; Ctrl-C anywhere in a command exits 130, not click's 1 ("Aborted!").
+
+    A write interrupted before its journal entry has removed what it wrote; one
+    interrupted after it finishes first and never gets here (``Ledger._writing``).
+    """
+
     command_class = _Command
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        try:
+            return super().make_context(*args, **kwargs)
+        except KeyboardInterrupt:
+            _interrupted()
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            _interrupted()
 
 
 def _writes(fn: F) -> F:
@@ -115,6 +133,14 @@ def _writes(fn: F) -> F:
     return JSON(_errors(wrapper))  # type: ignore[return-value]
 
 
+INTERRUPTED = 130  # the shell's exit status for a command ended by SIGINT (128 + 2)
+
+
+def _interrupted() -> NoReturn:
+    click.echo("Error: interrupted (Ctrl-C); nothing was committed", err=True)
+    raise click.exceptions.Exit(INTERRUPTED)
+
+
 def _open(path: str, check_root: bool = True) -> Ledger:
     from kvw_ledger.ledger import Ledger
 
@@ -126,6 +152,8 @@ def _open(path: str, check_root: bool = True) -> Ledger:
     world = meta.get("kvw.world")
     if ledger.device_map is None and world is not None and world.backend == "nccl":
         ledger.device_map = {"": world.local_rank}  # one GPU per rank
+    ledger.on_warning = lambda message: click.echo(f"Warning: {message}", err=True)
+    ledger.hold_interrupts_after_commit = True  # this process exits right after its write
     return ledger
 
 

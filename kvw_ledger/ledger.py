@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import json
+import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -41,6 +42,7 @@ from kvw_ledger.errors import (
 )
 from kvw_ledger.export import export_model
 from kvw_ledger.fingerprint_cache import CACHE_NAME, FingerprintCache
+from kvw_ledger.interrupts import InterruptGuard
 from kvw_ledger.journal import Entry, Journal, Problem, hash_workers
 from kvw_ledger.kvw import (
     KVWConfig,
@@ -70,6 +72,7 @@ from kvw_ledger.store import HeadCache, Store, check_id
 __all__ = ["Ledger", "LedgerState", "RequestInfo", "VerifyReport"]
 
 EXPORT_FORMATS = ("safetensors", "peft")  # export: a full model directory, or a peft IA3 adapter
+_PER_WRITE_GROUPS = ("requests", "retain", "rederived", "probes")  # a write adds one child to one
 
 
 @dataclass(frozen=True)
@@ -1380,7 +1383,29 @@ class Ledger:
     @contextlib.contextmanager
     def _writing(self, operation: str) -> Iterator[None]:
         """One write: under the local protocol, and for a URL ledger also under its lock,
-        after a pull, and followed by a push (see :mod:`kvw_ledger.remote`)."""
+        after a pull, and followed by a push (see :mod:`kvw_ledger.remote`).
+
+        Ctrl-C (SIGINT) before the commit point aborts the write, which leaves nothing
+        behind; from the commit point on it is held until the write has finished, so a
+        committed write always completes (see :mod:`kvw_ledger.interrupts`).
+        """
+        guard = InterruptGuard()
+        self._guard = guard
+        self._committed = None
+        try:
+            yield from self._writing_guarded(operation)
+        finally:
+            committed = self._committed
+            if committed is not None and guard.pending:
+                self._warn(
+                    f"interrupted after version {committed.version} was committed; the write was "
+                    "finished first"
+                )
+            if not (committed is not None and self.hold_interrupts_after_commit):
+                guard.end()
+            self._guard = None
+
+    def _writing_guarded(self, operation: str) -> Iterator[None]:
         remote = self.remote
         if remote is None:
             with self._writing_local(operation):
@@ -1406,17 +1431,22 @@ class Ledger:
 
         Anything a failed write claimed (see :meth:`_claim`) is removed again, and a
         storage failure (full disk, read-only directory) becomes a StorageError: the
-        ledger is left as it was.
+        ledger is left as it was. Before the write, what an interrupted or killed
+        writer left (scratch directories, arrays no entry names) is removed.
         """
+        guard = self._guard
         lock = WriterLock(self.path, operation=operation, on_stale=self._on_stale)
-        acquire_within(lock, self.lock_timeout, self.on_wait)
+        acquire_within(lock, self.lock_timeout, self.on_wait, guard)
         self._claimed = []
         self._committed = None
         self._base_cache = {}
         try:
             self.store.clean_temp()  # a crashed writer's scratch; the lock makes us the only writer
+            self._sweep_unnamed()
             yield
         except OSError as e:
+            if guard is not None:
+                guard.hold()  # the cleanup below is never cut short
             if not isinstance(e, KVWLedgerError):
                 self._release_claims()
                 done = self._committed
@@ -1432,9 +1462,13 @@ class Ledger:
             self._release_claims()
             raise
         except BaseException:
+            if guard is not None:
+                guard.hold()
             self._release_claims()
             raise
         finally:
+            if guard is not None:
+                guard.hold()
             self._claimed = []
             self._base_cache = None
             lock.release()
@@ -1481,6 +1515,10 @@ class Ledger:
     lock_timeout: float = 600.0  # seconds a writer waits for another writer to finish
     device_map: DeviceMap | None = None  # how load() places the model (accelerate); None: the CPU
     offload_folder: str | None = None  # where load() offloads layers mapped to "disk" (None: a temp dir)
+    # The CLI sets this: a process that exits right after its write keeps holding Ctrl-C
+    # once the write has committed, so nothing can turn a committed write into exit 130.
+    hold_interrupts_after_commit: bool = False
+    _guard: InterruptGuard | None = None  # the current write's SIGINT guard
     remote: Remote | None = None  # set when the ledger lives at a URL; self.path is then its mirror
     on_wait: Callable[[str], None] | None = None
     _base_cache: dict[str, torch.Tensor] | None = None  # bases read during the current write
@@ -1498,19 +1536,56 @@ class Ledger:
                 self._remove_prefix(prefix)
 
     def _remove_prefix(self, prefix: str) -> None:
-        if prefix.startswith("probes/"):
-            shutil.rmtree(self.path / prefix, ignore_errors=True)
-        elif self.store.list_arrays(prefix):
-            self.store.delete(prefix)
+        # The whole subtree, groups included: a write interrupted after creating the
+        # groups but before its first array has left only group zarr.json files.
+        if (self.path / prefix).exists():
+            self.store.discard(prefix)
+
+    def _sweep_unnamed(self) -> list[str]:
+        """Removes what no journal entry names under the per-write groups (requests/,
+        retain/, rederived/, probes/): the leftovers of an interrupted or killed writer,
+        whatever verb it ran. Returns the ledger-relative paths removed."""
+        named: set[str] = set()
+        for entry in self.entries():
+            named.update(entry.files)
+            named.update(entry.body.get("deleted_files", []))  # gc's tombstones: gc sweeps them
+        owners = {"/".join(path.split("/")[:2]) for path in named}
+        removed = []
+        for group in _PER_WRITE_GROUPS:
+            top = self.path / group
+            if not top.is_dir():
+                continue
+            kept = False
+            for child in sorted(os.listdir(top)):
+                prefix = f"{group}/{child}"
+                if prefix in owners or (child == "zarr.json" and prefix in named):
+                    kept = True
+                    continue
+                self.store.discard(prefix)
+                removed.append(prefix)
+            if not kept:
+                self.store.discard(group)
+                removed.append(group)
+        return removed
 
     on_stale: Callable[[str], None] | None = None
+    on_warning: Callable[[str], None] | None = None  # told what a verb noticed but went on with
 
     def _on_stale(self, message: str) -> None:
         if self.on_stale is not None:
             self.on_stale(message)
 
+    def _warn(self, message: str) -> None:
+        if self.on_warning is not None:
+            self.on_warning(message)
+
     def _commit(self, op: str, body: dict[str, Any], files: dict[str, str], *, parent: Entry) -> Entry:
-        """Appends the journal entry: the commit point. Claimed arrays now belong to it."""
+        """Appends the journal entry: the commit point. Claimed arrays now belong to it.
+
+        From here to the end of the write, Ctrl-C is held (see :meth:`_writing`).
+        """
+        if self._guard is not None:
+            self._guard.hold()
         entry = self.journal.append(op, body, files, parent=parent)
         self._claimed = []
         self._committed = entry

@@ -354,6 +354,24 @@ class Store:
         shutil.rmtree(trash)
         return removed
 
+    def discard(self, rel: str) -> None:
+        """Remove the file or subtree ``rel`` (ledger-relative, not the journal's), whatever
+        it holds: what an interrupted writer left. Renamed away first, as :meth:`delete`."""
+        parts = rel.split("/")
+        if not rel or parts[0] in _NOT_OURS or any(p in ("", ".", "..") for p in parts):
+            raise BadInputError(f"refusing to discard {rel!r}; name a path inside the ledger's arrays")
+        target = self.path / rel
+        if not target.exists():
+            return
+        trash = self.path / f"trash.old-{secrets.token_hex(8)}"
+        os.rename(target, trash)
+        _fsync(target.parent)
+        _fsync(self.path)
+        if trash.is_dir():
+            shutil.rmtree(trash)
+        else:
+            trash.unlink()
+
     def clean_temp(self) -> list[str]:
         """Remove crash leftovers (temp dirs, ``*.partial`` files); return their paths."""
         removed: list[str] = []

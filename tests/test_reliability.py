@@ -158,6 +158,51 @@ def test_kills_at_protocol_steps_leave_a_consistent_ledger(
     ]
 
 
+INTERRUPT_RANDOM_TRIALS = 2  # per verb; the benchmark runs 1,000 (benchmarks/crash.py --signal INT)
+
+
+@pytest.mark.parametrize("verb", crashkit.VERBS)
+def test_ctrl_c_at_protocol_steps_and_random_moments_exits_130_or_commits(
+    scenario: crashkit.Scenario, tmp_path: Path, verb: str
+) -> None:
+    steps = crashkit.list_steps(scenario, verb)
+    picks = _key_steps(steps)
+    outcomes = [
+        crashkit.interrupt_step_trial(scenario, tmp_path, verb, i, steps[i]) for i in picks.values()
+    ]
+    outcomes += [
+        crashkit.interrupt_random_trial(scenario, tmp_path, verb, SEED, trial)
+        for trial in range(INTERRUPT_RANDOM_TRIALS)
+    ]
+    failed = [f"{o.label}: {o.errors + o.leftovers}" for o in outcomes if not o.ok]
+    assert not failed, "\n".join(failed)
+    by_step = dict(zip(picks, outcomes, strict=False))
+    # Before the entry: exit 130 and nothing committed. From the entry on: the write finishes.
+    if "between two array writes" in by_step:
+        assert by_step["between two array writes"].exit_code == 130
+    assert by_step["inside the journal append, before the link"].exit_code == 0
+    assert by_step["after the journal entry, before the head refresh"].exit_code == 0
+    assert all(o.committed == (o.exit_code == 0) for o in outcomes)
+
+
+def test_a_killed_writers_leftovers_are_removed_by_the_next_writer_of_another_verb(
+    scenario: crashkit.Scenario, tmp_path: Path
+) -> None:
+    steps = crashkit.list_steps(scenario, "forget")
+    last_array = _key_steps(steps)["after the last array, before the journal entry"]
+    path = _copy(scenario, tmp_path / "led")
+    crashkit.wait(crashkit._fork(lambda: _killed_forget(scenario, path, last_array), path))
+    assert (path / "requests" / "C").is_dir()
+    Ledger.open(path).probe(limits={"max_attenuation": 0.9}, progress=False)
+    assert crashkit.stray_files(path) == []
+    assert not (path / "requests" / "C").exists()
+
+
+def _killed_forget(scenario: crashkit.Scenario, path: Path, step: int) -> None:
+    with crashkit._Steps(path, step).installed():
+        crashkit.run_verb(scenario, path, "forget")
+
+
 def _export(ledger: Path, out: Path) -> None:
     Ledger.open(ledger).export(out, progress=False)
 

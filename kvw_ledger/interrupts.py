@@ -1,0 +1,75 @@
+"""Ctrl-C during a write: before the commit point it aborts, after it it waits.
+
+A SIGINT raises KeyboardInterrupt wherever Python happens to be, which would let an
+interrupt land between a write's journal entry and its head refresh (the command
+then exits 130 although its request was committed) or in the middle of the cleanup
+of an uncommitted write. :class:`InterruptGuard` holds SIGINT over those stretches:
+the write finishes (or cleans up) first, and an interrupt that arrived before the
+commit point is raised after the cleanup.
+
+Only the main thread receives signals in Python; elsewhere the guard does nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from types import FrameType
+from typing import Any
+
+__all__ = ["InterruptGuard"]
+
+
+class InterruptGuard:
+    """Holds SIGINT while :attr:`holding`; remembers whether one arrived.
+
+    ``hold()`` starts holding (idempotent) and ``end()`` restores the previous
+    handler. ``briefly()`` holds over one block and, if an interrupt arrived and
+    nothing else holds it, raises KeyboardInterrupt after the block.
+    """
+
+    def __init__(self) -> None:
+        self.pending = False  # a SIGINT arrived while held
+        self._previous: Any = None
+        self._installed = False
+
+    @property
+    def holding(self) -> bool:
+        """Whether SIGINT is being held now."""
+        return self._installed
+
+    def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
+        self.pending = True
+
+    def hold(self) -> None:
+        """Holds SIGINT from now until :meth:`end` (main thread only)."""
+        if self._installed or threading.current_thread() is not threading.main_thread():
+            return
+        self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+        self._installed = True
+
+    def end(self) -> None:
+        """Restores the handler that was there before :meth:`hold`."""
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous)
+            self._installed = False
+
+    @contextlib.contextmanager
+    def briefly(self, undo: Callable[[], object] | None = None) -> Iterator[None]:
+        """Holds SIGINT over one block; an interrupt held here is raised after it,
+        once ``undo`` (when given) has taken back what the block did."""
+        if self._installed:
+            yield
+            return
+        self.hold()
+        try:
+            yield
+            if self.pending and undo is not None:
+                undo()
+        finally:
+            self.end()
+        if self.pending:
+            self.pending = False
+            raise KeyboardInterrupt
