@@ -51,6 +51,7 @@ OPS = ("init", "retain", "forget", "revert", "rederive", "gc", "probe")
 
 _KEYS = frozenset({"version", "op", "time", "parent", "files", "body", "digest"})
 _ENTRY_NAME = re.compile(r"\d{8,}\.json")
+_TEMP_NAME = re.compile(r"\.\d{8,}\.(\d+)\.[0-9a-f]+\.tmp")  # _install's, before its link
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 _TIME_PATTERN = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z")
@@ -471,6 +472,21 @@ class Journal:
             tmp.unlink(missing_ok=True)
         fsync_dir(self.path)
 
+    def clean_temp(self) -> list[str]:
+        """Removes the temporary entry files of writers that died before their link (for the
+        writer-lock holder only); returns their names. A live process's file is kept."""
+        removed = []
+        try:
+            names = os.listdir(self.path)
+        except FileNotFoundError:
+            return []
+        for name in sorted(names):
+            match = _TEMP_NAME.fullmatch(name)
+            if match and not _alive(int(match.group(1))):
+                (self.path / name).unlink(missing_ok=True)
+                removed.append(name)
+        return removed
+
     def _check_parent(self, parent: Entry) -> None:
         path = self.entry_path(parent.version)
         try:
@@ -561,6 +577,18 @@ class Journal:
                     )
                 )
         return problems
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # ours, left by an append this process gave up on
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
 
 
 def hash_workers() -> int:

@@ -1442,6 +1442,7 @@ class Ledger:
         self._base_cache = {}
         try:
             self.store.clean_temp()  # a crashed writer's scratch; the lock makes us the only writer
+            self.journal.clean_temp()
             self._sweep_unnamed()
             yield
         except OSError as e:
