@@ -41,6 +41,7 @@ __all__ = [
     "canonical_json",
     "format_time",
     "fsync_dir",
+    "hash_files",
     "hash_workers",
     "parse_entry",
     "sha256_file",
@@ -595,6 +596,11 @@ def hash_workers() -> int:
     """Threads for hashing many files: sha256 and the codecs release the GIL, so a
     verify of a large ledger uses the cores it has (at most 8)."""
     return max(1, min(8, os.cpu_count() or 1))
+
+
+def hash_files(root: Path, paths: set[str]) -> dict[str, str | OSError]:
+    """sha256 of each ledger-relative file, or the OSError reading it raised (on threads)."""
+    return _hash_files(root, paths)
 
 
 def _hash_files(root: Path, paths: set[str]) -> dict[str, str | OSError]:

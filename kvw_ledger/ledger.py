@@ -43,7 +43,7 @@ from kvw_ledger.errors import (
 from kvw_ledger.export import export_model
 from kvw_ledger.fingerprint_cache import CACHE_NAME, FingerprintCache
 from kvw_ledger.interrupts import InterruptGuard
-from kvw_ledger.journal import Entry, Journal, Problem, hash_workers
+from kvw_ledger.journal import Entry, Journal, Problem, hash_files, hash_workers
 from kvw_ledger.kvw import (
     KVWConfig,
     column_log_norms,
@@ -564,6 +564,7 @@ class Ledger:
             state = self.state(head.version)
             if stats_id in state.retain_stats:
                 raise BadInputError(f"retain stats {stats_id!r} already exist; choose another --id")
+            self._check_reads("retain", self.state(version))
             model, processor = self._load(model_dir, version, placement, progress)
             encoder = data.Encoder(processor, max_length(model))
             examples = data.encode_all(encoder, records)
@@ -654,6 +655,7 @@ class Ledger:
                 )
             if stats_id not in state.retain_stats:
                 raise RefNotFoundError(f"retain stats {stats_id!r} do not exist in this ledger")
+            self._check_reads("forget", state, stats=stats_id)
             retain_means = {
                 s.name: self.store.read_array(f"retain/{stats_id}/{s.name}") for s in self.sites
             }
@@ -758,6 +760,7 @@ class Ledger:
             if request_id not in state.active:
                 raise RequestStateError(f"request {request_id!r} is already reverted")
             checked = self._limits(state, limits)
+            self._check_reads("revert", state)
             active = [r for r in state.active if r != request_id]
             staged = self._sum_exponents(state, active)
             staged_scales = self._sum_log_scales(state, active)
@@ -802,6 +805,7 @@ class Ledger:
             current = self._limits(state, None).to_dict()
             # Only the limits this changes are recorded: replay merges them over earlier ones.
             given = {k: v for k, v in (limits.to_dict() if limits else {}).items() if current[k] != v}
+            self._check_reads("probe", state)
             version = head.version + 1
             files: dict[str, str] = {}
             stored: dict[str, dict[str, Any]] = {}
@@ -970,6 +974,7 @@ class Ledger:
                     raise BadInputError(
                         f"request {request_id!r} has no C_f trace; pass --exact {request_id}=DATA.jsonl"
                     )
+            self._check_reads("rederive", state, stats=stats_id, traces=[r for r in ordered if r not in exact])
             retain_means = {s.name: self.store.read_array(f"retain/{stats_id}/{s.name}") for s in self.sites}
             exact_records = {r: self._exact_records(state, r, path) for r, path in exact.items()}
             new: dict[str, dict[str, torch.Tensor]] = {}
@@ -1077,6 +1082,7 @@ class Ledger:
             entries = self.entries()
             head = entries[-1]
             state = self.state(head.version)
+            self._check_reads("gc", state, base=False)  # its head refresh sums the active requests
             victims = sorted(r for r in state.reverted if r not in state.active and r not in state.deleted)
             prefixes = {r: _request_prefixes(r, entries) for r in [*victims, *state.deleted]}
             on_disk = self.store.files()
@@ -1329,6 +1335,61 @@ class Ledger:
         if unknown:
             raise BadInputError(f"unknown stability limit(s): {', '.join(sorted(unknown))}")
         return StabilityLimits(**state.limits)
+
+    def _check_reads(
+        self,
+        operation: str,
+        state: LedgerState,
+        *,
+        base: bool = True,
+        stats: str | None = None,
+        traces: Iterable[str] = (),
+    ) -> None:
+        """Refuses a write that would read or build on a damaged file.
+
+        Hashes exactly the files this write reads, each against the sha256 its journal
+        entry recorded: the base (when ``base``), the retain stats ``stats``, the
+        current arrays of the requests active at ``state`` (HEAD is their sum), the C_f
+        traces of ``traces``, the probe sets, and the sealed head cache. A full check
+        of everything is `verify`'s job; this one costs what the write reads anyway.
+
+        Raises:
+            IntegrityError: naming the first damaged file; nothing was written.
+        """
+        recorded: dict[str, tuple[str, int]] = {}
+        deleted: set[str] = set()
+        for entry in self.entries():
+            recorded.update({path: (digest, entry.version) for path, digest in entry.files.items()})
+            deleted.update(entry.body.get("deleted_files", []))
+        prefixes = ["base"] if base else []
+        if stats is not None:
+            prefixes.append(f"retain/{stats}")
+        for request_id in state.active:
+            prefixes.append(state.exponents.get(request_id, f"requests/{request_id}/exponent"))
+            if request_id in state.log_scales:
+                prefixes.append(state.log_scales[request_id])
+        prefixes += [state.traces[r] for r in traces if r in state.traces]
+        prefixes += [p["path"].rsplit("/", 1)[0] for p in state.probes.values()]
+        wanted = sorted(
+            path for path in recorded if path not in deleted and any(path.startswith(f"{x}/") for x in prefixes)
+        )
+        problems = [(path, why) for path, why in self.store.check_head()]
+        for path, actual in hash_files(self.path, set(wanted)).items():
+            expected, version = recorded[path]
+            if isinstance(actual, FileNotFoundError):
+                problems.append((path, f"is missing; journal/{version:08d}.json recorded it"))
+            elif isinstance(actual, OSError):
+                problems.append((path, f"cannot be read ({actual.strerror or actual})"))
+            elif actual != expected:
+                problems.append((path, f"has sha256 {actual[:12]}... but journal/{version:08d}.json recorded {expected[:12]}..."))
+        if problems:
+            path, why = sorted(problems)[0]
+            more = f" (and {len(problems) - 1} more damaged file(s))" if len(problems) > 1 else ""
+            raise IntegrityError(
+                f"{operation} refused: {path} {why}{more}; the ledger is damaged and {operation} "
+                f"would build on it. Nothing was written. Run `kvw-ledger verify {self.location}` "
+                "to list the damage, and restore the file from a backup"
+            )
 
     def _check_staged(
         self,

@@ -203,6 +203,21 @@ def _killed_forget(scenario: crashkit.Scenario, path: Path, step: int) -> None:
         crashkit.run_verb(scenario, path, "forget")
 
 
+def test_reads_that_do_not_touch_a_damaged_file_go_on_working(
+    scenario: crashkit.Scenario, tmp_path: Path
+) -> None:
+    ledger = _copy(scenario, tmp_path / "led")
+    chunk = next(p for p in sorted((ledger / "requests" / "B" / "exponent").rglob("c/*")) if p.is_file())
+    chunk.unlink()
+    refused = run("forget", ledger, scenario.forget_c, "--id", "C", "-q", code=1)
+    assert f"{chunk.relative_to(ledger).as_posix()} is missing" in refused.output
+    assert "kvw-ledger verify" in refused.output
+    assert len(run("log", ledger).output.splitlines()) == 6
+    assert "request  A" in run("show", ledger, "A").output
+    run("export", ledger, tmp_path / "out", "--at", "3", "-q")  # A only: B's arrays are not read
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
 def _export(ledger: Path, out: Path) -> None:
     Ledger.open(ledger).export(out, progress=False)
 
@@ -689,6 +704,32 @@ def _damaged_root(c: Case) -> list[str | Path]:
     return ["log", c.ledger]
 
 
+def _first_chunk(c: Case, group: str) -> Path:
+    return next(p for p in sorted((c.ledger / group).rglob("c/*")) if p.is_file())
+
+
+def _missing_exponent_chunk(c: Case) -> list[str | Path]:
+    _first_chunk(c, "requests/B/exponent").unlink()
+    return c.forget(c.scenario.forget_c, "--id", "C")
+
+
+def _damaged_head(c: Case) -> list[str | Path]:
+    chunk = _first_chunk(c, "head")
+    chunk.write_bytes(chunk.read_bytes()[:-1] + bytes([chunk.read_bytes()[-1] ^ 1]))
+    return ["revert", c.ledger, "B", "-q"]
+
+
+def _damaged_retain(c: Case) -> list[str | Path]:
+    chunk = _first_chunk(c, "retain/r2")
+    chunk.write_bytes(chunk.read_bytes()[:-1] + bytes([chunk.read_bytes()[-1] ^ 1]))
+    return ["rederive", c.ledger, "--retain-stats", "r2", "-q"]
+
+
+def _damaged_base(c: Case) -> list[str | Path]:
+    (c.ledger / "base" / "model.layers.0.mlp.down_proj" / "zarr.json").unlink()
+    return c.forget(c.scenario.forget_c, "--id", "C")
+
+
 CASES: dict[str, Callable[[Case], list[str | Path]]] = {
     "malformed-jsonl": _malformed,
     "record-not-object": _not_object,
@@ -730,6 +771,10 @@ CASES: dict[str, Callable[[Case], list[str | Path]]] = {
     "stability-check-failed": _option("--max-attenuation", "0.0001"),
     "damaged-ledger": _damaged,
     "damaged-root": _damaged_root,
+    "write-on-missing-chunk": _missing_exponent_chunk,
+    "write-on-damaged-head": _damaged_head,
+    "write-on-damaged-retain": _damaged_retain,
+    "write-on-damaged-base": _damaged_base,
 }
 
 
