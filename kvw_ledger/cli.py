@@ -288,6 +288,16 @@ def _limit_options(fn: F) -> F:
             help="Largest retain-probe NLL increase vs the base, nats/token (default 1.0).",
         ),
         click.option(
+            "--max-zeroed",
+            type=float,
+            help="Largest share of a site's value vectors scaled below --zero-floor (default 0.25).",
+        ),
+        click.option(
+            "--zero-floor",
+            type=float,
+            help="A vector scaled by a factor under this counts as zeroed (default 0.001).",
+        ),
+        click.option(
             "--on-fail",
             type=click.Choice(["abort", "warn"]),
             help="abort (default): commit nothing and exit 1; warn: commit and record the failure.",
@@ -304,15 +314,19 @@ def _limits(
     max_retain_drop: float | None,
     max_nll_increase: float | None,
     on_fail: Any,
+    max_zeroed: float | None = None,
+    zero_floor: float | None = None,
 ) -> StabilityLimits | None:
     """The ledger's limits with the ones given in their place; None when none is given."""
-    given = (max_attenuation, max_retain_drop, max_nll_increase, on_fail)
+    given = (max_attenuation, max_retain_drop, max_nll_increase, on_fail, max_zeroed, zero_floor)
     if all(v is None for v in given):
         return None
     return ledger.limits(
         max_attenuation=max_attenuation,
         max_retain_drop=max_retain_drop,
         max_nll_increase=max_nll_increase,
+        max_zeroed=max_zeroed,
+        zero_floor=zero_floor,
         on_fail=on_fail,
     )
 
@@ -537,6 +551,8 @@ def forget(
     max_attenuation: float | None,
     max_retain_drop: float | None,
     max_nll_increase: float | None,
+    max_zeroed: float | None,
+    zero_floor: float | None,
     on_fail: str | None,
     model_dir: str | None,
     device: str,
@@ -563,7 +579,9 @@ def forget(
         reason=reason,
         config=config,
         retain_stats=retain_stats,
-        limits=_limits(opened, max_attenuation, max_retain_drop, max_nll_increase, on_fail),
+        limits=_limits(
+            opened, max_attenuation, max_retain_drop, max_nll_increase, on_fail, max_zeroed, zero_floor
+        ),
         forget_probe=forget_probe,
         model_dir=model_dir,
         progress=not quiet,
@@ -769,6 +787,8 @@ def revert(
     max_attenuation: float | None,
     max_retain_drop: float | None,
     max_nll_increase: float | None,
+    max_zeroed: float | None,
+    zero_floor: float | None,
     on_fail: str | None,
     model_dir: str | None,
     device: str,
@@ -785,7 +805,9 @@ def revert(
     entry = opened.revert(
         request_id,
         reason=reason,
-        limits=_limits(opened, max_attenuation, max_retain_drop, max_nll_increase, on_fail),
+        limits=_limits(
+            opened, max_attenuation, max_retain_drop, max_nll_increase, on_fail, max_zeroed, zero_floor
+        ),
         model_dir=model_dir,
         progress=not quiet,
         device=device,
@@ -902,6 +924,8 @@ def probe(
     max_attenuation: float | None,
     max_retain_drop: float | None,
     max_nll_increase: float | None,
+    max_zeroed: float | None,
+    zero_floor: float | None,
     on_fail: str | None,
     model_dir: str | None,
     device: str,
@@ -919,7 +943,9 @@ def probe(
     entry = opened.probe(
         retain=retain_probe,
         general=general_probe,
-        limits=_limits(opened, max_attenuation, max_retain_drop, max_nll_increase, on_fail),
+        limits=_limits(
+            opened, max_attenuation, max_retain_drop, max_nll_increase, on_fail, max_zeroed, zero_floor
+        ),
         model_dir=model_dir,
         progress=not quiet,
         device=device,
@@ -966,6 +992,8 @@ def rederive(
     max_attenuation: float | None,
     max_retain_drop: float | None,
     max_nll_increase: float | None,
+    max_zeroed: float | None,
+    zero_floor: float | None,
     on_fail: str | None,
     model_dir: str | None,
     device: str,
@@ -994,7 +1022,9 @@ def rederive(
         stats_id,
         list(request_ids),
         exact=pairs,
-        limits=_limits(opened, max_attenuation, max_retain_drop, max_nll_increase, on_fail),
+        limits=_limits(
+            opened, max_attenuation, max_retain_drop, max_nll_increase, on_fail, max_zeroed, zero_floor
+        ),
         model_dir=model_dir,
         progress=not quiet,
         device=device,

@@ -64,7 +64,9 @@ from kvw_ledger.stability import (
     check_attenuation,
     check_exponents,
     check_log_scales,
+    check_zeroed,
     compare_probes,
+    overflowing,
     probe_metrics,
 )
 from kvw_ledger.store import HeadCache, Store, check_id
@@ -560,7 +562,7 @@ class Ledger:
             entries = self.entries()[: write.head.version]
             version = self.resolve(at, entries)
             head = entries[-1]
-            stats_id = check_id(stats_id or f"retain-{head.version + 1}", "retain stats id")
+            stats_id = check_id(f"retain-{head.version + 1}" if stats_id is None else stats_id, "retain stats id")
             state = self.state(head.version)
             if stats_id in state.retain_stats:
                 raise BadInputError(f"retain stats {stats_id!r} already exist; choose another --id")
@@ -645,7 +647,7 @@ class Ledger:
             head = write.head
             state = self.state(head.version)
             checked = self._limits(state, limits)  # bad limits fail before the forward passes
-            request_id = _check_request_id(request_id or f"request-{head.version + 1}")
+            request_id = _check_request_id(f"request-{head.version + 1}" if request_id is None else request_id)
             if request_id in state.requests:
                 raise BadInputError(f"request {request_id!r} already exists; choose another --id")
             stats_id = retain_stats or state.latest_retain
@@ -659,6 +661,14 @@ class Ledger:
             retain_means = {
                 s.name: self.store.read_array(f"retain/{stats_id}/{s.name}") for s in self.sites
             }
+            fingerprint = data.fingerprint(records)
+            same = [r for r in state.active if state.requests[r].body.get("data_fingerprint") == fingerprint]
+            if same and world.is_main:
+                self._warn(
+                    f"{data_path} holds the same records as active request {same[0]!r} "
+                    f"(data fingerprint {fingerprint[:12]}...); forgetting it again weakens the same "
+                    "vectors further. The match is recorded in the entry"
+                )
             model, processor = self._load(model_dir, head.version, placement, progress)
             encoder = data.Encoder(processor, max_length(model))
             examples = data.encode_all(encoder, records)
@@ -719,7 +729,8 @@ class Ledger:
                 "reason": reason,
                 "params": config.to_dict(),
                 "retain_stats": stats_id,
-                "data_fingerprint": data.fingerprint(records),
+                "data_fingerprint": fingerprint,
+                **({"same_data_as": same} if same else {}),
                 "records": len(records),
                 "batches": result.n_batches,
                 "tokens": result.n_tokens,
@@ -1306,6 +1317,8 @@ class Ledger:
         max_attenuation: float | None = None,
         max_retain_drop: float | None = None,
         max_nll_increase: float | None = None,
+        max_zeroed: float | None = None,
+        zero_floor: float | None = None,
         on_fail: OnFail | None = None,
     ) -> StabilityLimits:
         """The ledger's stability limits at HEAD (the defaults, then those registered with
@@ -1321,6 +1334,8 @@ class Ledger:
             "max_attenuation": max_attenuation,
             "max_retain_drop": max_retain_drop,
             "max_nll_increase": max_nll_increase,
+            "max_zeroed": max_zeroed,
+            "zero_floor": zero_floor,
             "on_fail": on_fail,
         }
         state = self.state()
@@ -1411,6 +1426,12 @@ class Ledger:
         are measured as efficacy, never held to a limit.
         """
         report = StabilityReport()
+        bad = overflowing(staged)
+        if bad is not None:
+            raise StabilityCheckError(
+                f"the step was not committed: {bad}. Its strength is far too high (a lower --gamma, "
+                "fewer --epochs or narrower --layers); such a step is refused even with --on-fail warn"
+            )
         report.checks += check_exponents(staged)
         report.checks += check_log_scales(staged_scales or {})
         axes = {s.name: s.axis for s in self.sites}
@@ -1418,6 +1439,8 @@ class Ledger:
         checks, report.attenuation = check_attenuation(
             bases, staged, axes, limits.max_attenuation, staged_scales
         )
+        report.checks += checks
+        checks, _ = check_zeroed(staged, limits.max_zeroed, limits.zero_floor, staged_scales)
         report.checks += checks
         if state.probes or forget_records is not None:
             if model is None:

@@ -146,6 +146,11 @@ def check_id(value: str, what: str = "request id") -> str:
         BadInputError: naming the id, if it is not 1-128 of ``A-Za-z0-9._-``
             starting with a letter or digit.
     """
+    if isinstance(value, str) and not value.strip():
+        raise BadInputError(
+            f"the {what} {value!r} is empty or blank; give --id a name such as req-1, "
+            "or leave --id out for the default"
+        )
     if not isinstance(value, str) or not _ID_RE.fullmatch(value):
         raise BadInputError(
             f"bad {what} {value!r}: use 1-128 characters from A-Z a-z 0-9 . _ -, "

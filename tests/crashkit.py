@@ -493,7 +493,7 @@ def check_after_crash(
         if not outcome.committed and next_verb == "same":
             run_verb_on(ledger, scenario, verb)
         elif not outcome.committed:
-            ledger.probe(limits={"max_attenuation": 0.95}, progress=False)
+            ledger.probe(limits=ledger.limits(max_attenuation=0.95), progress=False)
         else:
             active = ledger.state().active
             if active:

@@ -193,7 +193,8 @@ def test_a_killed_writers_leftovers_are_removed_by_the_next_writer_of_another_ve
     path = _copy(scenario, tmp_path / "led")
     crashkit.wait(crashkit._fork(lambda: _killed_forget(scenario, path, last_array), path))
     assert (path / "requests" / "C").is_dir()
-    Ledger.open(path).probe(limits={"max_attenuation": 0.9}, progress=False)
+    opened = Ledger.open(path)
+    opened.probe(limits=opened.limits(max_attenuation=0.9), progress=False)
     assert crashkit.stray_files(path) == []
     assert not (path / "requests" / "C").exists()
 
@@ -216,6 +217,19 @@ def test_reads_that_do_not_touch_a_damaged_file_go_on_working(
     assert "request  A" in run("show", ledger, "A").output
     run("export", ledger, tmp_path / "out", "--at", "3", "-q")  # A only: B's arrays are not read
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_forgetting_the_data_of_an_active_request_warns_and_is_recorded(
+    scenario: crashkit.Scenario, tmp_path: Path
+) -> None:
+    ledger = _copy(scenario, tmp_path / "led")
+    again = run("forget", ledger, scenario.root / "b.jsonl", "--id", "B2", "--gamma", "0.5", "-q")
+    assert "Warning: " in again.output and "same records as active request 'B'" in again.output
+    assert again.output.splitlines()[-1].startswith("version 7: request B2 applied")
+    assert Ledger.open(ledger).head().body["same_data_as"] == ["B"]
+    # A was reverted: forgetting its data again is a new request, not a repeat
+    fresh = run("forget", ledger, scenario.root / "a.jsonl", "--id", "A2", "--gamma", "0.5", "-q")
+    assert "Warning" not in fresh.output and "same_data_as" not in Ledger.open(ledger).head().body
 
 
 def _export(ledger: Path, out: Path) -> None:
@@ -775,6 +789,12 @@ CASES: dict[str, Callable[[Case], list[str | Path]]] = {
     "write-on-damaged-head": _damaged_head,
     "write-on-damaged-retain": _damaged_retain,
     "write-on-damaged-base": _damaged_base,
+    "exponents-overflow": _option("--gamma", "1e6", "--on-fail", "warn"),
+    "too-many-vectors-zeroed": _option("--gamma", "60"),
+    "max-zeroed-out-of-range": _option("--max-zeroed", "2"),
+    "empty-request-id": _option("--id", ""),
+    "blank-request-id": _option("--id", "  "),
+    "empty-retain-stats-id": lambda c: ["retain", c.ledger, c.scenario.root / "retain.jsonl", "--id", "", "-q"],
 }
 
 
