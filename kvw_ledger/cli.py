@@ -1176,7 +1176,8 @@ def tune(
 ) -> None:
     """Sweep gamma and layer buckets on a staged copy (nothing is committed) and recommend one.
 
-    FORGET_VAL and RETAIN_VAL are JSONL files in the DATA format of forget.
+    FORGET_VAL and RETAIN_VAL are JSONL files in the DATA format of forget. Exits 1,
+    after the table, when no setting forgets anything within the retain limit.
 
     \b
     Example:
@@ -1210,6 +1211,8 @@ def tune(
     )
     if as_json:
         _dump(result)
+        if result["recommended"] is None:
+            sys.exit(1)
         return
     base = result["baseline"]
     click.echo(
@@ -1227,7 +1230,8 @@ def tune(
         )
     rec = result["recommended"]
     if rec is None:
-        click.echo("no setting keeps the retain drop within the limit")
+        click.echo(f"Error: nothing to recommend: {result['why_none']}", err=True)
+        sys.exit(1)
     else:
         click.echo(
             f"recommended: --gamma {rec['gamma']:g} --layers {rec['layers'][0]}:{rec['layers'][1]}"

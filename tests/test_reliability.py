@@ -795,6 +795,10 @@ CASES: dict[str, Callable[[Case], list[str | Path]]] = {
     "empty-request-id": _option("--id", ""),
     "blank-request-id": _option("--id", "  "),
     "empty-retain-stats-id": lambda c: ["retain", c.ledger, c.scenario.root / "retain.jsonl", "--id", "", "-q"],
+    "tune-forgets-nothing": lambda c: [
+        "tune", c.ledger, c.scenario.forget_c, c.scenario.root / "retain.jsonl",
+        "--gammas", "0.1", "--layer-buckets", "1:1", "-q",
+    ],
 }
 
 
