@@ -706,10 +706,19 @@ def show(ledger: str, ref: str, as_json: bool) -> None:
             + (f"{'log-scale':>10}" if scaled else "")
         )
         for s in sites:
-            scale = f"{s['log_scale']:>10.4f}" if "log_scale" in s else ""
+            scale = _column(s["log_scale"]) if "log_scale" in s else ""
             click.echo(
-                f"{s['site']:<52}{s['weakened']:>10}{s['max']:>10.4f}{s['mean']:>10.4f}{scale}"
+                f"{s['site']:<52}{s['weakened']:>10}{_column(s['max'])}{_column(s['mean'])}{scale}"
             )
+
+
+def _column(value: float, width: int = 10) -> str:
+    """A number right-aligned in ``width`` characters with at least one space before it:
+    4 decimals while they fit, else 4 significant digits (2.929e+08)."""
+    text = f"{value:.4f}"
+    if len(text) >= width:
+        text = f"{value:.4g}"
+    return f"{text:>{width}}"
 
 
 def _warn_failed(entry: Entry) -> None:
@@ -888,7 +897,10 @@ def verify(ledger: str, model_dir: str | None, no_model: bool, as_json: bool) ->
         _dump(report.to_json())
     else:
         for p in report.problems:
-            click.echo(f"{p.severity}: {p.path}: {p.message}", err=p.severity == "error")
+            # One form with every other message: "Error: ..." / "Warning: ...", the path
+            # once (a message that already names its file is not prefixed with it again).
+            text = p.message if p.path in p.message else f"{p.path}: {p.message}"
+            click.echo(f"{p.severity.capitalize()}: {text}", err=p.severity == "error")
         verdict = "ok" if report.ok else "FAILED"
         click.echo(
             f"{verdict}: {report.checked_entries} entries, {report.checked_arrays} arrays checked"
@@ -1042,7 +1054,7 @@ def rederive(
 @main.command()
 @LEDGER
 @click.option(
-    "--reverted", is_flag=True, required=True, help="Delete the arrays of reverted requests."
+    "--reverted", is_flag=True, help="Delete the arrays of reverted requests (needed: the only garbage gc collects)."
 )
 @_writes
 def gc(ledger: str, reverted: bool) -> Entry:

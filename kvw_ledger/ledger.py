@@ -532,7 +532,9 @@ class Ledger:
                 f"({self.model_info.get('dir')}); pass that model directory, or create a new ledger"
             )
         cache = FingerprintCache.open(self.path / CACHE_NAME) if cached else None
-        model_files.check_fingerprint(directory, self.model_info["fingerprint"], progress, cache)
+        model_files.check_fingerprint(
+            directory, self.model_info["fingerprint"], progress, cache, init_dir=self.model_info.get("dir")
+        )
 
     # --- verbs that write -------------------------------------------------------------
 

@@ -232,6 +232,22 @@ def test_forgetting_the_data_of_an_active_request_warns_and_is_recorded(
     assert "Warning" not in fresh.output and "same_data_as" not in Ledger.open(ledger).head().body
 
 
+def test_verify_names_a_model_changed_in_place_once_in_the_common_form(
+    scenario: crashkit.Scenario, tmp_path: Path
+) -> None:
+    ledger = _copy(scenario, tmp_path / "led")
+    model = Path(shutil.copytree(scenario.model_dir, tmp_path / "model"))
+    Ledger.open(ledger).store  # the ledger records scenario.model_dir; point --model at a copy
+    raw = bytearray((model / "model.safetensors").read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    (model / "model.safetensors").write_bytes(bytes(raw))
+    out = run("verify", ledger, "--model", model, code=1).output
+    problem = next(line for line in out.splitlines() if "model.safetensors" in line)
+    assert problem.startswith(f"Error: {model}: model.safetensors differs"), problem
+    assert problem.count(str(model)) == 1
+    assert not any(line.startswith(("error:", "warning:")) for line in out.splitlines())
+
+
 def _export(ledger: Path, out: Path) -> None:
     Ledger.open(ledger).export(out, progress=False)
 
@@ -744,6 +760,16 @@ def _damaged_base(c: Case) -> list[str | Path]:
     return c.forget(c.scenario.forget_c, "--id", "C")
 
 
+def _model_changed_in_place(c: Case) -> list[str | Path]:
+    weights = c.scenario.model_dir / "model.safetensors"
+    original = weights.read_bytes()
+    raw = bytearray(original)
+    raw[len(raw) // 2] ^= 0x10
+    weights.write_bytes(bytes(raw))
+    c.cleanup.append(lambda: weights.write_bytes(original))
+    return c.forget(c.scenario.forget_c)
+
+
 CASES: dict[str, Callable[[Case], list[str | Path]]] = {
     "malformed-jsonl": _malformed,
     "record-not-object": _not_object,
@@ -795,6 +821,7 @@ CASES: dict[str, Callable[[Case], list[str | Path]]] = {
     "empty-request-id": _option("--id", ""),
     "blank-request-id": _option("--id", "  "),
     "empty-retain-stats-id": lambda c: ["retain", c.ledger, c.scenario.root / "retain.jsonl", "--id", "", "-q"],
+    "model-changed-in-place": _model_changed_in_place,
     "tune-forgets-nothing": lambda c: [
         "tune", c.ledger, c.scenario.forget_c, c.scenario.root / "retain.jsonl",
         "--gammas", "0.1", "--layer-buckets", "1:1", "-q",
