@@ -631,15 +631,18 @@ def log(ledger: str, as_json: bool) -> None:
       kvw-ledger log ledger/
       kvw-ledger log ledger/ --json | jq '.[-1].hash'
     """
-    entries = LedgerReader.open(ledger).entries()
+    opened = LedgerReader.open(ledger)
+    entries = opened.entries()
     if as_json:
         _dump([views.entry_json(e) for e in entries])
-        return
-    for e in entries:
-        active = _active_list(e.body.get("active", []))
-        click.echo(
-            f"{e.version:>4}  {e.op:<8} {e.time}  {e.hash[:12]}  {_summary(e)}  active: {active}"
-        )
+    else:
+        for e in entries:
+            active = _active_list(e.body.get("active", []))
+            click.echo(
+                f"{e.version:>4}  {e.op:<8} {e.time}  {e.hash[:12]}  {_summary(e)}  active: {active}"
+            )
+    if opened.torn is not None:
+        raise opened.torn  # the versions before it are listed; the torn one is named
 
 
 def _active_list(active: list[str], shown: int = 8) -> str:
@@ -680,7 +683,7 @@ def show(ledger: str, ref: str, as_json: bool) -> None:
     def store() -> Any:  # a forget's per-site figures need the arrays, so zarr and torch
         return _open(ledger).store
 
-    shown = views.show(reader.entries(), ref, store)
+    shown = views.show(reader.entries(), ref, store, torn=reader.torn)
     if as_json:
         _dump(shown)
         return
@@ -1071,6 +1074,29 @@ def gc(ledger: str, reverted: bool) -> Entry:
         f"{len(deleted)} reverted request(s): {', '.join(deleted) or '-'}"
     )
     return entry
+
+
+@main.command()
+@LEDGER
+@JSON
+@_errors
+def repair(ledger: str, as_json: bool) -> None:
+    """Move a torn newest journal entry aside (into LEDGER/repair/), with a record of it.
+
+    Acts only when the newest entry file is not a valid entry; a valid one is never
+    touched, and any other damage is refused (exit 1). Example:
+    `kvw-ledger repair ./ledger` after "journal/00000007.json is not a valid journal entry".
+    """
+    record = _open(ledger).repair()
+    if as_json:
+        _dump(record)
+    elif not record["repaired"]:
+        click.echo(f"{record['message']} ({record['newest']}); nothing was changed")
+    else:
+        click.echo(f"moved {record['moved']} to {record['to']} (record.json beside it)")
+        for prefix in record["moved_arrays"]:
+            click.echo(f"moved {prefix} (no remaining entry names it) beside it")
+        click.echo(f"HEAD is version {record['head_after']}")
 
 
 @main.command()

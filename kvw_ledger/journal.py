@@ -31,6 +31,7 @@ from kvw_ledger.errors import (
     IntegrityError,
     LedgerNotFoundError,
     RefNotFoundError,
+    TornEntryError,
 )
 
 __all__ = [
@@ -342,12 +343,51 @@ class Journal:
                 the message names the file.
         """
         result = []
-        for scanned in self._scan():
+        scanned_all = list(self._scan())
+        for i, scanned in enumerate(scanned_all):
             if scanned.error is not None:
+                if i == len(scanned_all) - 1 and scanned.entry is None and self._unparsable(scanned):
+                    raise self._torn(scanned.version, scanned.path, scanned.error, result)
                 raise scanned.error
             if scanned.entry is not None:
                 result.append(scanned.entry)
         return result
+
+    def readable(self) -> tuple[list[Entry], TornEntryError | None]:
+        """The entries, and None; or, when only the newest entry file is torn, the entries
+        before it and that file's error (older versions stay readable by number).
+
+        Raises:
+            IntegrityError: any other damage, or a torn version 1.
+        """
+        try:
+            return self.entries(), None
+        except TornEntryError as e:
+            if not e.valid:
+                raise
+            return list(e.valid), e
+
+    def _unparsable(self, scanned: _Scanned) -> bool:
+        """Whether the file itself fails to parse (not a gap or a bad name in the numbering)."""
+        return scanned.path.name == f"{scanned.version:08d}.json" and not any(
+            e is not None and p == scanned.path for _, p, e in self._versions()
+        )
+
+    def _torn(self, version: int, path: Path, error: IntegrityError, valid: list[Entry] | None) -> TornEntryError:
+        rel = f"journal/{path.name}"
+        if version == 1:
+            return TornEntryError(
+                f"{error}; it is version 1 (init), so nothing before it can be read: remove the "
+                "directory and run init again, or restore it from a backup",
+                rel, version, valid,
+            )
+        return TornEntryError(
+            f"{rel} is not a valid journal entry ({error}). It is the newest: versions "
+            f"1..{version - 1} can still be read by number, but HEAD is unknown and nothing can be "
+            f"written. Run `kvw-ledger repair {self.root}` to move it aside (into repair/), or "
+            "restore it from a backup",
+            rel, version, valid,
+        )
 
     def head(self) -> Entry | None:
         """Returns the newest entry, or None for an empty journal (reads only that file)."""
@@ -358,7 +398,10 @@ class Journal:
         if not listed:
             return None
         version, path, _ = listed[-1]
-        return self._read(version, path)
+        try:
+            return self._read(version, path)
+        except IntegrityError as e:
+            raise self._torn(version, path, e, None) from e
 
     def get(self, version: int) -> Entry:
         """Returns entry ``version``.

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import hashlib
 import json
 import os
 import shutil
@@ -39,11 +40,20 @@ from kvw_ledger.errors import (
     RequestStateError,
     StabilityCheckError,
     StorageError,
+    TornEntryError,
 )
 from kvw_ledger.export import export_model
 from kvw_ledger.fingerprint_cache import CACHE_NAME, FingerprintCache
 from kvw_ledger.interrupts import InterruptGuard
-from kvw_ledger.journal import Entry, Journal, Problem, hash_files, hash_workers
+from kvw_ledger.journal import (
+    Entry,
+    Journal,
+    Problem,
+    canonical_json,
+    fsync_dir,
+    hash_files,
+    hash_workers,
+)
 from kvw_ledger.kvw import (
     KVWConfig,
     column_log_norms,
@@ -294,8 +304,16 @@ class Ledger:
     # --- reading history ------------------------------------------------------------
 
     def entries(self) -> list[Entry]:
-        """Every journal entry, in version order."""
-        return self.journal.entries()
+        """Every journal entry, in version order.
+
+        When only the newest entry file is torn (not a valid entry), the entries before
+        it, with :attr:`torn` set: those versions stay readable by number, while HEAD and
+        every write refuse, naming the file (see :meth:`repair`).
+        """
+        entries, self.torn = self.journal.readable()
+        return entries
+
+    torn: TornEntryError | None = None  # set by entries() when the newest entry file is torn
 
     def head(self) -> Entry:
         """The newest entry."""
@@ -310,7 +328,7 @@ class Ledger:
         Raises:
             RefNotFoundError: the REF names nothing in this ledger.
         """
-        return refs.resolve(ref, list(entries) if entries is not None else self.entries())
+        return refs.resolve(ref, list(entries) if entries is not None else self.entries(), self.torn)
 
     def state(self, at: str | int = "HEAD") -> LedgerState:
         """Replays the journal up to ``at``."""
@@ -358,13 +376,16 @@ class Ledger:
         cache only, so its cost does not grow with the number of requests; any other
         REF, or a stale or damaged cache, replays the journal and sums the requests.
         """
-        head = self.head()
-        if refs.names_version(at, head.version):
+        try:
+            head: Entry | None = self.head()
+        except TornEntryError:
+            head = None  # older versions replay from the valid entries; HEAD refuses in resolve()
+        if head is not None and refs.names_version(at, head.version):
             cached = self._head_cache(head)
             if cached is not None:
                 return head.version, cached.exponents, cached.log_scales
         state = self.state(at)
-        if state.version == head.version and not refs.names_version(at, head.version):
+        if head is not None and state.version == head.version and not refs.names_version(at, head.version):
             cached = self._head_cache(head)  # a request id that names HEAD
             if cached is not None:
                 return state.version, cached.exponents, cached.log_scales
@@ -1138,6 +1159,78 @@ class Ledger:
                 base = self.base(site.name).to(weight.device)
                 weakened(base, exponents[site.name], site.axis, scales.get(site.name), out=weight)
 
+    # --- repair -----------------------------------------------------------------------
+
+    def repair(self) -> dict[str, Any]:
+        """Moves a torn newest journal entry aside, with a record of what was done.
+
+        Acts only when the newest entry file is not a valid entry: it goes, with the
+        arrays no remaining entry names (what that write added), into
+        ``repair/<time>-v<version>/`` beside a ``record.json``; the head cache is rebuilt
+        for the version before it. A valid newest entry is never touched.
+
+        Returns:
+            The record (``{"repaired": False, ...}`` when there was nothing to repair).
+
+        Raises:
+            IntegrityError: some other entry is damaged or missing, which repair never
+                changes; the message names it.
+            BadInputError: a URL ledger (repair its mirror's source by hand).
+        """
+        if self.remote is not None:
+            raise BadInputError(f"repair works on a ledger directory, not on {self.remote.url}")
+        with held_within(WriterLock(self.path, operation="repair", on_stale=self._on_stale), self.lock_timeout, self.on_wait):
+            try:
+                newest = self.journal.head()
+            except TornEntryError as e:
+                torn = e
+            else:
+                try:
+                    self.journal.entries()
+                except IntegrityError as e:
+                    raise IntegrityError(
+                        f"{e}. repair only moves a torn newest entry aside, and the newest "
+                        f"({f'journal/{newest.version:08d}.json' if newest else 'none'}) is valid: it "
+                        "changes nothing here. Restore the damaged entry from a backup "
+                        "(`kvw-ledger verify` lists the damage)"
+                    ) from e
+                return {"repaired": False, "newest": None if newest is None else f"journal/{newest.version:08d}.json",
+                        "message": "nothing to repair: the newest journal entry is valid"}
+            try:
+                self.journal.entries()
+            except TornEntryError as e:
+                if e.version != torn.version or e.valid is None:
+                    raise
+            if torn.version == 1:
+                raise torn
+            stamp = _utc_now().strftime("%Y%m%dT%H%M%SZ")
+            folder = self.path / "repair" / f"{stamp}-v{torn.version:08d}"
+            folder.mkdir(mode=0o700, parents=True)
+            source = self.path / torn.path
+            raw = source.read_bytes()
+            record: dict[str, Any] = {
+                "repaired": True,
+                "time": stamp,
+                "moved": torn.path,
+                "to": f"{folder.relative_to(self.path).as_posix()}/{source.name}",
+                "sha256": hashlib.sha256(raw).hexdigest(),
+                "bytes": len(raw),
+                "why": str(torn),
+                "head_after": torn.version - 1,
+            }
+            os.rename(source, folder / source.name)
+            fsync_dir(source.parent)
+            self.torn = None
+            unnamed = self._unnamed()  # what the torn entry's write added: kept, not deleted
+            for prefix in unnamed:
+                (folder / "files" / prefix).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                os.rename(self.path / prefix, folder / "files" / prefix)
+            record["moved_arrays"] = unnamed
+            (folder / "record.json").write_bytes(canonical_json(record))
+            fsync_dir(folder)
+            self._write_head(self.head())
+            return record
+
     # --- verification -----------------------------------------------------------------
 
     def verify(
@@ -1527,6 +1620,7 @@ class Ledger:
         self._committed = None
         self._base_cache = {}
         try:
+            self.journal.head()  # a torn newest entry: refuse (TornEntryError) before touching anything
             self.store.clean_temp()  # a crashed writer's scratch; the lock makes us the only writer
             self.journal.clean_temp()
             self._sweep_unnamed()
@@ -1632,28 +1726,30 @@ class Ledger:
         """Removes what no journal entry names under the per-write groups (requests/,
         retain/, rederived/, probes/): the leftovers of an interrupted or killed writer,
         whatever verb it ran. Returns the ledger-relative paths removed."""
+        removed = self._unnamed()
+        for prefix in removed:
+            self.store.discard(prefix)
+        return removed
+
+    def _unnamed(self) -> list[str]:
+        """The children of the per-write groups (or whole groups) that no entry names."""
         named: set[str] = set()
         for entry in self.entries():
             named.update(entry.files)
             named.update(entry.body.get("deleted_files", []))  # gc's tombstones: gc sweeps them
         owners = {"/".join(path.split("/")[:2]) for path in named}
-        removed = []
+        found = []
         for group in _PER_WRITE_GROUPS:
             top = self.path / group
             if not top.is_dir():
                 continue
-            kept = False
+            children = []
             for child in sorted(os.listdir(top)):
                 prefix = f"{group}/{child}"
-                if prefix in owners or (child == "zarr.json" and prefix in named):
-                    kept = True
-                    continue
-                self.store.discard(prefix)
-                removed.append(prefix)
-            if not kept:
-                self.store.discard(group)
-                removed.append(group)
-        return removed
+                if not (prefix in owners or (child == "zarr.json" and prefix in named)):
+                    children.append(prefix)
+            found += [group] if len(children) == len(os.listdir(top)) else children
+        return found
 
     on_stale: Callable[[str], None] | None = None
     on_warning: Callable[[str], None] | None = None  # told what a verb noticed but went on with

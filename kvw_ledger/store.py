@@ -74,9 +74,9 @@ _SITE_RE = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
 # ``<name>.<uuid4 hex>.partial`` files zarr's LocalStore writes before renaming.
 _TEMP_ROOT_RE = re.compile(r"[a-z]+\.(?:tmp|old)-[A-Za-z0-9_-]+")
 _PARTIAL_RE = re.compile(r".*\.[0-9a-f]{32}\.partial")
-# Owned by journal.py and lock.py, and the model fingerprint cache (never hashed, never
-# named by an entry: see fingerprint_cache.py).
-_NOT_OURS = frozenset({"journal", "lock", CACHE_NAME})
+# Owned by journal.py and lock.py, the model fingerprint cache (never hashed, never
+# named by an entry: see fingerprint_cache.py), and repair/ (Ledger.repair's quarantine).
+_NOT_OURS = frozenset({"journal", "lock", CACHE_NAME, "repair"})
 
 # Which path components follow each top-level group: "id", "site", or a set of
 # literal names.

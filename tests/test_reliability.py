@@ -248,6 +248,47 @@ def test_verify_names_a_model_changed_in_place_once_in_the_common_form(
     assert not any(line.startswith(("error:", "warning:")) for line in out.splitlines())
 
 
+def _tear(ledger: Path, version: int) -> Path:
+    entry = ledger / "journal" / f"{version:08d}.json"
+    entry.write_bytes(entry.read_bytes()[: entry.stat().st_size // 2])
+    return entry
+
+
+def test_a_torn_newest_entry_keeps_older_versions_readable_and_repair_moves_it_aside(
+    scenario: crashkit.Scenario, tmp_path: Path
+) -> None:
+    ledger = _copy(scenario, tmp_path / "led")
+    run("forget", ledger, scenario.forget_c, "--id", "C", "--gamma", "0.5", "-q")  # version 7
+    torn = _tear(ledger, 7)
+    advice = f"Run `kvw-ledger repair {ledger}`"
+    log = run("log", ledger, code=1).output.splitlines()
+    assert len(log) == 7 and log[5].startswith("   6  revert")
+    assert log[-1].startswith("Error: journal/00000007.json is not a valid journal entry") and advice in log[-1]
+    assert "request  B" in run("show", ledger, "B").output  # versions before the damage stay readable
+    run("export", ledger, tmp_path / "out", "--at", "5", "-q")
+    for args in (["show", ledger, "HEAD"], ["show", ledger, "C"], ["export", ledger, tmp_path / "o2", "-q"],
+                 ["revert", ledger, "B", "-q"], ["forget", ledger, scenario.forget_c, "--id", "D", "-q"]):
+        out = run(*args, code=1).output
+        assert "journal/00000007.json is not a valid journal entry" in out and advice in out, args
+    assert "journal/00000007.json" in run("verify", ledger, "--no-model", code=1).output
+
+    torn_bytes = torn.read_bytes()
+    record = json.loads(run("repair", ledger, "--json").output)
+    assert record["repaired"] and record["moved"] == "journal/00000007.json" and record["head_after"] == 6
+    assert record["moved_arrays"] == ["requests/C"] and not torn.exists()
+    folder = ledger / record["to"].rsplit("/", 1)[0]
+    assert (ledger / record["to"]).read_bytes() == torn_bytes
+    assert json.loads((folder / "record.json").read_text())["sha256"] == hashlib.sha256(torn_bytes).hexdigest()
+    assert (folder / "files" / "requests" / "C").is_dir()
+    assert run("verify", ledger, "--no-model").output.startswith("ok: 6 entries")
+    assert crashkit.stray_files(ledger) == []
+    before = _tree(ledger)
+    assert "nothing to repair" in run("repair", ledger).output  # a valid newest entry: untouched
+    assert _tree(ledger) == before
+    run("forget", ledger, scenario.forget_c, "--id", "C", "--gamma", "0.5", "-q")
+    assert run("verify", ledger, "--no-model").output.startswith("ok: 7 entries")
+
+
 def _export(ledger: Path, out: Path) -> None:
     Ledger.open(ledger).export(out, progress=False)
 
@@ -770,6 +811,16 @@ def _model_changed_in_place(c: Case) -> list[str | Path]:
     return c.forget(c.scenario.forget_c)
 
 
+def _torn_newest(c: Case) -> list[str | Path]:
+    _tear(c.ledger, 6)
+    return ["forget", c.ledger, c.scenario.forget_c, "--id", "C", "-q"]
+
+
+def _torn_older(c: Case) -> list[str | Path]:
+    _tear(c.ledger, 4)
+    return ["repair", c.ledger]
+
+
 CASES: dict[str, Callable[[Case], list[str | Path]]] = {
     "malformed-jsonl": _malformed,
     "record-not-object": _not_object,
@@ -822,6 +873,8 @@ CASES: dict[str, Callable[[Case], list[str | Path]]] = {
     "blank-request-id": _option("--id", "  "),
     "empty-retain-stats-id": lambda c: ["retain", c.ledger, c.scenario.root / "retain.jsonl", "--id", "", "-q"],
     "model-changed-in-place": _model_changed_in_place,
+    "torn-newest-entry": _torn_newest,
+    "repair-older-damage": _torn_older,
     "tune-forgets-nothing": lambda c: [
         "tune", c.ledger, c.scenario.forget_c, c.scenario.root / "retain.jsonl",
         "--gammas", "0.1", "--layer-buckets", "1:1", "-q",
