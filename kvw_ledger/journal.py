@@ -342,7 +342,7 @@ class Journal:
             IntegrityError: an entry file is malformed, altered or missing from the numbering;
                 the message names the file.
         """
-        result = []
+        result: list[Entry] = []
         scanned_all = list(self._scan())
         for i, scanned in enumerate(scanned_all):
             if scanned.error is not None:
