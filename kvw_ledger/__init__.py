@@ -30,6 +30,7 @@ from kvw_ledger.errors import (
     RefNotFoundError,
     RequestStateError,
     StabilityCheckError,
+    TornEntryError,
     StorageError,
     UnknownArchitectureError,
 )
@@ -88,6 +89,7 @@ __all__ = [
     "RequestStateError",
     "Site",
     "StabilityCheckError",
+    "TornEntryError",
     "StabilityLimits",
     "StabilityReport",
     "StorageError",

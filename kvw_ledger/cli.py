@@ -633,6 +633,8 @@ def log(ledger: str, as_json: bool) -> None:
     """
     opened = LedgerReader.open(ledger)
     entries = opened.entries()
+    if as_json and opened.torn is not None:
+        raise opened.torn  # one JSON document: the error (`show N --json` reads what is readable)
     if as_json:
         _dump([views.entry_json(e) for e in entries])
     else:
@@ -1084,8 +1086,13 @@ def repair(ledger: str, as_json: bool) -> None:
     """Move a torn newest journal entry aside (into LEDGER/repair/), with a record of it.
 
     Acts only when the newest entry file is not a valid entry; a valid one is never
-    touched, and any other damage is refused (exit 1). Example:
-    `kvw-ledger repair ./ledger` after "journal/00000007.json is not a valid journal entry".
+    touched, and any other damage is refused (exit 1). Run it after an error such as
+    "journal/00000007.json is not a valid journal entry".
+
+    \b
+    Example:
+      kvw-ledger repair ledger/
+      kvw-ledger repair ledger/ --json
     """
     record = _open(ledger).repair()
     if as_json:
