@@ -30,8 +30,8 @@ from kvw_ledger.errors import (
     RefNotFoundError,
     RequestStateError,
     StabilityCheckError,
-    TornEntryError,
     StorageError,
+    TornEntryError,
     UnknownArchitectureError,
 )
 from kvw_ledger.journal import Entry
@@ -89,10 +89,10 @@ __all__ = [
     "RequestStateError",
     "Site",
     "StabilityCheckError",
-    "TornEntryError",
     "StabilityLimits",
     "StabilityReport",
     "StorageError",
+    "TornEntryError",
     "UnknownArchitectureError",
     "VerifyReport",
     "World",

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
 
-__all__ = ["InterruptGuard"]
+__all__ = ["InterruptGuard", "uninterrupted"]
 
 
 class InterruptGuard:
@@ -59,8 +59,10 @@ class InterruptGuard:
     @contextlib.contextmanager
     def briefly(self, undo: Callable[[], object] | None = None) -> Iterator[None]:
         """Holds SIGINT over one block; an interrupt held here is raised after it,
-        once ``undo`` (when given) has taken back what the block did."""
-        if self._installed:
+        once ``undo`` (when given) has taken back what the block did. Inside a block
+        another guard already holds, it leaves the interrupt to that guard."""
+        current = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+        if self._installed or isinstance(getattr(current, "__self__", None), InterruptGuard):
             yield
             return
         self.hold()
@@ -73,3 +75,9 @@ class InterruptGuard:
         if self.pending:
             self.pending = False
             raise KeyboardInterrupt
+
+
+def uninterrupted() -> contextlib.AbstractContextManager[None]:
+    """Holds Ctrl-C over one block, raising it after: for library code (zarr's event-loop
+    set-up) that a KeyboardInterrupt in the middle leaves half made and noisy."""
+    return InterruptGuard().briefly()

@@ -51,6 +51,7 @@ from kvw_ledger.errors import (
     RefNotFoundError,
 )
 from kvw_ledger.fingerprint_cache import CACHE_NAME
+from kvw_ledger.interrupts import uninterrupted
 from kvw_ledger.root import FORMAT_VERSION, read_root_attrs
 from kvw_ledger.root import read_zarr_meta as _read_meta
 
@@ -279,8 +280,9 @@ class Store:
         with _owner_only():
             tmp = self._scratch("array.tmp")
             try:
-                _write_zarr_array(tmp, tensor, attrs)
-                self._ensure_groups(name.rsplit("/", 1)[0])
+                with uninterrupted():  # zarr's event loop, interrupted while made, prints a traceback
+                    _write_zarr_array(tmp, tensor, attrs)
+                    self._ensure_groups(name.rsplit("/", 1)[0])
                 self._swap_in(tmp, final)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -434,9 +436,10 @@ class Store:
         with _owner_only():
             tmp = self._scratch("head.tmp")
             try:
-                for site, t in tensors.items():
-                    extra = {"log_scale": scales[site]} if site in scales else None
-                    _write_zarr_array(tmp / site, t, extra)
+                with uninterrupted():
+                    for site, t in tensors.items():
+                        extra = {"log_scale": scales[site]} if site in scales else None
+                        _write_zarr_array(tmp / site, t, extra)
                 # The head is named by no journal entry, so it seals itself: its group
                 # zarr.json lists every file's sha256 and hashes its own content.
                 files = {

@@ -834,7 +834,7 @@ def test_bad_input_exits_2_and_writes_nothing(env: Env, tmp_path: Path) -> None:
             ("revert", path, "C", "--max-retain-drop", "1.5"),
             "--max-retain-drop must be in [0, 1], not 1.5",
         ),
-        (("gc", path), "Missing option '--reverted'"),
+        (("gc", path), "gc needs --reverted"),
     ]
     for args, message in cases:
         output = run(*args, code=2).output
