@@ -865,7 +865,7 @@ CASES: dict[str, Callable[[Case], list[str | Path]]] = {
     "write-on-damaged-head": _damaged_head,
     "write-on-damaged-retain": _damaged_retain,
     "write-on-damaged-base": _damaged_base,
-    "exponents-overflow": _option("--gamma", "1e6", "--on-fail", "warn"),
+    "exponents-overflow": _option("--gamma", "1e33", "--on-fail", "warn"),
     "too-many-vectors-zeroed": _option("--gamma", "60"),
     "max-zeroed-out-of-range": _option("--max-zeroed", "2"),
     "empty-request-id": _option("--id", ""),

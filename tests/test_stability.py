@@ -311,19 +311,23 @@ def test_check_zeroed_counts_vectors_scaled_below_the_floor() -> None:
 
 
 def test_overflowing_names_non_finite_and_huge_exponents() -> None:
-    assert overflowing({"s": torch.tensor([0.0, 86.0])}) is None
+    assert overflowing({"s": torch.tensor([0.0, 110.0])}) is None  # zeroes a vector, no more
     assert "s has 1 non-finite" in str(overflowing({"s": torch.tensor([0.0, float("inf")])}))
     assert "s has 1 non-finite" in str(overflowing({"s": torch.tensor([float("nan"), 1.0])}))
-    assert "largest 2.9e+06" in str(overflowing({"s": torch.tensor([2.9e6, 1.0])}))
+    assert "largest 2.9e+31" in str(overflowing({"s": torch.tensor([2.9e31, 1.0])}))
 
 
 def test_absurd_gamma_is_refused_even_with_on_fail_warn(env: Env, tmp_path: Path) -> None:
     path = _copy(env.ledger, tmp_path / "led")
     before = _tree(path)
     message = run(
-        "forget", path, env.files["d"], "--id", "D", "--gamma", "1e6", "--on-fail", "warn", "-q", code=1
+        "forget", path, env.files["d"], "--id", "D", "--gamma", "1e33", "--on-fail", "warn", "-q", code=1
     ).output
-    assert "exp(-w) underflows float32 to 0" in message and "lower --gamma" in message
+    assert "where float32 sums of exponents overflow" in message and "lower --gamma" in message
+    assert _tree(path) == before
+    # --gamma 1e6 (exponents near 1e6) is not overflow: the zeroed-vector limit refuses it
+    message = run("forget", path, env.files["d"], "--id", "D", "--gamma", "1e6", "-q", code=1).output
+    assert _failed_figure(message, rf"zeroed {SITE_RE}", "0.25") > 0.25
     assert _tree(path) == before
 
 
