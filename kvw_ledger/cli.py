@@ -27,6 +27,7 @@ import click
 from kvw_ledger import views
 from kvw_ledger.devices import DEVICE_CHOICES, DTYPE_CHOICES
 from kvw_ledger.errors import ImageOnlyProcessorWarning, KVWLedgerError
+from kvw_ledger.interrupts import redeliver_swallowed
 from kvw_ledger.journal import Entry
 from kvw_ledger.reader import LedgerReader
 
@@ -353,6 +354,7 @@ def main(ctx: click.Context) -> None:
     other verbs run in one process.
     """
     warnings.showwarning = _show_warning
+    sys.unraisablehook = redeliver_swallowed  # a Ctrl-C dropped inside garbage collection is resent
     size = os.environ.get("WORLD_SIZE", "1")
     if ctx.invoked_subcommand not in _DATA_PARALLEL and size not in ("", "0", "1"):
         click.echo(

@@ -13,13 +13,15 @@ Only the main thread receives signals in Python; elsewhere the guard does nothin
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
 
-__all__ = ["InterruptGuard", "uninterrupted"]
+__all__ = ["InterruptGuard", "redeliver_swallowed", "uninterrupted"]
 
 
 class InterruptGuard:
@@ -81,3 +83,19 @@ def uninterrupted() -> contextlib.AbstractContextManager[None]:
     """Holds Ctrl-C over one block, raising it after: for library code (zarr's event-loop
     set-up) that a KeyboardInterrupt in the middle leaves half made and noisy."""
     return InterruptGuard().briefly()
+
+
+def redeliver_swallowed(unraisable: Any) -> None:
+    """A ``sys.unraisablehook``: a Ctrl-C that CPython had to drop is sent again.
+
+    A KeyboardInterrupt raised while a finalizer or a weakref callback runs (garbage
+    collection, at any moment) cannot propagate: CPython prints "Exception ignored"
+    and the command would go on as if Ctrl-C had never been pressed. A helper thread
+    sends SIGINT again once this hook has returned, so it lands at the next ordinary
+    point. Anything else goes to the default hook.
+    """
+    exc_type = getattr(unraisable, "exc_type", None)
+    if isinstance(exc_type, type) and issubclass(exc_type, KeyboardInterrupt):
+        threading.Timer(0.01, os.kill, (os.getpid(), signal.SIGINT)).start()
+        return
+    sys.__unraisablehook__(unraisable)
