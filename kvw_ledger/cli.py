@@ -16,7 +16,9 @@ import functools
 import io
 import json
 import os
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -99,6 +101,34 @@ class _Group(click.Group):
     """
 
     command_class = _Command
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        # A Ctrl-C before any context exists (click's own start-up) is turned into
+        # "Aborted!" and exit 1 inside click; note it, and exit 130 all the same.
+        seen: list[bool] = []
+
+        def note(signum: int, frame: Any) -> None:
+            seen.append(True)
+            signal.default_int_handler(signum, frame)
+
+        ours = (
+            threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        )
+        if ours:
+            signal.signal(signal.SIGINT, note)
+        try:
+            return super().main(*args, **kwargs)
+        except KeyboardInterrupt:  # before click's own handling starts
+            click.echo("Error: interrupted (Ctrl-C); nothing was committed", err=True)
+            raise SystemExit(INTERRUPTED) from None
+        except SystemExit as e:
+            if seen and e.code == 1:
+                raise SystemExit(INTERRUPTED) from None
+            raise
+        finally:
+            if ours and signal.getsignal(signal.SIGINT) is note:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
         try:

@@ -9,6 +9,7 @@ import sys
 import time
 import weakref
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -61,3 +62,21 @@ def test_other_unraisable_errors_go_to_the_default_hook(monkeypatch: pytest.Monk
     event = SimpleNamespace(exc_type=ValueError)
     redeliver_swallowed(event)
     assert seen == [event]
+
+
+@pytest.mark.parametrize("where", ["before click's handling", "inside click's handling"])
+def test_a_ctrl_c_before_any_verb_runs_exits_130(monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    from kvw_ledger import cli
+
+    def interrupt(*args: object, **kwargs: object) -> Any:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.5)  # click's own start-up: no verb runs yet
+
+    if where == "before click's handling":
+        monkeypatch.setattr(cli.click.core, "_detect_program_name", interrupt)
+    else:
+        monkeypatch.setattr(cli.click.Context, "__enter__", interrupt)
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["log", "nowhere"])
+    assert exited.value.code == cli.INTERRUPTED
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
