@@ -12,11 +12,13 @@ Only the main thread receives signals in Python; elsewhere the guard does nothin
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
@@ -85,6 +87,11 @@ def uninterrupted() -> contextlib.AbstractContextManager[None]:
     return InterruptGuard().briefly()
 
 
+def _resend(pid: int) -> None:
+    time.sleep(0.02)  # after the hook has returned
+    os.kill(pid, signal.SIGINT)
+
+
 def redeliver_swallowed(unraisable: Any) -> None:
     """A ``sys.unraisablehook``: a Ctrl-C that CPython had to drop is sent again.
 
@@ -96,6 +103,8 @@ def redeliver_swallowed(unraisable: Any) -> None:
     """
     exc_type = getattr(unraisable, "exc_type", None)
     if isinstance(exc_type, type) and issubclass(exc_type, KeyboardInterrupt):
-        threading.Timer(0.01, os.kill, (os.getpid(), signal.SIGINT)).start()
+        # _thread, not threading: Thread.start() waits for the thread, and the resent
+        # SIGINT could land in that wait, inside this hook, and be dropped again.
+        _thread.start_new_thread(_resend, (os.getpid(),))
         return
     sys.__unraisablehook__(unraisable)
