@@ -8,7 +8,11 @@ must open, verify with no error (leftover arrays are warnings), have HEAD at the
 old or the new version, and accept the next command, after which it verifies clean.
 See tests/crashkit.py for the contract. POSIX only.
 
-    python benchmarks/crash.py [--trials 1000] [--seed 0] [--json out.json]
+    python benchmarks/crash.py [--trials 1000] [--seed 0] [--signal KILL|INT] [--json out.json]
+
+With ``--signal INT`` each writer is the CLI, interrupted with SIGINT (Ctrl-C): it must
+exit 130 with nothing committed, or 0 with its entry committed, and the next command
+(another verb) must leave no file that no entry names.
 
 Prints one line per failure (with its seed and trial, to reproduce) and a summary:
 trials, how many committed, stale-lock takeovers, corrupt ledgers, time per trial.
@@ -37,6 +41,10 @@ def main() -> int:
     parser.add_argument("--no-steps", action="store_true", help="Only random-moment kills.")
     parser.add_argument("--keep", action="store_true", help="Keep the ledgers of failed trials.")
     parser.add_argument("--json", type=Path, help="Also write the summary as JSON here.")
+    parser.add_argument(
+        "--signal", choices=("KILL", "INT"), default="KILL",
+        help="SIGKILL (a crash, the default) or SIGINT (Ctrl-C, through the CLI).",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -62,9 +70,11 @@ def main() -> int:
     for number, (kind, verb, index, step) in enumerate(plan, 1):
         work.mkdir(exist_ok=True)
         if kind == "step":
-            outcome = crashkit.step_trial(scenario, work, verb, index, step)
+            trial = crashkit.interrupt_step_trial if args.signal == "INT" else crashkit.step_trial
+            outcome = trial(scenario, work, verb, index, step)
         else:
-            outcome = crashkit.random_trial(scenario, work, verb, args.seed, index)
+            trial = crashkit.interrupt_random_trial if args.signal == "INT" else crashkit.random_trial
+            outcome = trial(scenario, work, verb, args.seed, index)
         outcomes.append(outcome)
         if outcome.errors:
             print(f"CORRUPT: {outcome.label}: {'; '.join(outcome.errors)}", flush=True)
@@ -86,6 +96,9 @@ def main() -> int:
     summary.update(
         {
             "seed": args.seed,
+            "signal": args.signal,
+            "exit_130": sum(o.exit_code == 130 for o in outcomes),
+            "exit_0": sum(o.exit_code == 0 for o in outcomes),
             "step_trials": sum(kind == "step" for kind, *_ in plan),
             "random_trials": sum(kind == "random" for kind, *_ in plan),
             "seconds_per_trial": elapsed / max(1, len(plan)),
@@ -93,7 +106,7 @@ def main() -> int:
         }
     )
     print(
-        f"{summary['trials']} trials ({summary['step_trials']} at protocol steps, "
+        f"SIG{args.signal}: {summary['trials']} trials ({summary['step_trials']} at protocol steps, "
         f"{summary['random_trials']} at random moments, seed {args.seed}): "
         f"{summary['committed']} committed, {summary['finished_before_kill']} finished before their kill, "
         f"{summary['stale_lock_takeovers']} stale locks taken over, "

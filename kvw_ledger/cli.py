@@ -16,17 +16,20 @@ import functools
 import io
 import json
 import os
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
 from kvw_ledger import views
 from kvw_ledger.devices import DEVICE_CHOICES, DTYPE_CHOICES
 from kvw_ledger.errors import ImageOnlyProcessorWarning, KVWLedgerError
+from kvw_ledger.interrupts import redeliver_swallowed
 from kvw_ledger.journal import Entry
 from kvw_ledger.reader import LedgerReader
 
@@ -91,7 +94,53 @@ class _Command(click.Command):
 
 
 class _Group(click.Group):
+    """The command group; Ctrl-C anywhere in a command exits 130, not click's 1 ("Aborted!").
+
+    A write interrupted before its journal entry has removed what it wrote; one
+    interrupted after it finishes first and never gets here (``Ledger._writing``).
+    """
+
     command_class = _Command
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        # A Ctrl-C before any context exists (click's own start-up) is turned into
+        # "Aborted!" and exit 1 inside click; note it, and exit 130 all the same.
+        seen: list[bool] = []
+
+        def note(signum: int, frame: Any) -> None:
+            seen.append(True)
+            signal.default_int_handler(signum, frame)
+
+        in_main = threading.current_thread() is threading.main_thread()
+        original = signal.getsignal(signal.SIGINT) if in_main else None
+        if original is signal.default_int_handler:
+            signal.signal(signal.SIGINT, note)
+        try:
+            return super().main(*args, **kwargs)
+        except KeyboardInterrupt:  # before click's own handling starts
+            click.echo("Error: interrupted (Ctrl-C); nothing was committed", err=True)
+            raise SystemExit(INTERRUPTED) from None
+        except SystemExit as e:
+            if seen and e.code == 1:
+                raise SystemExit(INTERRUPTED) from None
+            raise
+        finally:
+            # A write's guard may still hold Ctrl-C after its commit (hold_interrupts_after_commit):
+            # the command is over, so a caller in the same process (a test) gets its handler back.
+            if in_main:
+                signal.signal(signal.SIGINT, original)
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        try:
+            return super().make_context(*args, **kwargs)
+        except KeyboardInterrupt:
+            _interrupted()
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            _interrupted()
 
 
 def _writes(fn: F) -> F:
@@ -115,6 +164,14 @@ def _writes(fn: F) -> F:
     return JSON(_errors(wrapper))  # type: ignore[return-value]
 
 
+INTERRUPTED = 130  # the shell's exit status for a command ended by SIGINT (128 + 2)
+
+
+def _interrupted() -> NoReturn:
+    click.echo("Error: interrupted (Ctrl-C); nothing was committed", err=True)
+    raise click.exceptions.Exit(INTERRUPTED)
+
+
 def _open(path: str, check_root: bool = True) -> Ledger:
     from kvw_ledger.ledger import Ledger
 
@@ -127,6 +184,8 @@ def _open(path: str, check_root: bool = True) -> Ledger:
     if ledger.device_map is None and world is not None and world.backend == "nccl":
         ledger.device_map = {"": world.local_rank}  # one GPU per rank
     ledger.operator = _operator()
+    ledger.on_warning = lambda message: click.echo(f"Warning: {message}", err=True)
+    ledger.hold_interrupts_after_commit = True  # this process exits right after its write
     return ledger
 
 
@@ -287,6 +346,16 @@ def _limit_options(fn: F) -> F:
             help="Largest retain-probe NLL increase vs the base, nats/token (default 1.0).",
         ),
         click.option(
+            "--max-zeroed",
+            type=float,
+            help="Largest share of a site's value vectors scaled below --zero-floor (default 0.25).",
+        ),
+        click.option(
+            "--zero-floor",
+            type=float,
+            help="A vector scaled by a factor under this counts as zeroed (default 0.001).",
+        ),
+        click.option(
             "--on-fail",
             type=click.Choice(["abort", "warn"]),
             help="abort (default): commit nothing and exit 1; warn: commit and record the failure.",
@@ -303,15 +372,19 @@ def _limits(
     max_retain_drop: float | None,
     max_nll_increase: float | None,
     on_fail: Any,
+    max_zeroed: float | None = None,
+    zero_floor: float | None = None,
 ) -> StabilityLimits | None:
     """The ledger's limits with the ones given in their place; None when none is given."""
-    given = (max_attenuation, max_retain_drop, max_nll_increase, on_fail)
+    given = (max_attenuation, max_retain_drop, max_nll_increase, on_fail, max_zeroed, zero_floor)
     if all(v is None for v in given):
         return None
     return ledger.limits(
         max_attenuation=max_attenuation,
         max_retain_drop=max_retain_drop,
         max_nll_increase=max_nll_increase,
+        max_zeroed=max_zeroed,
+        zero_floor=zero_floor,
         on_fail=on_fail,
     )
 
@@ -338,6 +411,7 @@ def main(ctx: click.Context) -> None:
     other verbs run in one process.
     """
     warnings.showwarning = _show_warning
+    sys.unraisablehook = redeliver_swallowed  # a Ctrl-C dropped inside garbage collection is resent
     size = os.environ.get("WORLD_SIZE", "1")
     if ctx.invoked_subcommand not in _DATA_PARALLEL and size not in ("", "0", "1"):
         click.echo(
@@ -540,6 +614,8 @@ def forget(
     max_attenuation: float | None,
     max_retain_drop: float | None,
     max_nll_increase: float | None,
+    max_zeroed: float | None,
+    zero_floor: float | None,
     on_fail: str | None,
     model_dir: str | None,
     device: str,
@@ -566,7 +642,9 @@ def forget(
         reason=reason,
         config=config,
         retain_stats=retain_stats,
-        limits=_limits(opened, max_attenuation, max_retain_drop, max_nll_increase, on_fail),
+        limits=_limits(
+            opened, max_attenuation, max_retain_drop, max_nll_increase, on_fail, max_zeroed, zero_floor
+        ),
         forget_probe=forget_probe,
         model_dir=model_dir,
         progress=not quiet,
@@ -618,16 +696,21 @@ def log(ledger: str, as_json: bool) -> None:
       kvw-ledger log ledger/
       kvw-ledger log ledger/ --json | jq '.[-1].hash'
     """
-    entries = LedgerReader.open(ledger).entries()
+    opened = LedgerReader.open(ledger)
+    entries = opened.entries()
+    if as_json and opened.torn is not None:
+        raise opened.torn  # one JSON document: the error (`show N --json` reads what is readable)
     if as_json:
         _dump([views.entry_json(e) for e in entries])
-        return
-    for e in entries:
-        active = _active_list(e.body.get("active", []))
-        click.echo(
-            f"{e.version:>4}  {e.op:<8} {e.time}  {e.hash[:12]}  {e.operator or '-'}  "
-            f"{_summary(e)}  active: {active}"
-        )
+    else:
+        for e in entries:
+            active = _active_list(e.body.get("active", []))
+            click.echo(
+                f"{e.version:>4}  {e.op:<8} {e.time}  {e.hash[:12]}  {e.operator or '-'}  "
+                f"{_summary(e)}  active: {active}"
+            )
+    if opened.torn is not None:
+        raise opened.torn  # the versions before it are listed; the torn one is named
 
 
 def _active_list(active: list[str], shown: int = 8) -> str:
@@ -668,7 +751,7 @@ def show(ledger: str, ref: str, as_json: bool) -> None:
     def store() -> Any:  # a forget's per-site figures need the arrays, so zarr and torch
         return _open(ledger).store
 
-    shown = views.show(reader.entries(), ref, store)
+    shown = views.show(reader.entries(), ref, store, torn=reader.torn)
     if as_json:
         _dump(shown)
         return
@@ -700,10 +783,19 @@ def show(ledger: str, ref: str, as_json: bool) -> None:
             + (f"{'log-scale':>10}" if scaled else "")
         )
         for s in sites:
-            scale = f"{s['log_scale']:>10.4f}" if "log_scale" in s else ""
+            scale = _column(s["log_scale"]) if "log_scale" in s else ""
             click.echo(
-                f"{s['site']:<52}{s['weakened']:>10}{s['max']:>10.4f}{s['mean']:>10.4f}{scale}"
+                f"{s['site']:<52}{s['weakened']:>10}{_column(s['max'])}{_column(s['mean'])}{scale}"
             )
+
+
+def _column(value: float, width: int = 10) -> str:
+    """A number right-aligned in ``width`` characters with at least one space before it:
+    4 decimals while they fit, else 4 significant digits (2.929e+08)."""
+    text = f"{value:.4f}"
+    if len(text) >= width:
+        text = f"{value:.4g}"
+    return f"{text:>{width}}"
 
 
 def _warn_failed(entry: Entry) -> None:
@@ -782,6 +874,8 @@ def revert(
     max_attenuation: float | None,
     max_retain_drop: float | None,
     max_nll_increase: float | None,
+    max_zeroed: float | None,
+    zero_floor: float | None,
     on_fail: str | None,
     model_dir: str | None,
     device: str,
@@ -798,7 +892,9 @@ def revert(
     entry = opened.revert(
         request_id,
         reason=reason,
-        limits=_limits(opened, max_attenuation, max_retain_drop, max_nll_increase, on_fail),
+        limits=_limits(
+            opened, max_attenuation, max_retain_drop, max_nll_increase, on_fail, max_zeroed, zero_floor
+        ),
         model_dir=model_dir,
         progress=not quiet,
         device=device,
@@ -879,7 +975,10 @@ def verify(ledger: str, model_dir: str | None, no_model: bool, as_json: bool) ->
         _dump(report.to_json())
     else:
         for p in report.problems:
-            click.echo(f"{p.severity}: {p.path}: {p.message}", err=p.severity == "error")
+            # One form with every other message: "Error: ..." / "Warning: ...", the path
+            # once (a message that already names its file is not prefixed with it again).
+            text = p.message if p.path in p.message else f"{p.path}: {p.message}"
+            click.echo(f"{p.severity.capitalize()}: {text}", err=p.severity == "error")
         verdict = "ok" if report.ok else "FAILED"
         click.echo(
             f"{verdict}: {report.checked_entries} entries, {report.checked_arrays} arrays checked"
@@ -916,6 +1015,8 @@ def probe(
     max_attenuation: float | None,
     max_retain_drop: float | None,
     max_nll_increase: float | None,
+    max_zeroed: float | None,
+    zero_floor: float | None,
     on_fail: str | None,
     model_dir: str | None,
     device: str,
@@ -933,7 +1034,9 @@ def probe(
     entry = opened.probe(
         retain=retain_probe,
         general=general_probe,
-        limits=_limits(opened, max_attenuation, max_retain_drop, max_nll_increase, on_fail),
+        limits=_limits(
+            opened, max_attenuation, max_retain_drop, max_nll_increase, on_fail, max_zeroed, zero_floor
+        ),
         model_dir=model_dir,
         progress=not quiet,
         device=device,
@@ -981,6 +1084,8 @@ def rederive(
     max_attenuation: float | None,
     max_retain_drop: float | None,
     max_nll_increase: float | None,
+    max_zeroed: float | None,
+    zero_floor: float | None,
     on_fail: str | None,
     model_dir: str | None,
     device: str,
@@ -1009,7 +1114,9 @@ def rederive(
         stats_id,
         list(request_ids),
         exact=pairs,
-        limits=_limits(opened, max_attenuation, max_retain_drop, max_nll_increase, on_fail),
+        limits=_limits(
+            opened, max_attenuation, max_retain_drop, max_nll_increase, on_fail, max_zeroed, zero_floor
+        ),
         model_dir=model_dir,
         progress=not quiet,
         device=device,
@@ -1027,7 +1134,7 @@ def rederive(
 @main.command()
 @LEDGER
 @click.option(
-    "--reverted", is_flag=True, required=True, help="Delete the arrays of reverted requests."
+    "--reverted", is_flag=True, help="Delete the arrays of reverted requests (needed: the only garbage gc collects)."
 )
 @OPERATOR
 @_writes
@@ -1045,6 +1152,34 @@ def gc(ledger: str, reverted: bool) -> Entry:
         f"{len(deleted)} reverted request(s): {', '.join(deleted) or '-'}"
     )
     return entry
+
+
+@main.command()
+@LEDGER
+@JSON
+@_errors
+def repair(ledger: str, as_json: bool) -> None:
+    """Move a torn newest journal entry aside (into LEDGER/repair/), with a record of it.
+
+    Acts only when the newest entry file is not a valid entry; a valid one is never
+    touched, and any other damage is refused (exit 1). Run it after an error such as
+    "journal/00000007.json is not a valid journal entry".
+
+    \b
+    Example:
+      kvw-ledger repair ledger/
+      kvw-ledger repair ledger/ --json
+    """
+    record = _open(ledger).repair()
+    if as_json:
+        _dump(record)
+    elif not record["repaired"]:
+        click.echo(f"{record['message']} ({record['newest']}); nothing was changed")
+    else:
+        click.echo(f"moved {record['moved']} to {record['to']} (record.json beside it)")
+        for prefix in record["moved_arrays"]:
+            click.echo(f"moved {prefix} (no remaining entry names it) beside it")
+        click.echo(f"HEAD is version {record['head_after']}")
 
 
 @main.command()
@@ -1162,7 +1297,8 @@ def tune(
 ) -> None:
     """Sweep gamma and layer buckets on a staged copy (nothing is committed) and recommend one.
 
-    FORGET_VAL and RETAIN_VAL are JSONL files in the DATA format of forget.
+    FORGET_VAL and RETAIN_VAL are JSONL files in the DATA format of forget. Exits 1,
+    after the table, when no setting forgets anything within the retain limit.
 
     \b
     Example:
@@ -1196,6 +1332,8 @@ def tune(
     )
     if as_json:
         _dump(result)
+        if result["recommended"] is None:
+            sys.exit(1)
         return
     base = result["baseline"]
     click.echo(
@@ -1213,7 +1351,8 @@ def tune(
         )
     rec = result["recommended"]
     if rec is None:
-        click.echo("no setting keeps the retain drop within the limit")
+        click.echo(f"Error: nothing to recommend: {result['why_none']}", err=True)
+        sys.exit(1)
     else:
         click.echo(
             f"recommended: --gamma {rec['gamma']:g} --layers {rec['layers'][0]}:{rec['layers'][1]}"

@@ -73,6 +73,20 @@ class IntegrityError(KVWLedgerError, RuntimeError):
     exit_code = 1
 
 
+class TornEntryError(IntegrityError):
+    """The newest journal entry file is not a valid entry (truncated or altered).
+
+    ``valid`` holds the entries before it (None when not read): those versions can
+    still be read by number, and ``kvw-ledger repair`` moves the torn file aside.
+    """
+
+    def __init__(self, message: str, path: str, version: int, valid: list | None = None) -> None:  # type: ignore[type-arg]
+        super().__init__(message)
+        self.path = path
+        self.version = version
+        self.valid = valid
+
+
 class StabilityCheckError(KVWLedgerError, RuntimeError):
     """A staged step failed a stability check and was not committed."""
 

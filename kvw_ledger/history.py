@@ -145,6 +145,7 @@ def plot_history(rows: list[VersionRecord], path: str | Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     layers = sorted({layer for r in rows if r.attenuation for layer in r.attenuation})
@@ -165,6 +166,8 @@ def plot_history(rows: list[VersionRecord], path: str | Path) -> Path:
     right.set(title="probe accuracy", xlabel="version", ylim=(-0.05, 1.05))
     if kinds:
         right.legend(fontsize=8)
+    for axes in (left, right):  # versions are whole numbers: no 6.2, 6.4 between them
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     out = Path(path)
     fig.savefig(out, dpi=100)

@@ -33,6 +33,7 @@ from kvw_ledger.errors import (
     IntegrityError,
     LedgerNotFoundError,
     RefNotFoundError,
+    TornEntryError,
 )
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "default_operator",
     "format_time",
     "fsync_dir",
+    "hash_files",
     "hash_workers",
     "parse_entry",
     "sha256_file",
@@ -59,6 +61,7 @@ _OPTIONAL_KEYS = frozenset({"operator"})
 OPERATOR_ENV = "KVW_LEDGER_OPERATOR"
 _MAX_OPERATOR = 200
 _ENTRY_NAME = re.compile(r"\d{8,}\.json")
+_TEMP_NAME = re.compile(r"\.\d{8,}\.(\d+)\.[0-9a-f]+\.tmp")  # _install's, before its link
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 _TIME_PATTERN = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z")
@@ -384,13 +387,52 @@ class Journal:
             IntegrityError: an entry file is malformed, altered or missing from the numbering;
                 the message names the file.
         """
-        result = []
-        for scanned in self._scan():
+        result: list[Entry] = []
+        scanned_all = list(self._scan())
+        for i, scanned in enumerate(scanned_all):
             if scanned.error is not None:
+                if i == len(scanned_all) - 1 and scanned.entry is None and self._unparsable(scanned):
+                    raise self._torn(scanned.version, scanned.path, scanned.error, result)
                 raise scanned.error
             if scanned.entry is not None:
                 result.append(scanned.entry)
         return result
+
+    def readable(self) -> tuple[list[Entry], TornEntryError | None]:
+        """The entries, and None; or, when only the newest entry file is torn, the entries
+        before it and that file's error (older versions stay readable by number).
+
+        Raises:
+            IntegrityError: any other damage, or a torn version 1.
+        """
+        try:
+            return self.entries(), None
+        except TornEntryError as e:
+            if not e.valid:
+                raise
+            return list(e.valid), e
+
+    def _unparsable(self, scanned: _Scanned) -> bool:
+        """Whether the file itself fails to parse (not a gap or a bad name in the numbering)."""
+        return scanned.path.name == f"{scanned.version:08d}.json" and not any(
+            e is not None and p == scanned.path for _, p, e in self._versions()
+        )
+
+    def _torn(self, version: int, path: Path, error: IntegrityError, valid: list[Entry] | None) -> TornEntryError:
+        rel = f"journal/{path.name}"
+        if version == 1:
+            return TornEntryError(
+                f"{error}; it is version 1 (init), so nothing before it can be read: remove the "
+                "directory and run init again, or restore it from a backup",
+                rel, version, valid,
+            )
+        return TornEntryError(
+            f"{rel} is not a valid journal entry ({error}). It is the newest: versions "
+            f"1..{version - 1} can still be read by number, but HEAD is unknown and nothing can be "
+            f"written. Run `kvw-ledger repair {self.root}` to move it aside (into repair/), or "
+            "restore it from a backup",
+            rel, version, valid,
+        )
 
     def head(self) -> Entry | None:
         """Returns the newest entry, or None for an empty journal (reads only that file)."""
@@ -401,7 +443,10 @@ class Journal:
         if not listed:
             return None
         version, path, _ = listed[-1]
-        return self._read(version, path)
+        try:
+            return self._read(version, path)
+        except IntegrityError as e:
+            raise self._torn(version, path, e, None) from e
 
     def get(self, version: int) -> Entry:
         """Returns entry ``version``.
@@ -524,6 +569,21 @@ class Journal:
             tmp.unlink(missing_ok=True)
         fsync_dir(self.path)
 
+    def clean_temp(self) -> list[str]:
+        """Removes the temporary entry files of writers that died before their link (for the
+        writer-lock holder only); returns their names. A live process's file is kept."""
+        removed = []
+        try:
+            names = os.listdir(self.path)
+        except FileNotFoundError:
+            return []
+        for name in sorted(names):
+            match = _TEMP_NAME.fullmatch(name)
+            if match and not _alive(int(match.group(1))):
+                (self.path / name).unlink(missing_ok=True)
+                removed.append(name)
+        return removed
+
     def _check_parent(self, parent: Entry) -> None:
         path = self.entry_path(parent.version)
         try:
@@ -616,10 +676,27 @@ class Journal:
         return problems
 
 
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # ours, left by an append this process gave up on
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
 def hash_workers() -> int:
     """Threads for hashing many files: sha256 and the codecs release the GIL, so a
     verify of a large ledger uses the cores it has (at most 8)."""
     return max(1, min(8, os.cpu_count() or 1))
+
+
+def hash_files(root: Path, paths: set[str]) -> dict[str, str | OSError]:
+    """sha256 of each ledger-relative file, or the OSError reading it raised (on threads)."""
+    return _hash_files(root, paths)
 
 
 def _hash_files(root: Path, paths: set[str]) -> dict[str, str | OSError]:

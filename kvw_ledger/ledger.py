@@ -16,6 +16,7 @@ import contextlib
 import datetime as _dt
 import hashlib
 import json
+import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -39,15 +40,20 @@ from kvw_ledger.errors import (
     RequestStateError,
     StabilityCheckError,
     StorageError,
+    TornEntryError,
 )
 from kvw_ledger.export import export_model
 from kvw_ledger.fingerprint_cache import CACHE_NAME, FingerprintCache
+from kvw_ledger.interrupts import InterruptGuard
 from kvw_ledger.journal import (
     Entry,
     Journal,
     Problem,
+    canonical_json,
     check_operator,
     default_operator,
+    fsync_dir,
+    hash_files,
     hash_workers,
 )
 from kvw_ledger.kvw import (
@@ -70,7 +76,9 @@ from kvw_ledger.stability import (
     check_attenuation,
     check_exponents,
     check_log_scales,
+    check_zeroed,
     compare_probes,
+    overflowing,
     probe_metrics,
 )
 from kvw_ledger.store import HeadCache, Store, check_id
@@ -78,6 +86,7 @@ from kvw_ledger.store import HeadCache, Store, check_id
 __all__ = ["Ledger", "LedgerState", "RequestInfo", "VerifyReport"]
 
 EXPORT_FORMATS = ("safetensors", "peft")  # export: a full model directory, or a peft IA3 adapter
+_PER_WRITE_GROUPS = ("requests", "retain", "rederived", "probes")  # a write adds one child to one
 
 
 @dataclass(frozen=True)
@@ -303,8 +312,16 @@ class Ledger:
     # --- reading history ------------------------------------------------------------
 
     def entries(self) -> list[Entry]:
-        """Every journal entry, in version order."""
-        return self.journal.entries()
+        """Every journal entry, in version order.
+
+        When only the newest entry file is torn (not a valid entry), the entries before
+        it, with :attr:`torn` set: those versions stay readable by number, while HEAD and
+        every write refuse, naming the file (see :meth:`repair`).
+        """
+        entries, self.torn = self.journal.readable()
+        return entries
+
+    torn: TornEntryError | None = None  # set by entries() when the newest entry file is torn
 
     def head(self) -> Entry:
         """The newest entry."""
@@ -319,7 +336,7 @@ class Ledger:
         Raises:
             RefNotFoundError: the REF names nothing in this ledger.
         """
-        return refs.resolve(ref, list(entries) if entries is not None else self.entries())
+        return refs.resolve(ref, list(entries) if entries is not None else self.entries(), self.torn)
 
     def state(self, at: str | int = "HEAD") -> LedgerState:
         """Replays the journal up to ``at``."""
@@ -367,13 +384,16 @@ class Ledger:
         cache only, so its cost does not grow with the number of requests; any other
         REF, or a stale or damaged cache, replays the journal and sums the requests.
         """
-        head = self.head()
-        if refs.names_version(at, head.version):
+        try:
+            head: Entry | None = self.head()
+        except TornEntryError:
+            head = None  # older versions replay from the valid entries; HEAD refuses in resolve()
+        if head is not None and refs.names_version(at, head.version):
             cached = self._head_cache(head)
             if cached is not None:
                 return head.version, cached.exponents, cached.log_scales
         state = self.state(at)
-        if state.version == head.version and not refs.names_version(at, head.version):
+        if head is not None and state.version == head.version and not refs.names_version(at, head.version):
             cached = self._head_cache(head)  # a request id that names HEAD
             if cached is not None:
                 return state.version, cached.exponents, cached.log_scales
@@ -541,7 +561,9 @@ class Ledger:
                 f"({self.model_info.get('dir')}); pass that model directory, or create a new ledger"
             )
         cache = FingerprintCache.open(self.path / CACHE_NAME) if cached else None
-        model_files.check_fingerprint(directory, self.model_info["fingerprint"], progress, cache)
+        model_files.check_fingerprint(
+            directory, self.model_info["fingerprint"], progress, cache, init_dir=self.model_info.get("dir")
+        )
 
     # --- verbs that write -------------------------------------------------------------
 
@@ -571,10 +593,11 @@ class Ledger:
             entries = self.entries()[: write.head.version]
             version = self.resolve(at, entries)
             head = entries[-1]
-            stats_id = check_id(stats_id or f"retain-{head.version + 1}", "retain stats id")
+            stats_id = check_id(f"retain-{head.version + 1}" if stats_id is None else stats_id, "retain stats id")
             state = self.state(head.version)
             if stats_id in state.retain_stats:
                 raise BadInputError(f"retain stats {stats_id!r} already exist; choose another --id")
+            self._check_reads("retain", self.state(version))
             model, processor = self._load(model_dir, version, placement, progress)
             encoder = data.Encoder(processor, max_length(model))
             examples = data.encode_all(encoder, records)
@@ -655,7 +678,7 @@ class Ledger:
             head = write.head
             state = self.state(head.version)
             checked = self._limits(state, limits)  # bad limits fail before the forward passes
-            request_id = _check_request_id(request_id or f"request-{head.version + 1}")
+            request_id = _check_request_id(f"request-{head.version + 1}" if request_id is None else request_id)
             if request_id in state.requests:
                 raise BadInputError(f"request {request_id!r} already exists; choose another --id")
             stats_id = retain_stats or state.latest_retain
@@ -665,9 +688,18 @@ class Ledger:
                 )
             if stats_id not in state.retain_stats:
                 raise RefNotFoundError(f"retain stats {stats_id!r} do not exist in this ledger")
+            self._check_reads("forget", state, stats=stats_id)
             retain_means = {
                 s.name: self.store.read_array(f"retain/{stats_id}/{s.name}") for s in self.sites
             }
+            fingerprint = data.fingerprint(records)
+            same = [r for r in state.active if state.requests[r].body.get("data_fingerprint") == fingerprint]
+            if same and world.is_main:
+                self._warn(
+                    f"{data_path} holds the same records as active request {same[0]!r} "
+                    f"(data fingerprint {fingerprint[:12]}...); forgetting it again weakens the same "
+                    "vectors further. The match is recorded in the entry"
+                )
             model, processor = self._load(model_dir, head.version, placement, progress)
             encoder = data.Encoder(processor, max_length(model))
             examples = data.encode_all(encoder, records)
@@ -728,7 +760,8 @@ class Ledger:
                 "reason": reason,
                 "params": config.to_dict(),
                 "retain_stats": stats_id,
-                "data_fingerprint": data.fingerprint(records),
+                "data_fingerprint": fingerprint,
+                **({"same_data_as": same} if same else {}),
                 "records": len(records),
                 "batches": result.n_batches,
                 "tokens": result.n_tokens,
@@ -769,6 +802,7 @@ class Ledger:
             if request_id not in state.active:
                 raise RequestStateError(f"request {request_id!r} is already reverted")
             checked = self._limits(state, limits)
+            self._check_reads("revert", state)
             active = [r for r in state.active if r != request_id]
             staged = self._sum_exponents(state, active)
             staged_scales = self._sum_log_scales(state, active)
@@ -813,6 +847,7 @@ class Ledger:
             current = self._limits(state, None).to_dict()
             # Only the limits this changes are recorded: replay merges them over earlier ones.
             given = {k: v for k, v in (limits.to_dict() if limits else {}).items() if current[k] != v}
+            self._check_reads("probe", state)
             version = head.version + 1
             files: dict[str, str] = {}
             stored: dict[str, dict[str, Any]] = {}
@@ -1033,6 +1068,7 @@ class Ledger:
                     raise BadInputError(
                         f"request {request_id!r} has no C_f trace; pass --exact {request_id}=DATA.jsonl"
                     )
+            self._check_reads("rederive", state, stats=stats_id, traces=[r for r in ordered if r not in exact])
             retain_means = {s.name: self.store.read_array(f"retain/{stats_id}/{s.name}") for s in self.sites}
             exact_records = {r: self._exact_records(state, r, path) for r, path in exact.items()}
             new: dict[str, dict[str, torch.Tensor]] = {}
@@ -1140,6 +1176,7 @@ class Ledger:
             entries = self.entries()
             head = entries[-1]
             state = self.state(head.version)
+            self._check_reads("gc", state, base=False)  # its head refresh sums the active requests
             victims = sorted(r for r in state.reverted if r not in state.active and r not in state.deleted)
             prefixes = {r: _request_prefixes(r, entries) for r in [*victims, *state.deleted]}
             on_disk = self.store.files()
@@ -1181,6 +1218,78 @@ class Ledger:
                 # the weight's device, cast once into the weight's dtype.
                 base = self.base(site.name).to(weight.device)
                 weakened(base, exponents[site.name], site.axis, scales.get(site.name), out=weight)
+
+    # --- repair -----------------------------------------------------------------------
+
+    def repair(self) -> dict[str, Any]:
+        """Moves a torn newest journal entry aside, with a record of what was done.
+
+        Acts only when the newest entry file is not a valid entry: it goes, with the
+        arrays no remaining entry names (what that write added), into
+        ``repair/<time>-v<version>/`` beside a ``record.json``; the head cache is rebuilt
+        for the version before it. A valid newest entry is never touched.
+
+        Returns:
+            The record (``{"repaired": False, ...}`` when there was nothing to repair).
+
+        Raises:
+            IntegrityError: some other entry is damaged or missing, which repair never
+                changes; the message names it.
+            BadInputError: a URL ledger (repair its mirror's source by hand).
+        """
+        if self.remote is not None:
+            raise BadInputError(f"repair works on a ledger directory, not on {self.remote.url}")
+        with held_within(WriterLock(self.path, operation="repair", on_stale=self._on_stale), self.lock_timeout, self.on_wait):
+            try:
+                newest = self.journal.head()
+            except TornEntryError as e:
+                torn = e
+            else:
+                try:
+                    self.journal.entries()
+                except IntegrityError as e:
+                    raise IntegrityError(
+                        f"{e}. repair only moves a torn newest entry aside, and the newest "
+                        f"({f'journal/{newest.version:08d}.json' if newest else 'none'}) is valid: it "
+                        "changes nothing here. Restore the damaged entry from a backup "
+                        "(`kvw-ledger verify` lists the damage)"
+                    ) from e
+                return {"repaired": False, "newest": None if newest is None else f"journal/{newest.version:08d}.json",
+                        "message": "nothing to repair: the newest journal entry is valid"}
+            try:
+                self.journal.entries()
+            except TornEntryError as e:
+                if e.version != torn.version or e.valid is None:
+                    raise
+            if torn.version == 1:
+                raise torn
+            stamp = _utc_now().strftime("%Y%m%dT%H%M%SZ")
+            folder = self.path / "repair" / f"{stamp}-v{torn.version:08d}"
+            folder.mkdir(mode=0o700, parents=True)
+            source = self.path / torn.path
+            raw = source.read_bytes()
+            record: dict[str, Any] = {
+                "repaired": True,
+                "time": stamp,
+                "moved": torn.path,
+                "to": f"{folder.relative_to(self.path).as_posix()}/{source.name}",
+                "sha256": hashlib.sha256(raw).hexdigest(),
+                "bytes": len(raw),
+                "why": str(torn),
+                "head_after": torn.version - 1,
+            }
+            os.rename(source, folder / source.name)
+            fsync_dir(source.parent)
+            self.torn = None
+            unnamed = self._unnamed()  # what the torn entry's write added: kept, not deleted
+            for prefix in unnamed:
+                (folder / "files" / prefix).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                os.rename(self.path / prefix, folder / "files" / prefix)
+            record["moved_arrays"] = unnamed
+            (folder / "record.json").write_bytes(canonical_json(record))
+            fsync_dir(folder)
+            self._write_head(self.head())
+            return record
 
     # --- verification -----------------------------------------------------------------
 
@@ -1363,6 +1472,8 @@ class Ledger:
         max_attenuation: float | None = None,
         max_retain_drop: float | None = None,
         max_nll_increase: float | None = None,
+        max_zeroed: float | None = None,
+        zero_floor: float | None = None,
         on_fail: OnFail | None = None,
     ) -> StabilityLimits:
         """The ledger's stability limits at HEAD (the defaults, then those registered with
@@ -1378,6 +1489,8 @@ class Ledger:
             "max_attenuation": max_attenuation,
             "max_retain_drop": max_retain_drop,
             "max_nll_increase": max_nll_increase,
+            "max_zeroed": max_zeroed,
+            "zero_floor": zero_floor,
             "on_fail": on_fail,
         }
         state = self.state()
@@ -1392,6 +1505,61 @@ class Ledger:
         if unknown:
             raise BadInputError(f"unknown stability limit(s): {', '.join(sorted(unknown))}")
         return StabilityLimits(**state.limits)
+
+    def _check_reads(
+        self,
+        operation: str,
+        state: LedgerState,
+        *,
+        base: bool = True,
+        stats: str | None = None,
+        traces: Iterable[str] = (),
+    ) -> None:
+        """Refuses a write that would read or build on a damaged file.
+
+        Hashes exactly the files this write reads, each against the sha256 its journal
+        entry recorded: the base (when ``base``), the retain stats ``stats``, the
+        current arrays of the requests active at ``state`` (HEAD is their sum), the C_f
+        traces of ``traces``, the probe sets, and the sealed head cache. A full check
+        of everything is `verify`'s job; this one costs what the write reads anyway.
+
+        Raises:
+            IntegrityError: naming the first damaged file; nothing was written.
+        """
+        recorded: dict[str, tuple[str, int]] = {}
+        deleted: set[str] = set()
+        for entry in self.entries():
+            recorded.update({path: (digest, entry.version) for path, digest in entry.files.items()})
+            deleted.update(entry.body.get("deleted_files", []))
+        prefixes = ["base"] if base else []
+        if stats is not None:
+            prefixes.append(f"retain/{stats}")
+        for request_id in state.active:
+            prefixes.append(state.exponents.get(request_id, f"requests/{request_id}/exponent"))
+            if request_id in state.log_scales:
+                prefixes.append(state.log_scales[request_id])
+        prefixes += [state.traces[r] for r in traces if r in state.traces]
+        prefixes += [p["path"].rsplit("/", 1)[0] for p in state.probes.values()]
+        wanted = sorted(
+            path for path in recorded if path not in deleted and any(path.startswith(f"{x}/") for x in prefixes)
+        )
+        problems = [(path, why) for path, why in self.store.check_head()]
+        for path, actual in hash_files(self.path, set(wanted)).items():
+            expected, version = recorded[path]
+            if isinstance(actual, FileNotFoundError):
+                problems.append((path, f"is missing; journal/{version:08d}.json recorded it"))
+            elif isinstance(actual, OSError):
+                problems.append((path, f"cannot be read ({actual.strerror or actual})"))
+            elif actual != expected:
+                problems.append((path, f"has sha256 {actual[:12]}... but journal/{version:08d}.json recorded {expected[:12]}..."))
+        if problems:
+            path, why = sorted(problems)[0]
+            more = f" (and {len(problems) - 1} more damaged file(s))" if len(problems) > 1 else ""
+            raise IntegrityError(
+                f"{operation} refused: {path} {why}{more}; the ledger is damaged and {operation} "
+                f"would build on it. Nothing was written. Run `kvw-ledger verify {self.location}` "
+                "to list the damage, and restore the file from a backup"
+            )
 
     def _check_staged(
         self,
@@ -1413,6 +1581,12 @@ class Ledger:
         are measured as efficacy, never held to a limit.
         """
         report = StabilityReport()
+        bad = overflowing(staged)
+        if bad is not None:
+            raise StabilityCheckError(
+                f"the step was not committed: {bad}. Its strength is far too high (a lower --gamma, "
+                "fewer --epochs or narrower --layers); such a step is refused even with --on-fail warn"
+            )
         report.checks += check_exponents(staged)
         report.checks += check_log_scales(staged_scales or {})
         axes = {s.name: s.axis for s in self.sites}
@@ -1420,6 +1594,8 @@ class Ledger:
         checks, report.attenuation = check_attenuation(
             bases, staged, axes, limits.max_attenuation, staged_scales
         )
+        report.checks += checks
+        checks, _ = check_zeroed(staged, limits.max_zeroed, limits.zero_floor, staged_scales)
         report.checks += checks
         if state.probes or forget_records is not None:
             if model is None:
@@ -1446,9 +1622,31 @@ class Ledger:
     @contextlib.contextmanager
     def _writing(self, operation: str) -> Iterator[None]:
         """One write: under the local protocol, and for a URL ledger also under its lock,
-        after a pull, and followed by a push (see :mod:`kvw_ledger.remote`)."""
+        after a pull, and followed by a push (see :mod:`kvw_ledger.remote`).
+
+        Ctrl-C (SIGINT) before the commit point aborts the write, which leaves nothing
+        behind; from the commit point on it is held until the write has finished, so a
+        committed write always completes (see :mod:`kvw_ledger.interrupts`).
+        """
         if self.operator is None:
             default_operator()  # a bad $KVW_LEDGER_OPERATOR fails before any work, not at the commit
+        guard = InterruptGuard()
+        self._guard = guard
+        self._committed = None
+        try:
+            yield from self._writing_guarded(operation)
+        finally:
+            committed = self._committed
+            if committed is not None and guard.pending:
+                self._warn(
+                    f"interrupted after version {committed.version} was committed; the write was "
+                    "finished first"
+                )
+            if not (committed is not None and self.hold_interrupts_after_commit):
+                guard.end()
+            self._guard = None
+
+    def _writing_guarded(self, operation: str) -> Iterator[None]:
         remote = self.remote
         if remote is None:
             with self._writing_local(operation):
@@ -1474,17 +1672,24 @@ class Ledger:
 
         Anything a failed write claimed (see :meth:`_claim`) is removed again, and a
         storage failure (full disk, read-only directory) becomes a StorageError: the
-        ledger is left as it was.
+        ledger is left as it was. Before the write, what an interrupted or killed
+        writer left (scratch directories, arrays no entry names) is removed.
         """
+        guard = self._guard
         lock = WriterLock(self.path, operation=operation, on_stale=self._on_stale)
-        acquire_within(lock, self.lock_timeout, self.on_wait)
+        acquire_within(lock, self.lock_timeout, self.on_wait, guard)
         self._claimed = []
         self._committed = None
         self._base_cache = {}
         try:
+            self.journal.head()  # a torn newest entry: refuse (TornEntryError) before touching anything
             self.store.clean_temp()  # a crashed writer's scratch; the lock makes us the only writer
+            self.journal.clean_temp()
+            self._sweep_unnamed()
             yield
         except OSError as e:
+            if guard is not None:
+                guard.hold()  # the cleanup below is never cut short
             if not isinstance(e, KVWLedgerError):
                 self._release_claims()
                 done = self._committed
@@ -1500,9 +1705,13 @@ class Ledger:
             self._release_claims()
             raise
         except BaseException:
+            if guard is not None:
+                guard.hold()
             self._release_claims()
             raise
         finally:
+            if guard is not None:
+                guard.hold()
             self._claimed = []
             self._base_cache = None
             lock.release()
@@ -1550,6 +1759,10 @@ class Ledger:
     device_map: DeviceMap | None = None  # how load() places the model (accelerate); None: the CPU
     offload_folder: str | None = None  # where load() offloads layers mapped to "disk" (None: a temp dir)
     operator: str | None = None  # who this handle's writes name; None: journal.default_operator()
+    # The CLI sets this: a process that exits right after its write keeps holding Ctrl-C
+    # once the write has committed, so nothing can turn a committed write into exit 130.
+    hold_interrupts_after_commit: bool = False
+    _guard: InterruptGuard | None = None  # the current write's SIGINT guard
     remote: Remote | None = None  # set when the ledger lives at a URL; self.path is then its mirror
     on_wait: Callable[[str], None] | None = None
     _base_cache: dict[str, torch.Tensor] | None = None  # bases read during the current write
@@ -1567,19 +1780,58 @@ class Ledger:
                 self._remove_prefix(prefix)
 
     def _remove_prefix(self, prefix: str) -> None:
-        if prefix.startswith("probes/"):
-            shutil.rmtree(self.path / prefix, ignore_errors=True)
-        elif self.store.list_arrays(prefix):
-            self.store.delete(prefix)
+        # The whole subtree, groups included: a write interrupted after creating the
+        # groups but before its first array has left only group zarr.json files.
+        if (self.path / prefix).exists():
+            self.store.discard(prefix)
+
+    def _sweep_unnamed(self) -> list[str]:
+        """Removes what no journal entry names under the per-write groups (requests/,
+        retain/, rederived/, probes/): the leftovers of an interrupted or killed writer,
+        whatever verb it ran. Returns the ledger-relative paths removed."""
+        removed = self._unnamed()
+        for prefix in removed:
+            self.store.discard(prefix)
+        return removed
+
+    def _unnamed(self) -> list[str]:
+        """The children of the per-write groups (or whole groups) that no entry names."""
+        named: set[str] = set()
+        for entry in self.entries():
+            named.update(entry.files)
+            named.update(entry.body.get("deleted_files", []))  # gc's tombstones: gc sweeps them
+        owners = {"/".join(path.split("/")[:2]) for path in named}
+        found = []
+        for group in _PER_WRITE_GROUPS:
+            top = self.path / group
+            if not top.is_dir():
+                continue
+            children = []
+            for child in sorted(os.listdir(top)):
+                prefix = f"{group}/{child}"
+                if not (prefix in owners or (child == "zarr.json" and prefix in named)):
+                    children.append(prefix)
+            found += [group] if len(children) == len(os.listdir(top)) else children
+        return found
 
     on_stale: Callable[[str], None] | None = None
+    on_warning: Callable[[str], None] | None = None  # told what a verb noticed but went on with
 
     def _on_stale(self, message: str) -> None:
         if self.on_stale is not None:
             self.on_stale(message)
 
+    def _warn(self, message: str) -> None:
+        if self.on_warning is not None:
+            self.on_warning(message)
+
     def _commit(self, op: str, body: dict[str, Any], files: dict[str, str], *, parent: Entry) -> Entry:
-        """Appends the journal entry: the commit point. Claimed arrays now belong to it."""
+        """Appends the journal entry: the commit point. Claimed arrays now belong to it.
+
+        From here to the end of the write, Ctrl-C is held (see :meth:`_writing`).
+        """
+        if self._guard is not None:
+            self._guard.hold()
         entry = self.journal.append(op, body, files, parent=parent, operator=self.operator)
         self._claimed = []
         self._committed = entry

@@ -22,6 +22,7 @@ from pathlib import Path
 from types import TracebackType
 
 from kvw_ledger.errors import LedgerLockedError, LedgerNotFoundError, StorageError
+from kvw_ledger.interrupts import InterruptGuard
 from kvw_ledger.journal import canonical_json, format_time, fsync_dir, utc_now
 
 __all__ = ["WriterLock", "acquire_within", "held_within"]
@@ -264,17 +265,26 @@ class WriterLock:
 
 
 def acquire_within(
-    lock: WriterLock, timeout: float, on_wait: Callable[[str], None] | None = None
+    lock: WriterLock,
+    timeout: float,
+    on_wait: Callable[[str], None] | None = None,
+    guard: InterruptGuard | None = None,
 ) -> None:
     """Takes ``lock``, retrying for up to ``timeout`` seconds while another writer holds it.
 
-    ``on_wait`` is told once, the first time the lock is found held.
+    ``on_wait`` is told once, the first time the lock is found held. With a ``guard``,
+    Ctrl-C is held over each attempt (never over the wait between attempts), so an
+    interrupt never leaves a lock or a half-made lock file behind.
     """
     deadline = time.monotonic() + timeout
     told = False
     while True:
         try:
-            lock.acquire()
+            if guard is None:
+                lock.acquire()
+                return
+            with guard.briefly(undo=lock.release):
+                lock.acquire()
             return
         except LedgerLockedError as e:
             if time.monotonic() >= deadline:

@@ -205,10 +205,14 @@ def check_fingerprint(
     recorded: Mapping[str, Any],
     progress: bool = True,
     cache: FingerprintCache | None = None,
+    *,
+    init_dir: str | Path | None = None,
 ) -> None:
     """Check that ``model_dir`` is the model whose fingerprint was recorded.
 
     Files that ``cache`` trusts are not read again; without one, every file is hashed.
+    ``init_dir`` is the directory the fingerprint was taken from: when ``model_dir``
+    is that directory, a differing file was changed in place, and the message says so.
 
     Raises:
         ModelMismatchError: naming the first file (in name order) that differs,
@@ -218,8 +222,12 @@ def check_fingerprint(
     rec_files = recorded.get("files")
     if not isinstance(rec_files, Mapping):
         raise BadInputError(f"recorded model fingerprint has no 'files' mapping: {recorded!r}")
+    in_place = init_dir is not None and Path(init_dir).resolve() == path.resolve()
     advice = (
-        "The ledger was created from another model: pass the model directory given to `init`, "
+        "This is the directory init read, modified in place since: restore its files, or create "
+        "a new ledger for the new weights."
+        if in_place
+        else "The ledger was created from another model: pass the model directory given to `init`, "
         "or create a new ledger."
     )
     # Compare the cheap file lists before hashing gigabytes.
@@ -234,6 +242,11 @@ def check_fingerprint(
              CONFIG_NAME: (current["config"], recorded.get("config"))}
     for name in sorted(pairs):
         now, then = pairs[name]
+        if now != then and in_place:
+            raise ModelMismatchError(
+                f"{path}: {name} changed since init (sha256 {now[:12]}..., recorded "
+                f"{str(then)[:12]}...). {advice}"
+            )
         if now != then:
             raise ModelMismatchError(
                 f"{path}: {name} differs (sha256 {now[:12]}..., recorded {str(then)[:12]}...). "

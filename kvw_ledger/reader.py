@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvw_ledger import refs
-from kvw_ledger.errors import IntegrityError, LedgerNotFoundError, RefNotFoundError
+from kvw_ledger.errors import IntegrityError, LedgerNotFoundError, RefNotFoundError, TornEntryError
 from kvw_ledger.journal import Entry, Journal, sha256_file
 from kvw_ledger.root import read_root_attrs
 
@@ -35,6 +35,7 @@ class LedgerReader:
     journal: Journal
     attrs: dict[str, Any]  # the root zarr.json's attributes, format version checked
     remote: Remote | None = None  # set when the ledger lives at a URL
+    torn: TornEntryError | None = None  # set by entries() when the newest entry file is torn
 
     @classmethod
     def open(
@@ -74,13 +75,15 @@ class LedgerReader:
         return cls(path, journal, attrs, remote)
 
     def entries(self) -> list[Entry]:
-        """Every journal entry, in version order."""
-        return self.journal.entries()
+        """Every journal entry, in version order; with a torn newest entry file, the
+        entries before it, and :attr:`torn` set (see :meth:`Journal.readable`)."""
+        entries, self.torn = self.journal.readable()
+        return entries
 
     def entry(self, ref: str | int) -> Entry:
         """The entry of the version ``ref`` names (see :mod:`kvw_ledger.refs`)."""
         entries = self.entries()
-        return entries[refs.resolve(ref, entries) - 1]
+        return entries[refs.resolve(ref, entries, self.torn) - 1]
 
 
 def check_root_attrs(path: Path, journal: Journal) -> None:

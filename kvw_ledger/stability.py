@@ -36,9 +36,15 @@ class StabilityLimits:
     max_nll_increase: float = (
         1.0  # retain-probe answer NLL gained vs the base (nats per answer token)
     )
+    max_zeroed: float = 0.25  # share of a site's value vectors allowed below zero_floor, 0..1
+    zero_floor: float = 1e-3  # a vector scaled by a factor under this counts as zeroed
     on_fail: OnFail = "abort"  # abort: commit nothing; warn: commit and record the failure
 
     def __post_init__(self) -> None:
+        if not 0 <= self.max_zeroed <= 1:
+            raise BadInputError(f"--max-zeroed must be in [0, 1], not {self.max_zeroed}")
+        if not 0 < self.zero_floor < 1:
+            raise BadInputError(f"--zero-floor must be in (0, 1), not {self.zero_floor}")
         if not 0 < self.max_attenuation <= 1:
             raise BadInputError(f"--max-attenuation must be in (0, 1], not {self.max_attenuation}")
         if not 0 <= self.max_retain_drop <= 1:
@@ -108,6 +114,56 @@ def check_exponents(exponents: Mapping[str, torch.Tensor]) -> list[Check]:
             Check(f"numbers {name}", bad == 0, float(bad), 0.0, "non-finite or negative exponents")
         )
     return checks
+
+
+# Exponents past this are float32 overflow in waiting: sums of them (the head, a
+# rederive's running total) reach inf, and inf - inf is NaN. A large exponent below it
+# (the demo's reach 110) only zeroes its vector, which check_zeroed limits.
+MAX_EXPONENT = 1e30
+
+
+def overflowing(exponents: Mapping[str, torch.Tensor]) -> str | None:
+    """Says which site's exponents are NaN, infinite or beyond :data:`MAX_EXPONENT`, or None.
+
+    Such a step is refused whatever ``on_fail`` says: it is not a weakening any more.
+    """
+    for name, w in exponents.items():
+        finite = torch.isfinite(w)
+        if not bool(finite.all()):
+            return f"{name} has {int((~finite).sum())} non-finite exponent(s)"
+        top = float(w.max()) if w.numel() else 0.0
+        if top > MAX_EXPONENT:
+            count = int((w > MAX_EXPONENT).sum())
+            return (
+                f"{name} has {count} exponent(s) above {MAX_EXPONENT:g} (largest {top:.4g}), "
+                "where float32 sums of exponents overflow"
+            )
+    return None
+
+
+def check_zeroed(
+    exponents: Mapping[str, torch.Tensor],
+    limit: float,
+    floor: float,
+    log_scales: Mapping[str, torch.Tensor] | None = None,
+) -> tuple[list[Check], dict[str, float]]:
+    """Per site, the share of value vectors whose factor ``exp(s - w)`` is under ``floor``.
+
+    The Frobenius budget can miss a step that wipes out many vectors of small norm
+    (or leaves a few large ones), so effectively-zeroed vectors are counted as such.
+    """
+    scales = log_scales or {}
+    log_floor = math.log(floor)
+    shares = {}
+    for name, w in exponents.items():
+        s = scales.get(name)
+        log_factor = -w if s is None else s.reshape(()) - w  # (n_vectors,)
+        shares[name] = float((log_factor < log_floor).float().mean()) if w.numel() else 0.0
+    checks = [
+        Check(f"zeroed {name}", share <= limit, share, limit, f"share of vectors scaled below {floor:g}")
+        for name, share in shares.items()
+    ]
+    return checks, shares
 
 
 def check_log_scales(log_scales: Mapping[str, torch.Tensor]) -> list[Check]:

@@ -51,6 +51,7 @@ from kvw_ledger.errors import (
     RefNotFoundError,
 )
 from kvw_ledger.fingerprint_cache import CACHE_NAME
+from kvw_ledger.interrupts import uninterrupted
 from kvw_ledger.root import FORMAT_VERSION, read_root_attrs
 from kvw_ledger.root import read_zarr_meta as _read_meta
 
@@ -74,9 +75,9 @@ _SITE_RE = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
 # ``<name>.<uuid4 hex>.partial`` files zarr's LocalStore writes before renaming.
 _TEMP_ROOT_RE = re.compile(r"[a-z]+\.(?:tmp|old)-[A-Za-z0-9_-]+")
 _PARTIAL_RE = re.compile(r".*\.[0-9a-f]{32}\.partial")
-# Owned by journal.py and lock.py, and the model fingerprint cache (never hashed, never
-# named by an entry: see fingerprint_cache.py).
-_NOT_OURS = frozenset({"journal", "lock", CACHE_NAME})
+# Owned by journal.py and lock.py, the model fingerprint cache (never hashed, never
+# named by an entry: see fingerprint_cache.py), and repair/ (Ledger.repair's quarantine).
+_NOT_OURS = frozenset({"journal", "lock", CACHE_NAME, "repair"})
 
 # Which path components follow each top-level group: "id", "site", or a set of
 # literal names.
@@ -146,6 +147,11 @@ def check_id(value: str, what: str = "request id") -> str:
         BadInputError: naming the id, if it is not 1-128 of ``A-Za-z0-9._-``
             starting with a letter or digit.
     """
+    if isinstance(value, str) and not value.strip():
+        raise BadInputError(
+            f"the {what} {value!r} is empty or blank; give --id a name such as req-1, "
+            "or leave --id out for the default"
+        )
     if not isinstance(value, str) or not _ID_RE.fullmatch(value):
         raise BadInputError(
             f"bad {what} {value!r}: use 1-128 characters from A-Z a-z 0-9 . _ -, "
@@ -274,8 +280,9 @@ class Store:
         with _owner_only():
             tmp = self._scratch("array.tmp")
             try:
-                _write_zarr_array(tmp, tensor, attrs)
-                self._ensure_groups(name.rsplit("/", 1)[0])
+                with uninterrupted():  # zarr's event loop, interrupted while made, prints a traceback
+                    _write_zarr_array(tmp, tensor, attrs)
+                    self._ensure_groups(name.rsplit("/", 1)[0])
                 self._swap_in(tmp, final)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -354,6 +361,24 @@ class Store:
         shutil.rmtree(trash)
         return removed
 
+    def discard(self, rel: str) -> None:
+        """Remove the file or subtree ``rel`` (ledger-relative, not the journal's), whatever
+        it holds: what an interrupted writer left. Renamed away first, as :meth:`delete`."""
+        parts = rel.split("/")
+        if not rel or parts[0] in _NOT_OURS or any(p in ("", ".", "..") for p in parts):
+            raise BadInputError(f"refusing to discard {rel!r}; name a path inside the ledger's arrays")
+        target = self.path / rel
+        if not target.exists():
+            return
+        trash = self.path / f"trash.old-{secrets.token_hex(8)}"
+        os.rename(target, trash)
+        _fsync(target.parent)
+        _fsync(self.path)
+        if trash.is_dir():
+            shutil.rmtree(trash)
+        else:
+            trash.unlink()
+
     def clean_temp(self) -> list[str]:
         """Remove crash leftovers (temp dirs, ``*.partial`` files); return their paths."""
         removed: list[str] = []
@@ -411,9 +436,10 @@ class Store:
         with _owner_only():
             tmp = self._scratch("head.tmp")
             try:
-                for site, t in tensors.items():
-                    extra = {"log_scale": scales[site]} if site in scales else None
-                    _write_zarr_array(tmp / site, t, extra)
+                with uninterrupted():
+                    for site, t in tensors.items():
+                        extra = {"log_scale": scales[site]} if site in scales else None
+                        _write_zarr_array(tmp / site, t, extra)
                 # The head is named by no journal entry, so it seals itself: its group
                 # zarr.json lists every file's sha256 and hashes its own content.
                 files = {

@@ -40,9 +40,22 @@ class TuneRow:
 
 
 def recommend(rows: Sequence[TuneRow]) -> TuneRow | None:
-    """The largest forget drop among rows within the retain limit; ties go to the smaller gamma."""
-    eligible = [r for r in rows if r.within_limit]
+    """The largest forget drop among rows within the retain limit; ties go to the smaller gamma.
+
+    A row that forgets nothing (a forget drop of 0 or less) is never recommended.
+    """
+    eligible = [r for r in rows if r.within_limit and r.forget_drop > 0]
     return max(eligible, key=lambda r: (r.forget_drop, -r.gamma), default=None)
+
+
+def _why_none(rows: Sequence[TuneRow]) -> str:
+    """Says why :func:`recommend` found nothing to recommend."""
+    if not any(r.forget_drop > 0 for r in rows):
+        return (
+            "no setting forgets: every forget drop is 0 or less. Try larger --gammas, other "
+            "--layer-buckets or more --epochs"
+        )
+    return "no setting that forgets keeps the retain drop within the limit"
 
 
 def parse_list(text: str, what: str) -> list[str]:
@@ -83,7 +96,10 @@ def tune(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
 ) -> dict[str, Any]:
-    """Runs the sweep and returns {"baseline", "rows", "recommended", "limit", "rescale"}.
+    """Runs the sweep and returns {"baseline", "rows", "recommended", "why_none", "limit", "rescale"}.
+
+    ``recommended`` is None (and ``why_none`` says why) when no setting forgets
+    anything within the limit.
 
     With ``rescale`` every point restores each weakened site's Frobenius norm, as
     ``forget --rescale`` would. ``device`` and ``dtype`` place the model as
@@ -157,6 +173,7 @@ def tune(
         )
     best = recommend(rows)
     return {
+        "why_none": None if best is not None else _why_none(rows),
         "baseline": baseline,
         "limit": limit,
         "rescale": rescale,

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from kvw_ledger import refs
+from kvw_ledger.errors import TornEntryError
 from kvw_ledger.journal import Entry
 
 if TYPE_CHECKING:
@@ -44,7 +45,9 @@ def written_json(entry: Entry) -> dict[str, Any]:
     return {**entry_json(entry), "stability": entry.body.get("stability")}
 
 
-def show(entries: Sequence[Entry], ref: str | int, store: Callable[[], Store]) -> dict[str, Any]:
+def show(
+    entries: Sequence[Entry], ref: str | int, store: Callable[[], Store], *, torn: TornEntryError | None = None
+) -> dict[str, Any]:
     """Version ``ref`` among ``entries``: its entry (as :func:`entry_json`), the files it
     added, and for a forget, per site what its request weakened (see :func:`request_sites`)
     and the ``audits`` recorded of its request (version, hash, time, operator, audited version).
@@ -52,7 +55,7 @@ def show(entries: Sequence[Entry], ref: str | int, store: Callable[[], Store]) -
     ``store`` opens the array store; it is called for a forget only, so showing any
     other entry reads the journal alone.
     """
-    entry = entries[refs.resolve(ref, entries) - 1]
+    entry = entries[refs.resolve(ref, entries, torn) - 1]
     sites = request_sites(store(), entry) if entry.op == "forget" else []
     shown = {**entry_json(entry), "files": entry.files, "sites": sites}
     if entry.op == "forget":  # the audits of this request, however much later they came

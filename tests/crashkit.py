@@ -12,6 +12,12 @@ kill, :func:`check_after_crash` holds the ledger to the crash contract:
 - the next command succeeds (the same verb again if it did not commit, else a
   revert or gc), taking over the dead writer's lock, and the ledger verifies clean.
 
+The same trials can send SIGINT (Ctrl-C) instead (``interrupt_step_trial``,
+``interrupt_random_trial``): the child then runs the verb through the CLI, and
+:func:`check_after_interrupt` holds it to the interrupt contract: exit 130 and
+nothing committed, or exit 0 and committed; and after the next command (another
+verb) no file is left that no entry names.
+
 Used by tests/test_reliability.py and benchmarks/crash.py. POSIX only (fork).
 """
 
@@ -35,6 +41,7 @@ import tiny
 import torch
 from tqdm import std as tqdm_std
 
+from kvw_ledger import cli
 from kvw_ledger import journal as journal_module
 from kvw_ledger import lock as lock_module
 from kvw_ledger import store as store_module
@@ -158,20 +165,26 @@ def _time_in_child(scenario: Scenario, verb: str) -> float:
     return elapsed
 
 
-def _fork(body: Callable[[], None], path: Path) -> int:
-    """Forks a child that runs ``body`` and exits 0, or 1 writing its traceback beside ``path``."""
+def _fork(body: Callable[[], int | None], path: Path, interruptible: bool = False) -> int:
+    """Forks a child that runs ``body`` and exits with the code it returns (0 for None), or 1
+    writing its traceback beside ``path``. An ``interruptible`` child turns SIGINT into
+    KeyboardInterrupt, as a command line process does, and exits 130 on one that escapes."""
     pid = os.fork()
     if pid:
         return pid
     code = 1
     try:
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler if interruptible else signal.SIG_DFL)
         # The parent's OpenMP threads do not exist here: a parallel region would wait
         # for them forever. One thread runs every torch op inline.
         torch.set_num_threads(1)
         _private_tqdm_lock()
-        body()
-        code = 0
+        code = body() or 0
+    except KeyboardInterrupt:
+        code = cli.INTERRUPTED if interruptible else 1  # as Python exits on an uncaught one
+        if not interruptible:
+            with contextlib.suppress(BaseException):
+                (path.parent / (path.name + ".err")).write_text(traceback.format_exc())
     except BaseException:
         with contextlib.suppress(BaseException):
             (path.parent / (path.name + ".err")).write_text(traceback.format_exc())
@@ -215,17 +228,19 @@ def wait(pid: int, timeout: float = CHILD_TIMEOUT) -> int:
 
 
 class _Steps:
-    """Counts the protocol steps a child takes; SIGKILLs itself at step ``kill_at``."""
+    """Counts the protocol steps a child takes; sends itself ``signum`` (SIGKILL, or SIGINT)
+    at step ``kill_at``."""
 
-    def __init__(self, ledger: Path, kill_at: int | None) -> None:
+    def __init__(self, ledger: Path, kill_at: int | None, signum: int = signal.SIGKILL) -> None:
         self.ledger = str(ledger)
         self.kill_at = kill_at
+        self.signum = signum
         self.names: list[str] = []
 
     def step(self, name: str) -> None:
         self.names.append(name)
         if self.kill_at is not None and len(self.names) - 1 == self.kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), self.signum)
 
     def wrap(
         self, name: str, fn: Callable[..., Any], only_ledger_paths: bool = False
@@ -319,13 +334,128 @@ def _exit_code(status: int) -> int | None:
     return None if os.WIFSIGNALED(status) else os.waitstatus_to_exitcode(status)
 
 
+# --- Ctrl-C: SIGINT at an exact step or a random moment -------------------------------------
+
+
+def cli_args(scenario: Scenario, path: Path, verb: str) -> list[str]:
+    """The command line that does what :func:`run_verb` does."""
+    if verb == "forget":
+        return ["forget", str(path), str(scenario.forget_c), "--id", "C", "--gamma", "0.5", "-q"]
+    if verb == "revert":
+        return ["revert", str(path), "B", "-q"]
+    if verb == "rederive":
+        return ["rederive", str(path), "--retain-stats", "r2", "-q"]
+    if verb == "gc":
+        return ["gc", str(path), "--reverted"]
+    raise ValueError(f"unknown verb {verb!r}")
+
+
+def run_cli(args: list[str], path: Path) -> int:
+    """Runs the CLI in this (child) process, its output beside ``path``; returns its exit code."""
+    out = os.open(path.parent / (path.name + ".out"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    try:
+        cli.main(args, prog_name="kvw-ledger")
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return 0
+
+
+def interrupt_step_trial(scenario: Scenario, workdir: Path, verb: str, index: int, step: str) -> Outcome:
+    """Sends SIGINT to the CLI child at protocol step ``index`` of ``verb``, then checks."""
+    path = workdir / f"{verb}-int-step{index}"
+    shutil.copytree(scenario.prepared, path)
+    before = Ledger.open(path).head().version
+
+    def body() -> int:
+        with _Steps(path, index, signal.SIGINT).installed():
+            return run_cli(cli_args(scenario, path, verb), path)
+
+    pid = _fork(body, path, interruptible=True)
+    status = wait(pid)
+    label = f"{verb} interrupted at step {index} ({step})"
+    return check_after_interrupt(scenario, path, verb, before, label, _exit_code(status))
+
+
+def interrupt_random_trial(scenario: Scenario, workdir: Path, verb: str, seed: int, trial: int) -> Outcome:
+    """Sends SIGINT to the CLI child after a seeded random delay in [0, 1.2 x the verb's duration]."""
+    rng = random.Random(f"int/{seed}/{verb}/{trial}")
+    delay = rng.uniform(0.0, 1.2 * scenario.durations[verb])
+    path = workdir / f"{verb}-int-{trial}"
+    shutil.copytree(scenario.prepared, path)
+    before = Ledger.open(path).head().version
+    pid = _fork(lambda: run_cli(cli_args(scenario, path, verb), path), path, interruptible=True)
+    time.sleep(delay)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGINT)
+    status = wait(pid)
+    label = f"seed {seed} {verb} trial {trial} (interrupted after {delay * 1000:.0f} ms)"
+    return check_after_interrupt(scenario, path, verb, before, label, _exit_code(status))
+
+
+def check_after_interrupt(
+    scenario: Scenario, path: Path, verb: str, before: int, label: str, exit_code: int | None
+) -> Outcome:
+    """The interrupt contract: exit 130 with nothing committed, or exit 0 with the entry
+    committed; then the crash contract, the next command being another verb."""
+    outcome = Outcome(label, committed=False, exit_code=exit_code)
+    output = path.parent / (path.name + ".out")
+    said = output.read_text(errors="replace") if output.exists() else ""
+    if exit_code not in (0, cli.INTERRUPTED):
+        err = path.parent / (path.name + ".err")
+        outcome.errors.append(
+            f"exit {exit_code}, not 0 or {cli.INTERRUPTED}: {said} {err.read_text() if err.exists() else ''}"
+        )
+        return outcome
+    if "Traceback" in said:
+        outcome.errors.append(f"the command printed a traceback: {said}")
+    checked = check_after_crash(scenario, path, verb, before, label, 0 if exit_code == 0 else None,
+                                next_verb="other")
+    checked.exit_code = exit_code
+    if exit_code == cli.INTERRUPTED and checked.committed:
+        checked.errors.append(f"exit {cli.INTERRUPTED} although version {before + 1} was committed")
+    if exit_code == 0 and "Error" in said:
+        checked.errors.append(f"exit 0 with an error message: {said}")
+    checked.errors[:0] = outcome.errors
+    return checked
+
+
+def stray_files(path: Path) -> list[str]:
+    """Files under the ledger that no entry names and no part of the format owns: verify's
+    leftover warnings, plus scratch (temp directories, ``*.partial``, unfinished journal or
+    lock files) that verify does not list."""
+    report = Ledger.open(path).verify(check_model=False)
+    strays = [p.path for p in report.problems if p.severity != "error"]
+    for p in sorted(path.rglob("*")):
+        rel = p.relative_to(path).as_posix()
+        name = p.name
+        if (
+            (p.parent == path and (".tmp-" in name or ".old-" in name))
+            or name.endswith((".partial", ".tmp"))
+        ):
+            strays.append(rel)
+    return strays
+
+
 # --- the contract -------------------------------------------------------------------------
 
 
 def check_after_crash(
-    scenario: Scenario, path: Path, verb: str, before: int, label: str, exit_code: int | None
+    scenario: Scenario,
+    path: Path,
+    verb: str,
+    before: int,
+    label: str,
+    exit_code: int | None,
+    next_verb: str = "same",
 ) -> Outcome:
-    """Holds a ledger whose writer was killed to the crash contract (see the module doc)."""
+    """Holds a ledger whose writer was killed to the crash contract (see the module doc).
+
+    ``next_verb`` "other" makes the next command after an uncommitted write another
+    verb (``probe``, setting a limit), which must clean up what the dead writer left
+    just the same.
+    """
     outcome = Outcome(label, committed=False, exit_code=exit_code)
     if exit_code not in (None, 0):
         err = path.parent / (path.name + ".err")
@@ -360,8 +490,10 @@ def check_after_crash(
     locked = (path / "lock").exists()
     ledger.lock_timeout = 5.0
     try:
-        if not outcome.committed:
+        if not outcome.committed and next_verb == "same":
             run_verb_on(ledger, scenario, verb)
+        elif not outcome.committed:
+            ledger.probe(limits=ledger.limits(max_attenuation=0.95), progress=False)
         else:
             active = ledger.state().active
             if active:
@@ -383,11 +515,7 @@ def check_after_crash(
         for p in report.problems
         if p.severity == "error"
     ]
-    outcome.leftovers += [
-        f"after the next command: {p.path}: {p.message}"
-        for p in report.problems
-        if p.severity != "error"
-    ]
+    outcome.leftovers += [f"after the next command: stray file {f}" for f in stray_files(path)]
     expected = before + 2 if outcome.committed else before + 1
     if after.head().version != expected:
         outcome.errors.append(

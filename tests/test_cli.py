@@ -383,7 +383,7 @@ def test_tamper_root_attributes_fails_verify(env: Env, tmp_path: Path) -> None:
     root = ledger / "zarr.json"
     root.write_text(root.read_text().replace('"n_vectors": 32', '"n_vectors": 33', 1))
     result = run("verify", ledger, code=1)
-    assert result.output.splitlines()[0].startswith("error: zarr.json: has sha256 ")
+    assert result.output.splitlines()[0].startswith("Error: zarr.json: has sha256 ")
     root.write_text(root.read_text().replace('"name"', '"nAme"', 1))
     result = run("verify", ledger, code=1)
     assert result.output.startswith(f"Error: {root}: the ledger attributes are malformed")
@@ -409,7 +409,7 @@ def test_crash_leftovers_warn_then_forget_succeeds(env: Env, tmp_path: Path) -> 
     result = run("verify", ledger)
     lines = result.output.splitlines()
     assert lines[-1].startswith("ok: 5 entries")
-    warned = sorted(line.split(": ")[1] for line in lines if line.startswith("warning: "))
+    warned = sorted(line.split(": ")[1] for line in lines if line.startswith("Warning: "))
     assert warned == sorted([*leftover.files, "requests/C/zarr.json", "requests/C/exponent/zarr.json"])
     assert all("no journal entry names this file" in line for line in lines[:-1])
 
@@ -435,6 +435,26 @@ def test_every_command_has_help() -> None:
         for param in command.params:
             if param.param_type_name == "option":
                 assert getattr(param, "help", None), f"{name} {param.name}"
+
+
+def test_help_says_how_to_pass_a_ref_that_starts_with_a_dash(env: Env) -> None:
+    for name in ("show", "diff"):
+        assert "put -- before a REF that starts with '-'" in " ".join(run(name, "--help").output.split()), name
+    refused = run("show", env.ledger, "--", "-1", code=2).output
+    assert "'-1' is not a version, a request id, HEAD or HEAD~N" in refused
+
+
+def test_gc_help_does_not_show_reverted_as_required_and_gc_without_it_is_bad_input(env: Env) -> None:
+    assert "[required]" not in run("gc", "--help").output
+    assert "gc needs --reverted" in run("gc", env.ledger, code=2).output
+
+
+def test_show_columns_stay_apart_for_large_exponents() -> None:
+    from kvw_ledger.cli import _column
+
+    assert _column(0.1234567) == "    0.1235"
+    row = _column(292928535.0000773) + _column(773858.6875)
+    assert row.split() == ["2.929e+08", "7.739e+05"] and len(row) == 20
 
 
 # --- a vision-language ledger ------------------------------------------------------------

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import tiny
@@ -14,6 +15,7 @@ from click.testing import CliRunner
 
 from kvw_ledger.cli import main
 from kvw_ledger.errors import BadInputError
+from kvw_ledger.history import build_history, plot_history
 from kvw_ledger.kvw import KVWConfig, weakened
 from kvw_ledger.ledger import Ledger
 from kvw_ledger.tune import TuneRow, parse_buckets, parse_gammas, recommend
@@ -83,13 +85,50 @@ def test_tune_commits_nothing_and_prints_the_sweep(ledger_dir: Path) -> None:
     before = tree_digest(led)
     result = CliRunner().invoke(main, ["tune", str(led), str(ledger_dir / "f1.jsonl"), str(ledger_dir / "retain.jsonl"),
                                        "--gammas", "0.1,1", "--layer-buckets", "0:1,2:9", "-q", "--json"])
-    assert result.exit_code == 0, result.output
-    out = json.loads(result.output)
+    out = json.loads(result.stdout)
     assert [(r["gamma"], r["layers"]) for r in out["rows"]] == [(0.1, [0, 1]), (0.1, [2, 3]), (1.0, [0, 1]), (1.0, [2, 3])]
-    assert out["recommended"] is not None and out["limit"] == 0.05
+    assert out["limit"] == 0.05
+    # The untrained tiny model answers nothing, so nothing can be forgotten: no recommendation.
+    assert all(r["forget_drop"] <= 0 for r in out["rows"]) and out["recommended"] is None
+    assert result.exit_code == 1, result.output
     assert tree_digest(led) == before
     assert torch.equal(Ledger.open(led).exponents()["model.layers.1.mlp.down_proj"],
                        Ledger.open(led).exponents(6)["model.layers.1.mlp.down_proj"])
+
+
+def test_tune_with_nothing_that_forgets_prints_the_table_says_so_and_exits_1(ledger_dir: Path) -> None:
+    led = ledger_dir / "led"
+    args = ["tune", str(led), str(ledger_dir / "f1.jsonl"), str(ledger_dir / "retain.jsonl"),
+            "--gammas", "1e-9", "--layer-buckets", "0:1", "-q"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1, result.output
+    lines = result.output.splitlines()
+    assert lines[1].split() == ["gamma", "layers", "forget", "acc", "retain", "acc", "forget", "drop", "retain", "drop"]
+    assert lines[2].split()[4] in ("0.000", "-0.000")
+    assert lines[-1].startswith("Error: nothing to recommend: no setting forgets")
+    assert "recommended:" not in result.output
+    as_json = CliRunner().invoke(main, [*args, "--json"])
+    assert as_json.exit_code == 1
+    assert json.loads(as_json.stdout)["recommended"] is None
+
+
+def test_history_plot_labels_versions_with_whole_numbers(
+    ledger_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from matplotlib.figure import Figure
+
+    ticks: list[float] = []
+    real = Figure.savefig
+
+    def savefig(self: Figure, *args: Any, **kwargs: Any) -> None:
+        self.canvas.draw()
+        for axes in self.axes:
+            ticks.extend(float(t.get_text().replace("\u2212", "-")) for t in axes.get_xticklabels() if t.get_text())
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    plot_history(build_history(Ledger.open(ledger_dir / "led")), tmp_path / "h.png")
+    assert ticks and all(t == int(t) for t in ticks), ticks
 
 
 def test_recommend_takes_the_largest_forget_drop_within_the_limit() -> None:
@@ -102,6 +141,7 @@ def test_recommend_takes_the_largest_forget_drop_within_the_limit() -> None:
     best = recommend(rows)
     assert best is not None and (best.gamma, best.layers) == (0.2, (3, 4))
     assert recommend([rows[1]]) is None
+    assert recommend([TuneRow(0.1, (1, 2), 0.8, 0.99, 0.0, 0.0, True)]) is None  # forgets nothing
 
 
 def test_tune_option_parsing() -> None:

@@ -159,6 +159,136 @@ def test_kills_at_protocol_steps_leave_a_consistent_ledger(
     ]
 
 
+INTERRUPT_RANDOM_TRIALS = 2  # per verb; the benchmark runs 1,000 (benchmarks/crash.py --signal INT)
+
+
+@pytest.mark.parametrize("verb", crashkit.VERBS)
+def test_ctrl_c_at_protocol_steps_and_random_moments_exits_130_or_commits(
+    scenario: crashkit.Scenario, tmp_path: Path, verb: str
+) -> None:
+    steps = crashkit.list_steps(scenario, verb)
+    picks = _key_steps(steps)
+    outcomes = [
+        crashkit.interrupt_step_trial(scenario, tmp_path, verb, i, steps[i]) for i in picks.values()
+    ]
+    outcomes += [
+        crashkit.interrupt_random_trial(scenario, tmp_path, verb, SEED, trial)
+        for trial in range(INTERRUPT_RANDOM_TRIALS)
+    ]
+    failed = [f"{o.label}: {o.errors + o.leftovers}" for o in outcomes if not o.ok]
+    assert not failed, "\n".join(failed)
+    by_step = dict(zip(picks, outcomes, strict=False))
+    # Before the entry: exit 130 and nothing committed. From the entry on: the write finishes.
+    if "between two array writes" in by_step:
+        assert by_step["between two array writes"].exit_code == 130
+    assert by_step["inside the journal append, before the link"].exit_code == 0
+    assert by_step["after the journal entry, before the head refresh"].exit_code == 0
+    assert all(o.committed == (o.exit_code == 0) for o in outcomes)
+
+
+def test_a_killed_writers_leftovers_are_removed_by_the_next_writer_of_another_verb(
+    scenario: crashkit.Scenario, tmp_path: Path
+) -> None:
+    steps = crashkit.list_steps(scenario, "forget")
+    last_array = _key_steps(steps)["after the last array, before the journal entry"]
+    path = _copy(scenario, tmp_path / "led")
+    crashkit.wait(crashkit._fork(lambda: _killed_forget(scenario, path, last_array), path))
+    assert (path / "requests" / "C").is_dir()
+    opened = Ledger.open(path)
+    opened.probe(limits=opened.limits(max_attenuation=0.9), progress=False)
+    assert crashkit.stray_files(path) == []
+    assert not (path / "requests" / "C").exists()
+
+
+def _killed_forget(scenario: crashkit.Scenario, path: Path, step: int) -> None:
+    with crashkit._Steps(path, step).installed():
+        crashkit.run_verb(scenario, path, "forget")
+
+
+def test_reads_that_do_not_touch_a_damaged_file_go_on_working(
+    scenario: crashkit.Scenario, tmp_path: Path
+) -> None:
+    ledger = _copy(scenario, tmp_path / "led")
+    chunk = next(p for p in sorted((ledger / "requests" / "B" / "exponent").rglob("c/*")) if p.is_file())
+    chunk.unlink()
+    refused = run("forget", ledger, scenario.forget_c, "--id", "C", "-q", code=1)
+    assert f"{chunk.relative_to(ledger).as_posix()} is missing" in refused.output
+    assert "kvw-ledger verify" in refused.output
+    assert len(run("log", ledger).output.splitlines()) == 6
+    assert "request  A" in run("show", ledger, "A").output
+    run("export", ledger, tmp_path / "out", "--at", "3", "-q")  # A only: B's arrays are not read
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_forgetting_the_data_of_an_active_request_warns_and_is_recorded(
+    scenario: crashkit.Scenario, tmp_path: Path
+) -> None:
+    ledger = _copy(scenario, tmp_path / "led")
+    again = run("forget", ledger, scenario.root / "b.jsonl", "--id", "B2", "--gamma", "0.5", "-q")
+    assert "Warning: " in again.output and "same records as active request 'B'" in again.output
+    assert again.output.splitlines()[-1].startswith("version 7: request B2 applied")
+    assert Ledger.open(ledger).head().body["same_data_as"] == ["B"]
+    # A was reverted: forgetting its data again is a new request, not a repeat
+    fresh = run("forget", ledger, scenario.root / "a.jsonl", "--id", "A2", "--gamma", "0.5", "-q")
+    assert "Warning" not in fresh.output and "same_data_as" not in Ledger.open(ledger).head().body
+
+
+def test_verify_names_a_model_changed_in_place_once_in_the_common_form(
+    scenario: crashkit.Scenario, tmp_path: Path
+) -> None:
+    ledger = _copy(scenario, tmp_path / "led")
+    model = Path(shutil.copytree(scenario.model_dir, tmp_path / "model"))
+    raw = bytearray((model / "model.safetensors").read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    (model / "model.safetensors").write_bytes(bytes(raw))
+    out = run("verify", ledger, "--model", model, code=1).output
+    problem = next(line for line in out.splitlines() if "model.safetensors" in line)
+    assert problem.startswith(f"Error: {model}: model.safetensors differs"), problem
+    assert problem.count(str(model)) == 1
+    assert not any(line.startswith(("error:", "warning:")) for line in out.splitlines())
+
+
+def _tear(ledger: Path, version: int) -> Path:
+    entry = ledger / "journal" / f"{version:08d}.json"
+    entry.write_bytes(entry.read_bytes()[: entry.stat().st_size // 2])
+    return entry
+
+
+def test_a_torn_newest_entry_keeps_older_versions_readable_and_repair_moves_it_aside(
+    scenario: crashkit.Scenario, tmp_path: Path
+) -> None:
+    ledger = _copy(scenario, tmp_path / "led")
+    run("forget", ledger, scenario.forget_c, "--id", "C", "--gamma", "0.5", "-q")  # version 7
+    torn = _tear(ledger, 7)
+    advice = f"Run `kvw-ledger repair {ledger}`"
+    log = run("log", ledger, code=1).output.splitlines()
+    assert len(log) == 7 and log[5].startswith("   6  revert")
+    assert log[-1].startswith("Error: journal/00000007.json is not a valid journal entry") and advice in log[-1]
+    assert "request  B" in run("show", ledger, "B").output  # versions before the damage stay readable
+    run("export", ledger, tmp_path / "out", "--at", "5", "-q")
+    for args in (["show", ledger, "HEAD"], ["show", ledger, "C"], ["export", ledger, tmp_path / "o2", "-q"],
+                 ["revert", ledger, "B", "-q"], ["forget", ledger, scenario.forget_c, "--id", "D", "-q"]):
+        out = run(*args, code=1).output
+        assert "journal/00000007.json is not a valid journal entry" in out and advice in out, args
+    assert "journal/00000007.json" in run("verify", ledger, "--no-model", code=1).output
+
+    torn_bytes = torn.read_bytes()
+    record = json.loads(run("repair", ledger, "--json").output)
+    assert record["repaired"] and record["moved"] == "journal/00000007.json" and record["head_after"] == 6
+    assert record["moved_arrays"] == ["requests/C"] and not torn.exists()
+    folder = ledger / record["to"].rsplit("/", 1)[0]
+    assert (ledger / record["to"]).read_bytes() == torn_bytes
+    assert json.loads((folder / "record.json").read_text())["sha256"] == hashlib.sha256(torn_bytes).hexdigest()
+    assert (folder / "files" / "requests" / "C").is_dir()
+    assert run("verify", ledger, "--no-model").output.startswith("ok: 6 entries")
+    assert crashkit.stray_files(ledger) == []
+    before = _tree(ledger)
+    assert "nothing to repair" in run("repair", ledger).output  # a valid newest entry: untouched
+    assert _tree(ledger) == before
+    run("forget", ledger, scenario.forget_c, "--id", "C", "--gamma", "0.5", "-q")
+    assert run("verify", ledger, "--no-model").output.startswith("ok: 7 entries")
+
+
 def _export(ledger: Path, out: Path) -> None:
     Ledger.open(ledger).export(out, progress=False)
 
@@ -709,6 +839,50 @@ def _certificate_ledger_mismatch(c: Case) -> list[str | Path]:
     content["digest"] = hashlib.sha256(canonical_json(content)).hexdigest()
     forget_b.write_bytes(canonical_json(content))
     return ["check-certificate", cert, "--ledger", c.ledger, "--no-model"]
+def _first_chunk(c: Case, group: str) -> Path:
+    return next(p for p in sorted((c.ledger / group).rglob("c/*")) if p.is_file())
+
+
+def _missing_exponent_chunk(c: Case) -> list[str | Path]:
+    _first_chunk(c, "requests/B/exponent").unlink()
+    return c.forget(c.scenario.forget_c, "--id", "C")
+
+
+def _damaged_head(c: Case) -> list[str | Path]:
+    chunk = _first_chunk(c, "head")
+    chunk.write_bytes(chunk.read_bytes()[:-1] + bytes([chunk.read_bytes()[-1] ^ 1]))
+    return ["revert", c.ledger, "B", "-q"]
+
+
+def _damaged_retain(c: Case) -> list[str | Path]:
+    chunk = _first_chunk(c, "retain/r2")
+    chunk.write_bytes(chunk.read_bytes()[:-1] + bytes([chunk.read_bytes()[-1] ^ 1]))
+    return ["rederive", c.ledger, "--retain-stats", "r2", "-q"]
+
+
+def _damaged_base(c: Case) -> list[str | Path]:
+    (c.ledger / "base" / "model.layers.0.mlp.down_proj" / "zarr.json").unlink()
+    return c.forget(c.scenario.forget_c, "--id", "C")
+
+
+def _model_changed_in_place(c: Case) -> list[str | Path]:
+    weights = c.scenario.model_dir / "model.safetensors"
+    original = weights.read_bytes()
+    raw = bytearray(original)
+    raw[len(raw) // 2] ^= 0x10
+    weights.write_bytes(bytes(raw))
+    c.cleanup.append(lambda: weights.write_bytes(original))
+    return c.forget(c.scenario.forget_c)
+
+
+def _torn_newest(c: Case) -> list[str | Path]:
+    _tear(c.ledger, 6)
+    return ["forget", c.ledger, c.scenario.forget_c, "--id", "C", "-q"]
+
+
+def _torn_older(c: Case) -> list[str | Path]:
+    _tear(c.ledger, 4)
+    return ["repair", c.ledger]
 
 
 CASES: dict[str, Callable[[Case], list[str | Path]]] = {
@@ -763,6 +937,23 @@ CASES: dict[str, Callable[[Case], list[str | Path]]] = {
     "certificate-altered": _certificate_altered,
     "certificate-other-key": _certificate_other_key,
     "certificate-ledger-mismatch": _certificate_ledger_mismatch,
+    "write-on-missing-chunk": _missing_exponent_chunk,
+    "write-on-damaged-head": _damaged_head,
+    "write-on-damaged-retain": _damaged_retain,
+    "write-on-damaged-base": _damaged_base,
+    "exponents-overflow": _option("--gamma", "1e33", "--on-fail", "warn"),
+    "too-many-vectors-zeroed": _option("--gamma", "60"),
+    "max-zeroed-out-of-range": _option("--max-zeroed", "2"),
+    "empty-request-id": _option("--id", ""),
+    "blank-request-id": _option("--id", "  "),
+    "empty-retain-stats-id": lambda c: ["retain", c.ledger, c.scenario.root / "retain.jsonl", "--id", "", "-q"],
+    "model-changed-in-place": _model_changed_in_place,
+    "torn-newest-entry": _torn_newest,
+    "repair-older-damage": _torn_older,
+    "tune-forgets-nothing": lambda c: [
+        "tune", c.ledger, c.scenario.forget_c, c.scenario.root / "retain.jsonl",
+        "--gammas", "0.1", "--layer-buckets", "1:1", "-q",
+    ],
 }
 
 

@@ -33,7 +33,9 @@ from kvw_ledger.stability import (
     StabilityLimits,
     attenuation,
     check_exponents,
+    check_zeroed,
     compare_probes,
+    overflowing,
 )
 from kvw_ledger.store import tensor_hash
 
@@ -163,9 +165,14 @@ def test_limits_are_validated_with_a_message_naming_the_option() -> None:
         "max_attenuation": 0.5,
         "max_retain_drop": 0.05,
         "max_nll_increase": 1.0,
+        "max_zeroed": 0.25,
+        "zero_floor": 0.001,
         "on_fail": "abort",
     }
     for bad, message in [
+        ({"max_zeroed": 1.5}, r"--max-zeroed must be in \[0, 1\], not 1.5"),
+        ({"max_zeroed": math.nan}, "--max-zeroed"),
+        ({"zero_floor": 0.0}, r"--zero-floor must be in \(0, 1\), not 0.0"),
         ({"max_attenuation": 0.0}, r"--max-attenuation must be in \(0, 1\], not 0.0"),
         ({"max_attenuation": 2.0}, r"--max-attenuation must be in \(0, 1\], not 2.0"),
         ({"max_attenuation": math.nan}, "--max-attenuation"),
@@ -291,6 +298,48 @@ def test_a_broken_budget_aborts_leaving_every_file_unchanged(
     assert all(float(figure) > 0.001 for _, figure in failed)
     assert f"the step failed {len(failed)} stability check(s)" in message
     assert _tree(path) == before
+
+
+def test_check_zeroed_counts_vectors_scaled_below_the_floor() -> None:
+    w = torch.tensor([0.0, 6.0, 7.0, 50.0])  # factors 1, 2.5e-3, 9.1e-4, 2e-22
+    checks, shares = check_zeroed({"s": w}, 0.25, 1e-3)
+    assert shares == {"s": 0.5} and not checks[0].passed and checks[0].name == "zeroed s"
+    assert check_zeroed({"s": w}, 0.5, 1e-3)[0][0].passed
+    assert check_zeroed({"s": w}, 0.25, 1e-2)[1] == {"s": 0.75}
+    # a log-scale lifts every factor of its site: exp(5 - 7) is no longer under 1e-3
+    assert check_zeroed({"s": w}, 0.25, 1e-3, {"s": torch.tensor(5.0)})[1] == {"s": 0.25}
+
+
+def test_overflowing_names_non_finite_and_huge_exponents() -> None:
+    assert overflowing({"s": torch.tensor([0.0, 110.0])}) is None  # zeroes a vector, no more
+    assert "s has 1 non-finite" in str(overflowing({"s": torch.tensor([0.0, float("inf")])}))
+    assert "s has 1 non-finite" in str(overflowing({"s": torch.tensor([float("nan"), 1.0])}))
+    assert "largest 2.9e+31" in str(overflowing({"s": torch.tensor([2.9e31, 1.0])}))
+
+
+def test_absurd_gamma_is_refused_even_with_on_fail_warn(env: Env, tmp_path: Path) -> None:
+    path = _copy(env.ledger, tmp_path / "led")
+    before = _tree(path)
+    message = run(
+        "forget", path, env.files["d"], "--id", "D", "--gamma", "1e33", "--on-fail", "warn", "-q", code=1
+    ).output
+    assert "where float32 sums of exponents overflow" in message and "lower --gamma" in message
+    assert _tree(path) == before
+    # --gamma 1e6 (exponents near 1e6) is not overflow: the zeroed-vector limit refuses it
+    message = run("forget", path, env.files["d"], "--id", "D", "--gamma", "1e6", "-q", code=1).output
+    assert _failed_figure(message, rf"zeroed {SITE_RE}", "0.25") > 0.25
+    assert _tree(path) == before
+
+
+def test_the_zeroed_limit_is_set_by_probe_and_overridden_per_call(env: Env, tmp_path: Path) -> None:
+    path = _copy(env.ledger, tmp_path / "led")
+    out = run("probe", path, "--max-zeroed", "0", "--zero-floor", "0.9", "-q").output
+    assert "max_zeroed 0" in out and "zero_floor 0.9" in out
+    message = run("forget", path, env.files["d"], "--id", "D", "--gamma", "0.5", "-q", code=1).output
+    assert _failed_figure(message, rf"zeroed {SITE_RE}", "0") > 0
+    run("forget", path, env.files["d"], "--id", "D", "--gamma", "0.5", "--max-zeroed", "1", "-q")
+    body = Ledger.open(path).head().body
+    assert body["stability"]["passed"]
 
 
 def test_a_broken_probe_limit_set_on_the_ledger_aborts(env: Env, tmp_path: Path) -> None:
@@ -789,7 +838,7 @@ def test_bad_input_exits_2_and_writes_nothing(env: Env, tmp_path: Path) -> None:
             ("revert", path, "C", "--max-retain-drop", "1.5"),
             "--max-retain-drop must be in [0, 1], not 1.5",
         ),
-        (("gc", path), "Missing option '--reverted'"),
+        (("gc", path), "gc needs --reverted"),
     ]
     for args, message in cases:
         output = run(*args, code=2).output
