@@ -24,7 +24,6 @@ the two ledgers' exponents.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -41,8 +40,8 @@ from transformers import AutoModelForCausalLM
 
 from kvw_ledger.ledger import Ledger
 
+import graddiff
 from common import Figure, Result
-from graddiff import word_tokenizer, write_records
 
 HERE = Path(__file__).resolve().parent
 ITEM = "7. data parallel"
@@ -77,30 +76,13 @@ CUDA = Setting(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_l
 
 
 def prepare(workdir: Path, setting: Setting) -> dict[str, Path]:
-    """Model directory, data, and a ledger with retain statistics, reused while the setting holds."""
-    paths = {name: workdir / name for name in ("model", "ledger")}
-    paths["forget"], paths["retain"] = workdir / "forget.jsonl", workdir / "retain.jsonl"
-    key = json.dumps({**asdict(setting), "layout": 1}, sort_keys=True)
-    stamp = workdir / "setting.json"
-    if stamp.is_file() and stamp.read_text() == key:
-        return paths
-    shutil.rmtree(workdir, ignore_errors=True)
-    workdir.mkdir(parents=True)
-    torch.manual_seed(0)
-    config = tf.LlamaConfig(
-        vocab_size=setting.vocab_size, hidden_size=setting.hidden_size,
-        intermediate_size=setting.intermediate_size, num_hidden_layers=setting.num_layers,
-        num_attention_heads=setting.num_heads, num_key_value_heads=setting.num_heads,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    )  # fmt: skip
-    model = AutoModelForCausalLM.from_config(config).to(getattr(torch, setting.dtype))
-    model.save_pretrained(paths["model"])
-    word_tokenizer(setting.vocab_size).save_pretrained(paths["model"])
-    write_records(paths["forget"], setting.forget_records, setting, seed=1)  # type: ignore[arg-type]
-    write_records(paths["retain"], setting.retain_records, setting, seed=2)  # type: ignore[arg-type]
-    ledger = Ledger.create(paths["ledger"], paths["model"], progress=False)
-    ledger.retain(paths["retain"], batch_size=setting.batch_size, progress=False)
-    stamp.write_text(key)
+    """graddiff's model, data and ledger, with retain statistics registered once."""
+    paths = graddiff.prepare(workdir, setting)  # type: ignore[arg-type]  # rebuilds the workdir when the setting changes
+    retained = workdir / "retained"
+    if not retained.is_file():
+        ledger = Ledger.open(paths["ledger"])
+        ledger.retain(paths["retain"], batch_size=setting.batch_size, progress=False)
+        retained.touch()
     return paths
 
 

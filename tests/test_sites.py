@@ -10,7 +10,7 @@ import tiny
 import torch
 import transformers as tf
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+from transformers import AutoModelForCausalLM
 
 from kvw_ledger.errors import BadInputError, UnknownArchitectureError
 from kvw_ledger.sites import (
@@ -253,29 +253,7 @@ def test_vision_language_towers() -> None:
 
 
 def test_qwen2_5_vl_language_and_gated_vision_mlp() -> None:
-    cfg = tf.Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=64,
-            hidden_size=16,
-            intermediate_size=24,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]},
-        ),
-        vision_config=dict(
-            depth=2,
-            hidden_size=16,
-            intermediate_size=20,
-            num_heads=2,
-            out_hidden_size=16,
-            patch_size=2,
-            spatial_merge_size=1,
-            temporal_patch_size=1,
-            fullatt_block_indexes=[1],
-        ),
-    )
-    model = AutoModelForImageTextToText.from_config(cfg)
+    model = tiny.qwen2_5_vl()
     sites = discover_sites(model, "all")
     assert [(s.tower, s.n_vectors) for s in sites] == [("vision", 20)] * 2 + [("language", 24)] * 2
 
