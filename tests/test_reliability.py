@@ -763,6 +763,19 @@ CASES: dict[str, Callable[[Case], list[str | Path]]] = {
     "certificate-altered": _certificate_altered,
     "certificate-other-key": _certificate_other_key,
     "certificate-ledger-mismatch": _certificate_ledger_mismatch,
+    "statistic-unknown": lambda c: ["retain", c.ledger, c.scenario.root / "retain.jsonl", "-q", "--statistic", "q50"],
+    "statistic-too-few-batches": lambda c: [
+        "retain", c.ledger, c.scenario.root / "retain.jsonl", "-q", "--statistic", "max", "--batch-size", "4",
+    ],
+    "positions-differ-from-stats": _option("--label-eos"),
+    "retain-id-taken": lambda c: [
+        "revert", c.ledger, "B", "-q", "--retain-with", c.scenario.root / "retain.jsonl", "--retain-id", "r2",
+    ],
+    "target-without-probe": _option("--target-forget", "0.3"),
+    "target-out-of-range": lambda c: c.forget(c.scenario.forget_c, "--forget-probe", c.scenario.forget_c, "--target-forget", "1.5"),
+    "target-not-reached": lambda c: c.forget(
+        c.scenario.forget_c, "--forget-probe", c.scenario.forget_c, "--target-forget", "0", "--max-attenuation", "0.0001",
+    ),
 }
 
 
