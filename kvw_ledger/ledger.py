@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -787,9 +787,8 @@ class Ledger:
             if target is None:
                 result = weaken(config)
             else:
-                assert forget_probe is not None  # checked above
                 config, result, searched = self._search_gamma(
-                    state, model, processor, config, target, forget_probe, checked, weaken, staged_sums,
+                    state, model, processor, config, target, cast(Path, forget_probe), checked, weaken, staged_sums,
                     start, start_scales, progress,
                 )
             if not world.is_main:
