@@ -32,6 +32,7 @@ from kvw_ledger.errors import (
     RequestStateError,
     StabilityCheckError,
     StorageError,
+    TargetNotReachedError,
     UnknownArchitectureError,
 )
 from kvw_ledger.journal import Entry
@@ -99,6 +100,7 @@ __all__ = [
     "StabilityLimits",
     "StabilityReport",
     "StorageError",
+    "TargetNotReachedError",
     "UnknownArchitectureError",
     "VerifyReport",
     "World",
