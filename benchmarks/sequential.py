@@ -123,7 +123,10 @@ def prepare(plan: Plan) -> Bench:
         n_people=plan.n_people, seed=0, demo_group_percent=plan.group_percent, n_demo_groups=plan.n_groups
     )
     paths = generate(plan.workdir / "data-sequential", config=config)
-    model_dir = build_model(plan.workdir / "models", paths, plan.instill)
+    # The training data does not depend on the groups (people.json only records their
+    # count), so the model is the demo's: built from the demo's split, found cached.
+    demo = generate(plan.workdir / "data", config=BenchConfig(n_people=plan.n_people, seed=0))
+    model_dir = build_model(plan.workdir / "models", demo, plan.instill)
     assert paths.retain_demo is not None and paths.retain_demo_heldout is not None
     people = sorted({r["person"] for r in _jsonl(paths.retain_demo)})
     fit = set(random.Random(0).sample(people, len(people) // 2))
