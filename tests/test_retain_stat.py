@@ -140,9 +140,9 @@ def _without_new_fields(monkeypatch: pytest.MonkeyPatch) -> None:
     """Writes entries as kvw-ledger did before ``statistic`` and ``label_eos`` existed."""
     append = Journal.append
 
-    def old_append(self: Journal, op: str, body: dict, files: dict, *, parent: Any) -> Any:
+    def old_append(self: Journal, op: str, body: dict, files: dict, **kwargs: Any) -> Any:
         body = {k: v for k, v in body.items() if k not in ("statistic", "label_eos")}
-        return append(self, op, body, files, parent=parent)
+        return append(self, op, body, files, **kwargs)
 
     monkeypatch.setattr(Journal, "append", old_append)
 
