@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 # In the order; a module that is missing is reported, not skipped silently.
-SUITE = ("coefficients", "graddiff", "fixedcost", "transfer", "scale", "frontier", "startup", "parallel")
+SUITE = ("coefficients", "graddiff", "fixedcost", "transfer", "scale", "frontier", "startup", "parallel", "sequential")
 
 
 def machine(device: str) -> dict[str, Any]:

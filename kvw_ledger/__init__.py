@@ -32,6 +32,7 @@ from kvw_ledger.errors import (
     RequestStateError,
     StabilityCheckError,
     StorageError,
+    TargetNotReachedError,
     TornEntryError,
     UnknownArchitectureError,
 )
@@ -100,6 +101,7 @@ __all__ = [
     "StabilityLimits",
     "StabilityReport",
     "StorageError",
+    "TargetNotReachedError",
     "TornEntryError",
     "UnknownArchitectureError",
     "VerifyReport",

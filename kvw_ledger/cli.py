@@ -42,6 +42,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 # The towers sites.py knows (``sites.TOWER_CHOICES``, which imports torch); listed here
 # so that ``--help`` stays light. tests/test_cli.py holds the two equal.
 TOWER_CHOICES = ("language", "vision", "all")
+# The retain statistics retain_stat.py knows (``retain_stat.STATISTICS``: it imports torch),
+# for the same reason; tests/test_retain_stat.py holds the two equal.
+STATISTICS = ("mean", "q90", "q99", "max")
 
 
 def _fail(message: str, exit_code: int, as_json: bool) -> None:
@@ -307,6 +310,12 @@ MODEL = click.option(
     help="Model directory (default: the one given to init).",
 )
 QUIET = click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+LABEL_EOS = click.option(
+    "--label-eos/--no-label-eos",
+    default=None,
+    help="Also count the position that predicts the eos or end-of-turn token (the behaviour "
+    "before the authors' answer-only positions became the default).",
+)
 
 
 def _placement_options(fn: F) -> F:
@@ -499,9 +508,22 @@ DATA_FORMAT = """DATA is JSONL: one {"question": ..., "answer": ...} object per 
 @click.option("--id", "stats_id", help="Id of the retain statistics (default retain-N).")
 @click.option("--at", default="HEAD", show_default=True, help="REF of the version to measure on.")
 @click.option(
-    "--batch-size", type=int, default=1, show_default=True, help="Retain records per forward pass."
+    "--batch-size",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Retain records per forward pass; for a quantile or max, the batch size of the batch means.",
 )
 @_placement_options
+@click.option(
+    "--statistic",
+    type=click.Choice(STATISTICS),
+    default="mean",
+    show_default=True,
+    help="What C_f is compared with: the pooled mean (the paper), or per neuron the 90th/99th "
+    "percentile or the maximum of retain batch means at --batch-size.",
+)
+@LABEL_EOS
 @MODEL
 @QUIET
 @_device_map_options
@@ -514,6 +536,8 @@ def retain(
     stats_id: str | None,
     at: str,
     batch_size: int,
+    statistic: str,
+    label_eos: bool | None,
     model_dir: str | None,
     device: str,
     dtype: str,
@@ -525,14 +549,18 @@ def retain(
         stats_id=stats_id,
         at=at,
         batch_size=batch_size,
+        statistic=statistic,
+        label_eos=bool(label_eos),
         model_dir=model_dir,
         progress=not quiet,
         device=device,
         dtype=dtype,
         world=world,
     )
+    kind = "" if statistic == "mean" else f" ({statistic} of batch means at batch size {batch_size})"
     click.echo(
-        f"version {entry.version}: retain stats {entry.body['stats']} from {entry.body['records']} records"
+        f"version {entry.version}: retain stats {entry.body['stats']}{kind} from "
+        f"{entry.body['records']} records"
     )
     return entry
 
@@ -589,6 +617,13 @@ def retain(
     type=click.Path(dir_okay=False),
     help="JSONL whose figures are recorded as efficacy (never stored).",
 )
+@click.option(
+    "--target-forget",
+    type=float,
+    help="Search gamma (from --gamma, by doubling then bisection) for the smallest whose "
+    "--forget-probe generation accuracy is at most this within the stability limits; commit it.",
+)
+@LABEL_EOS
 @_limit_options
 @_placement_options
 @MODEL
@@ -611,6 +646,8 @@ def forget(
     no_trace: bool,
     rescale: bool,
     forget_probe: str | None,
+    target_forget: float | None,
+    label_eos: bool | None,
     max_attenuation: float | None,
     max_retain_drop: float | None,
     max_nll_increase: float | None,
@@ -622,8 +659,10 @@ def forget(
     dtype: str,
     quiet: bool,
 ) -> Entry:
+    """--label-eos defaults to what the retain stats were measured with."""
     from kvw_ledger.kvw import KVWConfig
     from kvw_ledger.sites import parse_layers
+    from kvw_ledger.target import TargetSearch
 
     config = KVWConfig(
         gamma=gamma,
@@ -646,6 +685,8 @@ def forget(
             opened, max_attenuation, max_retain_drop, max_nll_increase, on_fail, max_zeroed, zero_floor
         ),
         forget_probe=forget_probe,
+        label_eos=label_eos,
+        target=None if target_forget is None else TargetSearch(target_forget),
         model_dir=model_dir,
         progress=not quiet,
         device=device,
@@ -653,6 +694,16 @@ def forget(
         world=world,
     )
     body = entry.body
+    if "target" in body:
+        for t in body["target"]["trials"]:
+            click.echo(
+                f"  gamma {t['gamma']:<10.4g} forget acc {t['forget_acc']:.3f}"
+                + ("" if t["stable"] else "  unstable")
+            )
+        click.echo(
+            f"chose gamma {body['target']['chosen_gamma']:.4g}: the smallest with forget acc "
+            f"<= {body['target']['forget_acc']:g} within the limits"
+        )
     click.echo(
         f"version {entry.version}: request {body['request']} applied "
         f"({body['records']} records, {body['batches']} batches, {body['tokens']} answer tokens)"
@@ -666,11 +717,14 @@ def _summary(entry: Entry) -> str:
     if entry.op == "init":
         return f"{body['model_type']}, {body['sites']} sites"
     if entry.op == "retain":
-        return f"{body['stats']} ({body['records']} records, measured at {body['measured_at']})"
+        statistic = f", {body['statistic']}" if body.get("statistic", "mean") != "mean" else ""
+        return f"{body['stats']} ({body['records']} records, measured at {body['measured_at']}{statistic})"
     if entry.op == "forget":
         rescaled = ", rescaled" if body["params"].get("rescale") else ""
         return f"{body['request']} ({body['records']} records, gamma {body['params']['gamma']}{rescaled})"
     if entry.op == "revert":
+        if "rederived" in body:
+            return f"{body['request']}, retain stats {body['rederived']['stats']}, re-derived {', '.join(body['rederived']['requests']) or '-'}"
         return f"{body['request']}"
     if entry.op == "probe":
         kinds = ", ".join(sorted(body.get("probes", {}))) or "no"
@@ -860,6 +914,13 @@ def diff(ledger: str, ref_a: str, ref_b: str, top: int, as_json: bool) -> None:
 @LEDGER
 @click.argument("request_id")
 @click.option("--reason", default="", help="Why the request is taken back (kept in the journal).")
+@click.option(
+    "--retain-with",
+    type=click.Path(dir_okay=False),
+    help="Retain set that again holds the withdrawn data: register retain stats on it and "
+    "re-derive the other active requests fast, in the same entry.",
+)
+@click.option("--retain-id", help="Id of the retain stats --retain-with registers (default retain-N).")
 @_limit_options
 @_placement_options
 @MODEL
@@ -871,6 +932,8 @@ def revert(
     ledger: str,
     request_id: str,
     reason: str,
+    retain_with: str | None,
+    retain_id: str | None,
     max_attenuation: float | None,
     max_retain_drop: float | None,
     max_nll_increase: float | None,
@@ -892,6 +955,8 @@ def revert(
     entry = opened.revert(
         request_id,
         reason=reason,
+        retain_with=retain_with,
+        retain_id=retain_id,
         limits=_limits(
             opened, max_attenuation, max_retain_drop, max_nll_increase, on_fail, max_zeroed, zero_floor
         ),
@@ -900,6 +965,12 @@ def revert(
         device=device,
         dtype=dtype,
     )
+    rederived = entry.body.get("rederived")
+    if rederived is not None:
+        click.echo(
+            f"retain stats {rederived['stats']} registered; re-derived (fast): "
+            f"{', '.join(rederived['requests']) or '-'}"
+        )
     click.echo(
         f"version {entry.version}: request {request_id} reverted; active: {', '.join(entry.body['active']) or '-'}"
     )

@@ -4,7 +4,9 @@ A record is ``{"question": str, "answer": str, "image"?: path, "id"?: str}``, im
 paths relative to the JSONL file; other fields are ignored. Each record becomes
 the prompt's ids followed by the answer's ids (never tokenized together, so the
 answer's tokens are the same whatever precedes them), with labels -100 everywhere
-but the answer. A data set's fingerprint is a sha256 over its canonical records
+but the answer's own tokens: as the authors' CLEAR collate labels them, the eos or
+end-of-turn token after the answer stays in the input unlabelled, unless
+``label_eos`` (the behaviour before that option existed) labels it too. A data set's fingerprint is a sha256 over its canonical records
 and image bytes: the ledger keeps it instead of the data.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,6 +135,31 @@ def _parse_line(path: Path, number: int, line: str) -> Record:
     )
 
 
+def combine_jsonl(sources: Sequence[str | Path], dest: str | Path) -> Path:
+    """Writes every record of ``sources``, in order, into one JSONL file at ``dest``,
+    with image paths made relative to ``dest``'s folder (e.g. a retain set plus a
+    withdrawn request's data, for ``revert --retain-with``).
+
+    Raises:
+        DataError: a source is unreadable or a record invalid (named by file and line).
+    """
+    dest = Path(dest)
+    lines = []
+    for source in sources:
+        read_records(source)  # validates every line, naming the first bad one
+        for line in Path(source).read_text(encoding="utf-8").splitlines():
+            if not line.strip():
+                continue
+            obj = json.loads(line)
+            if obj.get("image") is not None:
+                image = (Path(source).parent / obj["image"]).resolve()
+                obj["image"] = os.path.relpath(image, dest.parent.resolve())
+            lines.append(json.dumps(obj, ensure_ascii=False))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return dest
+
+
 def fingerprint(records: Sequence[Record]) -> str:
     """sha256 over canonical records and image bytes (paths do not count, contents do)."""
     digest = hashlib.sha256(b"kvw-ledger-data-v1\n")
@@ -155,10 +183,15 @@ class Encoder:
     Args:
         processor: a tokenizer, or a multimodal processor with a ``tokenizer``.
         max_length: longest sequence kept (tokens); longer ones are cut at the end.
+        label_eos: also label the eos or end-of-turn tokens after the answer (one more
+            selected position per record); off by default, as in the authors' collate.
     """
 
-    def __init__(self, processor: Any, max_length: int | None = None) -> None:
+    def __init__(
+        self, processor: Any, max_length: int | None = None, *, label_eos: bool = False
+    ) -> None:
         self.processor = processor
+        self.label_eos = label_eos
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.max_length = max_length
         self.chat_template = getattr(processor, "chat_template", None) or getattr(
@@ -188,13 +221,9 @@ class Encoder:
             )
         prompt_text, answer_text = self._texts(record)
         prompt_ids, vision, per_token = self._encode_prompt(record, prompt_text)
-        answer_ids = list(self.tokenizer(answer_text, add_special_tokens=False)["input_ids"])
-        if not self.chat_template:
-            answer_ids.append(int(self.eos_token_id))
-        if not answer_ids:
-            raise DataError(f"{record.where}: the answer {record.answer!r} tokenizes to nothing")
+        answer_ids, answer_labels = self._encode_answer(record, answer_text)
         ids = prompt_ids + answer_ids
-        labels = [IGNORE_INDEX] * len(prompt_ids) + answer_ids
+        labels = [IGNORE_INDEX] * len(prompt_ids) + answer_labels
         # Per-token extras (e.g. which tokens are image tokens) are 0 over the answer.
         extras = {k: torch.cat([v, v.new_zeros(len(answer_ids))]) for k, v in per_token.items()}
         if self.max_length is not None and len(ids) > self.max_length:
@@ -206,6 +235,49 @@ class Encoder:
                     f"max length {self.max_length}); shorten the question"
                 )
         return Example(torch.tensor(ids), torch.tensor(labels), vision, extras, record.where)
+
+    def _encode_answer(self, record: Record, text: str) -> tuple[list[int], list[int]]:
+        """The ids after the prompt, and their labels (IGNORE_INDEX where not labelled).
+
+        The ids are the same with and without ``label_eos``; only the labels differ.
+        """
+        no_answer = DataError(f"{record.where}: the answer {record.answer!r} tokenizes to nothing")
+        if not self.chat_template:
+            answer_ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            if not answer_ids:
+                raise no_answer
+            eos = int(self.eos_token_id)
+            return [*answer_ids, eos], [*answer_ids, eos if self.label_eos else IGNORE_INDEX]
+        whole = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if not whole:
+            raise no_answer
+        if self.label_eos:  # the whole assistant turn, as before the option existed
+            return whole, whole
+        start = text.find(record.answer)
+        if start < 0:
+            raise DataError(
+                f"{record.where}: the chat template does not render the answer verbatim, so its "
+                "tokens cannot be told from the end of the turn; pass --label-eos to label the "
+                "whole assistant turn"
+            )
+        end = start + len(record.answer)
+        if not getattr(self.tokenizer, "is_fast", False):
+            # No offsets without a fast tokenizer: the answer and the turn's end apart.
+            head = list(self.tokenizer(text[:end], add_special_tokens=False)["input_ids"])
+            tail = list(self.tokenizer(text[end:], add_special_tokens=False)["input_ids"])
+            if not head:
+                raise no_answer
+            return head + tail, head + [IGNORE_INDEX] * len(tail)
+        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(encoded["input_ids"])
+        # A token is the answer's when its characters overlap the answer's span.
+        labels = [
+            i if a < end and b > start and b > a else IGNORE_INDEX
+            for i, (a, b) in zip(ids, encoded["offset_mapping"], strict=True)
+        ]
+        if all(label == IGNORE_INDEX for label in labels):
+            raise no_answer
+        return ids, labels
 
     def _texts(self, record: Record) -> tuple[str, str]:
         if not self.chat_template:

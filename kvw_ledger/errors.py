@@ -93,6 +93,12 @@ class StabilityCheckError(KVWLedgerError, RuntimeError):
     exit_code = 1
 
 
+class TargetNotReachedError(KVWLedgerError, RuntimeError):
+    """``forget --target-forget``: no gamma reached the target within the stability limits."""
+
+    exit_code = 1
+
+
 class StorageError(KVWLedgerError, OSError):
     """The ledger's storage refused a write (full disk, read-only directory); nothing was committed."""
 

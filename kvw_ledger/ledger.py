@@ -13,6 +13,7 @@ cache (the sum of active exponents at the newest version).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import hashlib
 import json
@@ -22,12 +23,12 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
-from kvw_ledger import coefficients, data, model_files, probes, refs, views
+from kvw_ledger import coefficients, data, model_files, probes, refs, retain_stat, views
 from kvw_ledger.devices import Placement
 from kvw_ledger.distributed import LOCAL, Step, World, is_shared
 from kvw_ledger.errors import (
@@ -82,6 +83,7 @@ from kvw_ledger.stability import (
     probe_metrics,
 )
 from kvw_ledger.store import HeadCache, Store, check_id
+from kvw_ledger.target import TargetSearch, Trial, search
 
 __all__ = ["Ledger", "LedgerState", "RequestInfo", "VerifyReport"]
 
@@ -107,6 +109,7 @@ class LedgerState:
     requests: dict[str, RequestInfo] = field(default_factory=dict)  # every request so far
     reverted: set[str] = field(default_factory=set)
     retain_stats: dict[str, int] = field(default_factory=dict)  # stats id -> version
+    retain_info: dict[str, Mapping[str, Any]] = field(default_factory=dict)  # stats id -> its entry body
     latest_retain: str | None = None
     exponents: dict[str, str] = field(default_factory=dict)  # request -> prefix of its current exponent arrays
     traces: dict[str, str] = field(default_factory=dict)  # request -> prefix of its current C_f traces
@@ -574,6 +577,8 @@ class Ledger:
         stats_id: str | None = None,
         at: str | int = "HEAD",
         batch_size: int = 1,
+        statistic: str = "mean",
+        label_eos: bool = False,
         model_dir: str | Path | None = None,
         progress: bool = True,
         device: str | torch.device | None = None,
@@ -582,11 +587,20 @@ class Ledger:
     ) -> Entry:
         """Measures retain statistics (C_r per site) on version ``at`` and registers them.
 
+        ``statistic`` is what the accessor compares with (see :mod:`kvw_ledger.retain_stat`):
+        the pooled mean (the paper's), or a per-neuron quantile or maximum of batch means
+        at ``batch_size``. ``label_eos`` also counts the positions that predict the eos
+        or end-of-turn token; requests that use these stats must be made the same way.
         ``device`` and ``dtype`` place the model as :meth:`load` does. Under data
         parallel (``world``) each rank measures its share of every batch and rank 0
         alone commits; every rank returns its entry (or raises its error).
         """
         placement = Placement.resolve(_rank_device(device, world), dtype)  # fails before anything runs
+        retain_stat.check_statistic(statistic)
+        if statistic != "mean" and world.parallel:
+            raise BadInputError(
+                f"--statistic {statistic} is measured in one process; under torchrun use --statistic mean"
+            )
         progress = progress and world.is_main
         records = world.call(data.read_records, data_path)
         with self._parallel_write("retain", world) as write:
@@ -599,40 +613,96 @@ class Ledger:
                 raise BadInputError(f"retain stats {stats_id!r} already exist; choose another --id")
             self._check_reads("retain", self.state(version))
             model, processor = self._load(model_dir, version, placement, progress)
-            encoder = data.Encoder(processor, max_length(model))
+            encoder = data.Encoder(processor, max_length(model), label_eos=label_eos)
             examples = data.encode_all(encoder, records)
             batches = _batches(examples, batch_size, encoder.pad_token_id, world)
             total = -(-len(examples) // batch_size)
             write.ready()
-            measured = coefficients.collect(
-                model, self.sites, batches, total=total, desc="retain", progress=progress,
-                world=world, pad_token_id=encoder.pad_token_id,
-            )
-            if not world.is_main:
-                return self._entry(write.finish())
-            self._claim(f"retain/{stats_id}")
-            means = measured.means()
-            files, hashes = {}, {}
-            for site in self.sites:
-                record = self.store.write_array(
-                    f"retain/{stats_id}/{site.name}", means[site.name].cpu()
+            if statistic == "mean":
+                measured = coefficients.collect(
+                    model, self.sites, batches, total=total, desc="retain", progress=progress,
+                    world=world, pad_token_id=encoder.pad_token_id,
                 )
-                files.update(record.files)
-                hashes[f"retain/{stats_id}/{site.name}"] = record.sha256
-            files.update(self.store.group_files(f"retain/{stats_id}"))
-            body = {
-                "stats": stats_id,
-                "measured_at": version,
-                "data_fingerprint": data.fingerprint(records),
-                "records": len(records),
-                "tokens": {s.name: int(measured.counts[s.name]) for s in self.sites},
-                "batch_size": batch_size,
-                "arrays": hashes,
-                "active": state.active,
-            }
+                if not world.is_main:
+                    return self._entry(write.finish())
+                means = measured.means()
+                values = {s.name: means[s.name].cpu() for s in self.sites}
+                counts = {s.name: int(measured.counts[s.name]) for s in self.sites}
+                n_batches = total
+            else:
+                stat = retain_stat.measure(
+                    model, self.sites, examples, statistic, batch_size, encoder.pad_token_id, progress=progress
+                )
+                values, counts, n_batches = stat.values, stat.counts, stat.batches
+            files, body = self._write_retain(
+                records, stats_id, version, batch_size, statistic, label_eos, values, counts, n_batches
+            )
+            body["active"] = state.active
             entry = self._commit("retain", body, files, parent=head)
             self._write_head(entry)  # same active set, new version
             return entry
+
+    def _measure_retain(
+        self,
+        model: Any,
+        processor: Any,
+        records: Sequence[data.Record],
+        stats_id: str,
+        version: int,
+        batch_size: int,
+        statistic: str,
+        label_eos: bool,
+        progress: bool,
+    ) -> tuple[dict[str, str], dict[str, Any]]:
+        """Measures and writes ``retain/<stats_id>`` on ``model`` (at ``version``), in this
+        process: the files written and the body of the entry that registers them (less
+        ``active``)."""
+        encoder = data.Encoder(processor, max_length(model), label_eos=label_eos)
+        examples = data.encode_all(encoder, records)
+        measured = retain_stat.measure(
+            model, self.sites, examples, statistic, batch_size, encoder.pad_token_id, progress=progress
+        )
+        return self._write_retain(
+            records, stats_id, version, batch_size, statistic, label_eos, measured.values,
+            measured.counts, measured.batches,
+        )
+
+    def _write_retain(
+        self,
+        records: Sequence[data.Record],
+        stats_id: str,
+        version: int,
+        batch_size: int,
+        statistic: str,
+        label_eos: bool,
+        values: Mapping[str, torch.Tensor],
+        counts: Mapping[str, int],
+        n_batches: int,
+    ) -> tuple[dict[str, str], dict[str, Any]]:
+        """Writes measured retain statistics as ``retain/<stats_id>``: (files, entry body less ``active``)."""
+        self._claim(f"retain/{stats_id}")
+        files, hashes = {}, {}
+        for site in self.sites:
+            record = self.store.write_array(f"retain/{stats_id}/{site.name}", values[site.name])
+            files.update(record.files)
+            hashes[f"retain/{stats_id}/{site.name}"] = record.sha256
+        files.update(self.store.group_files(f"retain/{stats_id}"))
+        body: dict[str, Any] = {
+            "stats": stats_id,
+            "measured_at": version,
+            "data_fingerprint": data.fingerprint(records),
+            "records": len(records),
+            "tokens": dict(counts),
+            "batch_size": batch_size,
+            "arrays": hashes,
+            # Absent in entries older than these options: the mean, with the eos labelled.
+            "statistic": statistic,
+            "label_eos": label_eos,
+        }
+        if statistic != "mean":
+            body["batches"] = n_batches
+            body["shuffle_seed"] = retain_stat.SHUFFLE_SEED
+        return files, body
 
     def forget(
         self,
@@ -644,6 +714,8 @@ class Ledger:
         retain_stats: str | None = None,
         limits: StabilityLimits | None = None,
         forget_probe: str | Path | None = None,
+        label_eos: bool | None = None,
+        target: TargetSearch | None = None,
         model_dir: str | Path | None = None,
         progress: bool = True,
         device: str | torch.device | None = None,
@@ -661,16 +733,28 @@ class Ledger:
             world: the data-parallel job this process is a rank of: every rank runs the
                 progressive loop on its share of each batch, rank 0 alone checks and
                 commits, and every rank returns its entry (or raises its error).
+            label_eos: also count the positions that predict the eos (default: as the
+                retain statistics were measured, which must agree).
+            target: search gamma (from ``config.gamma``) for the smallest that brings the
+                forget probe's generation accuracy to ``target.target`` within the
+                stability limits, and commit that (see :mod:`kvw_ledger.target`); needs
+                ``forget_probe``. The search is recorded in the entry.
 
         Raises:
             BadInputError: no retain statistics are registered, the id is taken, or
                 the data is unusable.
             StabilityCheckError: the staged HEAD failed a check and ``on_fail`` is abort;
                 nothing was written.
+            TargetNotReachedError: with ``target``, no gamma reached it within the limits;
+                nothing was written.
         """
         _check_limits_type(limits)
         config = config or KVWConfig()
         placement = Placement.resolve(_rank_device(device, world), dtype)
+        if target is not None and forget_probe is None:
+            raise BadInputError("--target-forget needs --forget-probe FILE, the records it measures")
+        if target is not None and world.parallel:
+            raise BadInputError("--target-forget searches in one process; under torchrun give --gamma")
         progress = progress and world.is_main
         records = world.call(data.read_records, data_path)
         probe_records = world.call(data.read_records, forget_probe) if forget_probe is not None else None
@@ -689,6 +773,9 @@ class Ledger:
             if stats_id not in state.retain_stats:
                 raise RefNotFoundError(f"retain stats {stats_id!r} do not exist in this ledger")
             self._check_reads("forget", state, stats=stats_id)
+            stats_label_eos = _label_eos(state.retain_info[stats_id])
+            label_eos = stats_label_eos if label_eos is None else label_eos
+            _same_positions("the request", label_eos, stats_id, stats_label_eos)
             retain_means = {
                 s.name: self.store.read_array(f"retain/{stats_id}/{s.name}") for s in self.sites
             }
@@ -701,7 +788,7 @@ class Ledger:
                     "vectors further. The match is recorded in the entry"
                 )
             model, processor = self._load(model_dir, head.version, placement, progress)
-            encoder = data.Encoder(processor, max_length(model))
+            encoder = data.Encoder(processor, max_length(model), label_eos=label_eos)
             examples = data.encode_all(encoder, records)
             _, start, start_scales = self.sums(head.version)
             if (
@@ -716,26 +803,32 @@ class Ledger:
                     {s.name: site_weight(model, s).detach().to("cpu", copy=True) for s in self.sites}
                 )
             write.ready()
-            result = run_kvw(
-                model,
-                self.sites,
-                examples,
-                retain_means,
-                config,
-                pad_token_id=encoder.pad_token_id,
-                base={s.name: self.base(s.name) for s in self.sites},
-                start=start,
-                start_log_scale=start_scales,
-                progress=progress,
-                world=world,
-            )
+            bases = {s.name: self.base(s.name) for s in self.sites}
+
+            def weaken(config: KVWConfig) -> Any:
+                return run_kvw(
+                    model, self.sites, examples, retain_means, config, pad_token_id=encoder.pad_token_id,
+                    base=bases, start=start, start_log_scale=start_scales, progress=progress, world=world,
+                )
+
+            def staged_sums(result: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+                staged = {n: start[n] + result.exponents[n] if n in result.exponents else start[n] for n in start}
+                return staged, _add_scales([start_scales, result.log_scales or {}])
+
+            searched: dict[str, Any] | None = None
+            if target is None:
+                result = weaken(config)
+            else:
+                config, result, searched = self._search_gamma(
+                    state, model, processor, config, target, cast(Path, forget_probe), checked, weaken, staged_sums,
+                    start, start_scales, progress,
+                )
             if not world.is_main:
                 return self._entry(write.finish())
-            staged = {n: start[n] + result.exponents[n] if n in result.exponents else start[n] for n in start}
-            staged_scales = _add_scales([start_scales, result.log_scales or {}])
+            staged, staged_scales = staged_sums(result)
             report = self._check_staged(
                 state, staged, checked, staged_scales, model=model, processor=processor,
-                forget_records=probe_records, placement=placement, progress=progress,
+                forget_records=probe_records, forget_label_eos=label_eos, placement=placement, progress=progress,
             )
             self._claim(f"requests/{request_id}")
             files, arrays = {}, {}
@@ -762,6 +855,7 @@ class Ledger:
                 "retain_stats": stats_id,
                 "data_fingerprint": fingerprint,
                 **({"same_data_as": same} if same else {}),
+                "label_eos": label_eos,  # absent in older entries: they labelled it
                 "records": len(records),
                 "batches": result.n_batches,
                 "tokens": result.n_tokens,
@@ -769,15 +863,68 @@ class Ledger:
                 "active": active,
                 "stability": report.to_json(),
             }
+            if searched is not None:
+                body["target"] = searched
             entry = self._commit("forget", body, files, parent=head)
             self._write_head(entry, staged, staged_scales)
             return entry
+
+    def _search_gamma(
+        self,
+        state: LedgerState,
+        model: Any,
+        processor: Any,
+        config: KVWConfig,
+        spec: TargetSearch,
+        forget_probe: str | Path,
+        limits: StabilityLimits,
+        weaken: Callable[[KVWConfig], Any],
+        staged_sums: Callable[[Any], tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]],
+        start: Mapping[str, torch.Tensor],
+        start_scales: Mapping[str, torch.Tensor],
+        progress: bool,
+    ) -> tuple[KVWConfig, Any, dict[str, Any]]:
+        """``forget --target-forget``: trials on the loaded model, each from HEAD; returns the
+        chosen config, its result (the model left holding it) and the search's record."""
+        from kvw_ledger.evaluate import evaluate_split  # generation: only this search needs it
+
+        results: dict[float, Any] = {}
+        warn = dataclasses.replace(limits, on_fail="warn")
+
+        def trial(gamma: float) -> Trial:
+            self._materialize_exponents(model, start, start_scales)  # each trial starts at HEAD
+            candidate = dataclasses.replace(config, gamma=gamma)
+            result = weaken(candidate)
+            figures = evaluate_split(model, processor, forget_probe, multiple_choice=False)
+            accuracy = max(f["gen_acc"] for f in figures.values())  # the worst modality
+            staged, staged_scales = staged_sums(result)
+            report = self._check_staged(state, staged, warn, staged_scales, model=model,
+                                        processor=processor, progress=progress)
+            failed = [c.describe() for c in report.failures()]
+            results.clear()  # only the newest is kept: a trace per trial could be large
+            results[gamma] = result
+            return Trial(gamma, accuracy, report.passed, failed)
+
+        chosen, trials = search(trial, config.gamma, spec)
+        if chosen.gamma not in results:  # a later trial replaced it: weaken once more
+            self._materialize_exponents(model, start, start_scales)
+            results[chosen.gamma] = weaken(dataclasses.replace(config, gamma=chosen.gamma))
+        record = {
+            "forget_acc": spec.target,
+            "metric": "greedy generation accuracy on the forget probe, worst modality",
+            "probe_fingerprint": data.fingerprint(data.read_records(forget_probe)),
+            "chosen_gamma": chosen.gamma,
+            "trials": [t.to_json() for t in trials],
+        }
+        return dataclasses.replace(config, gamma=chosen.gamma), results[chosen.gamma], record
 
     def revert(
         self,
         request_id: str,
         *,
         reason: str = "",
+        retain_with: str | Path | None = None,
+        retain_id: str | None = None,
         limits: StabilityLimits | None = None,
         model_dir: str | Path | None = None,
         progress: bool = True,
@@ -786,12 +933,22 @@ class Ledger:
     ) -> Entry:
         """Takes one request back; later requests stay. History is appended, never rewritten.
 
+        With ``retain_with`` (a retain set that again holds the withdrawn request's
+        data: its person has withdrawn the request, so it is retain data again) the same
+        entry also measures and registers retain statistics on it, made as the latest
+        registered ones were (statistic, batch size, positions, version measured on),
+        and re-derives every other active request fast from its C_f trace with them:
+        one commit point, so an interrupted revert leaves nothing.
+
         Raises:
             RequestStateError: the request does not exist or is not active.
+            BadInputError: with ``retain_with``, no retain stats are registered, the id
+                is taken, or another active request has no C_f trace.
             StabilityCheckError: the staged HEAD failed a check (on_fail abort).
         """
         _check_limits_type(limits)
         placement = Placement.resolve(device, dtype)
+        records = data.read_records(retain_with) if retain_with is not None else None
         with self._writing("revert"):
             head = self.head()
             state = self.state(head.version)
@@ -804,16 +961,76 @@ class Ledger:
             checked = self._limits(state, limits)
             self._check_reads("revert", state)
             active = [r for r in state.active if r != request_id]
-            staged = self._sum_exponents(state, active)
-            staged_scales = self._sum_log_scales(state, active)
+            body: dict[str, Any] = {"request": request_id, "reason": reason, "active": active}
+            files: dict[str, str] = {}
+            if records is None:
+                staged = self._sum_exponents(state, active)
+                staged_scales = self._sum_log_scales(state, active)
+            else:
+                staged, staged_scales = self._revert_retain_with(
+                    state, head, active, records, retain_id, body, files, model_dir, placement, progress
+                )
             report = self._check_staged(
                 state, staged, checked, staged_scales, model_dir=model_dir, placement=placement,
                 progress=progress,
             )
-            body = {"request": request_id, "reason": reason, "active": active, "stability": report.to_json()}
-            entry = self._commit("revert", body, {}, parent=head)
+            body["stability"] = report.to_json()
+            entry = self._commit("revert", body, files, parent=head)
             self._write_head(entry, staged, staged_scales)
             return entry
+
+    def _revert_retain_with(
+        self,
+        state: LedgerState,
+        head: Entry,
+        active: Sequence[str],
+        records: Sequence[data.Record],
+        retain_id: str | None,
+        body: dict[str, Any],
+        files: dict[str, str],
+        model_dir: str | Path | None,
+        placement: Placement,
+        progress: bool,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The retain stats and re-derivation of ``revert --retain-with``, written into
+        ``body`` and ``files``; returns the staged sums."""
+        previous = state.latest_retain
+        if previous is None:
+            raise BadInputError(
+                "--retain-with replaces the retain statistics, but none are registered; "
+                "revert without it"
+            )
+        stats_id = check_id(retain_id or f"retain-{head.version + 1}", "retain stats id")
+        if stats_id in state.retain_stats:
+            raise BadInputError(f"retain stats {stats_id!r} already exist; choose another --retain-id")
+        like = state.retain_info[previous]
+        label_eos = _label_eos(like)
+        for other in active:
+            if other not in state.traces:
+                raise BadInputError(
+                    f"request {other!r} has no C_f trace, so it cannot be re-derived fast; revert "
+                    "without --retain-with, then `kvw-ledger rederive LEDGER --retain-stats ID "
+                    f"--exact {other}=DATA.jsonl`"
+                )
+            _same_positions(f"request {other!r}", _label_eos(state.requests[other].body), previous, label_eos)
+        model, processor = self._load(model_dir, like["measured_at"], placement, progress)
+        statistic = like.get("statistic", "mean")
+        retain_files, retain_body = self._measure_retain(
+            model, processor, records, stats_id, like["measured_at"], like["batch_size"], statistic,
+            label_eos, progress,
+        )
+        del model
+        retain_means = {s.name: self.store.read_array(f"retain/{stats_id}/{s.name}") for s in self.sites}
+        derived = self._rederive_chain(state, active, set(active), retain_means, {}, None, None, progress)
+        prefix = f"rederived/v{head.version + 1}"
+        rederived_files, rederived_arrays, changes = self._write_rederived(prefix, state, derived, {})
+        files.update(retain_files)
+        files.update(rederived_files)
+        # The registration and the re-derivation, each as its own entry would record it.
+        body["retain"] = retain_body
+        body["rederived"] = {"stats": stats_id, "requests": changes}
+        body["arrays"] = {**retain_body["arrays"], **rederived_arrays}
+        return derived.staged, derived.staged_scales
 
     def probe(
         self,
@@ -860,7 +1077,8 @@ class Ledger:
                     path, written = probes.store_probe(self.path, version, kind, source)
                     files.update(written)
                     records = probes.read_probe(self.path, path)
-                    stored[kind] = {"path": path, "records": len(records), "data_fingerprint": data.fingerprint(records)}
+                    stored[kind] = {"path": path, "records": len(records), "data_fingerprint": data.fingerprint(records),
+                                    "label_eos": False}  # absent in older entries: they labelled it
                 examples = {k: data.encode_all(encoder, probes.read_probe(self.path, v["path"])) for k, v in stored.items()}
                 for kind, ex in examples.items():
                     stored[kind]["base"] = probe_metrics(model, ex, encoder.pad_token_id)
@@ -1069,99 +1287,126 @@ class Ledger:
                         f"request {request_id!r} has no C_f trace; pass --exact {request_id}=DATA.jsonl"
                     )
             self._check_reads("rederive", state, stats=stats_id, traces=[r for r in ordered if r not in exact])
+            for request_id in ordered:
+                _same_positions(f"request {request_id!r}", _label_eos(state.requests[request_id].body),
+                                stats_id, _label_eos(state.retain_info[stats_id]))
             retain_means = {s.name: self.store.read_array(f"retain/{stats_id}/{s.name}") for s in self.sites}
             exact_records = {r: self._exact_records(state, r, path) for r, path in exact.items()}
-            new: dict[str, dict[str, torch.Tensor]] = {}
-            new_traces: dict[str, dict[str, torch.Tensor]] = {}
-            new_scales: dict[str, dict[str, torch.Tensor]] = {}
-            log_sq: dict[str, torch.Tensor] = {}  # site -> column_log_norms of its base
             model: Any = None
             processor: Any = None
             if exact_records:
                 model, processor = self._load(model_dir, 1, placement, progress)
-            # One pass in chain order: ``running`` is the sum (exponents, log-scales) of the
-            # requests before the current one, as re-derived so far; at the end, the staged HEAD.
-            running = _add(self.sites, [])
-            running_scales: dict[str, torch.Tensor] = {}
-            redo = set(ordered)
-            for request_id in state.active:
-                if request_id in redo:
-                    params = KVWConfig.from_dict(state.requests[request_id].body["params"])
-                    if request_id in exact_records:
-                        start, start_scales = dict(running), dict(running_scales)
-                        self._materialize_exponents(model, start, start_scales)
-                        encoder = data.Encoder(processor, max_length(model))
-                        result = run_kvw(
-                            model, self.sites, data.encode_all(encoder, exact_records[request_id]), retain_means,
-                            params, pad_token_id=encoder.pad_token_id,
-                            base={s.name: self.base(s.name) for s in self.sites}, start=start,
-                            start_log_scale=start_scales, progress=progress,
-                        )
-                        new[request_id] = result.exponents
-                        new_traces[request_id] = result.trace or {}
-                        if result.log_scales is not None:
-                            new_scales[request_id] = result.log_scales
-                    else:
-                        traces = {n.rsplit("/", 1)[1]: self.store.read_array(n)
-                                  for n in self.store.list_arrays(state.traces[request_id])}
-                        new[request_id] = {site: exponents_from_trace(t, retain_means[site], params)
-                                           for site, t in traces.items()}
-                        if params.rescale:  # s restores the norm the site had before this request
-                            for site in new[request_id]:
-                                if site not in log_sq:
-                                    log_sq[site] = column_log_norms(self.base(site), self._sites_by_name[site].axis)
-                            new_scales[request_id] = {
-                                site: log_scale(log_sq[site], running[site], running[site] + w)
-                                for site, w in new[request_id].items()
-                            }
-                exps = new[request_id] if request_id in new else self.request_exponents(request_id, state)
-                scales = (new_scales[request_id] if request_id in new_scales
-                          else self.request_log_scales(request_id, state))
-                running = _add(self.sites, [running, exps])
-                running_scales = _add_scales([running_scales, scales])
-            staged, staged_scales = running, running_scales
+            derived = self._rederive_chain(
+                state, state.active, set(ordered), retain_means, exact_records, model, processor, progress
+            )
             if model is not None:  # it holds the last exact request's loop, not the staged HEAD
-                self._materialize_exponents(model, staged, staged_scales)
-            report = self._check_staged(state, staged, checked, staged_scales, model=model,
+                self._materialize_exponents(model, derived.staged, derived.staged_scales)
+            report = self._check_staged(state, derived.staged, checked, derived.staged_scales, model=model,
                                         processor=processor, model_dir=model_dir, placement=placement,
                                         progress=progress)
-            prefix = f"rederived/v{head.version + 1}"
-            self._claim(prefix)
-            files: dict[str, str] = {}
-            arrays: dict[str, str] = {}
-            changes: dict[str, Any] = {}
-            for request_id, exps in new.items():
-                old = {n: self.store.content_hash(n) for n in self.store.list_arrays(state.exponents[request_id])}
-                change: dict[str, Any] = {"mode": "exact" if request_id in exact else "fast",
-                                          "exponent": f"{prefix}/{request_id}/exponent", "old": old, "new": {}}
-                for site, value in exps.items():
-                    record = self.store.write_array(f"{prefix}/{request_id}/exponent/{site}", value)
-                    files.update(record.files)
-                    arrays[record.name] = change["new"][record.name] = record.sha256
-                if request_id in new_scales:
-                    change["log_scale"] = f"{prefix}/{request_id}/log_scale"
-                    old_prefix = state.log_scales.get(request_id)
-                    change["old_log_scale"] = {
-                        n: self.store.content_hash(n) for n in self.store.list_arrays(old_prefix)
-                    } if old_prefix else {}
-                    change["new_log_scale"] = {}
-                    for site, value in new_scales[request_id].items():
-                        record = self.store.write_array(f"{prefix}/{request_id}/log_scale/{site}", value)
-                        files.update(record.files)
-                        arrays[record.name] = change["new_log_scale"][record.name] = record.sha256
-                if new_traces.get(request_id):
-                    change["trace"] = f"{prefix}/{request_id}/trace"
-                    for site, value in new_traces[request_id].items():
-                        record = self.store.write_array(f"{prefix}/{request_id}/trace/{site}", value)
-                        files.update(record.files)
-                        arrays[record.name] = record.sha256
-                changes[request_id] = change
-            files.update(self.store.group_files(prefix))
+            files, arrays, changes = self._write_rederived(f"rederived/v{head.version + 1}", state, derived, exact)
             body = {"stats": stats_id, "requests": changes, "arrays": arrays, "active": state.active,
                     "stability": report.to_json()}
             entry = self._commit("rederive", body, files, parent=head)
-            self._write_head(entry, staged, staged_scales)
+            self._write_head(entry, derived.staged, derived.staged_scales)
             return entry
+
+    def _rederive_chain(
+        self,
+        state: LedgerState,
+        chain: Sequence[str],
+        redo: set[str],
+        retain_means: Mapping[str, torch.Tensor],
+        exact_records: Mapping[str, Sequence[data.Record]],
+        model: Any,
+        processor: Any,
+        progress: bool,
+    ) -> _Rederived:
+        """Re-derives the requests in ``redo`` along ``chain`` (the active requests, in
+        order), fast from their traces or exactly (``exact_records``, on ``model``)."""
+        derived = _Rederived()
+        new, new_traces, new_scales = derived.exponents, derived.traces, derived.log_scales
+        log_sq: dict[str, torch.Tensor] = {}  # site -> column_log_norms of its base
+        # One pass in chain order: ``running`` is the sum (exponents, log-scales) of the
+        # requests before the current one, as re-derived so far; at the end, the staged HEAD.
+        running = _add(self.sites, [])
+        running_scales: dict[str, torch.Tensor] = {}
+        for request_id in chain:
+            if request_id in redo:
+                params = KVWConfig.from_dict(state.requests[request_id].body["params"])
+                if request_id in exact_records:
+                    start, start_scales = dict(running), dict(running_scales)
+                    self._materialize_exponents(model, start, start_scales)
+                    encoder = data.Encoder(processor, max_length(model),
+                                           label_eos=_label_eos(state.requests[request_id].body))
+                    result = run_kvw(
+                        model, self.sites, data.encode_all(encoder, exact_records[request_id]), retain_means,
+                        params, pad_token_id=encoder.pad_token_id,
+                        base={s.name: self.base(s.name) for s in self.sites}, start=start,
+                        start_log_scale=start_scales, progress=progress,
+                    )
+                    new[request_id] = result.exponents
+                    new_traces[request_id] = result.trace or {}
+                    if result.log_scales is not None:
+                        new_scales[request_id] = result.log_scales
+                else:
+                    traces = {n.rsplit("/", 1)[1]: self.store.read_array(n)
+                              for n in self.store.list_arrays(state.traces[request_id])}
+                    new[request_id] = {site: exponents_from_trace(t, retain_means[site], params)
+                                       for site, t in traces.items()}
+                    if params.rescale:  # s restores the norm the site had before this request
+                        for site in new[request_id]:
+                            if site not in log_sq:
+                                log_sq[site] = column_log_norms(self.base(site), self._sites_by_name[site].axis)
+                        new_scales[request_id] = {
+                            site: log_scale(log_sq[site], running[site], running[site] + w)
+                            for site, w in new[request_id].items()
+                        }
+            exps = new[request_id] if request_id in new else self.request_exponents(request_id, state)
+            scales = (new_scales[request_id] if request_id in new_scales
+                      else self.request_log_scales(request_id, state))
+            running = _add(self.sites, [running, exps])
+            running_scales = _add_scales([running_scales, scales])
+        derived.staged, derived.staged_scales = running, running_scales
+        return derived
+
+    def _write_rederived(
+        self, prefix: str, state: LedgerState, derived: _Rederived, exact: Mapping[str, Any]
+    ) -> tuple[dict[str, str], dict[str, str], dict[str, Any]]:
+        """Writes re-derived arrays under ``prefix``: (files, arrays, per-request changes)."""
+        self._claim(prefix)
+        files: dict[str, str] = {}
+        arrays: dict[str, str] = {}
+        changes: dict[str, Any] = {}
+        new_scales = derived.log_scales
+        for request_id, exps in derived.exponents.items():
+            old = {n: self.store.content_hash(n) for n in self.store.list_arrays(state.exponents[request_id])}
+            change: dict[str, Any] = {"mode": "exact" if request_id in exact else "fast",
+                                      "exponent": f"{prefix}/{request_id}/exponent", "old": old, "new": {}}
+            for site, value in exps.items():
+                record = self.store.write_array(f"{prefix}/{request_id}/exponent/{site}", value)
+                files.update(record.files)
+                arrays[record.name] = change["new"][record.name] = record.sha256
+            if request_id in new_scales:
+                change["log_scale"] = f"{prefix}/{request_id}/log_scale"
+                old_prefix = state.log_scales.get(request_id)
+                change["old_log_scale"] = {
+                    n: self.store.content_hash(n) for n in self.store.list_arrays(old_prefix)
+                } if old_prefix else {}
+                change["new_log_scale"] = {}
+                for site, value in new_scales[request_id].items():
+                    record = self.store.write_array(f"{prefix}/{request_id}/log_scale/{site}", value)
+                    files.update(record.files)
+                    arrays[record.name] = change["new_log_scale"][record.name] = record.sha256
+            if derived.traces.get(request_id):
+                change["trace"] = f"{prefix}/{request_id}/trace"
+                for site, value in derived.traces[request_id].items():
+                    record = self.store.write_array(f"{prefix}/{request_id}/trace/{site}", value)
+                    files.update(record.files)
+                    arrays[record.name] = record.sha256
+            changes[request_id] = change
+        files.update(self.store.group_files(prefix))
+        return files, arrays, changes
 
     def gc(self, *, reverted: bool = True) -> Entry:
         """Deletes the arrays (exponents and traces) of reverted requests.
@@ -1571,6 +1816,7 @@ class Ledger:
         model: Any = None,
         processor: Any = None,
         forget_records: Sequence[data.Record] | None = None,
+        forget_label_eos: bool = False,
         model_dir: str | Path | None = None,
         placement: Placement | None = None,
         progress: bool = True,
@@ -1601,11 +1847,12 @@ class Ledger:
             if model is None:
                 model, processor = self._load(model_dir, 1, placement or Placement.resolve(), progress)
                 self._materialize_exponents(model, staged, staged_scales)
-            encoder = data.Encoder(processor, max_length(model))
-            sets = {kind: probes.read_probe(self.path, p["path"]) for kind, p in state.probes.items()}
+            # Each probe is encoded as its base figures were measured.
+            sets = {kind: (probes.read_probe(self.path, p["path"]), _label_eos(p)) for kind, p in state.probes.items()}
             if forget_records is not None:
-                sets["forget"] = list(forget_records)
-            for kind, records in sets.items():
+                sets["forget"] = (list(forget_records), forget_label_eos)
+            for kind, (records, label_eos) in sets.items():
+                encoder = data.Encoder(processor, max_length(model), label_eos=label_eos)
                 report.probes[kind] = probe_metrics(model, data.encode_all(encoder, records), encoder.pad_token_id)
             base = {kind: p["base"] for kind, p in state.probes.items()}
             report.checks += compare_probes(report.probes, base, state.probe_figures, limits)
@@ -1770,12 +2017,22 @@ class Ledger:
     _claimed: list[str] = []  # noqa: RUF012 - replaced per write; prefixes a write owns until it commits
 
     def _claim(self, prefix: str) -> None:
-        """Removes what an interrupted writer left under ``prefix``, and owns it until commit."""
+        """Removes what an interrupted writer left under ``prefix``, and owns it until commit.
+
+        Groups above ``prefix`` that do not exist yet (``rederived/`` on a first
+        re-derivation) are owned too, so a failed write leaves not even their metadata.
+        """
         self._remove_prefix(prefix)
+        parts = prefix.split("/")[:-1]
+        for depth in range(1, len(parts) + 1):
+            group = "/".join(parts[:depth])
+            if not (self.path / group).exists():
+                self._claimed.append(group)
+                break
         self._claimed.append(prefix)
 
     def _release_claims(self) -> None:
-        for prefix in self._claimed:
+        for prefix in reversed(self._claimed):
             with contextlib.suppress(OSError, KVWLedgerError):
                 self._remove_prefix(prefix)
 
@@ -1850,12 +2107,24 @@ class Ledger:
         self.store.write_head(dict(tensors), entry.version, entry.hash, log_scales)
 
 
+@dataclass
+class _Rederived:
+    """What one re-derivation computed, per request (the requests re-derived only)."""
+
+    exponents: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    traces: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # exact mode only
+    log_scales: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # rescaled ones
+    staged: dict[str, torch.Tensor] = field(default_factory=dict)  # the chain's exponent sums
+    staged_scales: dict[str, torch.Tensor] = field(default_factory=dict)  # its log-scale sums
+
+
 def _apply(state: LedgerState, entry: Entry) -> None:
     """Advances a replay by one entry."""
     body = entry.body
     state.version = entry.version
     if entry.op == "retain":
         state.retain_stats[body["stats"]] = entry.version
+        state.retain_info[body["stats"]] = body
         state.latest_retain = body["stats"]
     elif entry.op == "forget":
         request_id = body["request"]
@@ -1870,13 +2139,14 @@ def _apply(state: LedgerState, entry: Entry) -> None:
         if body["request"] in state.active:
             state.active.remove(body["request"])
         state.reverted.add(body["request"])
+        if "retain" in body:  # revert --retain-with: retain stats registered in the same entry
+            retained = body["retain"]
+            state.retain_stats[retained["stats"]] = entry.version
+            state.retain_info[retained["stats"]] = retained
+            state.latest_retain = retained["stats"]
+        _apply_rederived(state, body.get("rederived", {}).get("requests", {}))
     elif entry.op == "rederive":
-        for request_id, change in body["requests"].items():
-            state.exponents[request_id] = change["exponent"]
-            if change.get("trace"):
-                state.traces[request_id] = change["trace"]
-            if change.get("log_scale"):
-                state.log_scales[request_id] = change["log_scale"]
+        _apply_rederived(state, body["requests"])
     elif entry.op == "gc":
         for request_id in body["deleted"]:
             state.deleted[request_id] = entry.version
@@ -1888,11 +2158,39 @@ def _apply(state: LedgerState, entry: Entry) -> None:
         state.probe_figures = dict(figures)
 
 
+def _apply_rederived(state: LedgerState, changes: Mapping[str, Any]) -> None:
+    """Points each re-derived request at its new arrays (a rederive, or a revert --retain-with)."""
+    for request_id, change in changes.items():
+        state.exponents[request_id] = change["exponent"]
+        if change.get("trace"):
+            state.traces[request_id] = change["trace"]
+        if change.get("log_scale"):
+            state.log_scales[request_id] = change["log_scale"]
+
+
+def _label_eos(body: Mapping[str, Any]) -> bool:
+    """Whether a retain, forget or probe record labelled the eos; entries from before the
+    option existed did."""
+    return bool(body.get("label_eos", True))
+
+
+def _same_positions(what: str, label_eos: bool, stats_id: str, stats_label_eos: bool) -> None:
+    """C_f and C_r must count the same positions, or the accessor compares unlike means."""
+    if label_eos != stats_label_eos:
+        flag = "with --label-eos" if stats_label_eos else "without --label-eos"
+        raise BadInputError(
+            f"{what} {'labels' if label_eos else 'does not label'} the eos token, but retain stats "
+            f"{stats_id!r} were measured {flag}; use the same setting, or register retain stats "
+            "measured with it (`kvw-ledger retain LEDGER DATA --id ID [--label-eos]`)"
+        )
+
+
 def _request_prefixes(request_id: str, entries: Sequence[Entry]) -> list[str]:
     """Every store prefix holding arrays of one request: its own, and each re-derivation's."""
     prefixes = [f"requests/{request_id}"]
     for entry in entries:
-        if entry.op == "rederive" and request_id in entry.body["requests"]:
+        changes = entry.body["requests"] if entry.op == "rederive" else entry.body.get("rederived", {}).get("requests", {})
+        if entry.op in ("rederive", "revert") and request_id in changes:
             prefixes.append(f"rederived/v{entry.version}/{request_id}")
     return prefixes
 

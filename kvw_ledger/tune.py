@@ -123,7 +123,9 @@ def tune(
     model, processor = ledger.load(
         model_dir, "HEAD", progress=progress, device=placement.device, dtype=placement.dtype
     )
-    encoder = data.Encoder(processor, max_length(model))
+    # Positions counted as the retain stats counted them (older stats labelled the eos).
+    label_eos = bool(state.retain_info[stats_id].get("label_eos", True))
+    encoder = data.Encoder(processor, max_length(model), label_eos=label_eos)
     forget_ex = data.encode_all(encoder, data.read_records(forget_val))
     retain_ex = data.encode_all(encoder, data.read_records(retain_val))
     head = ledger.exponents()

@@ -173,6 +173,7 @@ def test_show_forget_exact(env: Env) -> None:
         "active   A\n"
         "batches  2\n"
         f"data_fingerprint {fingerprint}\n"
+        "label_eos False\n"
         'params   {"batch_size": 1, "epochs": 1, "eps": 1e-12, "gamma": 0.5, "keep_trace": true, '
         '"layers": [1, 25], "seed": 0}\n'
         "reason   asked by A\n"

@@ -8,7 +8,15 @@ import pytest
 import tiny
 import torch
 
-from kvw_ledger.data import IGNORE_INDEX, Encoder, collate, encode_all, fingerprint, read_records
+from kvw_ledger.data import (
+    IGNORE_INDEX,
+    Encoder,
+    collate,
+    combine_jsonl,
+    encode_all,
+    fingerprint,
+    read_records,
+)
 from kvw_ledger.errors import DataError
 
 
@@ -19,9 +27,23 @@ def test_prompt_and_answer_are_tokenized_apart_and_only_the_answer_is_labelled(
     path = tiny.write_jsonl(tmp_path / "d.jsonl", [{"question": "Who?", "answer": "Ada"}])
     example = Encoder(tok).encode(read_records(path)[0])
     prompt = tok("Question: Who?\nAnswer:")["input_ids"]
-    answer = tok(" Ada", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    assert example.input_ids.tolist() == prompt + answer
-    assert example.labels.tolist() == [IGNORE_INDEX] * len(prompt) + answer
+    answer = tok(" Ada", add_special_tokens=False)["input_ids"]
+    eos = tok.eos_token_id
+    assert example.input_ids.tolist() == [*prompt, *answer, eos]
+    # As the authors' collate: the answer's own tokens only, the eos stays unlabelled.
+    assert example.labels.tolist() == [IGNORE_INDEX] * len(prompt) + answer + [IGNORE_INDEX]
+
+
+def test_label_eos_labels_the_eos_too_with_the_same_ids(tmp_path: Path) -> None:
+    tok = tiny.char_tokenizer()
+    path = tiny.write_jsonl(tmp_path / "d.jsonl", [{"question": "Who?", "answer": "Ada"}])
+    authors = Encoder(tok).encode(read_records(path)[0])
+    with_eos = Encoder(tok, label_eos=True).encode(read_records(path)[0])
+    assert with_eos.input_ids.tolist() == authors.input_ids.tolist()
+    assert with_eos.labels[-1] == tok.eos_token_id and authors.labels[-1] == IGNORE_INDEX
+    assert with_eos.labels[:-1].tolist() == authors.labels[:-1].tolist()
+    # One more selected position per record: the one that predicts the eos.
+    assert collate([with_eos], 0).n_tokens == collate([authors], 0).n_tokens + 1
 
 
 def test_collate_pads_right_and_selects_positions_that_predict_answer_tokens(
@@ -32,7 +54,7 @@ def test_collate_pads_right_and_selects_positions_that_predict_answer_tokens(
         tmp_path / "d.jsonl",
         [{"question": "Q", "answer": "Ab"}, {"question": "Longer?", "answer": "C"}],
     )
-    examples = encode_all(Encoder(tok), read_records(path))
+    examples = encode_all(Encoder(tok, label_eos=True), read_records(path))
     batch = collate(examples, tok.pad_token_id)
     ids, mask = batch.inputs["input_ids"], batch.inputs["attention_mask"]
     n0, n1 = len(examples[0].input_ids), len(examples[1].input_ids)
@@ -53,14 +75,32 @@ def test_chat_template_puts_the_answer_in_the_assistant_turn(tmp_path: Path) -> 
         "{% if add_generation_prompt %}<s>assistant: {% endif %}"
     )
     path = tiny.write_jsonl(tmp_path / "d.jsonl", [{"question": "Who?", "answer": "Ada"}])
+    def labelled(example: object) -> str:
+        ids = [
+            i
+            for i, label in zip(example.input_ids.tolist(), example.labels.tolist(), strict=True)  # type: ignore[attr-defined]
+            if label != IGNORE_INDEX
+        ]
+        return tok.decode(ids)
+
     example = Encoder(tok).encode(read_records(path)[0])
-    answer_ids = [
-        i
-        for i, label in zip(example.input_ids.tolist(), example.labels.tolist(), strict=True)
-        if label != IGNORE_INDEX
-    ]
-    assert tok.decode(answer_ids) == "Ada\n"
+    assert labelled(example) == "Ada"  # the answer only, not the turn's end
     assert tok.decode(example.input_ids[: len(example.input_ids) - 4]).endswith("assistant: ")
+    whole_turn = Encoder(tok, label_eos=True).encode(read_records(path)[0])
+    assert labelled(whole_turn) == "Ada\n"
+    assert whole_turn.input_ids.tolist() == example.input_ids.tolist()
+
+
+def test_a_template_that_alters_the_answer_is_refused_naming_the_record(tmp_path: Path) -> None:
+    tok = tiny.char_tokenizer()
+    tok.chat_template = (
+        "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] | upper }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<s>assistant: {% endif %}"
+    )
+    path = tiny.write_jsonl(tmp_path / "d.jsonl", [{"question": "Who?", "answer": "Ada"}])
+    with pytest.raises(DataError, match=r"d\.jsonl:1: the chat template does not render the answer verbatim"):
+        Encoder(tok).encode(read_records(path)[0])
+    assert Encoder(tok, label_eos=True).encode(read_records(path)[0]).labels.ne(IGNORE_INDEX).any()
 
 
 def test_image_records_go_through_the_processor(tmp_path: Path) -> None:
@@ -169,3 +209,19 @@ def test_positions_are_integers_on_the_host(tmp_path: Path) -> None:
     path = tiny.write_jsonl(tmp_path / "d.jsonl", tiny.qa_records(3))
     batch = collate(encode_all(Encoder(tiny.char_tokenizer()), read_records(path)), 0)
     assert batch.positions.dtype == torch.long and batch.positions.device.type == "cpu"
+
+
+def test_combine_jsonl_keeps_every_record_and_its_image(tmp_path: Path) -> None:
+    tiny.save_image(tmp_path / "a" / "img" / "x.png", (1, 2, 3))
+    tiny.save_image(tmp_path / "b" / "y.png", (4, 5, 6))
+    first = tiny.write_jsonl(tmp_path / "a" / "1.jsonl", [{"question": "Q1", "answer": "A1", "image": "img/x.png"}])
+    second = tiny.write_jsonl(tmp_path / "b" / "g" / "2.jsonl", [{"question": "Q2", "answer": "A2", "image": "../y.png"},
+                                                                 {"question": "Q3", "answer": "A3"}])
+    combined = combine_jsonl([first, second], tmp_path / "c" / "all.jsonl")
+    records = read_records(combined)
+    assert [r.question for r in records] == ["Q1", "Q2", "Q3"]
+    # The same records and image bytes: the fingerprints of the parts add up to the whole's.
+    assert fingerprint(records) == fingerprint(read_records(first) + read_records(second))
+    bad = tiny.write_jsonl(tmp_path / "bad.jsonl", [{"question": "Q"}])
+    with pytest.raises(DataError, match=r"bad\.jsonl:1: field 'answer' must be a string"):
+        combine_jsonl([first, bad], tmp_path / "c" / "never.jsonl")

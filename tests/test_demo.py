@@ -41,6 +41,8 @@ def test_demo_runs_the_whole_life_of_a_ledger(tmp_path: Path) -> None:
         [], ["group-1"], ["group-1", "group-2"], ["group-1", "group-2", "group-3"], ["group-1", "group-3"],
     ]
     assert report["verify"]["ok"] is True
+    # The revert re-derived the other two requests with retain stats holding group 2's data.
+    assert any(line.strip() == "re-derived with the withdrawn data as retain data: group-1, group-3" for line in lines)
     on_disk = json.loads((tmp_path / "report.json").read_text())
     assert on_disk["rows"] == report["rows"]
     assert (tmp_path / "history.png").read_bytes()[:4] == b"\x89PNG"

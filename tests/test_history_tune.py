@@ -32,7 +32,7 @@ def ledger_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ledger = Ledger.create(root / "led", root / "model", progress=False)
     ledger.retain(root / "retain.jsonl", progress=False)
     ledger.probe(retain=root / "retain.jsonl", limits=ledger.limits(max_attenuation=0.15), progress=False)
-    strong = KVWConfig(gamma=2.0, layers=(0, 3))
+    strong = KVWConfig(gamma=4.0, layers=(0, 3))
     ledger.forget(root / "f1.jsonl", request_id="a", config=strong, limits=ledger.limits(on_fail="warn"), progress=False)
     ledger.forget(root / "f2.jsonl", request_id="b", config=KVWConfig(gamma=0.2, layers=(0, 3)),
                   limits=ledger.limits(on_fail="warn"), progress=False)

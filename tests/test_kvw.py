@@ -487,3 +487,117 @@ def test_no_device_sync_inside_the_loop_on_a_gpu() -> None:
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert measured is not None
+# --- the authors' CLEAR collate (answer tokens only) and KVW, end to end ------------------
+
+CHAT = (
+    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant: {% endif %}"
+)
+
+
+def authors_collate(tok, rows: list[dict], pad: int) -> dict:
+    """As CLEAR's answer-only collate: render the whole chat, tokenize it, find the answer's
+    own tokens (special tokens dropped) in it, and label those alone."""
+    specials = set(tok.all_special_ids)
+    ids, labels = [], []
+    for row in rows:
+        messages = [
+            {"role": "user", "content": row["question"]},
+            {"role": "assistant", "content": row["answer"]},
+        ]
+        full = tok(tok.apply_chat_template(messages, tokenize=False).strip())["input_ids"]
+        answer = [t for t in tok(row["answer"])["input_ids"] if t not in specials]
+        label = [-100] * len(full)
+        for i in range(len(full) - len(answer) + 1):
+            if full[i : i + len(answer)] == answer:
+                label[i : i + len(answer)] = answer
+                break
+        else:
+            raise AssertionError(f"answer {row['answer']!r} not found")
+        ids.append(full)
+        labels.append(label)
+    width = max(len(i) for i in ids)
+    return {
+        "input_ids": torch.tensor([i + [pad] * (width - len(i)) for i in ids]),
+        "attention_mask": torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids]),
+        "labels": torch.tensor([lab + [-100] * (width - len(lab)) for lab in labels]),
+    }
+
+
+def authors_kvw(model, layers, rows_f, rows_r, tok, gamma, batch_size, epochs, seed):
+    """C_r pooled over the retain set, then per shuffled forget batch C_f on the weakened
+    model and an in-place gate, on every decoder layer's down_proj in the range."""
+    import random
+
+    modules = {i: layer.mlp.down_proj for i, layer in enumerate(model.model.layers)}
+    chosen = [i for i in modules if layers[0] <= i <= layers[1]]
+
+    def coefficients(batch):
+        seen = {}
+        handles = [
+            modules[i].register_forward_hook(lambda m, inp, out, i=i: seen.__setitem__(i, inp[0]))
+            for i in chosen
+        ]
+        try:
+            with torch.no_grad():
+                model(**batch)
+        finally:
+            for h in handles:
+                h.remove()
+        cause = torch.zeros_like(batch["labels"], dtype=torch.bool)
+        cause[:, :-1] = batch["labels"][:, 1:] != -100
+        mask = (batch["attention_mask"].bool() & cause).unsqueeze(-1).float()
+        return {i: (x.float().abs() * mask).sum((0, 1)) for i, x in seen.items()}, mask.sum()
+
+    sums, count = {i: 0.0 for i in chosen}, 0.0
+    for row in rows_r:
+        s, n = coefficients(authors_collate(tok, [row], tok.pad_token_id))
+        sums = {i: sums[i] + s[i] for i in chosen}
+        count += float(n)
+    c_r = {i: sums[i] / count for i in chosen}
+    exponents = {i: torch.zeros(modules[i].weight.shape[1]) for i in chosen}
+    rng = random.Random(seed)
+    for _ in range(epochs):
+        order = list(range(len(rows_f)))
+        rng.shuffle(order)
+        for start in range(0, len(order), batch_size):
+            batch = authors_collate(tok, [rows_f[j] for j in order[start : start + batch_size]], tok.pad_token_id)
+            s, n = coefficients(batch)
+            for i in chosen:
+                a = (torch.log(s[i] / n + 1e-12) - torch.log(c_r[i] + 1e-12)).clamp(min=0)
+                exponents[i] += gamma * a
+                modules[i].weight.data.mul_(torch.exp(-gamma * a).unsqueeze(0))
+    return exponents
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_the_default_positions_are_the_authors_answer_tokens_end_to_end(
+    tmp_path, batch_size: int
+) -> None:
+    tok = tiny.char_tokenizer()
+    tok.chat_template = CHAT
+    rows_f, rows_r = tiny.qa_records(5), tiny.qa_records(6, offset=20)
+    gamma, layers, epochs, seed = 0.5, (1, 2), 2, 3
+    expected = authors_kvw(tiny.llama(), layers, rows_f, rows_r, tok, gamma, batch_size, epochs, seed)
+
+    def engine(label_eos: bool) -> dict[int, torch.Tensor]:
+        from kvw_ledger.data import read_records
+
+        encoder = Encoder(tok, label_eos=label_eos)
+        forget = encode_all(encoder, read_records(tiny.write_jsonl(tmp_path / "f.jsonl", rows_f)))
+        retain = encode_all(encoder, read_records(tiny.write_jsonl(tmp_path / "r.jsonl", rows_r)))
+        model = tiny.llama()
+        sites = discover_sites(model)
+        stats = collect(model, select_layers(sites, layers), iter_batches(retain, 1, 0), progress=False)
+        cfg = KVWConfig(gamma=gamma, layers=layers, batch_size=batch_size, epochs=epochs, seed=seed)
+        result = run_kvw(model, sites, forget, stats.means(), cfg, pad_token_id=0, progress=False)
+        return {s.layer: result.exponents[s.name] for s in sites if s.name in result.exponents}
+
+    ours = engine(label_eos=False)
+    assert sorted(ours) == [1, 2]
+    for layer, w in expected.items():
+        assert float(w.max()) > 0.1, "the test data weakened nothing; the comparison would be vacuous"
+        torch.testing.assert_close(ours[layer], w, rtol=1e-4, atol=1e-5)
+    # The old positions (the end of the turn labelled too) are not the authors'.
+    with_eos = engine(label_eos=True)
+    assert max(float((with_eos[i] - expected[i]).abs().max()) for i in expected) > 1e-2

@@ -80,7 +80,10 @@ def test_image_records_encode_through_the_chat_template(qwen_dir: Path, tmp_path
         encoder = Encoder(load_processor(qwen_dir))
     example = encoder.encode(read_records(path)[0])
     answer = example.input_ids[example.labels != -100]
-    assert encoder.tokenizer.decode(answer) == "City 0</s>"
+    assert encoder.tokenizer.decode(answer) == "City 0"  # the answer's own tokens, as the authors
+    with_eos = Encoder(encoder.processor, label_eos=True).encode(read_records(path)[0])
+    assert encoder.tokenizer.decode(with_eos.input_ids[with_eos.labels != -100]) == "City 0</s>"
+    assert with_eos.input_ids.tolist() == example.input_ids.tolist()
     assert int((example.input_ids == 5).sum()) == 64 == int(example.per_token["mm_token_type_ids"].sum())
     assert example.vision["image_grid_thw"].tolist() == [[1, 8, 8]]
 

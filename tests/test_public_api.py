@@ -87,9 +87,9 @@ def test_a_mapping_is_refused_before_anything_is_read(ledger: Ledger) -> None:
 
 def test_given_limits_are_the_whole_set_checked(ledger: Ledger) -> None:
     data = ledger.path.parent / "a.jsonl"
-    with pytest.raises(errors.StabilityCheckError, match=r"\(limit 0.001\) FAILED"):
-        ledger.forget(data, request_id="x", limits=StabilityLimits(max_attenuation=0.001), progress=False)
+    with pytest.raises(errors.StabilityCheckError, match=r"\(limit 0.0001\) FAILED"):
+        ledger.forget(data, request_id="x", limits=StabilityLimits(max_attenuation=0.0001), progress=False)
     entry = ledger.forget(
-        data, request_id="y", limits=StabilityLimits(max_attenuation=0.001, on_fail="warn"), progress=False
+        data, request_id="y", limits=StabilityLimits(max_attenuation=0.0001, on_fail="warn"), progress=False
     )
     assert entry.body["stability"]["on_fail"] == "warn" and not entry.body["stability"]["passed"]

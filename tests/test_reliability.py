@@ -954,6 +954,19 @@ CASES: dict[str, Callable[[Case], list[str | Path]]] = {
         "tune", c.ledger, c.scenario.forget_c, c.scenario.root / "retain.jsonl",
         "--gammas", "0.1", "--layer-buckets", "1:1", "-q",
     ],
+    "statistic-unknown": lambda c: ["retain", c.ledger, c.scenario.root / "retain.jsonl", "-q", "--statistic", "q50"],
+    "statistic-too-few-batches": lambda c: [
+        "retain", c.ledger, c.scenario.root / "retain.jsonl", "-q", "--statistic", "max", "--batch-size", "4",
+    ],
+    "positions-differ-from-stats": _option("--label-eos"),
+    "retain-id-taken": lambda c: [
+        "revert", c.ledger, "B", "-q", "--retain-with", c.scenario.root / "retain.jsonl", "--retain-id", "r2",
+    ],
+    "target-without-probe": _option("--target-forget", "0.3"),
+    "target-out-of-range": lambda c: c.forget(c.scenario.forget_c, "--forget-probe", c.scenario.forget_c, "--target-forget", "1.5"),
+    "target-not-reached": lambda c: c.forget(
+        c.scenario.forget_c, "--forget-probe", c.scenario.forget_c, "--target-forget", "0", "--max-attenuation", "0.0001",
+    ),
 }
 
 

@@ -491,10 +491,15 @@ def test_probe_sets_are_stored_measured_and_forget_probes_are_efficacy_only(
     assert stability["probes"]["forget"] == pytest.approx(
         _answer_figures(live, forget_records), abs=1e-5
     )
-    assert {c["name"] for c in stability["failed"]} == {
-        "retain NLL increase vs base",
-        "general NLL increase vs base",
+    # Each retain-type probe whose NLL rose past the tiny limit failed; the forget probe never.
+    base = {kind: ledger.state().probes[kind]["base"] for kind in ("retain", "general")}
+    rose = {
+        f"{kind} NLL increase vs base"
+        for kind in base
+        if stability["probes"][kind]["nll"] - base[kind]["nll"] > 0.000001
     }
+    assert "retain NLL increase vs base" in rose
+    assert {c["name"] for c in stability["failed"]} == rose
     question = forget_records[0].question.encode()
     assert not any(
         question in raw for _, raw in _tree(path).values()
