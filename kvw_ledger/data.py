@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from kvw_ledger._fs import sha256_file
 from kvw_ledger.errors import BadInputError, DataError
 
 IGNORE_INDEX = -100
@@ -166,7 +167,7 @@ def fingerprint(records: Sequence[Record]) -> str:
     for record in records:
         image_hash = None
         if record.image is not None:
-            image_hash = hashlib.sha256(record.image.read_bytes()).hexdigest()
+            image_hash = sha256_file(record.image)
         canonical = {
             "question": record.question,
             "answer": record.answer,
