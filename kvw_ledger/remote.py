@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kvw_ledger._fs import atomic_write, sha256_bytes
+from kvw_ledger._fs import atomic_write, sha256_bytes, sha256_file
 from kvw_ledger.errors import (
     ConcurrentCommitError,
     FormatVersionError,
@@ -412,7 +412,7 @@ def _entry_rel(version: int) -> str:
 
 def _local_sha(path: Path) -> str | None:
     try:
-        return sha256_bytes(path.read_bytes())
+        return sha256_file(path)
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
         return None
 
