@@ -78,15 +78,15 @@ def step_ratio(steps: int, busy: bool) -> dict[str, Any]:
     from kvw_ledger.bench import instill
     from kvw_ledger.bench.profiles import BenchConfig, generate
     from kvw_ledger.cpu import CoreMeter
+    from kvw_ledger.data import read_records
 
     with tempfile.TemporaryDirectory() as tmp:
         paths = generate(tmp, config=BenchConfig(n_people=200, seed=0))
         cfg = instill.InstillConfig()
-        records = instill.read_jsonl(paths.train)
-        corpus = [f"Question: {r['question']}\nAnswer: {r['answer']}" for r in records]
+        records = read_records(paths.train)
+        corpus = [f"Question: {r.question}\nAnswer: {r.answer}" for r in records]
         processor = instill._build_processor(cfg, corpus)
-        text = [r for r in records if "image" not in r]
-        examples = [(*instill.encode_record(r, processor), None) for r in text]
+        examples = instill.encode_records([r for r in records if r.image is None], processor)
     model = instill._build_llava(cfg, processor.tokenizer)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, fused=True)
@@ -98,7 +98,7 @@ def step_ratio(steps: int, busy: bool) -> dict[str, Any]:
     model.train()
 
     def one(idx: list[int]) -> None:
-        batch = instill.collate([examples[i] for i in idx], {}, pad)
+        batch = instill.collate([examples[i] for i in idx], pad)
         hooks.mask = instill.cause_mask(batch["labels"], batch["attention_mask"])
         loss = model(**batch, use_cache=False).loss
         hooks.mask = None

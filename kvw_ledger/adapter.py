@@ -23,8 +23,9 @@ from typing import Any
 
 import torch
 
+from kvw_ledger._fs import fsync_dir, fsync_file
 from kvw_ledger.errors import BadInputError, LedgerExistsError
-from kvw_ledger.export import PROVENANCE_FILE, PROVENANCE_KEY, check_out_dir, fsync_dir
+from kvw_ledger.export import PROVENANCE_FILE, PROVENANCE_KEY, check_out_dir
 from kvw_ledger.sites import Site
 
 __all__ = ["adapter_key", "check_ia3_sites", "write_ia3_adapter"]
@@ -116,14 +117,14 @@ def write_ia3_adapter(
         (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, sort_keys=True, indent=2) + "\n")
         for p in tmp.iterdir():
             with p.open("rb") as f:
-                os.fsync(f.fileno())
+                fsync_file(f)
             p.chmod(0o644)
         tmp.chmod(0o755)
         try:
             os.rename(tmp, out)  # replaces an empty directory, never a non-empty one
         except OSError as e:
             raise LedgerExistsError(f"{out} appeared during the export; export never overwrites") from e
-        fsync_dir(out.parent)
+        fsync_dir(out.parent, best_effort=True)  # as export's: outside the ledger
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -28,7 +28,6 @@ from typing import Any
 from torch import nn
 
 from kvw_ledger import data
-from kvw_ledger.bench.instill import read_jsonl
 from kvw_ledger.errors import BadInputError, RequestStateError
 from kvw_ledger.evaluate import evaluate_records
 from kvw_ledger.journal import Entry
@@ -84,7 +83,7 @@ def audit(
             f"where it is, e.g. --at {state.requests[request_id].version}"
         )
     before = state.requests[request_id].version - 1
-    held = held_out(probes["forget"].dicts, taught.dicts) if taught is not None else None
+    held = held_out(probes["forget"].records, taught.records) if taught is not None else None
     if quantize:
         library()  # a missing library fails before the model loads
 
@@ -132,26 +131,25 @@ def audit(
 
 
 class _Probe:
-    """One JSONL file: validated records (for fingerprints and encoding) and raw dicts (for evaluate)."""
+    """One JSONL file: its validated records, for fingerprints and for evaluate."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.records = data.read_records(self.path)  # validates; errors name file and line
-        self.dicts = read_jsonl(self.path)
         self.base_dir = self.path.parent
 
     def fingerprint(self) -> dict[str, Any]:
         return {"data_fingerprint": data.fingerprint(self.records), "records": len(self.records)}
 
     def measure(self, model: nn.Module, processor: Any) -> dict[str, Any]:
-        return _figures(model, processor, self.dicts, self.base_dir, str(self.path))
+        return _figures(model, processor, self.records, self.base_dir, str(self.path))
 
 
 def _figures(
-    model: nn.Module, processor: Any, records: Sequence[dict[str, Any]], base_dir: Path, where: str
+    model: nn.Module, processor: Any, records: Sequence[data.Record], base_dir: Path, where: str
 ) -> dict[str, Any]:
     """Accuracies over all records (and per modality), weighted by each modality's count."""
-    choice = all("options" in r and "correct" in r for r in records)
+    choice = all("options" in r.extra and "correct" in r.extra for r in records)
     by_modality = evaluate_records(
         model,  # type: ignore[arg-type]  # any causal LM: evaluate.py only calls it
         processor, records, base_dir, multiple_choice=choice,
@@ -185,7 +183,7 @@ def _relearned(
     versions: dict[str, nn.Module],
     processor: Any,
     taught: _Probe,
-    held: list[dict[str, Any]],
+    held: list[data.Record],
     base_dir: Path,
     **tuning: Any,
 ) -> dict[str, Any]:

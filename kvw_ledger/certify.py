@@ -20,13 +20,13 @@ digest says who issued it.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kvw_ledger._fs import sha256_bytes
 from kvw_ledger.audit import latest_audit
 from kvw_ledger.errors import BadInputError, IntegrityError, RequestStateError
 from kvw_ledger.journal import Entry, canonical_json, default_operator, format_time, utc_now
@@ -439,7 +439,7 @@ def _ranges(ranges: list[list[int]]) -> str:
 def _digest(cert: dict[str, Any]) -> str:
     content = {k: v for k, v in cert.items() if k not in _UNSIGNED}
     try:
-        return hashlib.sha256(canonical_json(content)).hexdigest()
+        return sha256_bytes(canonical_json(content))
     except (TypeError, ValueError) as e:
         raise IntegrityError(f"the certificate holds a value JSON cannot hash canonically ({e})") from e
 

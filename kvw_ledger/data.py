@@ -1,7 +1,8 @@
 """Forget and retain data: JSONL records to model inputs with answer-only labels.
 
 A record is ``{"question": str, "answer": str, "image"?: path, "id"?: str}``, image
-paths relative to the JSONL file; other fields are ignored. Each record becomes
+paths relative to the JSONL file; other fields (a benchmark's multiple-choice
+``options`` and ``correct``...) are kept aside in ``Record.extra``. Each record becomes
 the prompt's ids followed by the answer's ids (never tokenized together, so the
 answer's tokens are the same whatever precedes them), with labels -100 everywhere
 but the answer's own tokens: as the authors' CLEAR collate labels them, the eos or
@@ -15,13 +16,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from kvw_ledger._fs import sha256_file
 from kvw_ledger.errors import BadInputError, DataError
 
 IGNORE_INDEX = -100
@@ -32,6 +34,9 @@ _IMAGE_PLACEHOLDERS = {
     "Qwen2VLProcessor": "<|vision_start|><|image_pad|><|vision_end|>",
     "Qwen2_5_VLProcessor": "<|vision_start|><|image_pad|><|vision_end|>",
 }
+
+# The JSON fields a Record holds as attributes; the others go to Record.extra.
+_RECORD_KEYS = frozenset({"question", "answer", "image", "id"})
 
 # Processor outputs that hold one value per token and are padded like input_ids.
 _PER_TOKEN_KEYS = ("mm_token_type_ids", "token_type_ids")
@@ -46,6 +51,9 @@ class Record:
     image: Path | None  # absolute path, resolved against the JSONL file's folder
     id: str | None
     where: str  # "file:line", for error messages
+    # The record's other JSON fields (e.g. multiple-choice "options", "correct"); not
+    # part of its identity, nor of the data fingerprint.
+    extra: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
 
 @dataclass
@@ -71,12 +79,20 @@ class Batch:
     positions: torch.Tensor  # (N,) int64 flat indices into (B*T) of the selected positions
     n_tokens: int  # N, known on the host so no device sync is needed to count
     has_images: bool
+    # (B, T) int64, IGNORE_INDEX outside the labelled tokens: a training loss's targets,
+    # kept out of ``inputs`` because KVW's forwards pass no labels.
+    labels: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> Batch:
         """The same batch on ``device`` (non-blocking copies)."""
         moved = {k: v.to(device, non_blocking=True) for k, v in self.inputs.items()}
+        labels = None if self.labels is None else self.labels.to(device, non_blocking=True)
         return Batch(
-            moved, self.positions.to(device, non_blocking=True), self.n_tokens, self.has_images
+            moved,
+            self.positions.to(device, non_blocking=True),
+            self.n_tokens,
+            self.has_images,
+            labels,
         )
 
 
@@ -109,6 +125,15 @@ def _parse_line(path: Path, number: int, line: str) -> Record:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
         raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from e
+    return parse_record(obj, path.parent, where)
+
+
+def parse_record(obj: Any, base_dir: Path, where: str) -> Record:
+    """Validates one record given as a JSON object, its image path relative to ``base_dir``.
+
+    Raises:
+        DataError: as :func:`read_records`, naming ``where``.
+    """
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object with question and answer")
     for key in ("question", "answer"):
@@ -122,7 +147,7 @@ def _parse_line(path: Path, number: int, line: str) -> Record:
     if image is not None:
         if not isinstance(image, str) or not image:
             raise DataError(f"{where}: field 'image' must be a path string")
-        image_path = (path.parent / image).resolve()
+        image_path = (Path(base_dir) / image).resolve()
         if not image_path.is_file():
             raise DataError(f"{where}: image {image} not found (looked for {image_path})")
     record_id = obj.get("id")
@@ -132,6 +157,7 @@ def _parse_line(path: Path, number: int, line: str) -> Record:
         image_path,
         None if record_id is None else str(record_id),
         where,
+        {k: v for k, v in obj.items() if k not in _RECORD_KEYS},
     )
 
 
@@ -166,7 +192,7 @@ def fingerprint(records: Sequence[Record]) -> str:
     for record in records:
         image_hash = None
         if record.image is not None:
-            image_hash = hashlib.sha256(record.image.read_bytes()).hexdigest()
+            image_hash = sha256_file(record.image)
         canonical = {
             "question": record.question,
             "answer": record.answer,
@@ -214,11 +240,7 @@ class Encoder:
 
     def encode(self, record: Record) -> Example:
         """Encodes one record; raises DataError naming it when no answer token survives."""
-        if record.image is not None and not hasattr(self.processor, "image_processor"):
-            raise DataError(
-                f"{record.where}: the record has an image but the model has no image processor; "
-                "use a vision-language model or drop the image"
-            )
+        self._check_image(record)
         prompt_text, answer_text = self._texts(record)
         prompt_ids, vision, per_token = self._encode_prompt(record, prompt_text)
         answer_ids, answer_labels = self._encode_answer(record, answer_text)
@@ -235,6 +257,21 @@ class Encoder:
                     f"max length {self.max_length}); shorten the question"
                 )
         return Example(torch.tensor(ids), torch.tensor(labels), vision, extras, record.where)
+
+    def encode_prompt(self, record: Record) -> Example:
+        """The record's prompt alone, as :meth:`encode` begins it: what a model answers
+        from (evaluation decodes after it). No label is set."""
+        self._check_image(record)
+        prompt_ids, vision, per_token = self._encode_prompt(record, self._texts(record)[0])
+        ids = torch.tensor(prompt_ids)
+        return Example(ids, torch.full_like(ids, IGNORE_INDEX), vision, per_token, record.where)
+
+    def _check_image(self, record: Record) -> None:
+        if record.image is not None and not hasattr(self.processor, "image_processor"):
+            raise DataError(
+                f"{record.where}: the record has an image but the model has no image processor; "
+                "use a vision-language model or drop the image"
+            )
 
     def _encode_answer(self, record: Record, text: str) -> tuple[list[int], list[int]]:
         """The ids after the prompt, and their labels (IGNORE_INDEX where not labelled).
@@ -359,15 +396,21 @@ def collate(examples: Sequence[Example], pad_token_id: int) -> Batch:
         labels[row, :n] = example.labels
         for key, values in example.per_token.items():
             per_token[key][row, :n] = values
-    cause = torch.zeros_like(mask, dtype=torch.bool)
-    cause[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-    selected = cause & mask.bool()
+    selected = cause_mask(labels, mask)
     positions = selected.flatten().nonzero().squeeze(1)  # (N,) on the host: no device sync later
     inputs: dict[str, torch.Tensor] = {"input_ids": ids, "attention_mask": mask, **per_token}
     vision_keys = sorted({k for e in examples for k in e.vision})
     for key in vision_keys:
         inputs[key] = torch.cat([e.vision[key] for e in examples if key in e.vision])
-    return Batch(inputs, positions, int(positions.numel()), bool(vision_keys))
+    return Batch(inputs, positions, int(positions.numel()), bool(vision_keys), labels)
+
+
+def cause_mask(labels: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: the positions that predict a labelled token, ``labels[t+1] != -100``,
+    within the attention mask (what KVW measures, and where the benchmark's FFNs learn)."""
+    cause = torch.zeros_like(attention_mask, dtype=torch.bool)
+    cause[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return cause & attention_mask.bool()
 
 
 def encode_all(encoder: Encoder, records: Sequence[Record]) -> list[Example]:

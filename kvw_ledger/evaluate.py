@@ -8,9 +8,12 @@
 - ROUGE-L: F1 of the longest common subsequence of normalised word tokens,
   between the generated output and the answer.
 
-Prompts are built as ``kvw_ledger.data`` builds them, so the numbers measure
-what KVW weakened. Decoding is batched with left padding and a KV cache:
-a few hundred questions take seconds on a CPU.
+Records are read and prompts encoded by ``kvw_ledger.data`` (``read_records``,
+``Encoder``), so the numbers measure what KVW weakened. Records may be given as
+:class:`~kvw_ledger.data.Record` or as the JSON objects of a JSONL file (image
+paths relative to ``base_dir``); multiple choice reads ``options`` and
+``correct`` from the record's other fields. Decoding is batched with left padding
+and a KV cache: a few hundred questions take seconds on a CPU.
 """
 
 from __future__ import annotations
@@ -18,14 +21,22 @@ from __future__ import annotations
 import random
 import re
 import string
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
 
-from kvw_ledger.bench.instill import encode_record, load_images, read_jsonl
+from kvw_ledger.data import (
+    IGNORE_INDEX,
+    Encoder,
+    Example,
+    Record,
+    collate,
+    parse_record,
+    read_records,
+)
 from kvw_ledger.errors import BadInputError
 
 __all__ = [
@@ -39,6 +50,7 @@ __all__ = [
 ]
 
 Processor = ProcessorMixin | PreTrainedTokenizerBase
+Records = Sequence[Record | Mapping[str, Any]]
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 
 
@@ -72,33 +84,39 @@ def _tokenizer(processor: Processor) -> PreTrainedTokenizerBase:
     return getattr(processor, "tokenizer", processor)
 
 
-def _usable(records: Sequence[dict[str, Any]], processor: Processor) -> list[dict[str, Any]]:
+def _records(records: Records, base_dir: str | Path | None) -> list[Record]:
+    """Records as :class:`Record`; JSON objects are validated as ``read_records`` does."""
+    out = []
+    for i, r in enumerate(records):
+        if isinstance(r, Record):
+            out.append(r)
+            continue
+        if r.get("image") is not None and base_dir is None:
+            raise BadInputError("records name images: pass base_dir (the JSONL file's directory)")
+        out.append(parse_record(r, Path(base_dir or "."), f"record {r.get('id', i + 1)!r}"))
+    return out
+
+
+def _usable(records: Sequence[Record], processor: Processor) -> list[Record]:
     # A text-only model (a tokenizer, no image processor) cannot see portraits.
     if getattr(processor, "image_processor", None) is not None:
         return list(records)
-    return [r for r in records if "image" not in r]
+    return [r for r in records if r.image is None]
 
 
-def _encode(
-    records: Sequence[dict[str, Any]], processor: Processor, base_dir: Path | None
-) -> tuple[list[tuple[list[int], list[int], str | None]], dict[str, torch.Tensor]]:
-    images: dict[str, torch.Tensor] = {}
-    if any("image" in r for r in records):
-        if base_dir is None:
-            raise BadInputError("records name images: pass base_dir (the JSONL file's directory)")
-        images = load_images(list(records), base_dir, processor)  # type: ignore[arg-type]
-    out = []
-    for r in records:
-        im = r.get("image")
-        prompt, answer = encode_record(r, processor, images[im][None] if im else None)
-        out.append((prompt, answer, im))
-    return out, images
+def _prompts(records: Sequence[Record], processor: Processor) -> list[Example]:
+    encoder = Encoder(processor)
+    return [encoder.encode_prompt(r) for r in records]
+
+
+def _pixels(examples: Sequence[Example]) -> list[torch.Tensor]:
+    return [e.vision["pixel_values"] for e in examples if "pixel_values" in e.vision]
 
 
 def generate_answers(
     model: PreTrainedModel,
     processor: Processor,
-    records: Sequence[dict[str, Any]],
+    records: Records,
     base_dir: str | Path | None = None,
     batch_size: int = 64,
     max_new_tokens: int = 8,
@@ -116,44 +134,46 @@ def generate_answers(
     Returns:
         The decoded output of each record, special tokens removed.
     """
-    encoded, images = _encode(records, processor, Path(base_dir) if base_dir else None)
-    return _decode(model, processor, encoded, images, batch_size, max_new_tokens)[0]
+    prompts = _prompts(_records(records, base_dir), processor)
+    return _decode(model, processor, prompts, batch_size, max_new_tokens)[0]
 
 
 @torch.no_grad()
 def _decode(
     model: PreTrainedModel,
     processor: Processor,
-    encoded: list[tuple[list[int], list[int], str | None]],
-    images: dict[str, torch.Tensor],
+    prompts: list[Example],
     batch_size: int,
     max_new_tokens: int,
 ) -> tuple[list[str], list[torch.Tensor]]:
     # Greedy decoding; also returns each prompt's next-token log-probabilities
     # (V,), which score single-token options without another forward pass.
     tok = _tokenizer(processor)
-    first_logp: list[torch.Tensor] = [torch.empty(0)] * len(encoded)
+    first_logp: list[torch.Tensor] = [torch.empty(0)] * len(prompts)
     pad, eos = tok.pad_token_id or 0, tok.eos_token_id
     device = model.device
     model.eval()
-    answers: list[str] = [""] * len(encoded)
+    answers: list[str] = [""] * len(prompts)
     # Batches of one modality and similar length waste the least padding.
-    order = sorted(range(len(encoded)), key=lambda i: (encoded[i][2] is None, len(encoded[i][0])))
+    order = sorted(
+        range(len(prompts)),
+        key=lambda i: ("pixel_values" not in prompts[i].vision, len(prompts[i].input_ids)),
+    )
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        prompts = [encoded[i][0] for i in idx]
-        width = max(len(p) for p in prompts)
+        chunk = [prompts[i] for i in idx]
+        width = max(len(p.input_ids) for p in chunk)
         ids = torch.full((len(idx), width), pad, dtype=torch.long)
         mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, p in enumerate(prompts):  # left padding: every prompt ends at the last column
-            ids[row, width - len(p) :] = torch.tensor(p)
-            mask[row, width - len(p) :] = 1
+        for row, p in enumerate(chunk):  # left padding: every prompt ends at the last column
+            ids[row, width - len(p.input_ids) :] = p.input_ids
+            mask[row, width - len(p.input_ids) :] = 1
         ids, mask = ids.to(device), mask.to(device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         kwargs: dict[str, Any] = {}
-        pix = [images[im] for _, _, im in (encoded[i] for i in idx) if im is not None]
+        pix = _pixels(chunk)
         if pix:
-            kwargs["pixel_values"] = torch.stack(pix).to(device, model.dtype)
+            kwargs["pixel_values"] = torch.cat(pix).to(device, model.dtype)
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **kwargs)
         logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1).cpu()  # (B, V)
         for row, i in enumerate(idx):
@@ -200,78 +220,76 @@ def _cache_of(out: Any) -> dict[str, Any]:
 def generation_accuracy(
     model: PreTrainedModel,
     processor: Processor,
-    records: Sequence[dict[str, Any]],
+    records: Records,
     base_dir: str | Path | None = None,
     batch_size: int = 64,
 ) -> float:
     """Fraction of records whose greedy output contains the normalised answer."""
-    records = _usable(records, processor)
-    if not records:
+    usable = _usable(_records(records, base_dir), processor)
+    if not usable:
         return float("nan")
-    outputs = generate_answers(model, processor, records, base_dir, batch_size)
-    hits = [normalize(r["answer"]) in normalize(o) for r, o in zip(records, outputs, strict=True)]
+    outputs = generate_answers(model, processor, usable, base_dir, batch_size)
+    hits = [normalize(r.answer) in normalize(o) for r, o in zip(usable, outputs, strict=True)]
     return sum(hits) / len(hits)
 
 
 def option_loglik(
     model: PreTrainedModel,
     processor: Processor,
-    records: Sequence[dict[str, Any]],
+    records: Records,
     base_dir: str | Path | None = None,
     batch_size: int = 64,
 ) -> list[list[float]]:
     """Summed log-likelihood of each option's tokens (``" " + option``) after each prompt."""
-    encoded, images = _encode(records, processor, Path(base_dir) if base_dir else None)
-    first_logp = _decode(model, processor, encoded, images, batch_size, 0)[1]
-    return _option_scores(model, processor, records, encoded, images, first_logp, batch_size)
+    recs = _records(records, base_dir)
+    prompts = _prompts(recs, processor)
+    first_logp = _decode(model, processor, prompts, batch_size, 0)[1]
+    return _option_scores(model, processor, recs, prompts, first_logp, batch_size)
 
 
 @torch.no_grad()
 def _option_scores(
     model: PreTrainedModel,
     processor: Processor,
-    records: Sequence[dict[str, Any]],
-    encoded: list[tuple[list[int], list[int], str | None]],
-    images: dict[str, torch.Tensor],
+    records: Sequence[Record],
+    prompts: list[Example],
     first_logp: list[torch.Tensor],
     batch_size: int,
 ) -> list[list[float]]:
     tok = _tokenizer(processor)
     scores: list[list[float]] = []
-    longer: list[tuple[int, int, list[int], list[int], str | None]] = []  # multi-token options
-    for k, (r, (prompt, _, im)) in enumerate(zip(records, encoded, strict=True)):
-        if "options" not in r or "correct" not in r:
+    longer: list[tuple[int, int, Example]] = []  # multi-token options: prompt + option
+    for k, (r, prompt) in enumerate(zip(records, prompts, strict=True)):
+        if "options" not in r.extra or "correct" not in r.extra:
             raise BadInputError(
-                f"record {r.get('id')!r} has no 'options'/'correct' for multiple choice; "
+                f"{r.where}: the record has no 'options'/'correct' for multiple choice; "
                 "pass multiple_choice=False"
             )
         row = []
-        for j, opt in enumerate(r["options"]):
+        for j, opt in enumerate(r.extra["options"]):
             ids = tok(" " + str(opt), add_special_tokens=False)["input_ids"]
             row.append(float(first_logp[k][ids[0]]))  # the prompt's forward already scored it
             if len(ids) > 1:
-                longer.append((k, j, prompt, ids, im))
+                # Labelled from the option's second token: the first is scored already.
+                labels = [IGNORE_INDEX] * (len(prompt.input_ids) + 1) + ids[1:]
+                whole = torch.cat([prompt.input_ids, torch.tensor(ids)])
+                longer.append((k, j, Example(whole, torch.tensor(labels), prompt.vision)))
         scores.append(row)
     pad = tok.pad_token_id or 0
     device = model.device
     for start in range(0, len(longer), batch_size):
         chunk = longer[start : start + batch_size]
-        width = max(len(p) + len(o) for _, _, p, o, _ in chunk)
-        ids_t = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids_t)
-        for row_i, (_, _, p, o, _) in enumerate(chunk):  # right padding: positions from 0
-            ids_t[row_i, : len(p) + len(o)] = torch.tensor(p + o)
-            mask[row_i, : len(p) + len(o)] = 1
+        batch = collate([e for *_, e in chunk], pad)  # right padding: positions from 0
+        ids_t, mask = batch.inputs["input_ids"], batch.inputs["attention_mask"]
         kwargs: dict[str, Any] = {}
-        pix = [images[im] for *_, im in chunk if im is not None]
-        if pix:
-            kwargs["pixel_values"] = torch.stack(pix).to(device, model.dtype)
+        if "pixel_values" in batch.inputs:
+            kwargs["pixel_values"] = batch.inputs["pixel_values"].to(device, model.dtype)
         logits = model(input_ids=ids_t.to(device), attention_mask=mask.to(device), **kwargs).logits
         logp = torch.log_softmax(logits.float(), dim=-1).cpu()  # (B, T, V)
-        for row_i, (k, j, p, o, _) in enumerate(chunk):
-            # Option token t is predicted at position len(p) + t - 1; token 0 is scored already.
-            at = torch.arange(len(p), len(p) + len(o) - 1)
-            scores[k][j] += float(logp[row_i, at, torch.tensor(o[1:])].sum())
+        for row_i, (k, j, e) in enumerate(chunk):
+            # Option token t (t >= 1) is predicted at position t - 1 of the labelled ones.
+            at = (e.labels != IGNORE_INDEX).nonzero().squeeze(1) - 1
+            scores[k][j] += float(logp[row_i, at, e.labels[at + 1]].sum())
     return scores
 
 
@@ -282,23 +300,23 @@ def _argmax(values: Sequence[float]) -> int:
 def mc_accuracy(
     model: PreTrainedModel,
     processor: Processor,
-    records: Sequence[dict[str, Any]],
+    records: Records,
     base_dir: str | Path | None = None,
     batch_size: int = 64,
 ) -> float:
     """Four-option multiple-choice accuracy by option log-likelihood."""
-    records = _usable(records, processor)
-    if not records:
+    usable = _usable(_records(records, base_dir), processor)
+    if not usable:
         return float("nan")
-    scores = option_loglik(model, processor, records, base_dir, batch_size)
-    hits = [_argmax(s) == r["correct"] for r, s in zip(records, scores, strict=True)]
+    scores = option_loglik(model, processor, usable, base_dir, batch_size)
+    hits = [_argmax(s) == r.extra["correct"] for r, s in zip(usable, scores, strict=True)]
     return sum(hits) / len(hits)
 
 
 def evaluate_records(
     model: PreTrainedModel,
     processor: Processor,
-    records: Sequence[dict[str, Any]],
+    records: Records,
     base_dir: str | Path | None = None,
     batch_size: int = 64,
     multiple_choice: bool = True,
@@ -308,28 +326,26 @@ def evaluate_records(
 
     A modality with no usable records (image records for a text-only model) is left out.
     """
-    records = _usable(records, processor)
-    encoded, images = _encode(records, processor, Path(base_dir) if base_dir else None)
-    outputs, first_logp = _decode(model, processor, encoded, images, batch_size, max_new_tokens)
+    usable = _usable(_records(records, base_dir), processor)
+    prompts = _prompts(usable, processor)
+    outputs, first_logp = _decode(model, processor, prompts, batch_size, max_new_tokens)
     mc_scores = None
     if multiple_choice:
-        mc_scores = _option_scores(
-            model, processor, records, encoded, images, first_logp, batch_size
-        )
+        mc_scores = _option_scores(model, processor, usable, prompts, first_logp, batch_size)
     result: dict[str, dict[str, float]] = {}
     for modality in ("image", "text"):
-        rows = [i for i, r in enumerate(records) if ("image" in r) == (modality == "image")]
+        rows = [i for i, r in enumerate(usable) if (r.image is not None) == (modality == "image")]
         if not rows:
             continue
-        gen = [normalize(records[i]["answer"]) in normalize(outputs[i]) for i in rows]
-        rl = [rouge_l(outputs[i], records[i]["answer"]) for i in rows]
+        gen = [normalize(usable[i].answer) in normalize(outputs[i]) for i in rows]
+        rl = [rouge_l(outputs[i], usable[i].answer) for i in rows]
         stats = {
             "gen_acc": sum(gen) / len(rows),
             "rouge_l": sum(rl) / len(rows),
             "n": float(len(rows)),
         }
         if mc_scores is not None:
-            mc = [_argmax(mc_scores[i]) == records[i]["correct"] for i in rows]
+            mc = [_argmax(mc_scores[i]) == usable[i].extra["correct"] for i in rows]
             stats["mc_acc"] = sum(mc) / len(rows)
         result[modality] = stats
     return result
@@ -353,10 +369,9 @@ def evaluate_split(
         max_records: evaluate a seeded random subset of this size (the same every call).
         multiple_choice: also compute ``mc_acc`` (records need ``options`` and ``correct``).
     """
-    path = Path(jsonl_path)
-    records = read_jsonl(path)
+    records = read_records(jsonl_path)
     if max_records is not None and len(records) > max_records:
         # A seeded sample, not a stride: records alternate modality, a stride may not.
         keep = sorted(random.Random(0).sample(range(len(records)), max_records))
         records = [records[i] for i in keep]
-    return evaluate_records(model, processor, records, path.parent, batch_size, multiple_choice)
+    return evaluate_records(model, processor, records, batch_size=batch_size, multiple_choice=multiple_choice)

@@ -28,6 +28,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
+from kvw_ledger._fs import fsync_dir, fsync_file
 from kvw_ledger.errors import BadInputError, LedgerExistsError
 from kvw_ledger.model_files import copyable_files, weight_files
 
@@ -185,22 +186,6 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
     return data.numpy().data
 
 
-def _fsync(f: BinaryIO) -> None:
-    f.flush()
-    os.fsync(f.fileno())
-
-
-def fsync_dir(path: Path) -> None:
-    """Makes a rename into ``path`` (a directory) durable, where the platform allows."""
-    # Make a rename or a new entry durable; not every platform can open a directory.
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 # safetensors dtypes torch can view raw little-endian bytes as.
 _TORCH_DTYPES = {
     "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16,
@@ -330,13 +315,13 @@ def _export_file(
                 out.flush()
                 del tensor, new, data
                 bar.update(info.nbytes)
-        _fsync(out)
+        fsync_file(out)
 
 
 def _copy_file(src: Path, dst: Path) -> None:
     shutil.copy2(src, dst)
     with dst.open("rb") as f:  # read-only: copy2 kept the source's mode, maybe 0o444
-        os.fsync(f.fileno())
+        fsync_file(f)
 
 
 def check_out_dir(out_dir: Path) -> None:
@@ -416,13 +401,13 @@ def export_model(
             _copy_file(src, tmp / src.name)
         with (tmp / PROVENANCE_FILE).open("x", encoding="utf-8") as f:
             f.write(provenance_pretty)
-            f.flush()
-            os.fsync(f.fileno())
+            fsync_file(f)
         # A servable model: readable by the serving user, like any downloaded model.
         for p in tmp.iterdir():
             p.chmod(0o644)
         tmp.chmod(0o755)
-        fsync_dir(tmp)
+        # An export may land where a directory cannot be opened: durable where the platform allows.
+        fsync_dir(tmp, best_effort=True)
         try:
             # POSIX rename replaces an empty directory and fails on a non-empty one,
             # so a directory created meanwhile is never overwritten.
@@ -433,7 +418,7 @@ def export_model(
                     f"{out} appeared during the export; export never overwrites"
                 ) from e
             raise
-        fsync_dir(out.parent)
+        fsync_dir(out.parent, best_effort=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -33,7 +33,6 @@ cannot be written (a read-only ledger) is simply not updated.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -41,6 +40,8 @@ import secrets
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from kvw_ledger._fs import fsync_file, sha256_bytes
 
 __all__ = ["CACHE_NAME", "RACY_MARGIN_NS", "FingerprintCache", "StatKey", "stat_key"]
 
@@ -131,8 +132,7 @@ class FingerprintCache:
             body = {"format": _FORMAT, "entries": entries, "seal": _seal(entries)}
             with open(os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w", encoding="utf-8") as fh:
                 json.dump(body, fh, sort_keys=True)
-                fh.flush()
-                os.fsync(fh.fileno())
+                fsync_file(fh)
             # The cache's timestamp is the clock reading from before the first stat.
             os.utime(scratch, ns=(stamp, stamp))
             os.replace(scratch, self.path)
@@ -146,7 +146,7 @@ def _seal(entries: list[dict[str, Any]]) -> str:
     """sha256 of the entries' canonical JSON: a damaged (bit-flipped, truncated) cache is
     recognised and ignored rather than trusted."""
     canonical = json.dumps(entries, sort_keys=True, separators=(",", ":")).encode()
-    return hashlib.sha256(canonical).hexdigest()
+    return sha256_bytes(canonical)
 
 
 def _entries(raw: Any) -> dict[StatKey, str]:

@@ -15,7 +15,6 @@ Readers never lock. Writers hold :class:`kvw_ledger.lock.WriterLock`.
 from __future__ import annotations
 
 import getpass
-import hashlib
 import json
 import os
 import re
@@ -27,6 +26,8 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
+# fsync_dir and sha256_file stay importable from here, where they were first defined.
+from kvw_ledger._fs import fsync_dir, fsync_file, sha256_bytes, sha256_file
 from kvw_ledger.errors import (
     BadInputError,
     ConcurrentCommitError,
@@ -65,7 +66,6 @@ _TEMP_NAME = re.compile(r"\.\d{8,}\.(\d+)\.[0-9a-f]+\.tmp")  # _install's, befor
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 _TIME_PATTERN = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z")
-_BLOCK = 1 << 20
 _MAX_ENTRY_BYTES = 64 << 20  # entries are small; this only bounds a corrupt file's read
 
 
@@ -80,15 +80,6 @@ def canonical_json(obj: Any) -> bytes:
         obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
     )
     return text.encode("utf-8") + b"\n"
-
-
-def sha256_file(path: Path) -> str:
-    """Returns the sha256 hex digest of a file's bytes, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_operator(name: str, where: str = "--operator") -> str:
@@ -268,7 +259,7 @@ def parse_entry(raw: bytes, version: int, where: Path | str) -> Entry:
     if canonical != raw:
         raise IntegrityError(f"journal entry {where} is not in canonical form; it was altered")
     content = {key: value for key, value in data.items() if key != "digest"}
-    if hashlib.sha256(canonical_json(content)).hexdigest() != data["digest"]:
+    if sha256_bytes(canonical_json(content)) != data["digest"]:
         raise IntegrityError(f"journal entry {where} does not match its digest; it was altered")
     return Entry(
         version=version,
@@ -277,17 +268,9 @@ def parse_entry(raw: bytes, version: int, where: Path | str) -> Entry:
         parent=data["parent"],
         files=data["files"],
         body=data["body"],
-        hash=hashlib.sha256(raw).hexdigest(),
+        hash=sha256_bytes(raw),
         operator=data.get("operator"),
     )
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -374,7 +357,7 @@ class Journal:
             error = name_error
             try:
                 raw = self._read_raw(path)
-                raw_hash = hashlib.sha256(raw).hexdigest()
+                raw_hash = sha256_bytes(raw)
                 entry = parse_entry(raw, version, path)
             except IntegrityError as e:
                 error = error or e
@@ -509,7 +492,7 @@ class Journal:
         }
         final = self.entry_path(version)
         try:
-            content["digest"] = hashlib.sha256(canonical_json(content)).hexdigest()
+            content["digest"] = sha256_bytes(canonical_json(content))
             raw = canonical_json(content)
         except (TypeError, ValueError, RecursionError) as e:
             raise BadInputError(f"journal entry for {op!r} is not JSON data: {e}") from e
@@ -555,8 +538,7 @@ class Journal:
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(raw)
-                f.flush()
-                os.fsync(f.fileno())
+                fsync_file(f)
             try:
                 # link() never replaces an existing name: two writers cannot both commit N
                 os.link(tmp, final)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import random
@@ -21,9 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from kvw_ledger._fs import fsync_dir, fsync_file, sha256_bytes
 from kvw_ledger.errors import LedgerLockedError, LedgerNotFoundError, StorageError
 from kvw_ledger.interrupts import InterruptGuard
-from kvw_ledger.journal import canonical_json, format_time, fsync_dir, utc_now
+from kvw_ledger.journal import canonical_json, format_time, utc_now
 
 __all__ = ["WriterLock", "acquire_within", "held_within"]
 
@@ -35,7 +35,7 @@ _TMP_NAME = re.compile(r"\.lock\.([0-9a-f]{8})\.(\d+)\.[0-9a-f]+\.tmp")
 
 def _host_tag() -> str:
     """This host, in temporary file names: a pid only means something on its own host."""
-    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+    return sha256_bytes(socket.gethostname().encode())[:8]
 
 
 def _pid_alive(pid: int) -> bool:
@@ -143,7 +143,7 @@ class WriterLock:
             ) from e
         try:
             os.write(fd, canonical_json(record))
-            os.fsync(fd)
+            fsync_file(fd)
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a fresh inode: cannot block
             for _ in range(_LOCK_ATTEMPTS):
                 try:

@@ -7,12 +7,12 @@ ledger, named with its sha256 in the journal entry that registered it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
 
+from kvw_ledger._fs import sha256_bytes, sha256_file
 from kvw_ledger.data import Record, read_records
 from kvw_ledger.errors import BadInputError
 
@@ -45,12 +45,12 @@ def store_probe(ledger_root: Path, version: int, kind: str, source: str | Path) 
             if record.image is not None:
                 name = f"images/{i:06d}{record.image.suffix}"
                 shutil.copyfile(record.image, target / name)
-                files[(folder / name).as_posix()] = _sha256((target / name).read_bytes())
+                files[(folder / name).as_posix()] = sha256_file(target / name)
                 line["image"] = name
             lines.append(json.dumps(line, ensure_ascii=False, sort_keys=True))
         data = ("\n".join(lines) + "\n").encode()
         (target / "data.jsonl").write_bytes(data)
-        files[(folder / "data.jsonl").as_posix()] = _sha256(data)
+        files[(folder / "data.jsonl").as_posix()] = sha256_bytes(data)
     finally:
         os.umask(old)
     return (folder / "data.jsonl").as_posix(), files
@@ -59,7 +59,3 @@ def store_probe(ledger_root: Path, version: int, kind: str, source: str | Path) 
 def read_probe(ledger_root: Path, relative: str) -> list[Record]:
     """The records of a stored probe set."""
     return read_records(ledger_root / relative)
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()

@@ -10,8 +10,8 @@ that the fine-tuning data does not cover, so what comes back was never retaught.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -25,24 +25,26 @@ from kvw_ledger.loading import max_length
 __all__ = ["held_out", "relearn"]
 
 
-def held_out(
-    probe: Sequence[dict[str, Any]], taught: Sequence[dict[str, Any]]
-) -> list[dict[str, Any]]:
+_R = TypeVar("_R", data.Record, Mapping[str, Any])
+
+
+def held_out(probe: Sequence[_R], taught: Sequence[_R]) -> list[_R]:
     """The probe records the fine-tuning data does not cover.
 
     A probe record is covered when its normalised question is one the data asks, or
-    when both name a ``person`` and the data teaches facts about that person.
+    when both name a ``person`` and the data teaches facts about that person. Records
+    are :class:`~kvw_ledger.data.Record` or their JSON objects.
 
     Raises:
         BadInputError: every probe record is covered, so nothing is left to measure.
     """
-    questions = {normalize(str(r.get("question", ""))) for r in taught}
-    people = {r["person"] for r in taught if r.get("person") is not None}
+    questions = {normalize(str(_field(r, "question") or "")) for r in taught}
+    people = {_field(r, "person") for r in taught} - {None}
     kept = [
         r
         for r in probe
-        if normalize(str(r.get("question", ""))) not in questions
-        and (r.get("person") is None or r["person"] not in people)
+        if normalize(str(_field(r, "question") or "")) not in questions
+        and (_field(r, "person") is None or _field(r, "person") not in people)
     ]
     if not kept:
         raise BadInputError(
@@ -50,6 +52,12 @@ def held_out(
             "relearn on part of the forgotten people, e.g. a third, and probe the rest"
         )
     return kept
+
+
+def _field(record: data.Record | Mapping[str, Any], name: str) -> Any:
+    if isinstance(record, data.Record):
+        return record.question if name == "question" else record.extra.get(name)
+    return record.get(name)
 
 
 def relearn(

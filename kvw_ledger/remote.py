@@ -23,7 +23,6 @@ The head cache is not copied: each mirror rebuilds its own.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import random
@@ -36,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kvw_ledger._fs import atomic_write, sha256_bytes, sha256_file
 from kvw_ledger.errors import (
     ConcurrentCommitError,
     FormatVersionError,
@@ -82,7 +82,7 @@ def mirror_dir(url: str) -> Path:
     """The local mirror of ``url``: ``$KVW_LEDGER_CACHE`` (else ``~/.cache/kvw-ledger``)
     ``/<first 16 hex of sha256(url)>``."""
     base = os.environ.get("KVW_LEDGER_CACHE") or Path.home() / ".cache" / "kvw-ledger"
-    return Path(base) / hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
+    return Path(base) / sha256_bytes(url.rstrip("/").encode())[:16]
 
 
 @dataclass(frozen=True)
@@ -173,7 +173,7 @@ class Remote:
         n, theirs = (0 if have is None else have.version), len(versions)
         if n:
             common = min(n, theirs)
-            if _sha(self.entry_raw(common)) != journal.get(common).hash:
+            if sha256_bytes(self.entry_raw(common)) != journal.get(common).hash:
                 raise IntegrityError(
                     f"the local copy {mirror} and {self.url} differ from version {common} on (a push "
                     f"that failed, then another writer); remove {mirror} to take the URL's history"
@@ -199,9 +199,9 @@ class Remote:
                             f"{self.where(rel)} is missing; {self.where(_entry_rel(entry.version))} "
                             "recorded it (or a gc ran while this pull read it: retry)"
                         )
-                    if _sha(data) != digest:
+                    if sha256_bytes(data) != digest:
                         raise IntegrityError(
-                            f"{self.where(rel)} has sha256 {_sha(data)} but "
+                            f"{self.where(rel)} has sha256 {sha256_bytes(data)} but "
                             f"{_entry_rel(entry.version)} recorded {digest}; it was altered"
                         )
                     _install_file(mirror, scratch, rel, data)
@@ -237,7 +237,7 @@ class Remote:
         mine = journal.entries()
         theirs = self.versions()
         if len(theirs) > len(mine) or (
-            theirs and _sha(self.entry_raw(len(theirs))) != mine[len(theirs) - 1].hash
+            theirs and sha256_bytes(self.entry_raw(len(theirs))) != mine[len(theirs) - 1].hash
         ):
             raise IntegrityError(
                 f"{self.url} has a history that the local copy {mirror} does not continue; "
@@ -288,9 +288,9 @@ class Remote:
                 if data is None:
                     if gone.get(rel, 0) <= entry.version:
                         problems.append(Problem(self.where(rel), f"missing; {_entry_rel(entry.version)} recorded it"))
-                elif _sha(data) != digest:
+                elif sha256_bytes(data) != digest:
                     problems.append(
-                        Problem(self.where(rel), f"has sha256 {_sha(data)} but {_entry_rel(entry.version)} recorded {digest}; it was altered")
+                        Problem(self.where(rel), f"has sha256 {sha256_bytes(data)} but {_entry_rel(entry.version)} recorded {digest}; it was altered")
                     )
         for rel in self._all_files():
             if rel not in named and rel != "lock" and not rel.startswith("head/"):
@@ -410,13 +410,9 @@ def _entry_rel(version: int) -> str:
     return f"journal/{version:08d}.json"
 
 
-def _sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def _local_sha(path: Path) -> str | None:
     try:
-        return _sha(path.read_bytes())
+        return sha256_file(path)
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
         return None
 
@@ -470,18 +466,8 @@ def _install_file(mirror: Path, scratch: Path, rel: str, data: bytes) -> None:
     target = mirror / rel
     if not target.resolve().is_relative_to(mirror.resolve()):
         raise IntegrityError(f"a journal entry names {rel!r}, which is outside the ledger")
-    tmp = scratch / secrets.token_hex(8)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
     target.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, target)
-    fd = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    atomic_write(target, data, scratch=scratch)
 
 
 def _remove_files(mirror: Path, paths: list[str]) -> None:

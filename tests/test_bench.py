@@ -266,3 +266,21 @@ def test_training_follows_the_free_cores(
         assert instill.build_model(tmp_path, bench, instill.InstillConfig(**{**auto.__dict__, "threads": 2})) == out
     finally:
         torch.set_num_threads(before)
+
+
+def test_training_examples_label_the_answer_and_its_eos(bench: BenchPaths) -> None:
+    """The bundled models learn the answer and the EOS after it (data's label_eos), with the
+    prompt and image tokens unlabelled; image records carry their portrait's pixels."""
+    from kvw_ledger.data import IGNORE_INDEX, read_records
+
+    records = read_records(bench.train)[:40]
+    assert {r.image is None for r in records} == {True, False}
+    processor = instill._build_processor(instill.InstillConfig(), [f"{r.question} {r.answer}" for r in records])
+    tok = processor.tokenizer
+    for record, e in zip(records, instill.encode_records(records, processor), strict=True):
+        answer = tok(" " + record.answer, add_special_tokens=False)["input_ids"]
+        labelled = e.labels[e.labels != IGNORE_INDEX].tolist()
+        assert labelled == [*answer, tok.eos_token_id] == e.input_ids[-len(labelled):].tolist()
+        assert ("pixel_values" in e.vision) == (record.image is not None)
+    batch = instill.collate(instill.encode_records(records[:4], processor), tok.pad_token_id)
+    assert {"input_ids", "attention_mask", "labels"} <= set(batch)

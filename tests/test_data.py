@@ -11,10 +11,13 @@ import torch
 from kvw_ledger.data import (
     IGNORE_INDEX,
     Encoder,
+    Record,
+    cause_mask,
     collate,
     combine_jsonl,
     encode_all,
     fingerprint,
+    parse_record,
     read_records,
 )
 from kvw_ledger.errors import DataError
@@ -225,3 +228,46 @@ def test_combine_jsonl_keeps_every_record_and_its_image(tmp_path: Path) -> None:
     bad = tiny.write_jsonl(tmp_path / "bad.jsonl", [{"question": "Q"}])
     with pytest.raises(DataError, match=r"bad\.jsonl:1: field 'answer' must be a string"):
         combine_jsonl([first, bad], tmp_path / "c" / "never.jsonl")
+
+
+def test_other_fields_are_kept_aside_and_do_not_change_identity(tmp_path: Path) -> None:
+    rows = [{"question": "Q?", "answer": "A", "options": ["A", "B"], "correct": 0, "id": 7}]
+    path = tiny.write_jsonl(tmp_path / "d.jsonl", rows)
+    (record,) = read_records(path)
+    assert dict(record.extra) == {"options": ["A", "B"], "correct": 0} and record.id == "7"
+    bare = tiny.write_jsonl(tmp_path / "e.jsonl", [{"question": "Q?", "answer": "A", "id": 7}])
+    assert fingerprint([record]) == fingerprint(read_records(bare))  # extra fields do not count
+    assert parse_record(rows[0], tmp_path, "mem:1") == Record("Q?", "A", None, "7", "mem:1")
+    with pytest.raises(DataError, match="mem:2: field 'answer' must be a string"):
+        parse_record({"question": "Q?"}, tmp_path, "mem:2")
+
+
+def test_encode_prompt_is_the_prompt_encode_begins_with(tmp_path: Path) -> None:
+    tiny.save_image(tmp_path / "a.png")
+    rows = [{"question": "Who?", "answer": "Ada"}, {"question": "Who?", "answer": "Ada", "image": "a.png"}]
+    path = tiny.write_jsonl(tmp_path / "d.jsonl", rows)
+    encoder = Encoder(tiny.llava_processor())
+    for record in read_records(path):
+        whole, prompt = encoder.encode(record), encoder.encode_prompt(record)
+        n = len(prompt.input_ids)
+        assert whole.input_ids[:n].tolist() == prompt.input_ids.tolist()
+        assert whole.labels[:n].eq(IGNORE_INDEX).all() and whole.labels[n] != IGNORE_INDEX
+        assert prompt.labels.eq(IGNORE_INDEX).all()
+        assert sorted(prompt.vision) == sorted(whole.vision)
+        for key in whole.vision:
+            assert torch.equal(prompt.vision[key], whole.vision[key])
+
+
+def test_collate_keeps_the_labels_out_of_the_inputs(tmp_path: Path) -> None:
+    tok = tiny.char_tokenizer()
+    path = tiny.write_jsonl(tmp_path / "d.jsonl", [{"question": "Q", "answer": "Ab"}, {"question": "Qq", "answer": "C"}])
+    examples = encode_all(Encoder(tok), read_records(path))
+    batch = collate(examples, tok.pad_token_id)
+    assert "labels" not in batch.inputs and batch.labels is not None
+    for row, e in enumerate(examples):
+        n = len(e.labels)
+        assert batch.labels[row, :n].tolist() == e.labels.tolist()
+        assert batch.labels[row, n:].eq(IGNORE_INDEX).all()
+    mask = cause_mask(batch.labels, batch.inputs["attention_mask"])
+    assert mask.flatten().nonzero().squeeze(1).tolist() == batch.positions.tolist()
+    assert torch.equal(batch.to("cpu").labels, batch.labels)

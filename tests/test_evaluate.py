@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -12,6 +14,7 @@ import torch
 
 from kvw_ledger import evaluate as E
 from kvw_ledger.bench.tokenizer import train_tokenizer
+from kvw_ledger.data import read_records
 from kvw_ledger.errors import BadInputError
 
 ANSWERS = {
@@ -153,3 +156,20 @@ def test_evaluate_split_reports_per_modality(tokenizer: Any, tmp_path: Path) -> 
     assert out["text"] == {"gen_acc": 1.0, "mc_acc": 1.0, "rouge_l": 1.0, "n": 3.0}
     strided = E.evaluate_split(ScriptedLM(tokenizer, ANSWERS), tokenizer, path, max_records=2)
     assert strided["text"]["n"] == 2.0
+
+
+def test_evaluate_does_not_import_the_benchmark() -> None:
+    """Evaluation encodes with kvw_ledger.data alone: the benchmark's trainer stays unloaded."""
+    code = "import sys, kvw_ledger.evaluate; print(sorted(m for m in sys.modules if m.startswith('kvw_ledger.bench')))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+def test_records_and_their_json_objects_score_alike(tokenizer: Any, tmp_path: Path) -> None:
+    path = tmp_path / "split.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in _records()))
+    model = ScriptedLM(tokenizer, {**ANSWERS, "Where was Ada born?": "Oslo"})
+    records = read_records(path)
+    assert E.option_loglik(model, tokenizer, records) == E.option_loglik(model, tokenizer, _records())
+    assert E.evaluate_records(model, tokenizer, records) == E.evaluate_records(model, tokenizer, _records())
+    assert E.evaluate_records(model, tokenizer, records)["text"]["gen_acc"] == pytest.approx(2 / 3)

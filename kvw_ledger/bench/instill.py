@@ -10,10 +10,11 @@ neurons where KVW measures. ``docs/demo-model.md`` says why each choice. It answ
 image, and :func:`export_text_model` saves its language model as a plain
 ``LlamaForCausalLM`` for text-only use, so one training run serves both.
 
-Records are encoded exactly as ``kvw_ledger.data`` encodes them (prompt
+Records are read and encoded by ``kvw_ledger.data`` (prompt
 ``"Question: {q}\\nAnswer:"``, image records prefixed by the image token and a
-newline, answer ``" " + a`` plus EOS, loss on the answer only), so the facts
-the model learns are the ones KVW later measures.
+newline, answer ``" " + a`` plus EOS), so the facts the model learns are the
+ones KVW later measures. The loss covers the answer and its EOS
+(``label_eos=True``): the recipe the bundled models were trained with.
 
 The result is cached under ``workdir/model-<hash>``, where the hash covers the
 configuration, the recipe version and the training data; a second call with
@@ -35,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 from transformers import (
     CLIPImageProcessorPil,
@@ -51,6 +51,8 @@ from transformers import (
 from kvw_ledger.bench.profiles import BenchPaths, load_people
 from kvw_ledger.bench.tokenizer import IMAGE, train_tokenizer
 from kvw_ledger.cpu import CoreMeter
+from kvw_ledger.data import Encoder, Example, Record, cause_mask, read_records
+from kvw_ledger.data import collate as collate_examples
 from kvw_ledger.errors import BadInputError, DataError
 from kvw_ledger.loading import torch_threads
 
@@ -59,9 +61,8 @@ __all__ = [
     "InstillConfig",
     "build_model",
     "config_hash",
-    "encode_record",
+    "encode_records",
     "export_text_model",
-    "read_jsonl",
 ]
 
 log = logging.getLogger(__name__)
@@ -119,20 +120,6 @@ class InstillConfig:
             raise BadInputError("epochs and steps must be >= 0 and batch_size >= 1")
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Read a JSONL file; a malformed line raises :class:`DataError` naming it."""
-    out = []
-    with Path(path).open(encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from e
-    return out
-
-
 def config_hash(config: InstillConfig, paths: BenchPaths) -> str:
     """Hash of the configuration, recipe version and training data (hex sha256)."""
     h = hashlib.sha256()
@@ -144,57 +131,17 @@ def config_hash(config: InstillConfig, paths: BenchPaths) -> str:
     return h.hexdigest()
 
 
-def prompt_text(record: dict[str, Any], image_token: str | None) -> str:
-    """The prompt string of a record, as ``kvw_ledger.data`` builds it."""
-    text = f"Question: {record['question']}\nAnswer:"
-    return f"{image_token}\n{text}" if image_token and "image" in record else text
+def encode_records(
+    records: list[Record], processor: LlavaProcessor | PreTrainedTokenizerBase
+) -> list[Example]:
+    """Benchmark records as the models are trained on them: labelled on the answer and
+    its EOS (``label_eos``), image records with their pixel values."""
+    encoder = Encoder(processor, label_eos=True)
+    return [encoder.encode(r) for r in records]
 
 
-def encode_record(
-    record: dict[str, Any],
-    processor: LlavaProcessor | PreTrainedTokenizerBase,
-    pixel_values: torch.Tensor | None = None,
-) -> tuple[list[int], list[int]]:
-    """Prompt ids and answer ids (EOS included) of one record.
-
-    Args:
-        record: a benchmark record.
-        processor: a LLaVA processor, or a tokenizer for text-only models.
-        pixel_values: the record's processed image (1, 3, H, W), when it has one;
-            only its size matters for how many image tokens the prompt gets.
-
-    Returns:
-        ``(prompt_ids, answer_ids)``.
-    """
-    tok = getattr(processor, "tokenizer", processor)
-    image_token = getattr(processor, "image_token", None)
-    text = prompt_text(record, image_token)
-    if image_token and "image" in record:
-        if pixel_values is None:
-            raise BadInputError(f"record {record.get('id')!r} has an image but no pixel values")
-        n = processor.replace_image_token({"pixel_values": pixel_values}, 0)  # type: ignore[union-attr]
-        text = text.replace(image_token, n, 1)
-    prompt = tok(text)["input_ids"]
-    answer = tok(" " + record["answer"], add_special_tokens=False)["input_ids"]
-    return list(prompt), [*answer, tok.eos_token_id]
-
-
-def load_images(
-    records: list[dict[str, Any]], base: Path, processor: LlavaProcessor
-) -> dict[str, torch.Tensor]:
-    """Processed pixel values (3, H, W) of every image the records name, by path."""
-    out: dict[str, torch.Tensor] = {}
-    for r in records:
-        rel = r.get("image")
-        if rel is None or rel in out:
-            continue
-        path = base / rel
-        if not path.is_file():
-            raise DataError(f"record {r.get('id')!r}: image {path} does not exist")
-        with Image.open(path) as im:
-            pv = processor.image_processor(im.convert("RGB"), return_tensors="pt")["pixel_values"]
-        out[rel] = pv[0]
-    return out
+def _has_image(example: Example) -> bool:
+    return "pixel_values" in example.vision
 
 
 def _build_processor(cfg: InstillConfig, corpus: list[str]) -> LlavaProcessor:
@@ -251,14 +198,12 @@ def _build_llava(
     return LlavaForConditionalGeneration(config)
 
 
-def _batches(
-    examples: list[tuple[list[int], list[int], str | None]], batch_size: int, rng: random.Random
-) -> list[list[int]]:
+def _batches(examples: list[Example], batch_size: int, rng: random.Random) -> list[list[int]]:
     # Batches hold one modality each (image prompts are 16 tokens longer), which
     # keeps padding small; their order is shuffled.
     by_kind: dict[bool, list[int]] = {True: [], False: []}
-    for i, (_, _, image) in enumerate(examples):
-        by_kind[image is not None].append(i)
+    for i, example in enumerate(examples):
+        by_kind[_has_image(example)].append(i)
     batches = []
     for idx in by_kind.values():
         rng.shuffle(idx)
@@ -267,26 +212,11 @@ def _batches(
     return batches
 
 
-def collate(
-    examples: list[tuple[list[int], list[int], str | None]],
-    images: dict[str, torch.Tensor],
-    pad_id: int,
-) -> dict[str, torch.Tensor]:
-    """Right-padded ``input_ids``, ``attention_mask``, ``labels`` (answer only), ``pixel_values``."""
-    width = max(len(p) + len(a) for p, a, _ in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, (p, a, _) in enumerate(examples):
-        n = len(p) + len(a)
-        ids[row, :n] = torch.tensor(p + a)
-        labels[row, len(p) : n] = torch.tensor(a)
-        mask[row, :n] = 1
-    out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    pix = [images[im] for _, _, im in examples if im is not None]
-    if pix:
-        out["pixel_values"] = torch.stack(pix)
-    return out
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """A training step's model inputs: :func:`kvw_ledger.data.collate`'s right-padded
+    ``input_ids``, ``attention_mask`` and ``pixel_values``, with its ``labels``."""
+    batch = collate_examples(examples, pad_id)
+    return {**batch.inputs, "labels": batch.labels}  # type: ignore[dict-item]  # collate sets them
 
 
 def lm_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
@@ -294,13 +224,6 @@ def lm_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     inner = model.model  # type: ignore[union-attr]
     lm = getattr(inner, "language_model", inner)
     return lm.layers  # type: ignore[no-any-return]
-
-
-def cause_mask(labels: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that predict an answer token (what KVW measures): ``labels[t+1] != -100``."""
-    mask = torch.zeros_like(attention_mask, dtype=torch.bool)
-    mask[:, :-1] = labels[:, 1:] != -100
-    return mask & attention_mask.bool()
 
 
 class _FFNTraining:
@@ -353,8 +276,7 @@ class _FFNTraining:
 
 def train(
     model: LlavaForConditionalGeneration,
-    examples: list[tuple[list[int], list[int], str | None]],
-    images: dict[str, torch.Tensor],
+    examples: list[Example],
     pad_id: int,
     cfg: InstillConfig,
     epochs: int,
@@ -368,7 +290,7 @@ def train(
     if epochs == 0 or not examples:
         return []
     rng = random.Random(cfg.seed)
-    n_images = sum(im is not None for _, _, im in examples)
+    n_images = sum(map(_has_image, examples))
     per_epoch = math.ceil(n_images / cfg.batch_size) + math.ceil(
         (len(examples) - n_images) / cfg.batch_size
     )
@@ -400,7 +322,7 @@ def train(
                 for idx in _batches(examples, cfg.batch_size, rng):
                     if meter is not None and bar.n % _THREAD_CHECK == 0:
                         torch.set_num_threads(meter.threads())
-                    batch = collate([examples[i] for i in idx], images, pad_id)
+                    batch = collate([examples[i] for i in idx], pad_id)
                     hooks.mask = cause_mask(batch["labels"], batch["attention_mask"])
                     loss = model(**batch, use_cache=False).loss
                     hooks.mask = None
@@ -505,35 +427,36 @@ def build_model(
     if (out / MARKER).is_file():
         return out
     t0 = time.perf_counter()
-    train_records = read_jsonl(paths.train)
+    train_records = read_records(paths.train)
     corpus = [
-        f"Question: {r['question']}\nAnswer: {r['answer']}"
-        for r in train_records + read_jsonl(paths.heldout)
+        f"Question: {r.question}\nAnswer: {r.answer}"
+        for r in train_records + read_records(paths.heldout)
     ]
     processor = _build_processor(cfg, corpus)
-    base = Path(paths.train).parent
-    images = load_images(train_records, base, processor)
+    examples = encode_records(train_records, processor)
+    base = Path(paths.train).parent.resolve()
+    # Each portrait once, by its path as the records and people.json name it.
+    images = {
+        r.image.relative_to(base).as_posix(): e.vision["pixel_values"][0]
+        for r, e in zip(train_records, examples, strict=True)
+        if r.image is not None
+    }
     for pv in images.values():
         if pv.shape[-1] != cfg.image_size:
             raise BadInputError(
                 f"portraits are {pv.shape[-1]} px but the model expects {cfg.image_size}; "
                 "generate the benchmark with the same image_size"
             )
-    examples = []
-    for r in train_records:
-        im = r.get("image")
-        prompt, answer = encode_record(r, processor, images[im][None] if im else None)
-        examples.append((prompt, answer, im))
     names = {p.image: p.name for p in load_people(paths.people)}
     tok = processor.tokenizer
     model = _build_llava(cfg, tok)
-    text_only = [e for e in examples if e[2] is None]
+    text_only = [e for e in examples if not _has_image(e)]
     pad = tok.pad_token_id
     with torch_threads(cfg.threads or CoreMeter().threads()):
         losses = {
-            "text": train(model, text_only, images, pad, cfg, cfg.text_epochs, "text"),
+            "text": train(model, text_only, pad, cfg, cfg.text_epochs, "text"),
             "align": [align_vision(model, images, names, tok, cfg)],
-            "joint": train(model, examples, images, pad, cfg, cfg.joint_epochs, "joint"),
+            "joint": train(model, examples, pad, cfg, cfg.joint_epochs, "joint"),
         }
     # Write into a temporary directory and rename: a crash never leaves a
     # directory that looks finished.

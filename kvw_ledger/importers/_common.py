@@ -11,16 +11,14 @@ with the ``correct`` index, which :mod:`kvw_ledger.evaluate` scores.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
-import os
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kvw_ledger._fs import atomic_write, sha256_bytes
 from kvw_ledger.errors import BadInputError, DataError, LedgerExistsError
 
 IMAGE_DIR = "images"  # under OUT_DIR; every split's JSONL names its images relative to itself
@@ -125,7 +123,7 @@ class ImageWriter:
                 f"{where}: expected an image with bytes (a struct of bytes and path, as the "
                 "hub stores images); download the parquet files themselves, not a view of them"
             )
-        digest = hashlib.sha256(raw).hexdigest()
+        digest = sha256_bytes(raw)
         if digest in self._seen:
             return self._seen[digest]
         from PIL import Image, UnidentifiedImageError
@@ -210,7 +208,7 @@ def insert_at(distractors: Sequence[Any], answer: str, key: str) -> tuple[list[s
     We derive the place from the record's id, so every import agrees.
     """
     options = [text(d) for d in distractors if text(d) and text(d) != answer]
-    place = int(hashlib.sha256(key.encode()).hexdigest(), 16) % (len(options) + 1)
+    place = int(sha256_bytes(key.encode()), 16) % (len(options) + 1)
     options.insert(place, answer)
     return options, place
 
@@ -302,12 +300,6 @@ def run_import(
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    # A crash never leaves a half-written JSONL or image under its final name.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # A crash never leaves a half-written JSONL or image under its final name. Not fsynced:
+    # an import is re-run from its parquet files, so losing one to a power cut costs a re-run.
+    atomic_write(path, data, durable=False)

@@ -1,0 +1,318 @@
+"""The Zarr v3 chunk codec of a ledger's arrays: one array per directory, bit-exact.
+
+An array is a ``zarr.json`` and its chunk files ``c/<i>/<j>...``, each chunk
+little-endian, padded to the full chunk shape with the fill value 0, zstd
+(level 3), then its crc32c. zarr-python writes the metadata (and 0-d arrays
+whole); the chunks of every other array are written and read here without it,
+byte for byte what zarr writes, because each zarr call is a round trip through
+its event-loop thread. Arrays in any other layout are read through zarr.
+``tests/test_codec.py`` checks both directions against ``zarr.open_array``.
+
+Tensors NumPy cannot hold (bfloat16, float8...) are stored as the unsigned
+integer of the same width, with the torch dtype's name in attr ``dtype``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import google_crc32c
+import numpy as np
+import torch
+import zarr
+from numcodecs.zstd import Zstd
+from zarr.codecs import Crc32cCodec, ZstdCodec
+from zarr.storage import LocalStore
+
+from kvw_ledger.errors import BadInputError, IntegrityError, RefNotFoundError
+from kvw_ledger.root import read_zarr_meta as _read_meta
+
+__all__ = [
+    "chunk_shape",
+    "dtype_name",
+    "from_numpy",
+    "read_array",
+    "read_bytes",
+    "to_numpy",
+    "write_array",
+]
+
+# torch dtypes NumPy holds natively; any other (bfloat16, float8...) is stored as
+# the unsigned integer of the same width, with the torch name in attr "dtype".
+_NATIVE = frozenset(
+    {
+        torch.bool,
+        torch.uint8,
+        torch.int8,
+        torch.int16,
+        torch.int32,
+        torch.int64,
+        torch.uint16,
+        torch.uint32,
+        torch.uint64,
+        torch.float16,
+        torch.float32,
+        torch.float64,
+        torch.complex64,
+        torch.complex128,
+    }
+)
+_INT_OF_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_CODEC_ERRORS = (ValueError, RuntimeError, TypeError, IndexError, KeyError)
+
+
+
+def read_bytes(path: Path) -> bytes | None:
+    """A file's bytes, or None when it does not exist."""
+    try:
+        return path.read_bytes()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as e:
+        raise IntegrityError(f"{path} is unreadable ({e}); the ledger is damaged") from e
+
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The torch dtype's name without its module, e.g. ``bfloat16`` (attr ``dtype``)."""
+    return str(dtype).removeprefix("torch.")
+
+
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    """The tensor's bits as a C-contiguous NumPy array (unsigned ints for dtypes
+    NumPy lacks, such as bfloat16)."""
+    if not isinstance(t, torch.Tensor) or t.layout != torch.strided:
+        raise BadInputError(f"expected a dense torch.Tensor, got {type(t).__name__}")
+    t = t.detach().cpu().resolve_conj().resolve_neg().contiguous()
+    if t.dtype in _NATIVE:
+        return t.numpy()
+    width = t.dtype.itemsize
+    if width not in _INT_OF_WIDTH:
+        raise BadInputError(f"cannot store tensors of dtype {t.dtype}")
+    return t.view(_INT_OF_WIDTH[width]).numpy().view(f"u{width}")
+
+
+def from_numpy(data: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """The tensor of ``dtype`` whose bits :func:`to_numpy` gave (shares ``data``'s memory)."""
+    if dtype in _NATIVE:
+        return torch.from_numpy(data)
+    signed = _INT_OF_WIDTH[dtype.itemsize]
+    return torch.from_numpy(data.view(str(signed).removeprefix("torch."))).view(dtype)
+
+
+def chunk_shape(shape: tuple[int, ...], itemsize: int, chunk_bytes: int) -> tuple[int, ...]:
+    """The chunks of an array: 2-D and up split along axis 0 into about ``chunk_bytes``
+    each, anything smaller in one chunk."""
+    # Zarr needs every chunk extent >= 1, even for empty dimensions.
+    if len(shape) < 2:
+        return tuple(max(1, s) for s in shape)
+    row_bytes = max(1, math.prod(shape[1:]) * itemsize)
+    rows = min(max(1, shape[0]), max(1, chunk_bytes // row_bytes))
+    return (rows, *(max(1, s) for s in shape[1:]))
+
+
+def write_array(
+    path: Path, tensor: torch.Tensor, attrs: Mapping[str, Any] | None, chunk_bytes: int
+) -> None:
+    """Write ``tensor`` as a standalone Zarr array rooted at directory ``path``.
+
+    Args:
+        path: the array's directory (created; nothing is fsynced here).
+        tensor: a dense tensor of any dtype :func:`to_numpy` takes.
+        attrs: extra JSON attributes; ``dtype`` is the codec's own.
+        chunk_bytes: about how many bytes one chunk of a 2-D or larger array holds.
+
+    Raises:
+        BadInputError: a non-dense tensor, an unstorable dtype or bad ``attrs``.
+    """
+    data = to_numpy(tensor)
+    extra = dict(attrs or {})
+    if "dtype" in extra:
+        raise BadInputError("array attrs must not set 'dtype'; the store writes it")
+    try:
+        json.dumps(extra)
+    except (TypeError, ValueError) as e:
+        raise BadInputError(f"array attrs are not JSON-serialisable: {e}") from e
+    attributes = {"dtype": dtype_name(tensor.dtype), **extra}
+    chunks = chunk_shape(data.shape, data.dtype.itemsize, chunk_bytes)
+    key = (data.shape, data.dtype.str, chunks, json.dumps(attributes))
+    meta = _META_CACHE.get(key)
+    if meta is not None and data.ndim > 0:
+        # The same metadata zarr wrote before for this shape, dtype and attributes:
+        # the request and head arrays of a model repeat a handful of them.
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "zarr.json").write_bytes(meta)
+        _write_own_chunks(path, data, chunks)
+        return
+    arr = zarr.create_array(
+        store=LocalStore(path),
+        shape=data.shape,
+        dtype=data.dtype,
+        chunks=chunks,
+        compressors=[ZstdCodec(level=3), Crc32cCodec()],
+        fill_value=0,
+        # Otherwise zarr skips chunks equal to the fill value, and -0.0 comes back as 0.0.
+        config={"write_empty_chunks": True},
+        attributes=attributes,
+        zarr_format=3,
+    )
+    if data.ndim == 0:
+        arr[...] = data
+        return
+    if len(_META_CACHE) < 256:
+        _META_CACHE[key] = (path / "zarr.json").read_bytes()
+    _write_own_chunks(path, data, chunks)
+
+
+# zarr.json bytes by (shape, dtype, chunks, attributes): zarr's metadata is a pure
+# function of these, and writing it through zarr costs an event-loop round trip.
+_META_CACHE: dict[tuple[Any, ...], bytes] = {}
+
+
+def read_array(root: Path, name: str) -> torch.Tensor:
+    """Read array ``name`` (a path under directory ``root``) with its torch dtype restored.
+
+    Raises:
+        RefNotFoundError: naming the array, if it does not exist or is a group.
+        IntegrityError: naming the file, if metadata or a chunk is damaged or missing.
+    """
+    meta_path = root / name / "zarr.json"
+    if not meta_path.is_file():
+        raise RefNotFoundError(f"no array {name} in ledger {root}")
+    meta = _read_meta(meta_path)
+    if meta.get("node_type") != "array":
+        raise RefNotFoundError(f"{name} in ledger {root} is a group, not an array")
+    dtype = getattr(torch, str(meta.get("attributes", {}).get("dtype")), None)
+    layout = _own_layout(meta)
+    if layout is not None and isinstance(dtype, torch.dtype):
+        return from_numpy(_read_own_chunks(root, name, meta_path, dtype, *layout), dtype)
+    try:
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError("attribute 'dtype' does not name a torch dtype")
+        arr = zarr.open_array(store=LocalStore(root, read_only=True), path=name, mode="r")
+        chunks, grid = arr.chunks, arr.cdata_shape
+        if arr.dtype != to_numpy(torch.empty(0, dtype=dtype)).dtype:
+            raise ValueError(f"stored dtype {arr.dtype} does not hold {dtype}")
+    except _CODEC_ERRORS as e:
+        raise IntegrityError(f"{meta_path} is damaged ({e}); the ledger is damaged") from e
+    out = np.empty(arr.shape, dtype=arr.dtype)
+    # Chunk by chunk, so a damaged or missing chunk is reported by its file name
+    # (zarr would silently return the fill value for a missing one).
+    for coords in itertools.product(*(range(n) for n in grid)):
+        rel = f"{name}/{arr.metadata.encode_chunk_key(coords)}"
+        if not (root / rel).is_file():
+            raise IntegrityError(f"chunk file {rel} is missing; the ledger is damaged")
+        sel = tuple(slice(c * k, (c + 1) * k) for c, k in zip(coords, chunks, strict=True))
+        try:
+            out[sel] = arr[sel]
+        except _CODEC_ERRORS as e:
+            raise IntegrityError(f"chunk file {rel} is damaged ({e}); the ledger is damaged") from e
+    return from_numpy(out, dtype)
+
+
+# The layout write_array writes, read without zarr: every zarr call is a round
+# trip through its event-loop thread (about 1 ms each), which made reading the small
+# exponent arrays cost ~2 ms apiece, and verify, diff and materialise grow with it.
+_OWN_CODECS = ["bytes", "zstd", "crc32c"]
+_OWN_KEYS = {"name": "default", "configuration": {"separator": "/"}}
+_ZSTD = Zstd()  # decoding needs no level; the frame says how it was made
+_ZSTD_LEVEL_3 = Zstd(level=3, checksum=False)  # as ZstdCodec(level=3) in write_array
+
+
+def _own_layout(meta: Mapping[str, Any]) -> tuple[tuple[int, ...], tuple[int, ...], np.dtype] | None:
+    """(shape, chunk shape, stored dtype) when ``meta`` is exactly what
+    :func:`write_array` writes (a regular grid of ``c/i/j`` chunks, bytes
+    little-endian -> zstd -> crc32c, at least one dimension); None otherwise, and
+    zarr reads it."""
+    try:
+        codecs = meta["codecs"]
+        shape = tuple(meta["shape"])
+        chunks = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
+        ok = (
+            [c["name"] for c in codecs] == _OWN_CODECS
+            and codecs[0]["configuration"] == {"endian": "little"}
+            and meta["chunk_grid"]["name"] == "regular"
+            and meta["chunk_key_encoding"] == _OWN_KEYS
+            and not meta.get("storage_transformers")
+            and len(shape) == len(chunks) >= 1
+            and all(type(s) is int and s >= 0 for s in shape)
+            and all(type(c) is int and c >= 1 for c in chunks)
+            and isinstance(meta["data_type"], str)
+        )
+        stored = np.dtype(meta["data_type"]) if ok else None
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError):
+        return None
+    if stored is None or stored.name != meta["data_type"] or stored.kind not in "biufc":
+        return None
+    return shape, chunks, stored
+
+
+def _read_own_chunks(
+    root: Path,
+    name: str,
+    meta_path: Path,
+    dtype: torch.dtype,
+    shape: tuple[int, ...],
+    chunks: tuple[int, ...],
+    stored: np.dtype,
+) -> np.ndarray:
+    """Decodes every chunk file of an array in :func:`_own_layout`, each checked by its crc32c."""
+    if stored != to_numpy(torch.empty(0, dtype=dtype)).dtype:
+        raise IntegrityError(
+            f"{meta_path} is damaged (stored dtype {stored} does not hold {dtype}); the ledger is damaged"
+        )
+    out = np.empty(shape, dtype=stored)
+    on_disk = stored.newbyteorder("<")
+    size = math.prod(chunks) * stored.itemsize  # zarr pads edge chunks to the full shape
+    grid = [-(-s // k) for s, k in zip(shape, chunks, strict=True)]
+    for coords in itertools.product(*(range(n) for n in grid)):
+        rel = f"{name}/c/{'/'.join(map(str, coords))}"
+        raw = read_bytes(root / rel)
+        if raw is None:
+            raise IntegrityError(f"chunk file {rel} is missing; the ledger is damaged")
+        try:
+            data = _decode_chunk(raw, size)
+        except _CODEC_ERRORS as e:
+            raise IntegrityError(f"chunk file {rel} is damaged ({e}); the ledger is damaged") from e
+        block = np.frombuffer(data, dtype=on_disk).reshape(chunks)
+        sel = tuple(
+            slice(c * k, min((c + 1) * k, s)) for c, k, s in zip(coords, chunks, shape, strict=True)
+        )
+        out[sel] = block[tuple(slice(0, part.stop - part.start) for part in sel)]
+    return out
+
+
+def _decode_chunk(raw: bytes, size: int) -> bytes:
+    """crc32c (little-endian, last 4 bytes) checked, then zstd; ValueError if anything is off."""
+    if len(raw) < 4:
+        raise ValueError("shorter than its checksum")
+    body = raw[:-4]
+    if google_crc32c.value(body).to_bytes(4, "little") != raw[-4:]:
+        raise ValueError("crc32c checksum mismatch")
+    data = bytes(_ZSTD.decode(body))
+    if len(data) != size:
+        raise ValueError(f"decodes to {len(data)} bytes, expected {size}")
+    return data
+
+
+def _write_own_chunks(path: Path, data: np.ndarray, chunks: tuple[int, ...]) -> None:
+    """Writes the chunk files ``arr[...] = data`` would, byte for byte, without zarr's
+    event loop: each chunk little-endian, padded to the full chunk shape with the fill
+    value 0 (every chunk written, as ``write_empty_chunks``), zstd, then its crc32c."""
+    little = data.astype(data.dtype.newbyteorder("<"), copy=False)
+    grid = [-(-s // k) for s, k in zip(data.shape, chunks, strict=True)]
+    for coords in itertools.product(*(range(n) for n in grid)):
+        block = little[tuple(slice(c * k, (c + 1) * k) for c, k in zip(coords, chunks, strict=True))]
+        if block.shape != chunks:
+            padded = np.zeros(chunks, dtype=little.dtype)
+            padded[tuple(slice(0, n) for n in block.shape)] = block
+            block = padded
+        body = bytes(_ZSTD_LEVEL_3.encode(np.ascontiguousarray(block)))
+        target = path.joinpath("c", *map(str, coords))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(body + google_crc32c.value(body).to_bytes(4, "little"))
