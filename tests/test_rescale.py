@@ -26,7 +26,7 @@ from torch import nn
 from kvw_ledger.cli import main
 from kvw_ledger.coefficients import collect
 from kvw_ledger.data import Encoder, Example, Record, encode_all, iter_batches
-from kvw_ledger.kvw import KVWConfig, batch_order, run_kvw
+from kvw_ledger.kvw import KVWConfig, run_kvw
 from kvw_ledger.ledger import Ledger
 from kvw_ledger.loading import load_model
 from kvw_ledger.sites import discover_sites, select_layers, site_weight
@@ -134,11 +134,10 @@ def _reference_rescaled(
     pad: int,
 ) -> None:
     """The authors' loop with rescale: gate each batch, then W *= ||W_old|| / ||W||."""
-    from test_kvw import reference_batch, reference_coefficients
+    from test_kvw import reference_batches, reference_coefficients
 
     modules = {n: model.get_submodule(n) for n in names}
-    for indices in batch_order(len(forget), cfg):
-        batch = reference_batch([forget[i] for i in indices], pad)
+    for batch in reference_batches(forget, cfg, pad):
         c_f = reference_coefficients(model, modules, batch)
         for n in names:
             a = torch.clamp(torch.log(c_f[n] + cfg.eps) - torch.log(c_r[n] + cfg.eps), min=0)
