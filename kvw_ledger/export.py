@@ -38,6 +38,7 @@ __all__ = [
     "TensorInfo",
     "Transform",
     "export_model",
+    "read_safetensors_header",
 ]
 
 PROVENANCE_KEY = "kvw_ledger.provenance"  # key in each safetensors file's __metadata__
@@ -145,6 +146,19 @@ def _read_header(path: Path) -> tuple[int, dict[str, TensorInfo], dict[str, str]
             f"{bad} (data is {size - 8 - n} bytes, the header describes {pos}; truncated?)"
         )
     return n, tensors, metadata
+
+
+def read_safetensors_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Read and validate a safetensors file's header without loading any tensor.
+
+    Returns:
+        (tensor name -> :class:`TensorInfo` in header order, the ``__metadata__`` dict).
+
+    Raises:
+        BadInputError: the file is truncated or its header is garbled; names the file.
+    """
+    _, tensors, metadata = _read_header(Path(path))
+    return tensors, metadata
 
 
 def _encode_header(
