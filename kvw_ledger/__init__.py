@@ -34,6 +34,7 @@ from kvw_ledger.errors import (
     StorageError,
     TargetNotReachedError,
     TornEntryError,
+    TransientError,
     UnknownArchitectureError,
 )
 from kvw_ledger.journal import Entry
@@ -103,6 +104,7 @@ __all__ = [
     "StorageError",
     "TargetNotReachedError",
     "TornEntryError",
+    "TransientError",
     "UnknownArchitectureError",
     "VerifyReport",
     "World",

@@ -1,7 +1,8 @@
 """``kvw-ledger``: a thin click face over :class:`kvw_ledger.ledger.Ledger`.
 
 The library raises typed errors; only this module turns them into messages and
-exit codes: 0 success, 1 a failed check, 2 bad input. With ``--json`` (every
+exit codes: 0 success, 1 a failed check, 2 bad input, 75 another writer in the way
+(try again later). With ``--json`` (every
 verb has it) the result, or the error as ``{"error", "exit_code"}``, is one JSON
 object on stdout, and the exit code is the same.
 

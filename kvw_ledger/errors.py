@@ -4,7 +4,8 @@ Every error the library raises on purpose is a :class:`KVWLedgerError`, and each
 class also subclasses the built-in that fits, so ``except KeyError`` or
 ``except ValueError`` keeps working for callers who do not know this package.
 ``exit_code`` is what the CLI returns for it: 2 for bad input, 1 for a check that
-failed.
+failed, 75 for a condition that passes by itself (another writer), so that a retry
+later may succeed.
 """
 
 from __future__ import annotations
@@ -51,11 +52,23 @@ class FormatVersionError(BadInputError):
     """A ledger was written by a newer (or unknown) format version."""
 
 
-class LedgerLockedError(KVWLedgerError, BlockingIOError):
-    """Another live writer holds the ledger's lock."""
+class TransientError(KVWLedgerError):
+    """Another writer got in the way; nothing was committed, and the same command may
+    succeed when run again later.
+
+    Exit code 75 is sysexits.h's ``EX_TEMPFAIL`` ("try again later"): a scheduler or a
+    retrying script can tell it from bad input (2), which fails again however often it
+    is retried.
+    """
+
+    exit_code = 75
 
 
-class ConcurrentCommitError(KVWLedgerError, FileExistsError):
+class LedgerLockedError(TransientError, BlockingIOError):
+    """Another live writer holds the ledger's lock (past the wait for it)."""
+
+
+class ConcurrentCommitError(TransientError, FileExistsError):
     """Another writer committed the journal version this commit was about to create."""
 
 

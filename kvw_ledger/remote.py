@@ -31,7 +31,6 @@ import secrets
 import socket
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +54,7 @@ from kvw_ledger.journal import (
 )
 from kvw_ledger.root import FORMAT_VERSION
 
-__all__ = ["Remote", "SyncReport", "is_url", "local_path", "mirror_dir"]
+__all__ = ["Remote", "is_url", "local_path", "mirror_dir"]
 
 _ENTRY_NAME = re.compile(r"(\d{8,})\.json")
 _LOCAL_PROTOCOLS = ("file", "local")
@@ -83,15 +82,6 @@ def mirror_dir(url: str) -> Path:
     ``/<first 16 hex of sha256(url)>``."""
     base = os.environ.get("KVW_LEDGER_CACHE") or Path.home() / ".cache" / "kvw-ledger"
     return Path(base) / sha256_bytes(url.rstrip("/").encode())[:16]
-
-
-@dataclass(frozen=True)
-class SyncReport:
-    """What a pull or push moved."""
-
-    entries: int  # journal entries adopted or published
-    files: int  # files downloaded or uploaded
-    bytes: int
 
 
 class Remote:
@@ -155,7 +145,7 @@ class Remote:
 
     # --- pull -------------------------------------------------------------------------
 
-    def pull(self, mirror: Path, progress: bool = False) -> SyncReport:
+    def pull(self, mirror: Path, progress: bool = False) -> None:
         """Brings the mirror (a ledger directory, held under its writer lock) up to the URL.
 
         A mirror ahead of the URL (a push that failed) is left as it is.
@@ -179,12 +169,11 @@ class Remote:
                     f"that failed, then another writer); remove {mirror} to take the URL's history"
                 )
         if n >= theirs:
-            return SyncReport(0, 0, 0)  # up to date, or ahead by a failed push: the next write pushes it
+            return  # up to date, or ahead by a failed push: the next write pushes it
         self._check_format()
         raws = [self.entry_raw(v) for v in range(n + 1, theirs + 1)]
         entries = _chain(raws, have, self.where)
         gone = _deleted_after(entries)
-        files = moved = 0
         named = sum(len(entry.files) for entry in entries)
         with _scratch(mirror) as scratch, _bar(progress, f"pull {self.url}", named) as bar:
             parent = have
@@ -205,11 +194,9 @@ class Remote:
                             f"{_entry_rel(entry.version)} recorded {digest}; it was altered"
                         )
                     _install_file(mirror, scratch, rel, data)
-                    files, moved = files + 1, moved + len(data)
                 parent = journal.adopt(raw, parent)
                 if entry.op == "gc":
                     _remove_files(mirror, entry.body.get("deleted_files", []))
-        return SyncReport(len(raws), files, moved)
 
     def _check_format(self) -> None:
         """Refuses a ledger written by a newer kvw-ledger before adopting any of it."""
@@ -226,7 +213,7 @@ class Remote:
 
     # --- push -------------------------------------------------------------------------
 
-    def push(self, mirror: Path, progress: bool = False) -> SyncReport:
+    def push(self, mirror: Path, progress: bool = False) -> None:
         """Publishes the mirror's entries the URL lacks; the caller holds :meth:`lock`.
 
         Raises:
@@ -245,7 +232,6 @@ class Remote:
             )
         pending = mine[len(theirs) :]
         gone = _deleted_after(mine)
-        files = moved = 0
         named = sum(len(entry.files) for entry in pending)
         with _bar(progress, f"push {self.url}", named) as bar:
             for entry in pending:
@@ -255,7 +241,6 @@ class Remote:
                         continue  # deleted by a later gc: never needed at the URL
                     data = (mirror / rel).read_bytes()
                     self._put(rel, data)
-                    files, moved = files + 1, moved + len(data)
                 try:
                     self._create(_entry_rel(entry.version), journal.raw(entry.version))
                 except FileExistsError as e:
@@ -266,7 +251,6 @@ class Remote:
                     for rel in entry.body.get("deleted_files", []):
                         with contextlib.suppress(FileNotFoundError):
                             self.fs.rm_file(self._key(rel))
-        return SyncReport(len(pending), files, moved)
 
     # --- verify -----------------------------------------------------------------------
 
@@ -352,12 +336,21 @@ class Remote:
             raise StorageError(f"could not write {self.where(rel)} ({e})") from e
 
     def _create(self, rel: str, data: bytes) -> None:
-        """Writes ``rel`` only if it does not exist (fsspec's exclusive write)."""
+        """Writes ``rel`` only if it does not exist (fsspec's exclusive write).
+
+        Raises:
+            FileExistsError: ``rel`` exists, or another writer's conditional write of it
+                won (an object store's precondition failure).
+        """
         try:
             self._with_parents(rel, lambda key: self.fs.pipe_file(key, data, mode="create"))
         except FileExistsError:
             raise
-        except (OSError, TypeError, NotImplementedError) as e:
+        except OSError as e:
+            if _lost_a_conditional_write(e):
+                raise FileExistsError(f"{self.where(rel)}: another writer created it first ({e})") from e
+            raise StorageError(f"could not create {self.where(rel)} exclusively ({e})") from e
+        except (TypeError, NotImplementedError) as e:
             raise StorageError(f"could not create {self.where(rel)} exclusively ({e})") from e
 
     def _with_parents(self, rel: str, write: Callable[[str], object]) -> None:
@@ -404,6 +397,24 @@ class Remote:
             return []
         prefix = self.root.lstrip("/") + "/"
         return sorted(str(p).lstrip("/").removeprefix(prefix) for p in found)
+
+
+# What S3 answers an If-None-Match: * write that another writer's write of the same key
+# beat (412) or is racing (409). s3fs turns the 412 into FileExistsError only when the
+# response names its condition, which not every S3-compatible store does.
+_LOST_CONDITIONAL_WRITE = frozenset({"PreconditionFailed", "ConditionalRequestConflict"})
+
+
+def _lost_a_conditional_write(error: OSError) -> bool:
+    """Whether ``error`` is an object store's precondition failure on an exclusive create."""
+    for cause in (error, error.__cause__):
+        response = getattr(cause, "response", None)
+        if isinstance(response, dict):
+            code = (response.get("Error") or {}).get("Code")
+            status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+            if code in _LOST_CONDITIONAL_WRITE or status == 412:
+                return True
+    return False
 
 
 def _entry_rel(version: int) -> str:

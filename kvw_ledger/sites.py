@@ -499,8 +499,3 @@ def site_weight(model: nn.Module, site: Site) -> torch.Tensor:
     """
     data = parameter_data(model, site.param)
     return data[site.expert] if site.expert is not None else data
-
-
-def sites_to_json(sites: Iterable[Site]) -> list[dict[str, Any]]:
-    """JSON-ready list of sites."""
-    return [s.to_dict() for s in sites]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import operator
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -42,15 +43,31 @@ def test_median_seconds_interleaves_rounds_after_the_warmup() -> None:
     assert set(seconds) == {"a", "b"}
 
 
-def test_median_seconds_returns_the_median_of_each_side() -> None:
+class _Clock:
+    """A perf_counter that moves only when a timed callable says so: no machine load
+    can stretch it, so the medians are exact."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+def test_median_seconds_returns_the_median_of_each_side(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = _Clock()
+    monkeypatch.setattr(common, "time", clock)
     delays = iter([0.0, 0.3, 0.0])  # a mean would be 0.1 s; the median is the quick rounds'
 
     def uneven() -> None:
-        time.sleep(next(delays))
+        clock.now += next(delays)
 
-    seconds = median_seconds({"uneven": uneven, "steady": lambda: time.sleep(0.02)}, repeats=3, warmup=0)
-    assert seconds["uneven"] < 0.05
-    assert 0.02 <= seconds["steady"] < 0.5
+    def steady() -> None:
+        clock.now += 0.02
+
+    seconds = median_seconds({"uneven": uneven, "steady": steady}, repeats=3, warmup=0)
+    assert seconds["uneven"] == 0.0
+    assert seconds["steady"] == pytest.approx(0.02, abs=1e-9)
 
 
 # --- Figure ---------------------------------------------------------------------------
@@ -82,11 +99,27 @@ def test_in_fresh_process_reports_a_job_that_dies() -> None:
         in_fresh_process(os._exit, 3)
 
 
-def test_peak_rss_sees_a_big_allocation_and_not_a_small_one() -> None:
+def test_peak_rss_sees_a_big_allocation_and_not_a_small_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The block lives until the sampler has read the RSS at least once with it resident:
+    # waiting on that, not on a sleep, holds on a machine too loaded to schedule the
+    # sampler within any fixed time.
+    real_rss = PeakRSS.rss
+    sampled = threading.Event()
+    block_resident = threading.Event()
+
+    def rss() -> int:
+        value = real_rss()
+        if block_resident.is_set() and threading.current_thread() is not threading.main_thread():
+            sampled.set()
+        return value
+
+    monkeypatch.setattr(PeakRSS, "rss", staticmethod(rss))
     with PeakRSS(interval=0.001) as big:
         block = torch.ones(128 * MIB // 4)  # 128 MiB, written, so resident
-        time.sleep(0.05)
+        block_resident.set()
+        assert sampled.wait(timeout=60)
         del block
+    monkeypatch.setattr(PeakRSS, "rss", staticmethod(real_rss))
     with PeakRSS(interval=0.001) as small:
         time.sleep(0.02)
     assert big.peak >= 100 * MIB

@@ -17,21 +17,47 @@ def _stat(path: Path, busy_ticks: int) -> None:
     path.write_text(f"cpu  {busy_ticks} 0 0 1000 0 0 0 0 0 0\ncpu0 0 0 0 0 0 0 0 0 0 0\n")
 
 
-@pytest.mark.parametrize("others_cores, expected", [(0.0, 2), (1.0, 1), (1.6, 1), (0.3, 2)])
+class _Clock:
+    """The meter's wall and CPU clocks, moved by the test alone: a loaded machine that
+    stalls the test between two readings cannot change what the meter computes."""
+
+    def __init__(self) -> None:
+        self.wall = 500.0
+        self.cpu = 3.0
+
+    def monotonic(self) -> float:
+        return self.wall
+
+    def process_time(self) -> float:
+        return self.cpu
+
+    def sleep(self, seconds: float) -> None:
+        self.wall += seconds
+
+
+@pytest.mark.parametrize(
+    "others_cores, own_cores, expected",
+    [(0.0, 0.0, 2), (1.0, 0.0, 1), (1.6, 0.0, 1), (0.3, 0.0, 2), (0.3, 1.0, 2), (1.0, 1.0, 1), (0.6, 0.4, 1)],
+)
 def test_threads_are_the_free_cores(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, others_cores: float, expected: int
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, others_cores: float, own_cores: float, expected: int
 ) -> None:
     monkeypatch.setattr(cpu, "cores", lambda: 2)
+    clock = _Clock()
+    monkeypatch.setattr(cpu, "time", clock)
+    ticks = os.sysconf("SC_CLK_TCK")
     stat = tmp_path / "stat"
     _stat(stat, 0)
     meter = CoreMeter(stat_path=str(stat))
-    start = time.monotonic()
-    own = time.process_time()
-    time.sleep(0.2)
-    wall = time.monotonic() - start
-    # Others' busy seconds over the interval, plus our own (which the meter must not count).
-    ticks = os.sysconf("SC_CLK_TCK")
-    _stat(stat, round((others_cores * wall + (time.process_time() - own)) * ticks))
+    clock.wall += 2.0
+    clock.cpu += own_cores * 2.0
+    # Every process's busy time over the interval: others' plus our own, which the meter
+    # must not count as someone else's.
+    _stat(stat, round((others_cores + own_cores) * 2.0 * ticks))
+    assert meter.others() == pytest.approx(others_cores, abs=1.0 / ticks)
+    clock.wall += 2.0
+    clock.cpu += own_cores * 2.0
+    _stat(stat, round((others_cores + own_cores) * 4.0 * ticks))
     assert meter.threads() == expected
 
 

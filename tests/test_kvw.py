@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import random
+from collections.abc import Iterator
+
 import pytest
 import tiny
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Sampler
 
 from kvw_ledger.coefficients import CoefficientHooks, collect
 from kvw_ledger.data import (
@@ -18,7 +22,7 @@ from kvw_ledger.data import (
     iter_batches,
 )
 from kvw_ledger.errors import BadInputError, NonFiniteActivationError
-from kvw_ledger.kvw import KVWConfig, accessor, batch_order, gate, run_kvw, weakened
+from kvw_ledger.kvw import KVWConfig, accessor, gate, run_kvw, weakened
 from kvw_ledger.sites import discover_sites, select_layers, site_weight
 
 
@@ -113,6 +117,37 @@ def reference_batch(examples: list[Example], pad: int) -> dict:
     return batch
 
 
+class SeededShuffle(Sampler[int]):
+    """The forget batches' order as `--seed` documents it, written from that contract:
+    one ``random.Random(seed)`` per request, and each epoch a fresh shuffle of every
+    index, as the authors' ``DataLoader(shuffle=True)`` reshuffles every epoch."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n = n
+        self.rng = random.Random(seed)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        order = list(range(self.n))
+        self.rng.shuffle(order)
+        return iter(order)
+
+
+def reference_batches(forget: list[Example], cfg: KVWConfig, pad: int) -> Iterator[dict]:
+    """The authors' loop over the forget set: a DataLoader per epoch, cut into batch-size
+    pieces by torch (the last one smaller, never dropped), collated plainly."""
+    loader = DataLoader(
+        forget,  # type: ignore[arg-type]
+        batch_size=cfg.batch_size,
+        sampler=SeededShuffle(len(forget), cfg.seed),
+        collate_fn=lambda examples: reference_batch(examples, pad),
+    )
+    for _ in range(cfg.epochs):
+        yield from loader
+
+
 def reference_forget(model, site_names, axis, forget, retain, cfg: KVWConfig, pad: int):
     modules = {n: model.get_submodule(n) for n in site_names}
 
@@ -126,14 +161,16 @@ def reference_forget(model, site_names, axis, forget, retain, cfg: KVWConfig, pa
             sums[n] += c[n] * n_tok
         count += n_tok
     c_r = {n: s / count for n, s in sums.items()}
-    for indices in batch_order(len(forget), cfg):
-        c_f = reference_coefficients(model, modules, reference_batch([forget[i] for i in indices], pad))
+    n_batches = 0
+    for batch in reference_batches(forget, cfg, pad):
+        c_f = reference_coefficients(model, modules, batch)
+        n_batches += 1
         for n in site_names:
             a = torch.clamp(torch.log(c_f[n] + cfg.eps) - torch.log(c_r[n] + cfg.eps), min=0)
             g = torch.exp(-cfg.gamma * a)
             w = modules[n].weight.data
             w.mul_(g.unsqueeze(0) if axis == 1 else g.unsqueeze(1))
-    return {n: modules[n].weight.data.clone() for n in site_names}
+    return {n: modules[n].weight.data.clone() for n in site_names}, n_batches
 
 
 # Architectures found only since sites come from structure, each with its own MLP shape:
@@ -171,7 +208,7 @@ def test_forget_matches_reference_semantics(arch: str, batch_size: int) -> None:
     )
 
     theirs = build()
-    expected = reference_forget(
+    expected, n_batches = reference_forget(
         theirs, [s.module for s in chosen], chosen[0].axis, forget, retain, cfg, tok.pad_token_id
     )
     changed = 0
@@ -185,7 +222,33 @@ def test_forget_matches_reference_semantics(arch: str, batch_size: int) -> None:
                 f"{site.name} is outside the range but changed"
             )
     assert changed > 0, "the test data weakened nothing; the comparison would be vacuous"
-    assert result.n_batches == len(batch_order(5, cfg))
+    assert result.n_batches == n_batches == 2 * -(-5 // batch_size)  # epochs x ceil(5 / size)
+
+
+def test_the_reference_comparison_sees_the_batch_order() -> None:
+    # Progressive weakening depends on the order of the batches: a reference that took
+    # them in another order (another seed) is far outside the tolerance above, so that
+    # comparison holds the engine to the documented order, not merely to the batch set.
+    tok = tiny.char_tokenizer()
+    enc = Encoder(tok)
+    forget, retain = encode_all(enc, records(5)), encode_all(enc, records(6, offset=20))
+    cfg = KVWConfig(gamma=0.5, layers=(1, 2), batch_size=1, epochs=2, seed=3)
+    ours = tiny.llama()
+    sites = discover_sites(ours)
+    chosen = select_layers(sites, cfg.layers)
+    retain_stats = collect(ours, chosen, iter_batches(retain, 1, tok.pad_token_id), progress=False)
+    run_kvw(ours, sites, forget, retain_stats.means(), cfg, pad_token_id=tok.pad_token_id, progress=False)
+    names = [s.module for s in chosen]
+    same, _ = reference_forget(tiny.llama(), names, chosen[0].axis, forget, retain, cfg, tok.pad_token_id)
+    other_cfg = KVWConfig(gamma=0.5, layers=(1, 2), batch_size=1, epochs=2, seed=4)
+    other, _ = reference_forget(tiny.llama(), names, chosen[0].axis, forget, retain, other_cfg, tok.pad_token_id)
+    assert list(SeededShuffle(5, 3)) != list(SeededShuffle(5, 4))
+    for site in chosen:
+        got = site_weight(ours, site)
+        torch.testing.assert_close(got, same[site.module], rtol=1e-5, atol=1e-5)
+    with pytest.raises(AssertionError):
+        for site in chosen:
+            torch.testing.assert_close(site_weight(ours, site), other[site.module], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2_vl", "llava"])

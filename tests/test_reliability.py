@@ -179,7 +179,10 @@ def test_ctrl_c_at_protocol_steps_and_random_moments_exits_130_or_commits(
     assert not failed, "\n".join(failed)
     by_step = dict(zip(picks, outcomes, strict=False))
     # Before the entry: exit 130 and nothing committed. From the entry on: the write finishes.
-    if "between two array writes" in by_step:
+    # forget and rederive write request arrays; revert and gc write none (only the head)
+    writes_arrays = verb in ("forget", "rederive")
+    assert ("between two array writes" in by_step) == writes_arrays, (verb, list(by_step))
+    if writes_arrays:
         assert by_step["between two array writes"].exit_code == 130
     assert by_step["inside the journal append, before the link"].exit_code == 0
     assert by_step["after the journal entry, before the head refresh"].exit_code == 0
@@ -303,9 +306,12 @@ def test_killed_export_leaves_no_complete_looking_directory(
         for s in ledger.sites
     }
     rng = random.Random(f"{SEED}/export")
-    start = time.perf_counter()
-    ledger.export(tmp_path / "timed", progress=False)
-    duration = time.perf_counter() - start
+    durations = []
+    for n in range(3):  # the fastest of 3: a busy moment must not stretch every kill delay
+        start = time.perf_counter()
+        ledger.export(tmp_path / f"timed{n}", progress=False)
+        durations.append(time.perf_counter() - start)
+    duration = min(durations)
     finished = 0
     for trial in range(12):
         out = tmp_path / f"out{trial}"
@@ -519,7 +525,7 @@ def test_whitespace_and_digit_flips_in_the_head_cache_are_detected(probed: Path,
 def _doc_rows() -> list[tuple[str, int, str]]:
     rows = []
     for line in DOC.read_text(encoding="utf-8").splitlines():
-        match = re.fullmatch(r"\| `([a-z-]+)` \|.*\| ([12]) \| `(.+)` \|", line)
+        match = re.fullmatch(r"\| `([a-z-]+)` \|.*\| (1|2|75) \| `(.+)` \|", line)
         if match:
             rows.append((match.group(1), int(match.group(2)), match.group(3)))
     return rows

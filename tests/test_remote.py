@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import fsspec
 import pytest
@@ -229,6 +230,53 @@ def test_a_held_lock_at_the_url_makes_a_writer_wait_then_fail(env: Env, url: str
     assert Remote(url).versions() == [1, 2, 3, 4]
 
 
+class _ClientError(Exception):
+    """What botocore raises for an S3 error answer: the answer's fields in ``response``."""
+
+    def __init__(self, code: str, status: int) -> None:
+        super().__init__(f"An error occurred ({code}) when calling the PutObject operation")
+        self.response = {"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}
+
+
+@pytest.mark.parametrize(("code", "status"), [("PreconditionFailed", 412), ("ConditionalRequestConflict", 409)])
+def test_a_precondition_failure_on_the_lock_is_another_writer_exit_75(
+    env: Env, url: str, machines: Machines, monkeypatch: pytest.MonkeyPatch, code: str, status: int
+) -> None:
+    # s3fs turns a 412 into FileExistsError only when the answer names its condition; a
+    # store that leaves it out (or answers 409 to a racing conditional write) gives an
+    # OSError whose cause is the client error.
+    ledger = _with_request(env, url)
+    real_pipe = MemoryFileSystem.pipe_file
+
+    def pipe_file(self: MemoryFileSystem, path: str, value: bytes, mode: str = "overwrite", **kw: Any) -> Any:
+        if mode == "create" and path.endswith("/lock"):
+            raise OSError(22, "Invalid argument") from _ClientError(code, status)
+        return real_pipe(self, path, value, mode=mode, **kw)
+
+    monkeypatch.setattr(MemoryFileSystem, "pipe_file", pipe_file)
+    monkeypatch.setattr(Ledger, "lock_timeout", 0.2)
+    result = CliRunner().invoke(main, ["revert", url, "A", "--json"])
+    assert result.exit_code == 75, result.output
+    error = json.loads(result.output)
+    assert error["exit_code"] == 75 and f"{url} is locked by" in error["error"]
+    monkeypatch.setattr(MemoryFileSystem, "pipe_file", real_pipe)
+    assert Remote(url).versions() == [1, 2, 3]  # nothing was published
+    ledger.revert("A")  # the other writer is gone: the same write now goes through
+    assert Remote(url).versions() == [1, 2, 3, 4]
+
+
+def test_another_refusal_of_an_exclusive_create_stays_a_storage_error(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def pipe_file(self: MemoryFileSystem, path: str, value: bytes, mode: str = "overwrite", **kw: Any) -> Any:
+        raise OSError(13, "Permission denied") from _ClientError("AccessDenied", 403)
+
+    monkeypatch.setattr(MemoryFileSystem, "pipe_file", pipe_file)
+    with pytest.raises(StorageError, match="exclusively") as info:
+        Remote(url)._create("lock", b"{}")
+    assert info.value.exit_code == 2
+
+
 def test_a_failed_push_leaves_the_url_as_it_was_and_the_next_write_publishes_it(
     env: Env, url: str, machines: Machines
 ) -> None:
@@ -428,7 +476,7 @@ def test_the_cli_exit_codes_on_a_damaged_and_on_a_locked_url(env: Env, url: str,
             locked = runner.invoke(main, ["revert", url, "A"])
         finally:
             Ledger.lock_timeout = saved
-    assert locked.exit_code == 2 and f"{url} is locked by pid" in locked.output
+    assert locked.exit_code == 75 and f"{url} is locked by pid" in locked.output  # try again later
     _flip_last_byte(url, f"{ledger.store.list_arrays('requests/A/exponent')[0]}/c/0")
     verify = runner.invoke(main, ["verify", url])
     assert verify.exit_code == 1 and f"{url}/requests/A/exponent/" in verify.output

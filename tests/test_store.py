@@ -412,9 +412,23 @@ def test_bad_names_are_rejected(store: Store, name: str, needle: str) -> None:
         store.read_array(name)
 
 
-def test_good_names_are_accepted(store: Store) -> None:
-    store.write_array("requests/A1._-z/exponent/model.layers.0.mlp.experts.2", torch.ones(1))
-    store.write_array("retain/" + "s" * 128 + "/vision_tower.blocks.1-x.fc_2", torch.ones(1))
+@pytest.mark.parametrize(
+    "name",
+    [
+        "requests/A1._-z/exponent/model.layers.0.mlp.experts.2",
+        "retain/" + "s" * 128 + "/vision_tower.blocks.1-x.fc_2",
+    ],
+)
+def test_good_names_are_accepted(store: Store, name: str) -> None:
+    written = torch.arange(3, dtype=torch.float32) - 1.5
+    record = store.write_array(name, written)
+    assert record.name == name
+    reopened = Store.open(store.path)  # from disk, not from anything the writer kept
+    assert reopened.has_array(name)
+    assert name in reopened.list_arrays(name.split("/", 1)[0])
+    read = reopened.read_array(name)
+    assert read.dtype == written.dtype and torch.equal(read, written)
+    assert record.sha256 == tensor_hash(written)
 
 
 def test_bad_prefix_and_tensor(store: Store) -> None:
