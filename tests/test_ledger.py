@@ -111,7 +111,8 @@ def test_revert_is_bit_exact_and_init_export_is_the_original(env: Env, tmp_path:
     assert ledger.state().active == ["B"]
 
     original = tiny.file_tensors(env.model_dir)
-    exported = tiny.file_tensors(ledger.export(tmp_path / "head", progress=False))
+    assert ledger.export(tmp_path / "head", progress=False) == ledger.resolve("HEAD")
+    exported = tiny.file_tensors(tmp_path / "head")
     assert list(exported) == list(original)
     site_keys = {loc.key: name for name, loc in ledger.locations.items()}
     weakened_any = False
@@ -125,7 +126,8 @@ def test_revert_is_bit_exact_and_init_export_is_the_original(env: Env, tmp_path:
         weakened_any |= not tiny.same_bits(exported[key], base)
     assert weakened_any, "request B weakened nothing; the test would prove nothing"
 
-    at_init = tiny.file_tensors(ledger.export(tmp_path / "v1", at=1, progress=False))
+    assert ledger.export(tmp_path / "v1", at=1, progress=False) == ledger.resolve(1)
+    at_init = tiny.file_tensors(tmp_path / "v1")
     assert list(at_init) == list(original)
     for key, base in original.items():
         assert tiny.same_bits(at_init[key], base), key
@@ -290,7 +292,8 @@ def test_bfloat16_ledger_round_trips_bit_exactly(env: Env, tmp_path: Path) -> No
     ledger.retain(env.root / "retain.jsonl", progress=False)
     forget = ledger.forget(env.forget[1], request_id="A", config=CONFIG, progress=False)
 
-    weakened = tiny.file_tensors(ledger.export(tmp_path / "forgotten", progress=False))
+    assert ledger.export(tmp_path / "forgotten", progress=False) == ledger.resolve("HEAD")
+    weakened = tiny.file_tensors(tmp_path / "forgotten")
     for site in ledger.sites:
         key = ledger.locations[site.name].key
         w = _exponent(ledger, "A", site.name, site.n_vectors)
@@ -298,10 +301,12 @@ def test_bfloat16_ledger_round_trips_bit_exactly(env: Env, tmp_path: Path) -> No
     assert any(not tiny.same_bits(weakened[k], original[k]) for k in original)
 
     ledger.revert("A")
-    restored = tiny.file_tensors(ledger.export(tmp_path / "reverted", progress=False))
+    assert ledger.export(tmp_path / "reverted", progress=False) == ledger.resolve("HEAD")
+    restored = tiny.file_tensors(tmp_path / "reverted")
     for key, tensor in original.items():
         assert tiny.same_bits(restored[key], tensor), key
-    again = tiny.file_tensors(ledger.export(tmp_path / "again", at=forget.version, progress=False))
+    assert ledger.export(tmp_path / "again", at=forget.version, progress=False) == ledger.resolve(forget.version)
+    again = tiny.file_tensors(tmp_path / "again")
     for key, tensor in weakened.items():
         assert tiny.same_bits(again[key], tensor), key
     assert ledger.verify().problems == []
@@ -364,8 +369,8 @@ def test_retain_keeps_the_head_cache_current(env: Env) -> None:
     ledger = Ledger.open(env.ledger)
     head = ledger.head()
     assert head.op == "retain"
-    cached = ledger.store.read_head()
-    assert cached is not None and cached[1:] == (head.version, head.hash)
+    cached = ledger.store.read_head_cache()
+    assert cached is not None and (cached.version, cached.digest) == (head.version, head.hash)
     assert ledger.verify().problems == []
 
 
@@ -374,7 +379,7 @@ def test_materialize_at_head_reads_no_history(
 ) -> None:
     ledger, expected = history
     head = ledger.head().version
-    _, want, _ = ledger.sums(head - 1)  # by replay (the cache stands for HEAD only)
+    want = ledger.sums(head - 1)[1].exponents  # by replay (the cache stands for HEAD only)
 
     def no_replay(self: object) -> None:
         raise AssertionError("the journal was replayed")
@@ -387,7 +392,7 @@ def test_materialize_at_head_reads_no_history(
         ledger.sums(head - 1)
     monkeypatch.undo()
     _check_version(ledger, live, head, expected[head - 1])
-    assert all(tiny.same_bits(ledger.sums(head - 1)[1][n], want[n]) for n in want)
+    assert all(tiny.same_bits(ledger.sums(head - 1)[1].exponents[n], want[n]) for n in want)
 
 
 def test_load_of_the_base_version_reads_no_base_array(
