@@ -245,8 +245,11 @@ class _HeadSum:
         for site in self.ledger.sites:
             value = self.sums.get(site.name, torch.zeros(site.n_vectors, dtype=torch.float32))
             got = tensors.get(site.name)
-            assert isinstance(value, torch.Tensor)  # errors returned above
-            if got is None or not torch.equal(got.view(torch.int32), value.view(torch.int32)):
+            if (
+                got is None
+                or not isinstance(value, torch.Tensor)
+                or not torch.equal(got.view(torch.int32), value.view(torch.int32))
+            ):
                 return [
                     Problem(
                         Store.head_path(site.name),
