@@ -516,3 +516,66 @@ def test_open_refuses_root_attributes_that_differ_from_init(env: Env, tmp_path: 
     with pytest.raises(IntegrityError, match="zarr.json differs from what init recorded"):
         Ledger.open(tmp_path / "led")
     assert not Ledger.open(tmp_path / "led", check_root=False).verify(check_model=False).ok
+
+
+# --- costs that grow with what changed (issue 14) -----------------------------------------
+
+
+def test_diff_reads_only_the_requests_that_differ(
+    history: tuple[Ledger, list[list[str]]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ledger, expected = history
+    head = ledger.head().version
+    assert "r8" in expected[head - 2] and [r for r in expected[head - 2] if r != "r8"] == expected[head - 1]
+    reads: list[str] = []
+    real = Ledger.request_weakening
+    monkeypatch.setattr(
+        Ledger, "request_weakening", lambda self, r, state=None: reads.append(r) or real(self, r, state)
+    )
+    got = ledger.diff("HEAD~1", "HEAD", top=3)
+    assert reads == ["r8"]  # the requests active on both sides cancel unread
+    assert (got["from"], got["to"], got["added"], got["removed"]) == (head - 1, head, [], ["r8"])
+    monkeypatch.undo()
+    w = ledger.request_exponents("r8", ledger.state(head - 1))
+    rows = {row["site"]: row for row in got["sites"]}
+    assert set(rows) == {name for name, value in w.items() if bool(value.any())}
+    for name, row in rows.items():
+        delta = -w[name]  # what HEAD lacks: exactly r8's exponents, no rounding of a long sum
+        assert row["changed"] == int((delta != 0).sum())
+        assert row["max_abs_change"] == float(delta.abs().max())
+        assert [t["change"] for t in row["top"]] == [float(delta[t["vector"]]) for t in row["top"]]
+
+
+def test_verify_reads_every_array_once(
+    history: tuple[Ledger, list[list[str]]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kvw_ledger.store import Store
+
+    ledger, _ = history
+    reads: dict[str, int] = {}
+    real = Store.read_array
+
+    def counted(self: Store, name: str) -> torch.Tensor:
+        reads[name] = reads.get(name, 0) + 1
+        return real(self, name)
+
+    monkeypatch.setattr(Store, "read_array", counted)
+    report = ledger.verify(check_model=False)
+    assert report.ok and report.problems == []
+    exponents = [n for n in reads if "/exponent/" in n]
+    assert exponents and max(reads[n] for n in exponents) == 1  # hashed and summed for the head in one read
+    assert max(reads.values()) == 1
+
+
+def test_history_reads_the_journal_once(
+    history: tuple[Ledger, list[list[str]]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kvw_ledger.history import build_history
+
+    ledger, expected = history
+    calls: list[int] = []
+    real = Ledger.entries
+    monkeypatch.setattr(Ledger, "entries", lambda self: calls.append(1) or real(self))
+    rows = build_history(ledger)
+    assert len(calls) == 1
+    assert [row.active for row in rows] == expected
