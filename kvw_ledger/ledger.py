@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from kvw_ledger import coefficients, data, model_files, refs, retain_stat, views
+from kvw_ledger._fs import fsync_dir, sha256_file
 from kvw_ledger.devices import Placement
 from kvw_ledger.distributed import LOCAL, Step, World, is_shared
 from kvw_ledger.errors import (
@@ -49,7 +50,6 @@ from kvw_ledger.journal import (
     Journal,
     canonical_json,
     check_operator,
-    fsync_dir,
     hash_files,
 )
 from kvw_ledger.kvw import (
@@ -174,7 +174,7 @@ class Ledger:
         ledger.operator = operator
         try:
             with WriterLock(store.path, operation="init"):
-                files = {"zarr.json": _sha256(store.path / "zarr.json")}
+                files = {"zarr.json": sha256_file(store.path / "zarr.json")}
                 written, hashes = store.write_sites(
                     Store.base_path(), {s.name: wanted[s.name].detach().cpu() for s in sites}
                 )
@@ -1745,12 +1745,6 @@ def _check_request_id(request_id: str) -> str:
             f"request id {request_id!r} reads as a version REF; choose an id with a letter, e.g. req-{request_id}"
         )
     return request_id
-
-
-def _sha256(path: Path) -> str:
-    from kvw_ledger.journal import sha256_file
-
-    return sha256_file(path)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
