@@ -21,6 +21,7 @@ import transformers as tf
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from kvw_ledger import KVWConfig, Ledger, StabilityCheckError, StabilityLimits
+from kvw_ledger.bodies import parse
 
 
 def build_model(model_dir: Path) -> None:
@@ -64,13 +65,14 @@ def main() -> None:
         print("refused, nothing committed:", str(e)[:60], "...")
     ledger.forget(bob, request_id="bob", reason="erasure request 2", config=config, progress=False)
     ledger.revert("alice", reason="withdrawn")
-    ledger.export(work / "export", progress=False)
+    exported = ledger.export(work / "export", progress=False)  # the version written
     report = ledger.verify()
 
     for entry in ledger.entries():
-        print(entry.version, entry.op, entry.body.get("request") or entry.body.get("stats") or "", entry.body["active"])
+        body = parse(entry)  # the entry's typed body: its id, active requests and raw JSON
+        print(entry.version, entry.op, body.id or "", body.active)
     print("verify:", "ok" if report.ok else report.problems)
-    print("exported to", work / "export")
+    print("exported version", exported, "to", work / "export")
 
 
 if __name__ == "__main__":

@@ -43,10 +43,12 @@ from kvw_ledger.reader import LedgerReader
 if TYPE_CHECKING:
     from kvw_ledger.distributed import World
     from kvw_ledger.kvw import KVWConfig, KVWResult, run_kvw
-    from kvw_ledger.ledger import Ledger, LedgerState, RequestInfo, VerifyReport
+    from kvw_ledger.ledger import Ledger
     from kvw_ledger.live import LiveModel
+    from kvw_ledger.replay import LedgerState, RequestInfo
     from kvw_ledger.sites import Site, discover_sites
     from kvw_ledger.stability import StabilityLimits, StabilityReport
+    from kvw_ledger.verify import VerifyReport
 
 # transformers imports torchao (the audits' quantization library) whenever it builds a
 # model; torchao's CPU wheel then logs every CUDA kernel it lacks, and torch a notice
@@ -63,9 +65,9 @@ _LAZY = {
     "KVWResult": "kvw_ledger.kvw",
     "run_kvw": "kvw_ledger.kvw",
     "Ledger": "kvw_ledger.ledger",
-    "LedgerState": "kvw_ledger.ledger",
-    "RequestInfo": "kvw_ledger.ledger",
-    "VerifyReport": "kvw_ledger.ledger",
+    "LedgerState": "kvw_ledger.replay",
+    "RequestInfo": "kvw_ledger.replay",
+    "VerifyReport": "kvw_ledger.verify",
     "LiveModel": "kvw_ledger.live",
     "Site": "kvw_ledger.sites",
     "discover_sites": "kvw_ledger.sites",

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
-from kvw_ledger import views
+from kvw_ledger import bodies, views
 from kvw_ledger.devices import DEVICE_CHOICES, DTYPE_CHOICES
 from kvw_ledger.errors import ImageOnlyProcessorWarning, KVWLedgerError
 from kvw_ledger.interrupts import redeliver_swallowed
@@ -101,7 +101,7 @@ class _Group(click.Group):
     """The command group; Ctrl-C anywhere in a command exits 130, not click's 1 ("Aborted!").
 
     A write interrupted before its journal entry has removed what it wrote; one
-    interrupted after it finishes first and never gets here (``Ledger._writing``).
+    interrupted after it finishes first and never gets here (``session.open_session``).
     """
 
     command_class = _Command
@@ -714,29 +714,7 @@ def forget(
 
 
 def _summary(entry: Entry) -> str:
-    body = entry.body
-    if entry.op == "init":
-        return f"{body['model_type']}, {body['sites']} sites"
-    if entry.op == "retain":
-        statistic = f", {body['statistic']}" if body.get("statistic", "mean") != "mean" else ""
-        return f"{body['stats']} ({body['records']} records, measured at {body['measured_at']}{statistic})"
-    if entry.op == "forget":
-        rescaled = ", rescaled" if body["params"].get("rescale") else ""
-        return f"{body['request']} ({body['records']} records, gamma {body['params']['gamma']}{rescaled})"
-    if entry.op == "revert":
-        if "rederived" in body:
-            return f"{body['request']}, retain stats {body['rederived']['stats']}, re-derived {', '.join(body['rederived']['requests']) or '-'}"
-        return f"{body['request']}"
-    if entry.op == "probe":
-        kinds = ", ".join(sorted(body.get("probes", {}))) or "no"
-        return f"{kinds} probes" + (", limits set" if body.get("limits") else "")
-    if entry.op == "rederive":
-        return f"{', '.join(body['requests'])} with {body['stats']}"
-    if entry.op == "gc":
-        return f"deleted {', '.join(body['deleted']) or 'nothing'}"
-    if entry.op == "audit":
-        return f"{body['request']} at version {body['version']} against {body['before']}"
-    return ""
+    return bodies.parse(entry).summary()
 
 
 @main.command()
@@ -1012,16 +990,15 @@ def export(
     """
     from kvw_ledger.export import PROVENANCE_FILE
 
-    path = _open(ledger).export(
-        out_dir, at=at, model_dir=model_dir, progress=not quiet, format=fmt
-    )
+    opened = _open(ledger)
+    version = opened.export(out_dir, at=at, model_dir=model_dir, progress=not quiet, format=fmt)
+    path = Path(out_dir)
     provenance = json.loads((path / PROVENANCE_FILE).read_text(encoding="utf-8"))
-    version = provenance["ledger_version"]
     click.echo(f"exported version {version} to {path}")
     return {
         "path": str(path),
         "version": version,
-        "id": views.entry_json(LedgerReader.open(ledger).journal.get(version))["id"],
+        "id": views.entry_json(opened.journal.get(version))["id"],
         "hash": provenance["entry_hash"],
         "head_hash": provenance["head_hash"],
         "active": provenance["active_requests"],

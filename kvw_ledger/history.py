@@ -10,9 +10,12 @@ from typing import Any
 
 import torch
 
+from kvw_ledger.bodies import parse
 from kvw_ledger.errors import KVWLedgerError
 from kvw_ledger.ledger import Ledger
+from kvw_ledger.replay import states
 from kvw_ledger.stability import StabilityLimits, attenuation
+from kvw_ledger.weakening import Weakening
 
 WARN_AT = 0.8  # warn once a figure reaches this share of its limit
 
@@ -47,19 +50,18 @@ class VersionRecord:
 
 
 def build_history(ledger: Ledger) -> list[VersionRecord]:
-    """Replays the ledger once, summing each version's active exponents in chain order."""
-    entries = ledger.entries()
+    """Replays the ledger once (O(N) for N versions), summing each version's active
+    requests in chain order."""
     bases = {s.name: ledger.base(s.name).to(torch.float32) for s in ledger.sites}
-    cache: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-    scale_cache: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    cache: dict[tuple[str, str, str], Weakening] = {}  # a request's arrays, by where they are
     rows: list[VersionRecord] = []
-    for entry in entries:
-        state = ledger.state(entry.version)
+    summed: tuple[list[tuple[str, str, str]], Weakening] | None = None  # the last chain and its sum
+    for entry, state in states(ledger.entries()):
         limits = StabilityLimits(**{k: v for k, v in state.limits.items() if k != "on_fail"})
         row = VersionRecord(
             entry.version,
             entry.op,
-            entry.body.get("request") or entry.body.get("stats"),
+            parse(entry).id,
             list(state.active),
             None,
         )
@@ -80,28 +82,30 @@ def build_history(ledger: Ledger) -> list[VersionRecord]:
             row.warnings.append(
                 f"committed despite failed check {failed['name']} ({failed['value']:.4g})"
             )
+        keys = [(r, state.exponents[r], state.log_scales.get(r, "")) for r in state.active]
         try:
-            total = {s.name: torch.zeros(s.n_vectors) for s in ledger.sites}
-            scales: dict[str, torch.Tensor] = {}  # summed log-scales (--rescale), chain order
-            for request_id in state.active:
-                key = (request_id, state.exponents[request_id])
+            # Chain order, from zero: a version whose chain extends the one before
+            # continues that sum (the same additions in the same order); any other
+            # (a revert, a re-derivation) is summed again from zero.
+            if summed is not None and keys[: len(summed[0])] == summed[0]:
+                start, fresh = summed[1], keys[len(summed[0]) :]
+            else:
+                start, fresh = Weakening.zero(ledger.sites), keys
+            for key in fresh:
                 if key not in cache:
-                    cache[key] = ledger.request_exponents(request_id, state)
-                for site, value in cache[key].items():
-                    total[site] += value
-                scale_key = (request_id, state.log_scales.get(request_id, ""))
-                if scale_key not in scale_cache:
-                    scale_cache[scale_key] = ledger.request_log_scales(request_id, state)
-                for site, value in scale_cache[scale_key].items():
-                    scales[site] = scales.get(site, torch.zeros(())) + value
+                    cache[key] = ledger.request_weakening(key[0], state)
+                start = start + cache[key]
+            total = start
+            summed = (keys, total)
         except KVWLedgerError:
+            summed = None
             row.warnings.append("exponents deleted by gc; attenuation unavailable")
             rows.append(row)
             continue
         per_layer: dict[int, float] = {}
         for spot in ledger.sites:
             share = attenuation(
-                bases[spot.name], total[spot.name], spot.axis, scales.get(spot.name)
+                bases[spot.name], total.exponents[spot.name], spot.axis, total.log_scale(spot.name)
             )
             per_layer[spot.layer] = max(per_layer.get(spot.layer, 0.0), share)
         row.attenuation = dict(sorted(per_layer.items()))

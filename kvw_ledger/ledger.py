@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -28,7 +27,8 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from kvw_ledger import coefficients, data, model_files, probes, refs, retain_stat, views
+from kvw_ledger import coefficients, data, model_files, refs, retain_stat, views
+from kvw_ledger._fs import fsync_dir, sha256_file
 from kvw_ledger.devices import Placement
 from kvw_ledger.distributed import LOCAL, Step, World, is_shared
 from kvw_ledger.errors import (
@@ -45,17 +45,12 @@ from kvw_ledger.errors import (
 )
 from kvw_ledger.export import export_model
 from kvw_ledger.fingerprint_cache import CACHE_NAME, FingerprintCache
-from kvw_ledger.interrupts import InterruptGuard
 from kvw_ledger.journal import (
     Entry,
     Journal,
-    Problem,
     canonical_json,
     check_operator,
-    default_operator,
-    fsync_dir,
     hash_files,
-    hash_workers,
 )
 from kvw_ledger.kvw import (
     KVWConfig,
@@ -66,9 +61,11 @@ from kvw_ledger.kvw import (
     weakened,
 )
 from kvw_ledger.loading import DeviceMap, load_model, load_processor, max_length
-from kvw_ledger.lock import WriterLock, acquire_within, held_within
+from kvw_ledger.lock import WriterLock
 from kvw_ledger.reader import LedgerReader
 from kvw_ledger.remote import Remote, is_url, local_path, mirror_dir
+from kvw_ledger.replay import LedgerState, RequestInfo, replay, request_prefixes
+from kvw_ledger.session import WriteSession, open_session, unnamed
 from kvw_ledger.sites import Site, discover_sites, site_weight
 from kvw_ledger.stability import (
     OnFail,
@@ -84,66 +81,12 @@ from kvw_ledger.stability import (
 )
 from kvw_ledger.store import HeadCache, Store, check_id
 from kvw_ledger.target import TargetSearch, Trial, search
+from kvw_ledger.verify import VerifyReport, verify_ledger
+from kvw_ledger.weakening import Weakening
 
 __all__ = ["Ledger", "LedgerState", "RequestInfo", "VerifyReport"]
 
 EXPORT_FORMATS = ("safetensors", "peft")  # export: a full model directory, or a peft IA3 adapter
-_PER_WRITE_GROUPS = ("requests", "retain", "rederived", "probes")  # a write adds one child to one
-
-
-@dataclass(frozen=True)
-class RequestInfo:
-    """One deletion request as the journal records it."""
-
-    id: str
-    version: int  # the entry that applied it
-    body: Mapping[str, Any]
-
-
-@dataclass
-class LedgerState:
-    """What is true at one version, found by replaying the journal up to it."""
-
-    version: int
-    active: list[str] = field(default_factory=list)  # request ids, in the order applied
-    requests: dict[str, RequestInfo] = field(default_factory=dict)  # every request so far
-    reverted: set[str] = field(default_factory=set)
-    retain_stats: dict[str, int] = field(default_factory=dict)  # stats id -> version
-    retain_info: dict[str, Mapping[str, Any]] = field(default_factory=dict)  # stats id -> its entry body
-    latest_retain: str | None = None
-    exponents: dict[str, str] = field(default_factory=dict)  # request -> prefix of its current exponent arrays
-    traces: dict[str, str] = field(default_factory=dict)  # request -> prefix of its current C_f traces
-    log_scales: dict[str, str] = field(default_factory=dict)  # request -> prefix of its log-scales (rescale only)
-    deleted: dict[str, int] = field(default_factory=dict)  # request -> version of the gc that deleted it
-    probes: dict[str, dict[str, Any]] = field(default_factory=dict)  # kind -> stored probe set
-    limits: dict[str, Any] = field(default_factory=dict)  # ledger-wide stability limits
-    probe_figures: dict[str, dict[str, float]] = field(default_factory=dict)  # latest measured
-
-
-@dataclass
-class VerifyReport:
-    """The findings of :meth:`Ledger.verify`; ``ok`` when no finding is an error."""
-
-    problems: list[Problem]
-    checked_entries: int
-    checked_arrays: int
-
-    @property
-    def ok(self) -> bool:
-        """True when nothing is broken (warnings allowed)."""
-        return not any(p.severity == "error" for p in self.problems)
-
-    def to_json(self) -> dict[str, Any]:
-        """JSON-ready form for ``verify --json``."""
-        return {
-            "ok": self.ok,
-            "checked_entries": self.checked_entries,
-            "checked_arrays": self.checked_arrays,
-            "problems": [
-                {"path": p.path, "message": p.message, "severity": p.severity}
-                for p in self.problems
-            ],
-        }
 
 
 def _utc_now() -> _dt.datetime:
@@ -231,18 +174,17 @@ class Ledger:
         ledger.operator = operator
         try:
             with WriterLock(store.path, operation="init"):
-                files = {"zarr.json": _sha256(store.path / "zarr.json")}
-                hashes = {}
-                for site in sites:
-                    record = store.write_array(f"base/{site.name}", wanted[site.name].detach().cpu())
-                    files.update(record.files)
-                    hashes[site.name] = record.sha256
-                files.update(store.group_files("base"))
+                files = {"zarr.json": sha256_file(store.path / "zarr.json")}
+                written, hashes = store.write_sites(
+                    Store.base_path(), {s.name: wanted[s.name].detach().cpu() for s in sites}
+                )
+                files.update(written)
+                files.update(store.group_files(Store.base_path()))
                 body = {
                     "model_type": attrs["model"]["model_type"],
                     "model_fingerprint": fingerprint,
                     "sites": len(sites),
-                    "arrays": {f"base/{n}": h for n, h in hashes.items()},
+                    "arrays": hashes,
                     "active": [],
                 }
                 entry = ledger.journal.append("init", body, files, parent=None, operator=operator)
@@ -308,7 +250,7 @@ class Ledger:
         """Rebuilds a mirror's head cache when a pull moved HEAD past it."""
         head = self.head()
         if self._head_cache(head) is None:
-            with held_within(WriterLock(self.path, operation="head"), self.lock_timeout, self.on_wait):
+            with WriterLock(self.path, operation="head").holding(self.lock_timeout, self.on_wait):
                 if self._head_cache(self.head()) is None:
                     self._write_head(self.head())
 
@@ -344,11 +286,7 @@ class Ledger:
     def state(self, at: str | int = "HEAD") -> LedgerState:
         """Replays the journal up to ``at``."""
         entries = self.entries()
-        version = self.resolve(at, entries)
-        state = LedgerState(version)
-        for entry in entries[:version]:
-            _apply(state, entry)
-        return state
+        return replay(entries, self.resolve(at, entries))
 
     def show(self, ref: str | int) -> dict[str, Any]:
         """Version ``ref``: its entry, the files it added and, for a forget, per site what
@@ -358,7 +296,14 @@ class Ledger:
     def diff(self, ref_a: str | int, ref_b: str | int, *, top: int = 5) -> dict[str, Any]:
         """How version ``ref_b`` differs from ``ref_a``: requests added and removed, and per
         site the exponents that changed (the dict ``diff --json`` prints; see :func:`views.diff`)."""
-        return views.diff(self, ref_a, ref_b, top)
+        entries = self.entries()
+        a, b = (replay(entries, self.resolve(ref, entries)) for ref in (ref_a, ref_b))
+        return views.diff(self.sites, a, b, self.request_weakening, self._scaled_sites, top)
+
+    def _scaled_sites(self, request_id: str, state: LedgerState) -> set[str]:
+        """The sites ``request_id`` holds a log-scale for at ``state`` (listed, not read)."""
+        prefix = state.log_scales.get(request_id)
+        return set() if prefix is None else {n.rsplit("/", 1)[1] for n in self.store.list_arrays(prefix)}
 
     # --- weights ----------------------------------------------------------------------
 
@@ -368,7 +313,7 @@ class Ledger:
         At HEAD this is the cached head (one read per site, whatever the number of
         requests); elsewhere the active requests are summed in the order applied.
         """
-        return self.sums(at)[1]
+        return dict(self.sums(at)[1].exponents)
 
     def log_scales(self, at: str | int = "HEAD") -> dict[str, torch.Tensor]:
         """Sum of the active requests' log-scales per site at ``at`` (float32 scalars, CPU).
@@ -376,12 +321,10 @@ class Ledger:
         Only sites that an active request made with ``rescale`` weakened are present;
         the others have no scale (the factor is ``exp(-exponent)``).
         """
-        return self.sums(at)[2]
+        return dict(self.sums(at)[1].log_scales)
 
-    def sums(
-        self, at: str | int = "HEAD"
-    ) -> tuple[int, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """(version, exponent sums, log-scale sums) at ``at``.
+    def sums(self, at: str | int = "HEAD") -> tuple[int, Weakening]:
+        """(version, the active requests' summed :class:`Weakening`) at ``at``.
 
         ``HEAD`` (or its version number) reads the newest journal entry and the head
         cache only, so its cost does not grow with the number of requests; any other
@@ -394,13 +337,13 @@ class Ledger:
         if head is not None and refs.names_version(at, head.version):
             cached = self._head_cache(head)
             if cached is not None:
-                return head.version, cached.exponents, cached.log_scales
+                return head.version, cached.weakening
         state = self.state(at)
         if head is not None and state.version == head.version and not refs.names_version(at, head.version):
             cached = self._head_cache(head)  # a request id that names HEAD
             if cached is not None:
-                return state.version, cached.exponents, cached.log_scales
-        return state.version, self._sum_exponents(state), self._sum_log_scales(state)
+                return state.version, cached.weakening
+        return state.version, self._sum(state)
 
     def _head_cache(self, head: Entry) -> HeadCache | None:
         """The head cache if it stands for ``head`` (same version and entry hash)."""
@@ -412,13 +355,15 @@ class Ledger:
             return None
         return cached
 
-    def _sum_log_scales(
-        self, state: LedgerState, active: Sequence[str] | None = None
-    ) -> dict[str, torch.Tensor]:
-        """Sums the current log-scales of ``active`` (default: the state's) in chain order."""
-        return _add_scales(
-            self.request_log_scales(r, state) for r in (state.active if active is None else active)
-        )
+    def _sum(self, state: LedgerState, active: Sequence[str] | None = None) -> Weakening:
+        """Sums the current arrays of ``active`` (default: the state's) in chain order."""
+        chain = state.active if active is None else active
+        return Weakening.total(self.sites, (self.request_weakening(r, state) for r in chain))
+
+    def request_weakening(self, request_id: str, state: LedgerState | None = None) -> Weakening:
+        """One request's current exponents and log-scales (see :meth:`request_exponents`)."""
+        state = state or self.state()
+        return Weakening(self.request_exponents(request_id, state), self.request_log_scales(request_id, state))
 
     def request_log_scales(
         self, request_id: str, state: LedgerState | None = None
@@ -432,16 +377,6 @@ class Ledger:
         prefix = state.log_scales.get(request_id)
         return {} if prefix is None else self._request_arrays(prefix, request_id, "log-scales")
 
-    def _sum_exponents(
-        self, state: LedgerState, active: Sequence[str] | None = None
-    ) -> dict[str, torch.Tensor]:
-        """Sums the current exponents of ``active`` (default: the state's) in chain order."""
-        total = {s.name: torch.zeros(s.n_vectors, dtype=torch.float32) for s in self.sites}
-        for request_id in state.active if active is None else active:
-            for site, value in self.request_exponents(request_id, state).items():
-                total[site] += value
-        return total
-
     def request_exponents(self, request_id: str, state: LedgerState | None = None) -> dict[str, torch.Tensor]:
         """One request's current exponents per site (sites outside its layers are absent).
 
@@ -449,18 +384,17 @@ class Ledger:
             RefNotFoundError: the request's arrays were deleted by ``gc``.
         """
         state = state or self.state()
-        prefix = state.exponents.get(request_id, f"requests/{request_id}/exponent")
-        return self._request_arrays(prefix, request_id, "exponents")
+        return self._request_arrays(state.exponent_prefix(request_id), request_id, "exponents")
 
     def _request_arrays(self, prefix: str, request_id: str, what: str) -> dict[str, torch.Tensor]:
         """site -> array for every array under ``prefix`` (one request's ``what``)."""
-        names = self.store.list_arrays(prefix)
-        if not names:
+        arrays = self.store.read_sites(prefix)
+        if not arrays:
             raise RefNotFoundError(
                 f"the {what} of request {request_id!r} are gone (deleted by gc, or never written); "
                 "versions where it was active can no longer be rebuilt"
             )
-        return {name.rsplit("/", 1)[1]: self.store.read_array(name) for name in names}
+        return arrays
 
     def base(self, site: str) -> torch.Tensor:
         """The value matrix of ``site`` as first seen (original dtype).
@@ -468,10 +402,10 @@ class Ledger:
         Within one write each base is read once (it is immutable); the KVW loop and
         the stability checks share it.
         """
-        cache = self._base_cache
+        cache = self._tx.bases if self._tx is not None else None
         if cache is not None and site in cache:
             return cache[site]
-        value = self.store.read_array(f"base/{site}")
+        value = self.store.read_base(site)
         if cache is not None:
             cache[site] = value
         return value
@@ -488,8 +422,8 @@ class Ledger:
         Returns:
             The version materialised.
         """
-        version, exponents, scales = self.sums(at)
-        self._materialize_exponents(model, exponents, scales)
+        version, weakening = self.sums(at)
+        self._materialize(model, weakening)
         return version
 
     # --- the model --------------------------------------------------------------------
@@ -528,9 +462,9 @@ class Ledger:
             directory, progress=progress, placement=placement,
             device_map=self.device_map, offload_folder=self.offload_folder,
         )  # a device_map (accelerate) overrides placement's device
-        _, exponents, scales = self.sums(at)
-        if scales or any(bool(w.any()) for w in exponents.values()):
-            self._materialize_exponents(model, exponents, scales)
+        _, weakening = self.sums(at)
+        if not weakening.is_zero():
+            self._materialize(model, weakening)
         # else the version is the base, and the checked files hold exactly the base
         # (base * exp(-0) is the base, bit for bit, and widening or rounding it into
         # another dtype is the one cast from_pretrained made): nothing to read or write.
@@ -540,7 +474,7 @@ class Ledger:
         """Whether every site's weight has its stored base's dtype (no --dtype cast at load)."""
         return all(
             str(site_weight(model, s).dtype).removeprefix("torch.")
-            == self.store.array_attrs(f"base/{s.name}").get("dtype")
+            == self.store.array_attrs(Store.base_path(s.name)).get("dtype")
             for s in self.sites
         )
 
@@ -638,9 +572,7 @@ class Ledger:
                 records, stats_id, version, batch_size, statistic, label_eos, values, counts, n_batches
             )
             body["active"] = state.active
-            entry = self._commit("retain", body, files, parent=head)
-            self._write_head(entry)  # same active set, new version
-            return entry
+            return self._current().commit("retain", body, files, parent=head)  # same active set, new version
 
     def _measure_retain(
         self,
@@ -680,13 +612,10 @@ class Ledger:
         n_batches: int,
     ) -> tuple[dict[str, str], dict[str, Any]]:
         """Writes measured retain statistics as ``retain/<stats_id>``: (files, entry body less ``active``)."""
-        self._claim(f"retain/{stats_id}")
-        files, hashes = {}, {}
-        for site in self.sites:
-            record = self.store.write_array(f"retain/{stats_id}/{site.name}", values[site.name])
-            files.update(record.files)
-            hashes[f"retain/{stats_id}/{site.name}"] = record.sha256
-        files.update(self.store.group_files(f"retain/{stats_id}"))
+        prefix = Store.retain_path(stats_id)
+        self._current().claim(prefix)
+        files, hashes = self.store.write_sites(prefix, {s.name: values[s.name] for s in self.sites})
+        files.update(self.store.group_files(prefix))
         body: dict[str, Any] = {
             "stats": stats_id,
             "measured_at": version,
@@ -776,9 +705,7 @@ class Ledger:
             stats_label_eos = _label_eos(state.retain_info[stats_id])
             label_eos = stats_label_eos if label_eos is None else label_eos
             _same_positions("the request", label_eos, stats_id, stats_label_eos)
-            retain_means = {
-                s.name: self.store.read_array(f"retain/{stats_id}/{s.name}") for s in self.sites
-            }
+            retain_means = self.retain_means(stats_id)
             fingerprint = data.fingerprint(records)
             same = [r for r in state.active if state.requests[r].body.get("data_fingerprint") == fingerprint]
             if same and world.is_main:
@@ -790,16 +717,12 @@ class Ledger:
             model, processor = self._load(model_dir, head.version, placement, progress)
             encoder = data.Encoder(processor, max_length(model), label_eos=label_eos)
             examples = data.encode_all(encoder, records)
-            _, start, start_scales = self.sums(head.version)
-            if (
-                self._base_cache is not None
-                and not start_scales
-                and not any(bool(w.any()) for w in start.values())
-                and self._model_holds_base_dtype(model)
-            ):
+            _, start = self.sums(head.version)
+            tx = self._tx  # None on the ranks of a data-parallel job that do not write
+            if tx is not None and start.is_zero() and self._model_holds_base_dtype(model):
                 # Nothing active: load() left the checked files' weights, the bases bit for
                 # bit. Copying them spares decompressing every base from the store.
-                self._base_cache.update(
+                tx.bases.update(
                     {s.name: site_weight(model, s).detach().to("cpu", copy=True) for s in self.sites}
                 )
             write.ready()
@@ -808,12 +731,12 @@ class Ledger:
             def weaken(config: KVWConfig) -> Any:
                 return run_kvw(
                     model, self.sites, examples, retain_means, config, pad_token_id=encoder.pad_token_id,
-                    base=bases, start=start, start_log_scale=start_scales, progress=progress, world=world,
+                    base=bases, start=dict(start.exponents), start_log_scale=dict(start.log_scales),
+                    progress=progress, world=world,
                 )
 
-            def staged_sums(result: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-                staged = {n: start[n] + result.exponents[n] if n in result.exponents else start[n] for n in start}
-                return staged, _add_scales([start_scales, result.log_scales or {}])
+            def staged_sums(result: Any) -> Weakening:
+                return start + Weakening(result.exponents, result.log_scales or {})
 
             searched: dict[str, Any] | None = None
             if target is None:
@@ -821,32 +744,25 @@ class Ledger:
             else:
                 config, result, searched = self._search_gamma(
                     state, model, processor, config, target, cast(Path, forget_probe), checked, weaken, staged_sums,
-                    start, start_scales, progress,
+                    start, progress,
                 )
             if not world.is_main:
                 return self._entry(write.finish())
-            staged, staged_scales = staged_sums(result)
+            staged = staged_sums(result)
             report = self._check_staged(
-                state, staged, checked, staged_scales, model=model, processor=processor,
+                state, staged, checked, model=model, processor=processor,
                 forget_records=probe_records, forget_label_eos=label_eos, placement=placement, progress=progress,
             )
-            self._claim(f"requests/{request_id}")
+            tx = self._current()
+            tx.claim(Store.request_path(request_id))
             files, arrays = {}, {}
-            for site_name, exponent in result.exponents.items():
-                record = self.store.write_array(
-                    f"requests/{request_id}/exponent/{site_name}", exponent
-                )
-                files.update(record.files)
-                arrays[record.name] = record.sha256
-            for site_name, trace in (result.trace or {}).items():
-                record = self.store.write_array(f"requests/{request_id}/trace/{site_name}", trace)
-                files.update(record.files)
-                arrays[record.name] = record.sha256
-            for site_name, scale in (result.log_scales or {}).items():
-                record = self.store.write_array(f"requests/{request_id}/log_scale/{site_name}", scale)
-                files.update(record.files)
-                arrays[record.name] = record.sha256
-            files.update(self.store.group_files(f"requests/{request_id}"))
+            for kind, written in (
+                ("exponent", result.exponents), ("trace", result.trace or {}), ("log_scale", result.log_scales or {})
+            ):
+                kind_files, kind_arrays = self.store.write_sites(Store.request_path(request_id, kind), written)
+                files.update(kind_files)
+                arrays.update(kind_arrays)
+            files.update(self.store.group_files(Store.request_path(request_id)))
             active = [*state.active, request_id]
             body = {
                 "request": request_id,
@@ -865,9 +781,7 @@ class Ledger:
             }
             if searched is not None:
                 body["target"] = searched
-            entry = self._commit("forget", body, files, parent=head)
-            self._write_head(entry, staged, staged_scales)
-            return entry
+            return tx.commit("forget", body, files, parent=head, weakening=staged)
 
     def _search_gamma(
         self,
@@ -879,9 +793,8 @@ class Ledger:
         forget_probe: str | Path,
         limits: StabilityLimits,
         weaken: Callable[[KVWConfig], Any],
-        staged_sums: Callable[[Any], tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]],
-        start: Mapping[str, torch.Tensor],
-        start_scales: Mapping[str, torch.Tensor],
+        staged_sums: Callable[[Any], Weakening],
+        start: Weakening,
         progress: bool,
     ) -> tuple[KVWConfig, Any, dict[str, Any]]:
         """``forget --target-forget``: trials on the loaded model, each from HEAD; returns the
@@ -892,13 +805,12 @@ class Ledger:
         warn = dataclasses.replace(limits, on_fail="warn")
 
         def trial(gamma: float) -> Trial:
-            self._materialize_exponents(model, start, start_scales)  # each trial starts at HEAD
+            self._materialize(model, start)  # each trial starts at HEAD
             candidate = dataclasses.replace(config, gamma=gamma)
             result = weaken(candidate)
             figures = evaluate_split(model, processor, forget_probe, multiple_choice=False)
             accuracy = max(f["gen_acc"] for f in figures.values())  # the worst modality
-            staged, staged_scales = staged_sums(result)
-            report = self._check_staged(state, staged, warn, staged_scales, model=model,
+            report = self._check_staged(state, staged_sums(result), warn, model=model,
                                         processor=processor, progress=progress)
             failed = [c.describe() for c in report.failures()]
             results.clear()  # only the newest is kept: a trace per trial could be large
@@ -907,7 +819,7 @@ class Ledger:
 
         chosen, trials = search(trial, config.gamma, spec)
         if chosen.gamma not in results:  # a later trial replaced it: weaken once more
-            self._materialize_exponents(model, start, start_scales)
+            self._materialize(model, start)
             results[chosen.gamma] = weaken(dataclasses.replace(config, gamma=chosen.gamma))
         record = {
             "forget_acc": spec.target,
@@ -949,7 +861,7 @@ class Ledger:
         _check_limits_type(limits)
         placement = Placement.resolve(device, dtype)
         records = data.read_records(retain_with) if retain_with is not None else None
-        with self._writing("revert"):
+        with self._session("revert") as tx:
             head = self.head()
             state = self.state(head.version)
             if request_id not in state.requests:
@@ -964,20 +876,17 @@ class Ledger:
             body: dict[str, Any] = {"request": request_id, "reason": reason, "active": active}
             files: dict[str, str] = {}
             if records is None:
-                staged = self._sum_exponents(state, active)
-                staged_scales = self._sum_log_scales(state, active)
+                staged = self._sum(state, active)
             else:
-                staged, staged_scales = self._revert_retain_with(
+                staged = self._revert_retain_with(
                     state, head, active, records, retain_id, body, files, model_dir, placement, progress
                 )
             report = self._check_staged(
-                state, staged, checked, staged_scales, model_dir=model_dir, placement=placement,
+                state, staged, checked, model_dir=model_dir, placement=placement,
                 progress=progress,
             )
             body["stability"] = report.to_json()
-            entry = self._commit("revert", body, files, parent=head)
-            self._write_head(entry, staged, staged_scales)
-            return entry
+            return tx.commit("revert", body, files, parent=head, weakening=staged)
 
     def _revert_retain_with(
         self,
@@ -991,9 +900,9 @@ class Ledger:
         model_dir: str | Path | None,
         placement: Placement,
         progress: bool,
-    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    ) -> Weakening:
         """The retain stats and re-derivation of ``revert --retain-with``, written into
-        ``body`` and ``files``; returns the staged sums."""
+        ``body`` and ``files``; returns the staged sum."""
         previous = state.latest_retain
         if previous is None:
             raise BadInputError(
@@ -1020,17 +929,16 @@ class Ledger:
             label_eos, progress,
         )
         del model
-        retain_means = {s.name: self.store.read_array(f"retain/{stats_id}/{s.name}") for s in self.sites}
+        retain_means = self.retain_means(stats_id)
         derived = self._rederive_chain(state, active, set(active), retain_means, {}, None, None, progress)
-        prefix = f"rederived/v{head.version + 1}"
-        rederived_files, rederived_arrays, changes = self._write_rederived(prefix, state, derived, {})
+        rederived_files, rederived_arrays, changes = self._write_rederived(head.version + 1, state, derived, {})
         files.update(retain_files)
         files.update(rederived_files)
         # The registration and the re-derivation, each as its own entry would record it.
         body["retain"] = retain_body
         body["rederived"] = {"stats": stats_id, "requests": changes}
         body["arrays"] = {**retain_body["arrays"], **rederived_arrays}
-        return derived.staged, derived.staged_scales
+        return derived.staged
 
     def probe(
         self,
@@ -1058,7 +966,7 @@ class Ledger:
             )
         for source in sources.values():
             data.read_records(source)  # a bad file fails before the model loads
-        with self._writing("probe"):
+        with self._session("probe") as tx:
             head = self.head()
             state = self.state(head.version)
             current = self._limits(state, None).to_dict()
@@ -1073,13 +981,13 @@ class Ledger:
                 model, processor = self._load(model_dir, 1, placement, progress)
                 encoder = data.Encoder(processor, max_length(model))
                 for kind, source in sources.items():
-                    self._claim(f"probes/v{version}/{kind}")
-                    path, written = probes.store_probe(self.path, version, kind, source)
+                    tx.claim(Store.probe_path(version, kind))
+                    path, written = self.store.write_probe(version, kind, source)
                     files.update(written)
-                    records = probes.read_probe(self.path, path)
+                    records = self.store.read_probe(path)
                     stored[kind] = {"path": path, "records": len(records), "data_fingerprint": data.fingerprint(records),
                                     "label_eos": False}  # absent in older entries: they labelled it
-                examples = {k: data.encode_all(encoder, probes.read_probe(self.path, v["path"])) for k, v in stored.items()}
+                examples = {k: data.encode_all(encoder, self.store.read_probe(v["path"])) for k, v in stored.items()}
                 for kind, ex in examples.items():
                     stored[kind]["base"] = probe_metrics(model, ex, encoder.pad_token_id)
                 self.materialize(model, head.version)
@@ -1087,9 +995,7 @@ class Ledger:
                     figures[kind] = probe_metrics(model, ex, encoder.pad_token_id)
             body = {"probes": stored, "limits": given, "figures": {**state.probe_figures, **figures},
                     "active": state.active}
-            entry = self._commit("probe", body, files, parent=head)
-            self._write_head(entry)
-            return entry
+            return tx.commit("probe", body, files, parent=head)
 
     def record_audit(self, body: Mapping[str, Any]) -> Entry:
         """Commits an audit's figures (see :mod:`kvw_ledger.audit`) as an ``audit`` entry.
@@ -1100,15 +1006,13 @@ class Ledger:
         Raises:
             RequestStateError: ``body["request"]`` is no request of this ledger.
         """
-        with self._writing("audit"):
+        with self._session("audit") as tx:
             head = self.head()
             state = self.state(head.version)
             if body.get("request") not in state.requests:
                 raise RequestStateError(f"no request {body.get('request')!r} in this ledger")
-            _, exponents, scales = self.sums(head.version)
-            entry = self._commit("audit", {**body, "active": state.active}, {}, parent=head)
-            self._write_head(entry, exponents, scales)
-            return entry
+            _, weakening = self.sums(head.version)
+            return tx.commit("audit", {**body, "active": state.active}, {}, parent=head, weakening=weakening)
 
     def export(
         self,
@@ -1118,8 +1022,9 @@ class Ledger:
         model_dir: str | Path | None = None,
         progress: bool = True,
         format: str = "safetensors",
-    ) -> Path:
-        """Writes version ``at`` as a Hugging Face model directory, one shard at a time.
+    ) -> int:
+        """Writes version ``at`` as a Hugging Face model directory, one shard at a time;
+        returns the version exported (``out_dir`` holds it, with its provenance).
 
         The weight files come from the model directory (fingerprint-checked, so they
         are the base); only the sites' tensors change. No ledger array goes in.
@@ -1136,7 +1041,8 @@ class Ledger:
         entries = self.entries()
         version = self.resolve(at, entries)
         if format == "peft":
-            return self._export_adapter(out_dir, version, entries, model_dir)
+            self._export_adapter(out_dir, version, entries, model_dir)
+            return version
         directory = self.model_dir(model_dir)
         self._check_model_dir(directory, progress)
         transform, by_location = self._export_transform(version)
@@ -1149,10 +1055,11 @@ class Ledger:
             "tool": "kvw-ledger",
         }
         try:
-            return export_model(
+            export_model(
                 directory, out_dir, transform, provenance, progress=progress,
                 touches=lambda file, key: (file, key) in by_location,
             )
+            return version
         except OSError as e:
             if isinstance(e, KVWLedgerError):
                 raise
@@ -1167,7 +1074,8 @@ class Ledger:
         from kvw_ledger.adapter import check_ia3_sites, write_ia3_adapter
 
         check_ia3_sites(self.sites)  # before any array is read
-        _, exponents, scales = self.sums(version)
+        _, weakening = self.sums(version)
+        exponents, scales = weakening.exponents, weakening.log_scales
         zero = torch.zeros((), dtype=torch.float32)
         factors = {
             s.name: torch.exp(scales.get(s.name, zero).to(torch.float32) - exponents[s.name])
@@ -1197,14 +1105,16 @@ class Ledger:
     ) -> tuple[Callable[[str, str, torch.Tensor], torch.Tensor | None], dict[tuple[str, str], str]]:
         """What an export of ``version`` does to each checkpoint tensor (None: left as is),
         and the (file, key) of every site's tensor."""
-        _, exponents, scales = self.sums(version)
+        _, weakening = self.sums(version)
         by_location = {(loc.file, loc.key): name for name, loc in self.locations.items()}
 
         def transform(file: str, key: str, tensor: torch.Tensor) -> torch.Tensor | None:
             name = by_location.get((file, key))
             if name is None:
                 return None
-            return weakened(tensor, exponents[name], self._sites_by_name[name].axis, scales.get(name))
+            return weakened(
+                tensor, weakening.exponents[name], self._sites_by_name[name].axis, weakening.log_scale(name)
+            )
 
         return transform, by_location
 
@@ -1261,7 +1171,7 @@ class Ledger:
         _check_limits_type(limits)
         exact = dict(exact or {})
         placement = Placement.resolve(device, dtype)
-        with self._writing("rederive"):
+        with self._session("rederive") as tx:
             head = self.head()
             state = self.state(head.version)
             if stats_id not in state.retain_stats:
@@ -1290,7 +1200,7 @@ class Ledger:
             for request_id in ordered:
                 _same_positions(f"request {request_id!r}", _label_eos(state.requests[request_id].body),
                                 stats_id, _label_eos(state.retain_info[stats_id]))
-            retain_means = {s.name: self.store.read_array(f"retain/{stats_id}/{s.name}") for s in self.sites}
+            retain_means = self.retain_means(stats_id)
             exact_records = {r: self._exact_records(state, r, path) for r, path in exact.items()}
             model: Any = None
             processor: Any = None
@@ -1300,16 +1210,14 @@ class Ledger:
                 state, state.active, set(ordered), retain_means, exact_records, model, processor, progress
             )
             if model is not None:  # it holds the last exact request's loop, not the staged HEAD
-                self._materialize_exponents(model, derived.staged, derived.staged_scales)
-            report = self._check_staged(state, derived.staged, checked, derived.staged_scales, model=model,
+                self._materialize(model, derived.staged)
+            report = self._check_staged(state, derived.staged, checked, model=model,
                                         processor=processor, model_dir=model_dir, placement=placement,
                                         progress=progress)
-            files, arrays, changes = self._write_rederived(f"rederived/v{head.version + 1}", state, derived, exact)
+            files, arrays, changes = self._write_rederived(head.version + 1, state, derived, exact)
             body = {"stats": stats_id, "requests": changes, "arrays": arrays, "active": state.active,
                     "stability": report.to_json()}
-            entry = self._commit("rederive", body, files, parent=head)
-            self._write_head(entry, derived.staged, derived.staged_scales)
-            return entry
+            return tx.commit("rederive", body, files, parent=head, weakening=derived.staged)
 
     def _rederive_chain(
         self,
@@ -1327,23 +1235,21 @@ class Ledger:
         derived = _Rederived()
         new, new_traces, new_scales = derived.exponents, derived.traces, derived.log_scales
         log_sq: dict[str, torch.Tensor] = {}  # site -> column_log_norms of its base
-        # One pass in chain order: ``running`` is the sum (exponents, log-scales) of the
-        # requests before the current one, as re-derived so far; at the end, the staged HEAD.
-        running = _add(self.sites, [])
-        running_scales: dict[str, torch.Tensor] = {}
+        # One pass in chain order: ``running`` is the sum of the requests before the
+        # current one, as re-derived so far; at the end, the staged HEAD.
+        running = Weakening.zero(self.sites)
         for request_id in chain:
             if request_id in redo:
                 params = KVWConfig.from_dict(state.requests[request_id].body["params"])
                 if request_id in exact_records:
-                    start, start_scales = dict(running), dict(running_scales)
-                    self._materialize_exponents(model, start, start_scales)
+                    self._materialize(model, running)
                     encoder = data.Encoder(processor, max_length(model),
                                            label_eos=_label_eos(state.requests[request_id].body))
                     result = run_kvw(
                         model, self.sites, data.encode_all(encoder, exact_records[request_id]), retain_means,
                         params, pad_token_id=encoder.pad_token_id,
-                        base={s.name: self.base(s.name) for s in self.sites}, start=start,
-                        start_log_scale=start_scales, progress=progress,
+                        base={s.name: self.base(s.name) for s in self.sites}, start=dict(running.exponents),
+                        start_log_scale=dict(running.log_scales), progress=progress,
                     )
                     new[request_id] = result.exponents
                     new_traces[request_id] = result.trace or {}
@@ -1359,54 +1265,55 @@ class Ledger:
                             if site not in log_sq:
                                 log_sq[site] = column_log_norms(self.base(site), self._sites_by_name[site].axis)
                         new_scales[request_id] = {
-                            site: log_scale(log_sq[site], running[site], running[site] + w)
+                            site: log_scale(log_sq[site], running.exponents[site], running.exponents[site] + w)
                             for site, w in new[request_id].items()
                         }
             exps = new[request_id] if request_id in new else self.request_exponents(request_id, state)
             scales = (new_scales[request_id] if request_id in new_scales
                       else self.request_log_scales(request_id, state))
-            running = _add(self.sites, [running, exps])
-            running_scales = _add_scales([running_scales, scales])
-        derived.staged, derived.staged_scales = running, running_scales
+            running = running + Weakening(exps, scales)
+        derived.staged = running
         return derived
 
     def _write_rederived(
-        self, prefix: str, state: LedgerState, derived: _Rederived, exact: Mapping[str, Any]
+        self, version: int, state: LedgerState, derived: _Rederived, exact: Mapping[str, Any]
     ) -> tuple[dict[str, str], dict[str, str], dict[str, Any]]:
-        """Writes re-derived arrays under ``prefix``: (files, arrays, per-request changes)."""
-        self._claim(prefix)
+        """Writes the re-derived arrays of the entry ``version``: (files, arrays, per-request changes)."""
+        top = Store.rederived_path(version)
+        self._current().claim(top)
         files: dict[str, str] = {}
         arrays: dict[str, str] = {}
         changes: dict[str, Any] = {}
-        new_scales = derived.log_scales
+
+        def write(request_id: str, kind: str, values: Mapping[str, torch.Tensor]) -> tuple[str, dict[str, str]]:
+            prefix = Store.rederived_path(version, request_id, kind)
+            written, hashes = self.store.write_sites(prefix, values)
+            files.update(written)
+            arrays.update(hashes)
+            return prefix, hashes
+
+        def old_hashes(prefix: str) -> dict[str, str]:
+            return {n: self.store.content_hash(n) for n in self.store.list_arrays(prefix)}
+
         for request_id, exps in derived.exponents.items():
-            old = {n: self.store.content_hash(n) for n in self.store.list_arrays(state.exponents[request_id])}
-            change: dict[str, Any] = {"mode": "exact" if request_id in exact else "fast",
-                                      "exponent": f"{prefix}/{request_id}/exponent", "old": old, "new": {}}
-            for site, value in exps.items():
-                record = self.store.write_array(f"{prefix}/{request_id}/exponent/{site}", value)
-                files.update(record.files)
-                arrays[record.name] = change["new"][record.name] = record.sha256
-            if request_id in new_scales:
-                change["log_scale"] = f"{prefix}/{request_id}/log_scale"
+            change: dict[str, Any] = {"mode": "exact" if request_id in exact else "fast"}
+            old = old_hashes(state.exponents[request_id])
+            change["exponent"], new = write(request_id, "exponent", exps)
+            change.update({"old": old, "new": new})
+            if request_id in derived.log_scales:
                 old_prefix = state.log_scales.get(request_id)
-                change["old_log_scale"] = {
-                    n: self.store.content_hash(n) for n in self.store.list_arrays(old_prefix)
-                } if old_prefix else {}
-                change["new_log_scale"] = {}
-                for site, value in new_scales[request_id].items():
-                    record = self.store.write_array(f"{prefix}/{request_id}/log_scale/{site}", value)
-                    files.update(record.files)
-                    arrays[record.name] = change["new_log_scale"][record.name] = record.sha256
+                old_scales = old_hashes(old_prefix) if old_prefix else {}
+                change["log_scale"], new_scales = write(request_id, "log_scale", derived.log_scales[request_id])
+                change.update({"old_log_scale": old_scales, "new_log_scale": new_scales})
             if derived.traces.get(request_id):
-                change["trace"] = f"{prefix}/{request_id}/trace"
-                for site, value in derived.traces[request_id].items():
-                    record = self.store.write_array(f"{prefix}/{request_id}/trace/{site}", value)
-                    files.update(record.files)
-                    arrays[record.name] = record.sha256
+                change["trace"], _ = write(request_id, "trace", derived.traces[request_id])
             changes[request_id] = change
-        files.update(self.store.group_files(prefix))
+        files.update(self.store.group_files(top))
         return files, arrays, changes
+
+    def retain_means(self, stats_id: str) -> dict[str, torch.Tensor]:
+        """The registered retain statistic ``stats_id``, per site."""
+        return self.store.read_sites(Store.retain_path(stats_id), [s.name for s in self.sites])
 
     def gc(self, *, reverted: bool = True) -> Entry:
         """Deletes the arrays (exponents and traces) of reverted requests.
@@ -1417,25 +1324,24 @@ class Ledger:
         """
         if not reverted:
             raise BadInputError("gc needs --reverted (the only kind of garbage it collects)")
-        with self._writing("gc"):
+        with self._session("gc") as tx:
             entries = self.entries()
             head = entries[-1]
             state = self.state(head.version)
             self._check_reads("gc", state, base=False)  # its head refresh sums the active requests
             victims = sorted(r for r in state.reverted if r not in state.active and r not in state.deleted)
-            prefixes = {r: _request_prefixes(r, entries) for r in [*victims, *state.deleted]}
+            prefixes = {r: request_prefixes(r, entries) for r in [*victims, *state.deleted]}
             on_disk = self.store.files()
             deleted_files = sorted(
                 f for r in victims for prefix in prefixes[r] for f in on_disk if f.startswith(f"{prefix}/")
             )
             body = {"deleted": victims, "deleted_files": deleted_files, "active": state.active}
-            entry = self._commit("gc", body, {}, parent=head)
-            self._write_head(entry)  # the active set is unchanged; no deleted array is needed
+            entry = tx.commit("gc", body, {}, parent=head)  # the active set is unchanged; no deleted array is needed
             # Delete only after the commit: a crash in between leaves files the journal already
             # calls deleted (the next gc removes them), never a missing file an entry still needs.
             # Requests deleted by an earlier gc are swept again for such leftovers.
-            for request_prefixes in prefixes.values():
-                for prefix in request_prefixes:
+            for held in prefixes.values():
+                for prefix in held:
                     self.store.delete(prefix)
             return entry
 
@@ -1449,20 +1355,15 @@ class Ledger:
             )
         return records
 
-    def _materialize_exponents(
-        self,
-        model: Any,
-        exponents: Mapping[str, torch.Tensor],
-        log_scales: Mapping[str, torch.Tensor] | None = None,
-    ) -> None:
-        scales = log_scales or {}
+    def _materialize(self, model: Any, weakening: Weakening) -> None:
+        """Writes ``base * exp(S - W)`` of ``weakening`` into every site of ``model``."""
         with torch.no_grad():
             for site in self.sites:
                 weight = site_weight(model, site)
                 # The factors are computed on the CPU (where the sums are), the product on
                 # the weight's device, cast once into the weight's dtype.
                 base = self.base(site.name).to(weight.device)
-                weakened(base, exponents[site.name], site.axis, scales.get(site.name), out=weight)
+                weakened(base, weakening.exponents[site.name], site.axis, weakening.log_scale(site.name), out=weight)
 
     # --- repair -----------------------------------------------------------------------
 
@@ -1484,7 +1385,7 @@ class Ledger:
         """
         if self.remote is not None:
             raise BadInputError(f"repair works on a ledger directory, not on {self.remote.url}")
-        with held_within(WriterLock(self.path, operation="repair", on_stale=self._on_stale), self.lock_timeout, self.on_wait):
+        with WriterLock(self.path, operation="repair", on_stale=self._on_stale).holding(self.lock_timeout, self.on_wait):
             try:
                 newest = self.journal.head()
             except TornEntryError as e:
@@ -1526,11 +1427,11 @@ class Ledger:
             os.rename(source, folder / source.name)
             fsync_dir(source.parent)
             self.torn = None
-            unnamed = self._unnamed()  # what the torn entry's write added: kept, not deleted
-            for prefix in unnamed:
+            leftovers = unnamed(self)  # what the torn entry's write added: kept, not deleted
+            for prefix in leftovers:
                 (folder / "files" / prefix).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
                 os.rename(self.path / prefix, folder / "files" / prefix)
-            record["moved_arrays"] = unnamed
+            record["moved_arrays"] = leftovers
             (folder / "record.json").write_bytes(canonical_json(record))
             fsync_dir(folder)
             self._write_head(self.head())
@@ -1545,169 +1446,7 @@ class Ledger:
 
         Arrays and files that no entry names (left by a crash) are warnings.
         """
-        problems = list(self.journal.verify(self.path))
-        try:
-            entries = self.entries()
-        except IntegrityError as e:
-            return VerifyReport([*problems, Problem("journal", str(e))], 0, 0)
-        named: set[str] = set()
-        checked = 0
-        state = LedgerState(0)
-        contents = self._content_hashes({a for e in entries for a in e.body.get("arrays", {})})
-        for entry in entries:
-            named.update(entry.files)
-            named.update(entry.body.get("deleted_files", []))
-            for array, expected in entry.body.get("arrays", {}).items():
-                actual = contents[array]
-                if actual is None:
-                    continue  # a missing array's files are already reported by the journal
-                checked += 1
-                if isinstance(actual, IntegrityError):
-                    problems.append(Problem(array, str(actual)))
-                    continue
-                if actual != expected:
-                    problems.append(
-                        Problem(
-                            array,
-                            f"array content hash {actual[:12]}... != recorded {expected[:12]}...",
-                        )
-                    )
-            _apply(state, entry)
-            if list(entry.body.get("active", state.active)) != state.active:
-                problems.append(
-                    Problem(
-                        f"journal/{entry.version:08d}.json",
-                        f"records active requests {entry.body.get('active')} but replay gives {state.active}",
-                    )
-                )
-        # The head and base checks trust the sites and locations in the root zarr.json.
-        trusted = not any(p.path == "zarr.json" for p in problems)
-        if trusted:
-            problems.extend(self._verify_head(entries, state))
-        for path in self.store.files():
-            if path not in named and not path.startswith("head/"):
-                problems.append(
-                    Problem(
-                        path,
-                        "no journal entry names this file (left by an interrupted write)",
-                        "warning",
-                    )
-                )
-        if check_model and trusted:
-            problems.extend(self._verify_base(model_dir))
-        if self.remote is not None:
-            problems.extend(self.remote.verify())
-        return VerifyReport(problems, len(entries), checked)
-
-    def _content_hashes(self, arrays: set[str]) -> dict[str, str | IntegrityError | None]:
-        """Each array's content hash (None when absent, the error when unreadable), on threads."""
-
-        def one(array: str) -> tuple[str, str | IntegrityError | None]:
-            try:
-                return array, self.store.content_hash(array) if self.store.has_array(array) else None
-            except IntegrityError as e:
-                return array, e
-
-        with ThreadPoolExecutor(max_workers=hash_workers()) as pool:
-            return dict(pool.map(one, sorted(arrays)))
-
-    def _verify_head(self, entries: Sequence[Entry], state: LedgerState) -> list[Problem]:
-        """The head cache: sealed, naming an entry of the journal, equal to the replayed sum there.
-
-        A head older than HEAD (a crash between a commit and the head refresh) or none
-        at all (a crash inside the swap) is a warning; anything else is damage.
-        """
-        damaged = [Problem(path, message) for path, message in self.store.check_head()]
-        if damaged:
-            return damaged
-        try:
-            cached = self.store.read_head_cache()
-        except IntegrityError as e:
-            return [Problem("head", str(e))]
-        last = entries[-1].version
-        if cached is None:
-            return [
-                Problem(
-                    "head",
-                    "the head cache is missing (a write was interrupted); the next write rebuilds it",
-                    "warning",
-                )
-            ]
-        tensors, scales, version, digest = cached.exponents, cached.log_scales, cached.version, cached.digest
-        if not 1 <= version <= last or entries[version - 1].hash != digest:
-            return [
-                Problem(
-                    "head/zarr.json",
-                    f"the head cache names version {version} (entry sha256 {digest[:12]}...), "
-                    "which is not an entry of this journal",
-                )
-            ]
-        stale = Problem(
-            "head",
-            f"the head cache is of version {version}, HEAD is {last} (a write was interrupted); "
-            "the next write rebuilds it",
-            "warning",
-        )
-        at = state
-        if version < last:
-            at = LedgerState(0)
-            for entry in entries[:version]:
-                _apply(at, entry)
-        try:
-            expected = self._sum_exponents(at)
-            expected_scales = self._sum_log_scales(at)
-        except KVWLedgerError as e:  # a damaged request array, also reported by name above
-            if version < last:
-                return [stale]  # its requests may since have been deleted by gc
-            return [Problem("head", f"cannot be checked against the request arrays: {e}")]
-        for name, value in expected.items():
-            got = tensors.get(name)
-            if got is None or not torch.equal(got.view(torch.int32), value.view(torch.int32)):
-                return [
-                    Problem(
-                        f"head/{name}",
-                        f"the head cache differs from the sum of active exponents at version {version}",
-                    )
-                ]
-        for name in sorted(set(scales) | set(expected_scales)):
-            got, want = scales.get(name), expected_scales.get(name)
-            if got is None or want is None or not torch.equal(got.view(torch.int32), want.view(torch.int32)):
-                return [
-                    Problem(
-                        f"head/{name}",
-                        f"the head cache's log-scale differs from the sum of active log-scales at version {version}",
-                    )
-                ]
-        return [stale] if version < last else []
-
-    def _verify_base(self, model_dir: str | Path | None) -> list[Problem]:
-        directory = self.model_dir(model_dir)
-        if not directory.is_dir():
-            return [
-                Problem(
-                    str(directory),
-                    "the model directory is gone; the base was not checked against it",
-                    "warning",
-                )
-            ]
-        try:
-            self._check_model_dir(directory, cached=False)  # verify trusts no remembered digest
-        except KVWLedgerError as e:
-            return [Problem(str(directory), str(e))]
-        from safetensors import safe_open
-
-        problems = []
-        for name, loc in self.locations.items():
-            with safe_open(str(directory / loc.file), "pt") as fh:
-                original = fh.get_tensor(loc.key)
-            try:
-                stored = self.base(name)
-            except KVWLedgerError as e:
-                problems.append(Problem(f"base/{name}", str(e)))
-                continue
-            if original.shape != stored.shape or not torch.equal(_bits(original), _bits(stored)):
-                problems.append(Problem(f"base/{name}", f"differs from {loc.key} in {loc.file}"))
-        return problems
+        return verify_ledger(self, model_dir, check_model)
 
     # --- internals --------------------------------------------------------------------
 
@@ -1776,11 +1515,11 @@ class Ledger:
         for entry in self.entries():
             recorded.update({path: (digest, entry.version) for path, digest in entry.files.items()})
             deleted.update(entry.body.get("deleted_files", []))
-        prefixes = ["base"] if base else []
+        prefixes = [Store.base_path()] if base else []
         if stats is not None:
-            prefixes.append(f"retain/{stats}")
+            prefixes.append(Store.retain_path(stats))
         for request_id in state.active:
-            prefixes.append(state.exponents.get(request_id, f"requests/{request_id}/exponent"))
+            prefixes.append(state.exponent_prefix(request_id))
             if request_id in state.log_scales:
                 prefixes.append(state.log_scales[request_id])
         prefixes += [state.traces[r] for r in traces if r in state.traces]
@@ -1809,9 +1548,8 @@ class Ledger:
     def _check_staged(
         self,
         state: LedgerState,
-        staged: Mapping[str, torch.Tensor],
+        weakening: Weakening,
         limits: StabilityLimits,
-        staged_scales: Mapping[str, torch.Tensor] | None = None,
         *,
         model: Any = None,
         processor: Any = None,
@@ -1827,6 +1565,7 @@ class Ledger:
         are measured as efficacy, never held to a limit.
         """
         report = StabilityReport()
+        staged, staged_scales = weakening.exponents, weakening.log_scales
         bad = overflowing(staged)
         if bad is not None:
             raise StabilityCheckError(
@@ -1834,7 +1573,7 @@ class Ledger:
                 "fewer --epochs or narrower --layers); such a step is refused even with --on-fail warn"
             )
         report.checks += check_exponents(staged)
-        report.checks += check_log_scales(staged_scales or {})
+        report.checks += check_log_scales(staged_scales)
         axes = {s.name: s.axis for s in self.sites}
         bases = {name: self.base(name) for name in staged}
         checks, report.attenuation = check_attenuation(
@@ -1846,9 +1585,9 @@ class Ledger:
         if state.probes or forget_records is not None:
             if model is None:
                 model, processor = self._load(model_dir, 1, placement or Placement.resolve(), progress)
-                self._materialize_exponents(model, staged, staged_scales)
+                self._materialize(model, weakening)
             # Each probe is encoded as its base figures were measured.
-            sets = {kind: (probes.read_probe(self.path, p["path"]), _label_eos(p)) for kind, p in state.probes.items()}
+            sets = {kind: (self.store.read_probe(p["path"]), _label_eos(p)) for kind, p in state.probes.items()}
             if forget_records is not None:
                 sets["forget"] = (list(forget_records), forget_label_eos)
             for kind, (records, label_eos) in sets.items():
@@ -1866,106 +1605,19 @@ class Ledger:
             )
         return report
 
-    @contextlib.contextmanager
-    def _writing(self, operation: str) -> Iterator[None]:
-        """One write: under the local protocol, and for a URL ledger also under its lock,
-        after a pull, and followed by a push (see :mod:`kvw_ledger.remote`).
+    def _session(self, operation: str) -> contextlib.AbstractContextManager[WriteSession]:
+        """One write (see :mod:`kvw_ledger.session`): ``with self._session(op) as tx``."""
+        return open_session(self, operation)
 
-        Ctrl-C (SIGINT) before the commit point aborts the write, which leaves nothing
-        behind; from the commit point on it is held until the write has finished, so a
-        committed write always completes (see :mod:`kvw_ledger.interrupts`).
-        """
-        if self.operator is None:
-            default_operator()  # a bad $KVW_LEDGER_OPERATOR fails before any work, not at the commit
-        guard = InterruptGuard()
-        self._guard = guard
-        self._committed = None
-        try:
-            yield from self._writing_guarded(operation)
-        finally:
-            committed = self._committed
-            if committed is not None and guard.pending:
-                self._warn(
-                    f"interrupted after version {committed.version} was committed; the write was "
-                    "finished first"
-                )
-            if not (committed is not None and self.hold_interrupts_after_commit):
-                guard.end()
-            self._guard = None
-
-    def _writing_guarded(self, operation: str) -> Iterator[None]:
-        remote = self.remote
-        if remote is None:
-            with self._writing_local(operation):
-                yield
-            return
-        with remote.lock(operation, self.lock_timeout, self.on_wait):
-            with held_within(WriterLock(self.path, operation="pull"), self.lock_timeout, self.on_wait):
-                remote.pull(self.path, progress=True)
-            remote.push(self.path, progress=True)  # what an earlier write committed here but could not publish
-            with self._writing_local(operation):
-                yield
-            try:
-                remote.push(self.path, progress=True)
-            except (OSError, KVWLedgerError) as e:
-                raise StorageError(
-                    f"{operation} was committed in the local copy {self.path} but not published to "
-                    f"{remote.url} ({e}); the next write there publishes it"
-                ) from e
-
-    @contextlib.contextmanager
-    def _writing_local(self, operation: str) -> Iterator[None]:
-        """Holds the writer lock (waiting up to ``lock_timeout`` for it) around one write.
-
-        Anything a failed write claimed (see :meth:`_claim`) is removed again, and a
-        storage failure (full disk, read-only directory) becomes a StorageError: the
-        ledger is left as it was. Before the write, what an interrupted or killed
-        writer left (scratch directories, arrays no entry names) is removed.
-        """
-        guard = self._guard
-        lock = WriterLock(self.path, operation=operation, on_stale=self._on_stale)
-        acquire_within(lock, self.lock_timeout, self.on_wait, guard)
-        self._claimed = []
-        self._committed = None
-        self._base_cache = {}
-        try:
-            self.journal.head()  # a torn newest entry: refuse (TornEntryError) before touching anything
-            self.store.clean_temp()  # a crashed writer's scratch; the lock makes us the only writer
-            self.journal.clean_temp()
-            self._sweep_unnamed()
-            yield
-        except OSError as e:
-            if guard is not None:
-                guard.hold()  # the cleanup below is never cut short
-            if not isinstance(e, KVWLedgerError):
-                self._release_claims()
-                done = self._committed
-                outcome = (
-                    f"version {done.version} was committed, but the cleanup after it failed; the next "
-                    "write retries it"
-                    if done is not None
-                    else f"nothing was committed by {operation}"
-                )
-                raise StorageError(
-                    f"could not write to the ledger at {self.path} ({e.strerror or e}); {outcome}"
-                ) from e
-            self._release_claims()
-            raise
-        except BaseException:
-            if guard is not None:
-                guard.hold()
-            self._release_claims()
-            raise
-        finally:
-            if guard is not None:
-                guard.hold()
-            self._claimed = []
-            self._base_cache = None
-            lock.release()
+    def _current(self) -> WriteSession:
+        """The write this handle has open (a verb's helpers run inside one)."""
+        if self._tx is None:
+            raise RuntimeError("no write is open on this ledger")
+        return self._tx
 
     @contextlib.contextmanager
     def _parallel_write(self, operation: str, world: World) -> Iterator[Step]:
-        """:meth:`_writing` for one rank of a data-parallel job (one process: just that).
+        """:meth:`_session` for one rank of a data-parallel job (one process: just that).
 
         Rank 0 takes the write and finds HEAD under its lock; every rank gets that entry
         as ``step.head``. The body calls ``step.ready()`` before its forward passes, and
@@ -1973,8 +1625,9 @@ class Ledger:
         rank's error) then reaches every rank.
         """
         step = Step(world)
+        tx: WriteSession | None = None
         if not world.parallel:
-            with self._writing(operation):
+            with self._session(operation):
                 step.head = self.head()
                 yield step
             return
@@ -1982,7 +1635,7 @@ class Ledger:
             with contextlib.ExitStack() as held:
                 with world.together() as plan:
                     if world.is_main:
-                        held.enter_context(self._writing(operation))
+                        tx = held.enter_context(self._session(operation))
                         plan.value = self.head().version
                 with world.together():
                     step.head = self.head() if world.is_main else self._entry(plan.main)
@@ -1992,13 +1645,13 @@ class Ledger:
                 step.finish(error=e)  # tells the others, and raises here
             raise
         if not step.finished:
-            step.finish(self._committed.version if self._committed is not None else None)
+            step.finish(tx.committed.version if tx is not None and tx.committed is not None else None)
 
     def _entry(self, version: int) -> Entry:
         """Entry ``version``; a URL ledger's mirror catches up first if it lacks it
         (another rank's writer may have pulled past this rank's mirror)."""
         if self.remote is not None and self.head().version < version:
-            with held_within(WriterLock(self.path, operation="pull"), self.lock_timeout, self.on_wait):
+            with WriterLock(self.path, operation="pull").holding(self.lock_timeout, self.on_wait):
                 self.remote.pull(self.path, progress=False)
         return self.journal.get(version)
 
@@ -2009,67 +1662,9 @@ class Ledger:
     # The CLI sets this: a process that exits right after its write keeps holding Ctrl-C
     # once the write has committed, so nothing can turn a committed write into exit 130.
     hold_interrupts_after_commit: bool = False
-    _guard: InterruptGuard | None = None  # the current write's SIGINT guard
     remote: Remote | None = None  # set when the ledger lives at a URL; self.path is then its mirror
     on_wait: Callable[[str], None] | None = None
-    _base_cache: dict[str, torch.Tensor] | None = None  # bases read during the current write
-    _committed: Entry | None = None  # the entry the current write committed, if any
-    _claimed: list[str] = []  # noqa: RUF012 - replaced per write; prefixes a write owns until it commits
-
-    def _claim(self, prefix: str) -> None:
-        """Removes what an interrupted writer left under ``prefix``, and owns it until commit.
-
-        Groups above ``prefix`` that do not exist yet (``rederived/`` on a first
-        re-derivation) are owned too, so a failed write leaves not even their metadata.
-        """
-        self._remove_prefix(prefix)
-        parts = prefix.split("/")[:-1]
-        for depth in range(1, len(parts) + 1):
-            group = "/".join(parts[:depth])
-            if not (self.path / group).exists():
-                self._claimed.append(group)
-                break
-        self._claimed.append(prefix)
-
-    def _release_claims(self) -> None:
-        for prefix in reversed(self._claimed):
-            with contextlib.suppress(OSError, KVWLedgerError):
-                self._remove_prefix(prefix)
-
-    def _remove_prefix(self, prefix: str) -> None:
-        # The whole subtree, groups included: a write interrupted after creating the
-        # groups but before its first array has left only group zarr.json files.
-        if (self.path / prefix).exists():
-            self.store.discard(prefix)
-
-    def _sweep_unnamed(self) -> list[str]:
-        """Removes what no journal entry names under the per-write groups (requests/,
-        retain/, rederived/, probes/): the leftovers of an interrupted or killed writer,
-        whatever verb it ran. Returns the ledger-relative paths removed."""
-        removed = self._unnamed()
-        for prefix in removed:
-            self.store.discard(prefix)
-        return removed
-
-    def _unnamed(self) -> list[str]:
-        """The children of the per-write groups (or whole groups) that no entry names."""
-        named: set[str] = set()
-        for entry in self.entries():
-            named.update(entry.files)
-            named.update(entry.body.get("deleted_files", []))  # gc's tombstones: gc sweeps them
-        owners = {"/".join(path.split("/")[:2]) for path in named}
-        found = []
-        for group in _PER_WRITE_GROUPS:
-            top = self.path / group
-            if not top.is_dir():
-                continue
-            children = []
-            for child in sorted(os.listdir(top)):
-                prefix = f"{group}/{child}"
-                if not (prefix in owners or (child == "zarr.json" and prefix in named)):
-                    children.append(prefix)
-            found += [group] if len(children) == len(os.listdir(top)) else children
-        return found
+    _tx: WriteSession | None = None  # the write open on this handle, while one is
 
     on_stale: Callable[[str], None] | None = None
     on_warning: Callable[[str], None] | None = None  # told what a verb noticed but went on with
@@ -2082,29 +1677,11 @@ class Ledger:
         if self.on_warning is not None:
             self.on_warning(message)
 
-    def _commit(self, op: str, body: dict[str, Any], files: dict[str, str], *, parent: Entry) -> Entry:
-        """Appends the journal entry: the commit point. Claimed arrays now belong to it.
-
-        From here to the end of the write, Ctrl-C is held (see :meth:`_writing`).
-        """
-        if self._guard is not None:
-            self._guard.hold()
-        entry = self.journal.append(op, body, files, parent=parent, operator=self.operator)
-        self._claimed = []
-        self._committed = entry
-        return entry
-
-    def _write_head(
-        self,
-        entry: Entry,
-        tensors: Mapping[str, torch.Tensor] | None = None,
-        log_scales: Mapping[str, torch.Tensor] | None = None,
-    ) -> None:
-        """Caches the sums at ``entry``: those given (both, from a staged step), else replayed."""
-        if tensors is None:
-            state = self.state(entry.version)
-            tensors, log_scales = self._sum_exponents(state), self._sum_log_scales(state)
-        self.store.write_head(dict(tensors), entry.version, entry.hash, log_scales)
+    def _write_head(self, entry: Entry, weakening: Weakening | None = None) -> None:
+        """Caches the sum at ``entry``: the one given (from a staged step), else replayed."""
+        if weakening is None:
+            weakening = self._sum(self.state(entry.version))
+        self.store.write_head(weakening, entry.version, entry.hash)
 
 
 @dataclass
@@ -2114,58 +1691,7 @@ class _Rederived:
     exponents: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     traces: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # exact mode only
     log_scales: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # rescaled ones
-    staged: dict[str, torch.Tensor] = field(default_factory=dict)  # the chain's exponent sums
-    staged_scales: dict[str, torch.Tensor] = field(default_factory=dict)  # its log-scale sums
-
-
-def _apply(state: LedgerState, entry: Entry) -> None:
-    """Advances a replay by one entry."""
-    body = entry.body
-    state.version = entry.version
-    if entry.op == "retain":
-        state.retain_stats[body["stats"]] = entry.version
-        state.retain_info[body["stats"]] = body
-        state.latest_retain = body["stats"]
-    elif entry.op == "forget":
-        request_id = body["request"]
-        state.requests[request_id] = RequestInfo(request_id, entry.version, body)
-        state.active.append(request_id)
-        state.exponents[request_id] = f"requests/{request_id}/exponent"
-        if any(name.startswith(f"requests/{request_id}/trace/") for name in body.get("arrays", {})):
-            state.traces[request_id] = f"requests/{request_id}/trace"
-        if any(name.startswith(f"requests/{request_id}/log_scale/") for name in body.get("arrays", {})):
-            state.log_scales[request_id] = f"requests/{request_id}/log_scale"
-    elif entry.op == "revert":
-        if body["request"] in state.active:
-            state.active.remove(body["request"])
-        state.reverted.add(body["request"])
-        if "retain" in body:  # revert --retain-with: retain stats registered in the same entry
-            retained = body["retain"]
-            state.retain_stats[retained["stats"]] = entry.version
-            state.retain_info[retained["stats"]] = retained
-            state.latest_retain = retained["stats"]
-        _apply_rederived(state, body.get("rederived", {}).get("requests", {}))
-    elif entry.op == "rederive":
-        _apply_rederived(state, body["requests"])
-    elif entry.op == "gc":
-        for request_id in body["deleted"]:
-            state.deleted[request_id] = entry.version
-    elif entry.op == "probe":
-        state.probes.update(body.get("probes", {}))
-        state.limits.update(body.get("limits", {}))
-    figures = body.get("stability", {}).get("probes") or body.get("figures")
-    if figures:
-        state.probe_figures = dict(figures)
-
-
-def _apply_rederived(state: LedgerState, changes: Mapping[str, Any]) -> None:
-    """Points each re-derived request at its new arrays (a rederive, or a revert --retain-with)."""
-    for request_id, change in changes.items():
-        state.exponents[request_id] = change["exponent"]
-        if change.get("trace"):
-            state.traces[request_id] = change["trace"]
-        if change.get("log_scale"):
-            state.log_scales[request_id] = change["log_scale"]
+    staged: Weakening = field(default_factory=Weakening)  # the chain's sum: the staged HEAD
 
 
 def _label_eos(body: Mapping[str, Any]) -> bool:
@@ -2183,34 +1709,6 @@ def _same_positions(what: str, label_eos: bool, stats_id: str, stats_label_eos: 
             f"{stats_id!r} were measured {flag}; use the same setting, or register retain stats "
             "measured with it (`kvw-ledger retain LEDGER DATA --id ID [--label-eos]`)"
         )
-
-
-def _request_prefixes(request_id: str, entries: Sequence[Entry]) -> list[str]:
-    """Every store prefix holding arrays of one request: its own, and each re-derivation's."""
-    prefixes = [f"requests/{request_id}"]
-    for entry in entries:
-        changes = entry.body["requests"] if entry.op == "rederive" else entry.body.get("rederived", {}).get("requests", {})
-        if entry.op in ("rederive", "revert") and request_id in changes:
-            prefixes.append(f"rederived/v{entry.version}/{request_id}")
-    return prefixes
-
-
-def _add(sites: Sequence[Site], parts: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Sums per-site exponents in the given order (chain order keeps sums bit-reproducible)."""
-    total = {s.name: torch.zeros(s.n_vectors, dtype=torch.float32) for s in sites}
-    for part in parts:
-        for site, value in part.items():
-            total[site] += value
-    return total
-
-
-def _add_scales(parts: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Sums per-site log-scales in the given order, each from a float32 zero (as replay does)."""
-    total: dict[str, torch.Tensor] = {}
-    for part in parts:
-        for site, value in part.items():
-            total[site] = total.get(site, torch.zeros((), dtype=torch.float32)) + value.reshape(())
-    return total
 
 
 def _check_limits_type(limits: object) -> None:
@@ -2247,12 +1745,6 @@ def _check_request_id(request_id: str) -> str:
             f"request id {request_id!r} reads as a version REF; choose an id with a letter, e.g. req-{request_id}"
         )
     return request_id
-
-
-def _sha256(path: Path) -> str:
-    from kvw_ledger.journal import sha256_file
-
-    return sha256_file(path)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

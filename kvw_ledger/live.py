@@ -12,7 +12,6 @@ operations on the same tensors, the product in float32, cast once.
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -21,6 +20,7 @@ from kvw_ledger.errors import ModelMismatchError
 from kvw_ledger.ledger import Ledger
 from kvw_ledger.loading import torch_threads
 from kvw_ledger.sites import Site, site_weight
+from kvw_ledger.weakening import Weakening
 
 __all__ = ["LiveModel"]
 
@@ -133,8 +133,8 @@ class LiveModel:
         return head.version, self._head[1]
 
     def _read_factors(self, at: str | int) -> tuple[int, dict[str, torch.Tensor]]:
-        version, exponents, log_scales = self.ledger.sums(at)
-        factors = {s.name: _factor(exponents[s.name], log_scales, s.name) for s in self._sites}
+        version, weakening = self.ledger.sums(at)
+        factors = {s.name: _factor(weakening, s.name) for s in self._sites}
         return version, factors
 
     def _unchanged(self, name: str, factor: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -264,16 +264,14 @@ class LiveModel:
         )
 
 
-def _factor(
-    exponent: torch.Tensor, log_scales: Mapping[str, torch.Tensor], site: str
-) -> torch.Tensor:
+def _factor(weakening: Weakening, site: str) -> torch.Tensor:
     """``exp(S - W)`` of one site, by the operations ``kvw.weakened`` uses, on the CPU.
 
     The base ``materialize`` reads lives on the CPU, so its factor is computed there;
     doing the same here (then moving it) keeps the bits of ``exp`` identical.
     """
-    w = exponent.to(device="cpu", dtype=torch.float32)
-    scale = log_scales.get(site)
+    w = weakening.exponents[site].to(device="cpu", dtype=torch.float32)
+    scale = weakening.log_scale(site)
     if scale is None:
         return torch.exp(-w)
     return torch.exp(scale.to(device="cpu", dtype=torch.float32) - w)

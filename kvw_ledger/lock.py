@@ -25,7 +25,7 @@ from kvw_ledger.errors import LedgerLockedError, LedgerNotFoundError, StorageErr
 from kvw_ledger.interrupts import InterruptGuard
 from kvw_ledger.journal import canonical_json, format_time, utc_now
 
-__all__ = ["WriterLock", "acquire_within", "held_within"]
+__all__ = ["WriterLock", "retry_while_locked"]
 
 _MAX_LOCK_BYTES = 1 << 16
 _LOCK_ATTEMPTS = 8
@@ -116,13 +116,43 @@ class WriterLock:
         """Whether this object holds the lock."""
         return self._fd is not None and self._owner_pid == os.getpid()
 
-    def acquire(self) -> None:
-        """Takes the lock, taking over a stale one left by a dead process on this host.
+    def acquire(
+        self,
+        timeout: float = 0.0,
+        on_wait: Callable[[str], None] | None = None,
+        guard: InterruptGuard | None = None,
+    ) -> None:
+        """Takes the lock, taking over a stale one left by a dead process on this host,
+        retrying for up to ``timeout`` seconds while another writer holds it.
+
+        ``on_wait`` is told once, the first time the lock is found held. With a ``guard``,
+        Ctrl-C is held over each attempt (never over the wait between attempts), so an
+        interrupt never leaves a lock or a half-made lock file behind.
 
         Raises:
-            LedgerLockedError: a live (or unknowable) writer holds it.
+            LedgerLockedError: a live (or unknowable) writer held it past ``timeout``.
             LedgerNotFoundError: ``ledger_root`` does not exist.
         """
+
+        def attempt() -> None:
+            if guard is None:
+                self._acquire_once()
+                return
+            with guard.briefly(undo=self.release):
+                self._acquire_once()
+
+        retry_while_locked(attempt, timeout, on_wait)
+
+    @contextlib.contextmanager
+    def holding(self, timeout: float = 0.0, on_wait: Callable[[str], None] | None = None) -> Iterator[None]:
+        """Holds the lock (taken as :meth:`acquire` does) for the block."""
+        self.acquire(timeout, on_wait)
+        try:
+            yield
+        finally:
+            self.release()
+
+    def _acquire_once(self) -> None:
         if self.held:
             raise LedgerLockedError(f"this WriterLock already holds {self.path}")
         if not self.root.is_dir():
@@ -264,27 +294,23 @@ class WriterLock:
             os.close(fd)
 
 
-def acquire_within(
-    lock: WriterLock,
+def retry_while_locked(
+    attempt: Callable[[], None],
     timeout: float,
     on_wait: Callable[[str], None] | None = None,
-    guard: InterruptGuard | None = None,
+    pause: tuple[float, float] = (0.02, 0.1),
 ) -> None:
-    """Takes ``lock``, retrying for up to ``timeout`` seconds while another writer holds it.
+    """Calls ``attempt`` until it does not raise LedgerLockedError, for up to ``timeout``
+    seconds (a random ``pause`` between tries); ``on_wait`` is told once, the first time.
 
-    ``on_wait`` is told once, the first time the lock is found held. With a ``guard``,
-    Ctrl-C is held over each attempt (never over the wait between attempts), so an
-    interrupt never leaves a lock or a half-made lock file behind.
+    One loop for every writer lock: the directory's :class:`WriterLock` and a URL
+    ledger's (``remote.Remote.lock``).
     """
     deadline = time.monotonic() + timeout
     told = False
     while True:
         try:
-            if guard is None:
-                lock.acquire()
-                return
-            with guard.briefly(undo=lock.release):
-                lock.acquire()
+            attempt()
             return
         except LedgerLockedError as e:
             if time.monotonic() >= deadline:
@@ -292,16 +318,4 @@ def acquire_within(
             if not told and on_wait is not None:
                 on_wait(f"waiting for the writer lock: {e}")
                 told = True
-            time.sleep(random.uniform(0.02, 0.1))
-
-
-@contextlib.contextmanager
-def held_within(
-    lock: WriterLock, timeout: float, on_wait: Callable[[str], None] | None = None
-) -> Iterator[None]:
-    """Holds ``lock`` (taken as :func:`acquire_within` does) for the block."""
-    acquire_within(lock, timeout, on_wait)
-    try:
-        yield
-    finally:
-        lock.release()
+            time.sleep(random.uniform(*pause))

@@ -19,8 +19,9 @@ from kvw_ledger.errors import BadInputError
 PROBE_KINDS = ("retain", "general")
 
 
-def store_probe(ledger_root: Path, version: int, kind: str, source: str | Path) -> tuple[str, dict[str, str]]:
-    """Copies a probe JSONL file and its images into the ledger.
+def store_probe(ledger_root: Path, folder: str, kind: str, source: str | Path) -> tuple[str, dict[str, str]]:
+    """Copies a probe JSONL file and its images into the ledger, under ``folder``
+    (ledger-relative: :meth:`kvw_ledger.store.Store.write_probe` says where).
 
     Returns:
         The probe file's path relative to the ledger root, and every file written
@@ -29,7 +30,6 @@ def store_probe(ledger_root: Path, version: int, kind: str, source: str | Path) 
     if kind not in PROBE_KINDS:
         raise BadInputError(f"probe kind must be one of {', '.join(PROBE_KINDS)}, not {kind!r}")
     records = read_records(source)
-    folder = Path("probes") / f"v{version}" / kind
     target = ledger_root / folder
     old = os.umask(0o077)
     try:
@@ -45,15 +45,15 @@ def store_probe(ledger_root: Path, version: int, kind: str, source: str | Path) 
             if record.image is not None:
                 name = f"images/{i:06d}{record.image.suffix}"
                 shutil.copyfile(record.image, target / name)
-                files[(folder / name).as_posix()] = sha256_file(target / name)
+                files[f"{folder}/{name}"] = sha256_file(target / name)
                 line["image"] = name
             lines.append(json.dumps(line, ensure_ascii=False, sort_keys=True))
         data = ("\n".join(lines) + "\n").encode()
         (target / "data.jsonl").write_bytes(data)
-        files[(folder / "data.jsonl").as_posix()] = sha256_bytes(data)
+        files[f"{folder}/data.jsonl"] = sha256_bytes(data)
     finally:
         os.umask(old)
-    return (folder / "data.jsonl").as_posix(), files
+    return f"{folder}/data.jsonl", files
 
 
 def read_probe(ledger_root: Path, relative: str) -> list[Record]:

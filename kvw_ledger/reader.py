@@ -105,14 +105,14 @@ def check_root_attrs(path: Path, journal: Journal) -> None:
 
 def _pull(remote: Remote, lock_timeout: float) -> Path:
     """Brings the URL's mirror up to the URL and returns it; a new mirror that fails is removed."""
-    from kvw_ledger.lock import WriterLock, held_within
+    from kvw_ledger.lock import WriterLock
     from kvw_ledger.remote import mirror_dir
 
     mirror = mirror_dir(remote.url)
     fresh = not mirror.exists()
     mirror.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
-        with held_within(WriterLock(mirror, operation="pull"), lock_timeout):
+        with WriterLock(mirror, operation="pull").holding(lock_timeout):
             remote.pull(mirror, progress=True)  # shown on a terminal only
     except BaseException:
         if fresh:

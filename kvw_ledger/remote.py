@@ -25,11 +25,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import re
 import secrets
 import socket
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -52,6 +50,7 @@ from kvw_ledger.journal import (
     parse_entry,
     utc_now,
 )
+from kvw_ledger.lock import retry_while_locked
 from kvw_ledger.root import FORMAT_VERSION
 
 __all__ = ["Remote", "is_url", "local_path", "mirror_dir"]
@@ -295,27 +294,24 @@ class Remote:
             {"host": socket.gethostname(), "pid": os.getpid(), "time": format_time(utc_now()),
              "operation": operation, "token": token}
         )
-        deadline, told = time.monotonic() + timeout, False
-        while True:
-            try:
-                self._create("lock", record)
-                break
-            except FileExistsError:
-                holder = self.read("lock") or b""
-                if self._stale(holder):
-                    with contextlib.suppress(FileNotFoundError):
-                        self.fs.rm_file(self._key("lock"))
-                    continue
-                message = (
-                    f"{self.url} is locked by {_describe(holder)}. Wait for it to finish, or if that "
-                    f"process is gone, delete {self.where('lock')}"
-                )
-                if time.monotonic() >= deadline:
-                    raise LedgerLockedError(message) from None
-                if on_wait is not None and not told:
-                    on_wait(f"waiting for the writer lock: {message}")
-                    told = True
-                time.sleep(random.uniform(0.05, 0.2))
+
+        def attempt() -> None:
+            while True:
+                try:
+                    self._create("lock", record)
+                    return
+                except FileExistsError:
+                    holder = self.read("lock") or b""
+                    if self._stale(holder):
+                        with contextlib.suppress(FileNotFoundError):
+                            self.fs.rm_file(self._key("lock"))
+                        continue
+                    raise LedgerLockedError(
+                        f"{self.url} is locked by {_describe(holder)}. Wait for it to finish, or if that "
+                        f"process is gone, delete {self.where('lock')}"
+                    ) from None
+
+        retry_while_locked(attempt, timeout, on_wait, pause=(0.05, 0.2))
         try:
             self._check_exclusive(record)
             yield

@@ -30,17 +30,17 @@ import re
 import secrets
 import shutil
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import zarr
 from zarr.storage import LocalStore
 
-from kvw_ledger import _codec
+from kvw_ledger import _codec, layout
 from kvw_ledger._codec import dtype_name, to_numpy
 from kvw_ledger._codec import read_bytes as _read_bytes
 from kvw_ledger._fs import fsync_path as _fsync
@@ -56,6 +56,10 @@ from kvw_ledger.fingerprint_cache import CACHE_NAME
 from kvw_ledger.interrupts import uninterrupted
 from kvw_ledger.root import FORMAT_VERSION, read_root_attrs
 from kvw_ledger.root import read_zarr_meta as _read_meta
+from kvw_ledger.weakening import Weakening
+
+if TYPE_CHECKING:
+    from kvw_ledger.data import Record
 
 __all__ = [
     "FORMAT_VERSION",
@@ -113,8 +117,7 @@ class ArrayRecord:
 class HeadCache:
     """What :meth:`Store.read_head_cache` read."""
 
-    exponents: dict[str, torch.Tensor]  # site -> (n_vectors,) float32 exponent sum
-    log_scales: dict[str, torch.Tensor]  # site -> () float32 summed log-scale (only sites with one)
+    weakening: Weakening  # the summed exponents and log-scales at ``version``
     version: int
     digest: str
 
@@ -298,6 +301,52 @@ class Store:
         """Full names of the arrays at or under ``prefix`` ("" for all), sorted."""
         return sorted(n for n, kind in self._nodes(prefix) if kind == "array")
 
+    # ------------------------------------------------------------------ layout
+    # The only place that spells where each kind of array lives (see _LAYOUT).
+
+    base_path = staticmethod(layout.base_path)
+    head_path = staticmethod(layout.head_path)
+    retain_path = staticmethod(layout.retain_path)
+    request_path = staticmethod(layout.request_path)
+    rederived_path = staticmethod(layout.rederived_path)
+    probe_path = staticmethod(layout.probe_path)
+
+    def write_probe(self, version: int, kind: str, source: str | Path) -> tuple[str, dict[str, str]]:
+        """Copies probe set ``kind`` (a JSONL file and its images) in as registered at
+        ``version``: (its data file's ledger-relative path, every file written -> sha256)."""
+        from kvw_ledger.probes import store_probe
+
+        return store_probe(self.path, self.probe_path(version, kind), kind, source)
+
+    def read_probe(self, path: str) -> list[Record]:
+        """The records of the stored probe set whose data file is ``path`` (as an entry names it)."""
+        from kvw_ledger.probes import read_probe
+
+        return read_probe(self.path, path)
+
+    def read_base(self, site: str) -> torch.Tensor:
+        """``site``'s base value matrix (its original dtype)."""
+        return self.read_array(self.base_path(site))
+
+    def read_sites(self, prefix: str, sites: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+        """site -> array ``prefix/<site>``: of each of ``sites`` (each must exist), else of
+        every array under ``prefix`` (empty when none)."""
+        if sites is not None:
+            return {site: self.read_array(f"{prefix}/{site}") for site in sites}
+        return {name.rsplit("/", 1)[1]: self.read_array(name) for name in self.list_arrays(prefix)}
+
+    def write_sites(
+        self, prefix: str, arrays: Mapping[str, torch.Tensor]
+    ) -> tuple[dict[str, str], dict[str, str]]:
+        """Writes ``prefix/<site>`` for each array: (files -> sha256, array name -> content hash)."""
+        files: dict[str, str] = {}
+        hashes: dict[str, str] = {}
+        for site, value in arrays.items():
+            record = self.write_array(f"{prefix}/{site}", value)
+            files.update(record.files)
+            hashes[record.name] = record.sha256
+        return files, hashes
+
     def group_files(self, prefix: str) -> dict[str, str]:
         """The group ``zarr.json`` files from the root's children down to the arrays
         under ``prefix`` (the root's own is excluded) -> sha256 of their bytes."""
@@ -387,28 +436,23 @@ class Store:
 
     # ------------------------------------------------------------------- head
 
-    def write_head(
-        self,
-        tensors: Mapping[str, torch.Tensor],
-        version: int,
-        digest: str,
-        log_scales: Mapping[str, torch.Tensor] | None = None,
-    ) -> None:
+    def write_head(self, weakening: Weakening, version: int, digest: str) -> None:
         """Replace the whole head cache crash-safely.
 
-        ``log_scales`` (site -> float32 scalar) are kept as attr ``log_scale`` of
-        those sites' arrays, which the seal covers.
+        The exponents are one array per site; the log-scales (site -> float32 scalar)
+        are kept as attr ``log_scale`` of those sites' arrays, which the seal covers.
 
         The new head is built in ``head.tmp-*`` and fsynced, then swapped in by two
-        renames; a crash in between leaves no ``head`` and :meth:`read_head` says None.
+        renames; a crash in between leaves no ``head`` and :meth:`read_head_cache` says None.
         """
         if not isinstance(version, int) or isinstance(version, bool) or version < 0:
             raise BadInputError(f"head version must be an int >= 0, got {version!r}")
         if not isinstance(digest, str):
             raise BadInputError(f"head digest must be a str, got {type(digest).__name__}")
+        tensors = weakening.exponents
         for site in tensors:
             check_site(site)
-        scales = {site: float(value) for site, value in (log_scales or {}).items()}
+        scales = {site: float(value) for site, value in weakening.log_scales.items()}
         for site, value in scales.items():
             if site not in tensors or not math.isfinite(value):
                 raise BadInputError(f"head log-scale of {site!r} must be finite and name a site")
@@ -433,11 +477,6 @@ class Store:
                 self._swap_in(tmp, self.path / "head")
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
-
-    def read_head(self) -> tuple[dict[str, torch.Tensor], int, str] | None:
-        """The head cache as (site -> tensor, version, digest); see :meth:`read_head_cache`."""
-        head = self.read_head_cache()
-        return None if head is None else (head.exponents, head.version, head.digest)
 
     def read_head_cache(self) -> HeadCache | None:
         """The head cache with its log-scales, or None if there is
@@ -469,7 +508,7 @@ class Store:
         if _read_bytes(meta_path) != raw:
             return None
         log_scales = {site: value for site, value in scales.items() if value is not None}
-        return HeadCache(tensors, log_scales, attrs["version"], attrs["digest"])
+        return HeadCache(Weakening(tensors, log_scales), attrs["version"], attrs["digest"])
 
     def check_head(self) -> list[tuple[str, str]]:
         """Every head file against the seal :meth:`write_head` put in ``head/zarr.json``.

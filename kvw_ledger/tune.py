@@ -117,9 +117,7 @@ def tune(
         if max_retain_drop is not None
         else state.limits.get("max_retain_drop", 0.05)
     )
-    retain_means = {
-        s.name: ledger.store.read_array(f"retain/{stats_id}/{s.name}") for s in ledger.sites
-    }
+    retain_means = ledger.retain_means(stats_id)
     model, processor = ledger.load(
         model_dir, "HEAD", progress=progress, device=placement.device, dtype=placement.dtype
     )

@@ -11,13 +11,15 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from kvw_ledger import refs
+from kvw_ledger import bodies, refs
 from kvw_ledger.errors import TornEntryError
 from kvw_ledger.journal import Entry
 
 if TYPE_CHECKING:
-    from kvw_ledger.ledger import Ledger
+    from kvw_ledger.replay import LedgerState
+    from kvw_ledger.sites import Site
     from kvw_ledger.store import Store
+    from kvw_ledger.weakening import Weakening
 
 __all__ = ["audit_lines", "diff", "entry_json", "request_sites", "show", "written_json"]
 
@@ -29,7 +31,7 @@ def entry_json(entry: Entry) -> dict[str, Any]:
     return {
         "version": entry.version,
         "op": entry.op,
-        "id": entry.body.get("request") or entry.body.get("stats"),
+        "id": bodies.Body(entry.body).id,  # read as every body reads it, whatever its op
         "hash": entry.hash,
         "parent": entry.parent,
         "time": entry.time,
@@ -73,7 +75,7 @@ def request_sites(store: Store, entry: Entry) -> list[dict[str, Any]]:
     and mean exponent among them, and its log-scale when made with ``rescale``."""
     out = []
     request_id = entry.body["request"]
-    for name in store.list_arrays(f"requests/{request_id}/exponent"):
+    for name in store.list_arrays(store.request_path(request_id, "exponent")):
         w = store.read_array(name)
         hit = w > 0
         site = name.rsplit("/", 1)[1]
@@ -83,15 +85,28 @@ def request_sites(store: Store, entry: Entry) -> list[dict[str, Any]]:
             "max": float(w.max()),
             "mean": float(w[hit].mean()) if bool(hit.any()) else 0.0,
         }
-        scale = f"requests/{request_id}/log_scale/{site}"
+        scale = f"{store.request_path(request_id, 'log_scale')}/{site}"
         if scale in entry.body.get("arrays", {}) and store.has_array(scale):
             row["log_scale"] = float(store.read_array(scale))
         out.append(row)
     return out
 
 
-def diff(ledger: Ledger, ref_a: str | int, ref_b: str | int, top: int = 5) -> dict[str, Any]:
-    """How version ``ref_b`` differs from ``ref_a``.
+def diff(
+    sites: Sequence[Site],
+    a: LedgerState,
+    b: LedgerState,
+    read: Callable[[str, LedgerState], Weakening],
+    scaled_sites: Callable[[str, LedgerState], set[str]],
+    top: int = 5,
+) -> dict[str, Any]:
+    """How version ``b`` differs from version ``a``.
+
+    Only what differs is read: requests active on both sides with the same arrays
+    cancel, so the change is the sum of ``b``'s other requests minus the sum of
+    ``a``'s (each in chain order, ``read`` giving one request's arrays at a state),
+    whatever the number of requests in common. ``scaled_sites`` names the sites a
+    request holds a log-scale for.
 
     Returns:
         ``from`` and ``to`` (versions), ``added`` and ``removed`` (request ids), and
@@ -100,16 +115,32 @@ def diff(ledger: Ledger, ref_a: str | int, ref_b: str | int, top: int = 5) -> di
         ``top`` largest changes (``vector``, ``change``), and ``log_scale_change``
         for sites with a log-scale.
     """
-    a, b = ledger.state(ref_a), ledger.state(ref_b)
-    _, wa, sa = ledger.sums(a.version)
-    _, wb, sb = ledger.sums(b.version)
-    sites: list[dict[str, Any]] = []
-    for site in ledger.sites:
-        delta = wb[site.name] - wa[site.name]  # (n_vectors,)
+    from kvw_ledger.weakening import Weakening  # torch: `log` and `show` stay without it
+
+    def same(request_id: str) -> bool:
+        return request_id in a.active and all(
+            getattr(a, kind).get(request_id) == getattr(b, kind).get(request_id)
+            for kind in ("exponents", "log_scales")
+        )
+
+    common = [r for r in b.active if same(r)]
+    plus = Weakening.total(sites, (read(r, b) for r in b.active if r not in common))
+    minus = Weakening.total(sites, (read(r, a) for r in a.active if r not in common))
+    scaled = set(plus.log_scales) | set(minus.log_scales)
+    for request_id in common:
+        if request_id in b.log_scales:
+            scaled |= scaled_sites(request_id, b)
+    rows: list[dict[str, Any]] = []
+    for site in sites:
+        delta = plus.exponents[site.name] - minus.exponents[site.name]  # (n_vectors,)
         changed = delta != 0
         n = int(changed.sum())
-        scaled = site.name in sa or site.name in sb
-        scale_change = float(sb.get(site.name, 0.0) - sa.get(site.name, 0.0)) if scaled else 0.0
+        zero = 0.0
+        scale_change = (
+            float(plus.log_scales.get(site.name, zero) - minus.log_scales.get(site.name, zero))
+            if site.name in scaled
+            else 0.0
+        )
         if n == 0 and scale_change == 0:
             continue
         order = delta.abs().argsort(descending=True)[:top]
@@ -122,15 +153,15 @@ def diff(ledger: Ledger, ref_a: str | int, ref_b: str | int, top: int = 5) -> di
                 {"vector": int(i), "change": float(delta[i])} for i in order if bool(changed[i])
             ],
         }
-        if scaled:
+        if site.name in scaled:
             row["log_scale_change"] = scale_change
-        sites.append(row)
+        rows.append(row)
     return {
         "from": a.version,
         "to": b.version,
         "added": [r for r in b.active if r not in a.active],
         "removed": [r for r in a.active if r not in b.active],
-        "sites": sites,
+        "sites": rows,
     }
 
 

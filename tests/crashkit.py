@@ -543,7 +543,7 @@ def _check_weights(ledger: Ledger, outcome: Outcome) -> None:
     state = ledger.state()
     try:
         got = ledger.exponents()
-        want = ledger._sum_exponents(state)
+        want = ledger._sum(state).exponents
     except Exception as e:
         outcome.errors.append(f"HEAD's exponents cannot be read: {e!r}")
         return

@@ -64,8 +64,11 @@ def test_the_adapter_gives_the_full_exports_logits_and_weights(
     which: str, at: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
     ledger: Ledger = request.getfixturevalue(which)
-    full = AutoModelForCausalLM.from_pretrained(ledger.export(tmp_path / "full", at=at, progress=False))
-    adapter_dir = ledger.export(tmp_path / "adapter", at=at, format="peft")
+    version = ledger.resolve(at)
+    assert ledger.export(tmp_path / "full", at=at, progress=False) == version
+    full = AutoModelForCausalLM.from_pretrained(tmp_path / "full")
+    adapter_dir = tmp_path / "adapter"
+    assert ledger.export(adapter_dir, at=at, format="peft") == version
     base = AutoModelForCausalLM.from_pretrained(ledger.model_dir())
     base_logits = _logits(base)
     peft_model = PeftModel.from_pretrained(base, adapter_dir)

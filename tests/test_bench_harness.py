@@ -164,7 +164,7 @@ def test_request_writer_commits_through_the_journal(tmp_path: Path) -> None:
     assert ledger.head().body["active"] == state.active
     assert ledger.verify().ok
     cached = ledger.exponents()  # the head cache written by the last commit
-    replayed = ledger._sum_exponents(state)
+    replayed = ledger._sum(state).exponents
     assert all(torch.equal(cached[s], replayed[s]) for s in replayed)
     first = ledger.request_exponents("r0", state)
     second = ledger.request_exponents("r1", state)
@@ -181,7 +181,12 @@ def test_scale_quick_runs_and_reports_every_figure() -> None:
     """
     result = scale.run(quick=True)
     names = [f.name for f in result.figures]
-    assert len(names) == 5 and any("materialise" in n for n in names)
+    assert len(names) == 7 and any("materialise" in n for n in names)
+    budgets = {f.name: f for f in result.figures if f.target == 1.0}
+    assert sorted(budgets) == ["diff HEAD~1 HEAD at N=50: 1 s / its time", "verify at N=50: 10 s / its time"]
+    for f in budgets.values():  # budget over the measured seconds of that verb at the largest N
+        verb = "diff" if f.name.startswith("diff") else "verify"
+        assert f.ratio == pytest.approx(float(f.name.split(": ")[1].split(" s")[0]) / result.details["seconds"][verb]["50"])
     assert all(f.ratio > 0 and f.ratio == f.ratio for f in result.figures)  # not NaN
     sizes = {int(n): b for n, b in result.details["ledger_bytes"].items()}
     assert sorted(sizes) == [1, 10, 50]

@@ -111,7 +111,8 @@ def test_revert_is_bit_exact_and_init_export_is_the_original(env: Env, tmp_path:
     assert ledger.state().active == ["B"]
 
     original = tiny.file_tensors(env.model_dir)
-    exported = tiny.file_tensors(ledger.export(tmp_path / "head", progress=False))
+    assert ledger.export(tmp_path / "head", progress=False) == ledger.resolve("HEAD")
+    exported = tiny.file_tensors(tmp_path / "head")
     assert list(exported) == list(original)
     site_keys = {loc.key: name for name, loc in ledger.locations.items()}
     weakened_any = False
@@ -125,7 +126,8 @@ def test_revert_is_bit_exact_and_init_export_is_the_original(env: Env, tmp_path:
         weakened_any |= not tiny.same_bits(exported[key], base)
     assert weakened_any, "request B weakened nothing; the test would prove nothing"
 
-    at_init = tiny.file_tensors(ledger.export(tmp_path / "v1", at=1, progress=False))
+    assert ledger.export(tmp_path / "v1", at=1, progress=False) == ledger.resolve(1)
+    at_init = tiny.file_tensors(tmp_path / "v1")
     assert list(at_init) == list(original)
     for key, base in original.items():
         assert tiny.same_bits(at_init[key], base), key
@@ -260,10 +262,9 @@ def test_request_order_changes_only_the_last_bits(two_orders: dict[str, Ledger],
             assert _ulps(b[site.name], a[site.name]) <= 4, (at, site.name)
             moved += int((b[site.name] != a[site.name]).sum())
     assert moved > 0, "both orders round alike everywhere: the tolerance is never exercised"
-    exported = {
-        name: tiny.file_tensors(ledger.export(tmp_path / name, progress=False))
-        for name, ledger in two_orders.items()
-    }
+    for name, ledger in two_orders.items():
+        assert ledger.export(tmp_path / name, progress=False) == ledger.resolve("HEAD")
+    exported = {name: tiny.file_tensors(tmp_path / name) for name in two_orders}
     site_keys = {forward.locations[s.name].key for s in forward.sites}
     assert exported["forward"].keys() == exported["shuffled"].keys()
     for key, tensor in exported["forward"].items():
@@ -290,7 +291,8 @@ def test_bfloat16_ledger_round_trips_bit_exactly(env: Env, tmp_path: Path) -> No
     ledger.retain(env.root / "retain.jsonl", progress=False)
     forget = ledger.forget(env.forget[1], request_id="A", config=CONFIG, progress=False)
 
-    weakened = tiny.file_tensors(ledger.export(tmp_path / "forgotten", progress=False))
+    assert ledger.export(tmp_path / "forgotten", progress=False) == ledger.resolve("HEAD")
+    weakened = tiny.file_tensors(tmp_path / "forgotten")
     for site in ledger.sites:
         key = ledger.locations[site.name].key
         w = _exponent(ledger, "A", site.name, site.n_vectors)
@@ -298,10 +300,12 @@ def test_bfloat16_ledger_round_trips_bit_exactly(env: Env, tmp_path: Path) -> No
     assert any(not tiny.same_bits(weakened[k], original[k]) for k in original)
 
     ledger.revert("A")
-    restored = tiny.file_tensors(ledger.export(tmp_path / "reverted", progress=False))
+    assert ledger.export(tmp_path / "reverted", progress=False) == ledger.resolve("HEAD")
+    restored = tiny.file_tensors(tmp_path / "reverted")
     for key, tensor in original.items():
         assert tiny.same_bits(restored[key], tensor), key
-    again = tiny.file_tensors(ledger.export(tmp_path / "again", at=forget.version, progress=False))
+    assert ledger.export(tmp_path / "again", at=forget.version, progress=False) == ledger.resolve(forget.version)
+    again = tiny.file_tensors(tmp_path / "again")
     for key, tensor in weakened.items():
         assert tiny.same_bits(again[key], tensor), key
     assert ledger.verify().problems == []
@@ -364,8 +368,8 @@ def test_retain_keeps_the_head_cache_current(env: Env) -> None:
     ledger = Ledger.open(env.ledger)
     head = ledger.head()
     assert head.op == "retain"
-    cached = ledger.store.read_head()
-    assert cached is not None and cached[1:] == (head.version, head.hash)
+    cached = ledger.store.read_head_cache()
+    assert cached is not None and (cached.version, cached.digest) == (head.version, head.hash)
     assert ledger.verify().problems == []
 
 
@@ -374,7 +378,7 @@ def test_materialize_at_head_reads_no_history(
 ) -> None:
     ledger, expected = history
     head = ledger.head().version
-    _, want, _ = ledger.sums(head - 1)  # by replay (the cache stands for HEAD only)
+    want = ledger.sums(head - 1)[1].exponents  # by replay (the cache stands for HEAD only)
 
     def no_replay(self: object) -> None:
         raise AssertionError("the journal was replayed")
@@ -387,7 +391,7 @@ def test_materialize_at_head_reads_no_history(
         ledger.sums(head - 1)
     monkeypatch.undo()
     _check_version(ledger, live, head, expected[head - 1])
-    assert all(tiny.same_bits(ledger.sums(head - 1)[1][n], want[n]) for n in want)
+    assert all(tiny.same_bits(ledger.sums(head - 1)[1].exponents[n], want[n]) for n in want)
 
 
 def test_load_of_the_base_version_reads_no_base_array(
@@ -511,3 +515,66 @@ def test_open_refuses_root_attributes_that_differ_from_init(env: Env, tmp_path: 
     with pytest.raises(IntegrityError, match="zarr.json differs from what init recorded"):
         Ledger.open(tmp_path / "led")
     assert not Ledger.open(tmp_path / "led", check_root=False).verify(check_model=False).ok
+
+
+# --- costs that grow with what changed (issue 14) -----------------------------------------
+
+
+def test_diff_reads_only_the_requests_that_differ(
+    history: tuple[Ledger, list[list[str]]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ledger, expected = history
+    head = ledger.head().version
+    assert "r8" in expected[head - 2] and [r for r in expected[head - 2] if r != "r8"] == expected[head - 1]
+    reads: list[str] = []
+    real = Ledger.request_weakening
+    monkeypatch.setattr(
+        Ledger, "request_weakening", lambda self, r, state=None: reads.append(r) or real(self, r, state)
+    )
+    got = ledger.diff("HEAD~1", "HEAD", top=3)
+    assert reads == ["r8"]  # the requests active on both sides cancel unread
+    assert (got["from"], got["to"], got["added"], got["removed"]) == (head - 1, head, [], ["r8"])
+    monkeypatch.undo()
+    w = ledger.request_exponents("r8", ledger.state(head - 1))
+    rows = {row["site"]: row for row in got["sites"]}
+    assert set(rows) == {name for name, value in w.items() if bool(value.any())}
+    for name, row in rows.items():
+        delta = -w[name]  # what HEAD lacks: exactly r8's exponents, no rounding of a long sum
+        assert row["changed"] == int((delta != 0).sum())
+        assert row["max_abs_change"] == float(delta.abs().max())
+        assert [t["change"] for t in row["top"]] == [float(delta[t["vector"]]) for t in row["top"]]
+
+
+def test_verify_reads_every_array_once(
+    history: tuple[Ledger, list[list[str]]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kvw_ledger.store import Store
+
+    ledger, _ = history
+    reads: dict[str, int] = {}
+    real = Store.read_array
+
+    def counted(self: Store, name: str) -> torch.Tensor:
+        reads[name] = reads.get(name, 0) + 1
+        return real(self, name)
+
+    monkeypatch.setattr(Store, "read_array", counted)
+    report = ledger.verify(check_model=False)
+    assert report.ok and report.problems == []
+    exponents = [n for n in reads if "/exponent/" in n]
+    assert exponents and max(reads[n] for n in exponents) == 1  # hashed and summed for the head in one read
+    assert max(reads.values()) == 1
+
+
+def test_history_reads_the_journal_once(
+    history: tuple[Ledger, list[list[str]]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kvw_ledger.history import build_history
+
+    ledger, expected = history
+    calls: list[int] = []
+    real = Ledger.entries
+    monkeypatch.setattr(Ledger, "entries", lambda self: calls.append(1) or real(self))
+    rows = build_history(ledger)
+    assert len(calls) == 1
+    assert [row.active for row in rows] == expected

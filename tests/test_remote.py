@@ -139,8 +139,10 @@ def test_a_second_machine_sees_every_version_bit_for_bit(env: Env, url: str, mac
     machines.on("a")
     again = Ledger.open(url)  # ... and seen by the first
     assert again.path == first.path and again.state().active == ["B"]
-    exported = tiny.file_tensors(again.export(tmp_path / "out", progress=False))
-    expected = tiny.file_tensors(second.export(tmp_path / "out-b", progress=False))
+    assert again.export(tmp_path / "out", progress=False) == again.resolve("HEAD")
+    exported = tiny.file_tensors(tmp_path / "out")
+    assert second.export(tmp_path / "out-b", progress=False) == second.resolve("HEAD")
+    expected = tiny.file_tensors(tmp_path / "out-b")
     assert all(tiny.same_bits(exported[k], expected[k]) for k in expected)
     assert again.verify().problems == []
 

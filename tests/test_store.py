@@ -23,6 +23,7 @@ from kvw_ledger.errors import (
     RefNotFoundError,
 )
 from kvw_ledger.store import FORMAT_VERSION, Store, tensor_hash
+from kvw_ledger.weakening import Weakening
 
 SITE = "model.language_model.layers.3.mlp.down_proj"
 
@@ -327,7 +328,7 @@ def test_permissions_are_owner_only_and_umask_restored(tmp_path: Path) -> None:
         s = Store.create(tmp_path / "ledger", {})
         s.write_array(f"base/{SITE}", torch.ones(3, 2, dtype=torch.bfloat16))
         s.write_array(f"requests/r1/exponent/{SITE}", torch.zeros(2))
-        s.write_head({SITE: torch.zeros(2)}, 1, "d")
+        s.write_head(Weakening({SITE: torch.zeros(2)}), 1, "d")
         assert os.umask(0o022) == 0o022
     finally:
         os.umask(old)
@@ -342,45 +343,45 @@ def test_permissions_are_owner_only_and_umask_restored(tmp_path: Path) -> None:
 
 
 def test_head_round_trip_and_replace(store: Store) -> None:
-    assert store.read_head() is None
+    assert store.read_head_cache() is None
     heads = {SITE: torch.rand(5), "model.layers.0.mlp.experts.2": torch.rand(3)}
-    store.write_head(heads, 7, "abc")
-    got = store.read_head()
+    store.write_head(Weakening(heads), 7, "abc")
+    got = store.read_head_cache()
     assert got is not None
-    tensors, version, digest = got
+    tensors, version, digest = got.weakening.exponents, got.version, got.digest
     assert (version, digest) == (7, "abc")
     assert tensors.keys() == heads.keys()
     assert all(torch.equal(tensors[k], heads[k]) for k in heads)
-    store.write_head({SITE: torch.zeros(5)}, 8, "def")
-    got = store.read_head()
-    assert got is not None and list(got[0]) == [SITE] and got[1:] == (8, "def")
+    store.write_head(Weakening({SITE: torch.zeros(5)}), 8, "def")
+    got = store.read_head_cache()
+    assert got is not None and list(got.weakening.exponents) == [SITE] and (got.version, got.digest) == (8, "def")
     assert [e for e in os.listdir(store.path) if ".tmp-" in e or ".old-" in e] == []
 
 
 def test_head_crash_leftovers(store: Store) -> None:
     store.write_array(f"base/{SITE}", torch.ones(2))
-    store.write_head({SITE: torch.ones(2)}, 1, "d1")
+    store.write_head(Weakening({SITE: torch.ones(2)}), 1, "d1")
     files = store.files()
     # A crash after building the new head but before the swap: the old head stands.
     (store.path / "head.tmp-x" / SITE).mkdir(parents=True)
     (store.path / "head.tmp-x" / SITE / "zarr.json").write_text("half")
-    got = store.read_head()
-    assert got is not None and got[1] == 1
+    got = store.read_head_cache()
+    assert got is not None and got.version == 1
     assert store.files() == files
     # A crash between the two renames: no head at all.
     os.rename(store.path / "head", store.path / "head.old-y")
-    assert store.read_head() is None
+    assert store.read_head_cache() is None
     assert store.files() == [f for f in files if not f.startswith("head/")]
-    store.write_head({SITE: torch.ones(2)}, 2, "d2")
-    got = store.read_head()
-    assert got is not None and got[1:] == (2, "d2")
+    store.write_head(Weakening({SITE: torch.ones(2)}), 2, "d2")
+    got = store.read_head_cache()
+    assert got is not None and (got.version, got.digest) == (2, "d2")
 
 
 def test_write_head_validates(store: Store) -> None:
     with pytest.raises(BadInputError, match="version"):
-        store.write_head({}, -1, "d")
+        store.write_head(Weakening({}), -1, "d")
     with pytest.raises(BadInputError, match="a/b"):
-        store.write_head({"a/b": torch.ones(1)}, 1, "d")
+        store.write_head(Weakening({"a/b": torch.ones(1)}), 1, "d")
 
 
 # ---------------------------------------------------------------- validation
