@@ -58,10 +58,40 @@ def test_demo_runs_the_whole_life_of_a_ledger(tmp_path: Path) -> None:
     checked = check_certificate(certificate, public_key=tmp_path / "demo-issuer.pub",
                                 ledger=Ledger.open(tmp_path / "ledger"))
     assert checked.ok and checked.signed and checked.model_checked, checked.to_json()
-    # A second run reuses the trained model (cached by its configuration's hash).
+    # A second run reuses the trained model (cached by its configuration's hash), and
+    # replays the same weights, so every evaluation is a hit: no new figures measured.
     models = sorted((tmp_path / "models").iterdir())
-    # ... also when it picks its thread count from the free cores (threads=0, the default),
-    # and without the audit (covered above; its model copies are the slow part).
+    measured = sorted((tmp_path / "eval-cache").iterdir())
+    assert len(measured) >= 5  # the versions' splits and the audit's probes
+    again = run_demo(tmp_path, echo=None, config=config)
+    assert sorted((tmp_path / "models").iterdir()) == models
+    assert sorted((tmp_path / "eval-cache").iterdir()) == measured
+    assert again["rows"] == report["rows"]
+    # ... also when it picks its thread count from the free cores (threads=0), and
+    # without the audit (covered above; its model copies are the slow part).
     run_demo(tmp_path, echo=None, config=replace(config, threads=0, audit=False))
     assert sorted((tmp_path / "models").iterdir()) == models
     assert torch.get_num_threads() == threads
+
+
+def test_the_evaluation_cache_misses_when_a_weight_changes(tmp_path: Path) -> None:
+    from kvw_ledger.bench.profiles import BenchConfig, generate
+    from kvw_ledger.bench.instill import build_model, read_jsonl
+    from kvw_ledger.demo import _EvalCache
+    from kvw_ledger.loading import load_model, load_processor
+
+    paths = generate(tmp_path / "data", config=BenchConfig(n_people=20, seed=0))
+    model_dir = build_model(tmp_path / "models", paths, TINY)
+    model, processor = load_model(model_dir), load_processor(model_dir)
+    records = read_jsonl(paths.groups[0])[:4]
+    cache = _EvalCache(tmp_path / "cache", model_dir)
+    first = cache(model, processor, records, paths.groups[0].parent)
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+    assert cache(model, processor, records, paths.groups[0].parent) == first  # a hit
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] += 1e-3
+    cache(model, processor, records, paths.groups[0].parent)
+    assert len(list((tmp_path / "cache").iterdir())) == 2  # measured afresh
+    cache(model, processor, records[:3], paths.groups[0].parent)
+    assert len(list((tmp_path / "cache").iterdir())) == 3  # other records: another entry
