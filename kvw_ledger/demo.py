@@ -43,13 +43,13 @@ class DemoConfig:
     n_people: int = 200  # fictitious people in the benchmark (count)
     seed: int = 0  # data seed (the model's seed is instill.seed)
     instill: InstillConfig = field(default_factory=InstillConfig)  # the model and its training
-    # The calibrated accessor (retain --statistic q90 at the request's batch size): issue
-    # 15 measured it forgetting as much as the mean with gamma 0.6, at gamma 16, with
-    # groups not yet requested spared and a reverted group brought back further.
-    statistic: str = "q90"  # retain statistic C_f is compared with (kvw_ledger.retain_stat)
-    gamma: float = 16.0  # KVW strength per batch (0.6 with the mean: docs/demo-model.md)
+    # The paper's accessor with each request's group as one batch: of the settings swept
+    # on the recipe-4 model (docs/demo-model.md, "Three requests in a row") it met the
+    # most targets. q90 could not bring group 1's image questions below 0.33 at any gamma.
+    statistic: str = "mean"  # retain statistic C_f is compared with (kvw_ledger.retain_stat)
+    gamma: float = 5.0  # KVW strength per batch
     layers: tuple[int, int] = (0, 3)  # inclusive layer range weakened
-    batch_size: int = 24  # forget records per batch
+    batch_size: int = 240  # forget records per batch: a demo group is 240 records
     epochs: int = 1  # passes over each forget group
     retain_records: int = 400  # retain records for C_r (a seeded sample; count)
     eval_records: int = 160  # retain records evaluated per version (count)
@@ -394,6 +394,11 @@ def _targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
             checks[f"group-{i} {modality} forgotten (<= 0.30)"] = _gen(row, f"group-{i}", modality)
             retained = _gen(row, "retain", modality) / max(_gen(before, "retain", modality), 1e-9)
             checks[f"retain {modality} after group-{i} (>= 0.90 of before)"] = retained
+            if i < 3:  # issue 15: the groups not yet requested are spared (the worst of them)
+                checks[f"groups not yet requested, {modality}, after group-{i} (>= 0.95 of before)"] = min(
+                    _gen(row, f"group-{j}", modality) / max(_gen(before, f"group-{j}", modality), 1e-9)
+                    for j in range(i + 1, 4)
+                )
     last = rows[-1]
     for modality in ("image", "text"):
         checks[f"group-1 {modality} still forgotten at the end (<= 0.30)"] = _gen(
@@ -412,6 +417,8 @@ def _passes(name: str, value: float) -> bool:
         return value <= 0.30
     if ">= 0.90" in name:
         return value >= 0.90
+    if ">= 0.95" in name:
+        return value >= 0.95
     return value <= 0.05
 
 

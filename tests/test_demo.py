@@ -95,3 +95,30 @@ def test_the_evaluation_cache_misses_when_a_weight_changes(tmp_path: Path) -> No
     assert len(list((tmp_path / "cache").iterdir())) == 2  # measured afresh
     cache(model, processor, records[:3], paths.groups[0].parent)
     assert len(list((tmp_path / "cache").iterdir())) == 3  # other records: another entry
+
+
+def test_targets_include_the_groups_not_yet_requested() -> None:
+    from kvw_ledger.demo import _passes, _targets
+
+    def row(step: str, **acc: tuple[float, float]) -> dict:
+        return {"step": step, "metrics": {s: {"image": {"gen_acc": a[0]}, "text": {"gen_acc": a[1]}}
+                                          for s, a in acc.items()}}  # fmt: skip
+
+    full = (1.0, 1.0)
+    rows = [
+        row("before", **{"group-1": full, "group-2": full, "group-3": full, "retain": full}),
+        row("forget group-1", **{"group-1": (0.2, 0.1), "group-2": (0.96, 0.9), "group-3": (1.0, 0.99), "retain": full}),
+        row("forget group-2", **{"group-1": (0.2, 0.1), "group-2": (0.2, 0.2), "group-3": (0.97, 0.94), "retain": full}),
+        row("forget group-3", **{"group-1": (0.2, 0.1), "group-2": (0.2, 0.2), "group-3": (0.2, 0.2), "retain": full}),
+        row("revert group-2", **{"group-1": (0.2, 0.1), "group-2": (0.93, 0.9), "group-3": (0.2, 0.2), "retain": full}),
+    ]  # fmt: skip
+    checks = _targets(rows)
+    spared = {k: v for k, v in checks.items() if k.startswith("groups not yet requested")}
+    assert spared == {
+        "groups not yet requested, image, after group-1 (>= 0.95 of before)": 0.96,
+        "groups not yet requested, text, after group-1 (>= 0.95 of before)": 0.9,
+        "groups not yet requested, image, after group-2 (>= 0.95 of before)": 0.97,
+        "groups not yet requested, text, after group-2 (>= 0.95 of before)": 0.94,
+    }
+    assert [_passes(k, v) for k, v in spared.items()] == [True, False, True, False]
+    assert len(checks) == 20
