@@ -325,6 +325,7 @@ def test_training_follows_the_free_cores(
         # The thread count is part of the model's identity (1 and 2 threads train
         # different bits): another count is another model directory.
         assert instill.config_hash(auto, bench) != instill.config_hash(TINY, bench)
+        assert out.name == f"model-{instill.config_hash(auto, bench)[:12]}"
         assert TINY.threads == 1
     finally:
         torch.set_num_threads(before)

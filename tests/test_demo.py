@@ -75,8 +75,8 @@ def test_demo_runs_the_whole_life_of_a_ledger(tmp_path: Path) -> None:
 
 
 def test_the_evaluation_cache_misses_when_a_weight_changes(tmp_path: Path) -> None:
-    from kvw_ledger.bench.profiles import BenchConfig, generate
     from kvw_ledger.bench.instill import build_model, read_jsonl
+    from kvw_ledger.bench.profiles import BenchConfig, generate
     from kvw_ledger.demo import _EvalCache
     from kvw_ledger.loading import load_model, load_processor
 
