@@ -14,6 +14,7 @@ is the figure to trust on a shared machine. Writes ``benchmarks/demo-timing.json
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -65,6 +66,10 @@ def demo_runs(busy: bool) -> dict[str, Any]:
             if run == "first":
                 meta = json.loads((Path(report["model"]) / "instill.json").read_text())
                 out["train_s"] = meta["train_seconds"]
+                # The same bits whatever the load: compare this across runs (idle, --busy).
+                out["model_sha256"] = hashlib.sha256(
+                    b"".join(f.read_bytes() for f in sorted(Path(report["model"]).glob("*.safetensors")))
+                ).hexdigest()
                 out["rows"] = [
                     {"step": r["step"], **{s: [round(r["metrics"][s][m]["gen_acc"], 2) for m in ("image", "text")]
                                           for s in r["metrics"]}}
