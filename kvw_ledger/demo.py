@@ -23,10 +23,10 @@ from typing import Any
 
 import torch
 
-from kvw_ledger.bench.instill import InstillConfig, build_model, read_jsonl
+from kvw_ledger.bench.instill import InstillConfig, build_model
 from kvw_ledger.bench.profiles import BenchConfig, generate
 from kvw_ledger.cpu import CoreMeter
-from kvw_ledger.data import combine_jsonl
+from kvw_ledger.data import Record, combine_jsonl, read_records
 from kvw_ledger.errors import BadInputError
 from kvw_ledger.evaluate import evaluate_records
 from kvw_ledger.kvw import KVWConfig
@@ -231,29 +231,29 @@ class _EvalCache:
             self._base.update(name.encode() + (model_dir / name).read_bytes())  # tokenizer, configs
         self._images: dict[Path, str] = {}
 
-    def _key(self, model: Any, records: Sequence[dict[str, Any]], base_dir: Path, options: Any) -> str:
+    def _key(self, model: Any, records: Sequence[Record], options: Any) -> str:
         h = self._base.copy()
-        h.update(json.dumps([records, repr(options)], sort_keys=True).encode())
+        h.update(repr(options).encode())
         for r in records:
-            if "image" in r:
-                path = Path(base_dir) / r["image"]
-                if path not in self._images:
-                    self._images[path] = hashlib.sha256(path.read_bytes()).hexdigest()
-                h.update(self._images[path].encode())
+            fields = [r.question, r.answer, r.id, dict(r.extra)]  # options and answers included
+            h.update(json.dumps(fields, sort_keys=True, default=str).encode())
+            if r.image is not None:  # the image's bytes, not its path
+                if r.image not in self._images:
+                    self._images[r.image] = hashlib.sha256(r.image.read_bytes()).hexdigest()
+                h.update(self._images[r.image].encode())
         for name, tensor in sorted(model.state_dict().items()):
             h.update(name.encode())
             h.update(tensor.detach().contiguous().view(torch.uint8).numpy().tobytes())
         return h.hexdigest()
 
     def __call__(
-        self, model: Any, processor: Any, records: Sequence[dict[str, Any]], base_dir: Path,
-        *args: Any, **kwargs: Any,
+        self, model: Any, processor: Any, records: Sequence[Record], *args: Any, **kwargs: Any
     ) -> dict[str, dict[str, float]]:
-        key = self._key(model, records, base_dir, (args, sorted(kwargs.items())))
+        key = self._key(model, records, (args, sorted(kwargs.items())))
         path = self.root / f"{key}.json"
         if path.is_file():
             return json.loads(path.read_text())  # type: ignore[no-any-return]
-        figures = evaluate_records(model, processor, records, base_dir, *args, **kwargs)
+        figures = evaluate_records(model, processor, records, *args, **kwargs)
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(figures))
@@ -265,11 +265,11 @@ def _cached_evaluation(
     cache: _EvalCache, model: Any, processor: Any, path: Path, max_records: int | None
 ) -> dict[str, Any]:
     """``evaluate_split(model, processor, path, max_records=...)``, through the cache."""
-    records = read_jsonl(path)
+    records = read_records(path)
     if max_records is not None and len(records) > max_records:
         keep = sorted(random.Random(0).sample(range(len(records)), max_records))  # as evaluate_split
         records = [records[i] for i in keep]
-    return cache(model, processor, records, path.parent)
+    return cache(model, processor, records)
 
 
 def _audit_group(

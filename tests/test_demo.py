@@ -75,25 +75,26 @@ def test_demo_runs_the_whole_life_of_a_ledger(tmp_path: Path) -> None:
 
 
 def test_the_evaluation_cache_misses_when_a_weight_changes(tmp_path: Path) -> None:
-    from kvw_ledger.bench.instill import build_model, read_jsonl
+    from kvw_ledger.bench.instill import build_model
     from kvw_ledger.bench.profiles import BenchConfig, generate
+    from kvw_ledger.data import read_records
     from kvw_ledger.demo import _EvalCache
     from kvw_ledger.loading import load_model, load_processor
 
     paths = generate(tmp_path / "data", config=BenchConfig(n_people=20, seed=0))
     model_dir = build_model(tmp_path / "models", paths, TINY)
     model, processor = load_model(model_dir), load_processor(model_dir)
-    records = read_jsonl(paths.groups[0])[:4]
+    records = read_records(paths.groups[0])[:4]
     cache = _EvalCache(tmp_path / "cache", model_dir)
-    first = cache(model, processor, records, paths.groups[0].parent)
+    first = cache(model, processor, records)
     assert len(list((tmp_path / "cache").iterdir())) == 1
-    assert cache(model, processor, records, paths.groups[0].parent) == first  # a hit
+    assert cache(model, processor, records) == first  # a hit
     assert len(list((tmp_path / "cache").iterdir())) == 1
     with torch.no_grad():
         next(model.parameters()).view(-1)[0] += 1e-3
-    cache(model, processor, records, paths.groups[0].parent)
+    cache(model, processor, records)
     assert len(list((tmp_path / "cache").iterdir())) == 2  # measured afresh
-    cache(model, processor, records[:3], paths.groups[0].parent)
+    cache(model, processor, records[:3])
     assert len(list((tmp_path / "cache").iterdir())) == 3  # other records: another entry
 
 
