@@ -14,6 +14,7 @@ is the figure to trust on a shared machine. Writes ``benchmarks/demo-timing.json
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -54,6 +55,7 @@ def demo_runs(busy: bool) -> dict[str, Any]:
     cli = Path(sys.executable).with_name("kvw-ledger")
     with tempfile.TemporaryDirectory(prefix="kvw-demo-bench-") as tmp, busy_core(busy):
         out: dict[str, Any] = {"load_before": _load(), "busy_core": busy}
+        first_metrics: list[Any] = []
         for run in ("first", "second"):
             t0 = time.perf_counter()
             done = subprocess.run(
@@ -64,13 +66,27 @@ def demo_runs(busy: bool) -> dict[str, Any]:
             if run == "first":
                 meta = json.loads((Path(report["model"]) / "instill.json").read_text())
                 out["train_s"] = meta["train_seconds"]
+                # The same bits whatever the load: compare this across runs (idle, --busy).
+                out["model_sha256"] = hashlib.sha256(
+                    b"".join(f.read_bytes() for f in sorted(Path(report["model"]).glob("*.safetensors")))
+                ).hexdigest()
                 out["rows"] = [
                     {"step": r["step"], **{s: [round(r["metrics"][s][m]["gen_acc"], 2) for m in ("image", "text")]
                                           for s in r["metrics"]}}
                     for r in report["rows"]
                 ]  # fmt: skip
+                out["targets_met"] = _targets_met(report["targets"])
+            else:  # the same figures again, read from the evaluation cache
+                out["second_rows_equal"] = [r["metrics"] for r in report["rows"]] == first_metrics
+            first_metrics = [r["metrics"] for r in report["rows"]]
         out["load_after"] = _load()
     return out
+
+
+def _targets_met(targets: dict[str, float]) -> str:
+    from kvw_ledger.demo import _passes
+
+    return f"{sum(_passes(k, v) for k, v in targets.items())} of {len(targets)}"
 
 
 def step_ratio(steps: int, busy: bool) -> dict[str, Any]:

@@ -30,8 +30,8 @@ hold the reverted group's data, and a fast re-derivation of the others); GradDif
 no revert but re-running every remaining request from the trained model, which is
 what it does here, its compute counted. Every step records its compute: seconds,
 forward and backward passes. Writes ``benchmarks/sequential.png`` (one panel per
-method; ``sequential-quick.png`` with --quick: a tiny model, 3 groups, to exercise the
-code only) and the figures in results.json / RESULTS.md.
+method; ``sequential-quick.png`` with --quick: a tiny model, 2 groups and three of
+the methods, to exercise the code only) and the figures in results.json / RESULTS.md.
 
     python benchmarks/run.py --only sequential [--quick]
 """
@@ -93,14 +93,19 @@ class Plan:
     eval_group: int | None = None  # held-out records scored per group (None: all)
     eval_retain: int = 160
     methods: tuple[str, ...] = METHODS
-    threads: int = 2
+    # One thread: with another process on one of two cores, a 2-thread pool stalls at
+    # every OpenMP barrier (the quick form's tiny layer norms took 10 ms a call, 475 s in all).
+    threads: int = 1
     plot: str = "sequential.png"
 
 
+# The code only, in seconds: a tiny model, 2 groups, and one method per code path (the
+# calibrated statistic, the target search, GradDiff through peft); the full form runs all five.
 QUICK = Plan(
     n_people=40, n_groups=2, group_percent=5, instill=TINY,
-    workdir=HERE / "_work" / "sequential-quick", batch_size=4, gamma_q90=4.0, target_start=2.0,
-    target_doublings=2, target_steps=1, epochs=1, eval_group=8, eval_retain=16, plot="sequential-quick.png",
+    workdir=HERE / "_work" / "sequential-quick", batch_size=8, gamma_q90=4.0, target_start=2.0,
+    target_doublings=2, target_steps=1, epochs=1, eval_group=8, eval_retain=16,
+    methods=("kvw-q90", "kvw-target", "graddiff-lora"), plot="sequential-quick.png",
 )  # fmt: skip
 
 

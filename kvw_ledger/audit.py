@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,8 @@ from kvw_ledger.views import audit_lines as summary_lines
 
 __all__ = ["audit", "audits_of", "latest_audit", "summary_lines"]
 
+# evaluate_records' signature: (model, processor, records, base_dir, multiple_choice=...) -> figures
+Evaluator = Callable[..., dict[str, dict[str, float]]]
 _METRICS = ("gen_acc", "mc_acc", "rouge_l")
 _SCORED = ("gen_acc", "mc_acc")  # the accuracies resurfacing is counted on
 
@@ -58,8 +60,12 @@ def audit(
     at: str | int = "HEAD",
     model_dir: str | Path | None = None,
     progress: bool = True,
+    evaluator: Evaluator | None = None,
 ) -> Entry:
     """Audits ``request_id`` at ``at`` and commits the result as an ``audit`` entry.
+
+    ``evaluator`` stands in for :func:`kvw_ledger.evaluate.evaluate_records` (same
+    arguments and result); the demo passes one that reuses figures of identical weights.
 
     Raises:
         RequestStateError: the request does not exist, or is not active at ``at``.
@@ -68,10 +74,11 @@ def audit(
     for scheme in quantize:
         if scheme not in SCHEMES:
             raise BadInputError(f"unknown quantization scheme {scheme!r}; use {', '.join(SCHEMES)}")
-    probes = {"forget": _Probe(forget_probe)}
+    score = evaluator or evaluate_records
+    probes = {"forget": _Probe(forget_probe, score)}
     if retain_probe is not None:
-        probes["retain"] = _Probe(retain_probe)
-    taught = _Probe(relearn_data) if relearn_data is not None else None
+        probes["retain"] = _Probe(retain_probe, score)
+    taught = _Probe(relearn_data, score) if relearn_data is not None else None
     entries = ledger.entries()
     version = ledger.resolve(at, entries)
     state = ledger.state(version)
@@ -104,7 +111,7 @@ def audit(
     results["quantized"] = quantized
     if taught is not None and held is not None:
         results["relearned"] = _relearned(
-            versions, processor, taught, held, probes["forget"].base_dir,
+            versions, processor, taught, held, probes["forget"].base_dir, score,
             steps=relearn_steps, lr=relearn_lr, batch_size=relearn_batch_size, seed=seed,
         )
     body: dict[str, Any] = {
@@ -133,8 +140,9 @@ def audit(
 class _Probe:
     """One JSONL file: its validated records, for fingerprints and for evaluate."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, score: Evaluator) -> None:
         self.path = Path(path)
+        self.score = score
         self.records = data.read_records(self.path)  # validates; errors name file and line
         self.base_dir = self.path.parent
 
@@ -142,15 +150,16 @@ class _Probe:
         return {"data_fingerprint": data.fingerprint(self.records), "records": len(self.records)}
 
     def measure(self, model: nn.Module, processor: Any) -> dict[str, Any]:
-        return _figures(model, processor, self.records, self.base_dir, str(self.path))
+        return _figures(model, processor, self.records, self.base_dir, str(self.path), self.score)
 
 
 def _figures(
-    model: nn.Module, processor: Any, records: Sequence[data.Record], base_dir: Path, where: str
+    model: nn.Module, processor: Any, records: Sequence[data.Record], base_dir: Path, where: str,
+    score: Evaluator = evaluate_records,
 ) -> dict[str, Any]:
     """Accuracies over all records (and per modality), weighted by each modality's count."""
     choice = all("options" in r.extra and "correct" in r.extra for r in records)
-    by_modality = evaluate_records(
+    by_modality = score(
         model,  # type: ignore[arg-type]  # any causal LM: evaluate.py only calls it
         processor, records, base_dir, multiple_choice=choice,
     )
@@ -185,14 +194,15 @@ def _relearned(
     taught: _Probe,
     held: list[data.Record],
     base_dir: Path,
+    score: Evaluator,
     **tuning: Any,
 ) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for label, model in versions.items():
-        pre = _figures(model, processor, held, base_dir, "the held-out forget probe")
+        pre = _figures(model, processor, held, base_dir, "the held-out forget probe", score)
         tuned = copy.deepcopy(model)
         losses = relearn(tuned, processor, taught.records, **tuning)
-        post = _figures(tuned, processor, held, base_dir, "the held-out forget probe")
+        post = _figures(tuned, processor, held, base_dir, "the held-out forget probe", score)
         out[label] = {"pre": pre, "post": post, "loss_first": losses[0], "loss_last": losses[-1]}
         del tuned
     for k in _SCORED:

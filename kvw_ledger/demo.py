@@ -11,10 +11,12 @@ its people) and writes its signed certificate, ``certificate.json`` and ``.md``.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import random
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,9 +26,9 @@ import torch
 from kvw_ledger.bench.instill import InstillConfig, build_model
 from kvw_ledger.bench.profiles import BenchConfig, generate
 from kvw_ledger.cpu import CoreMeter
-from kvw_ledger.data import combine_jsonl
+from kvw_ledger.data import Record, combine_jsonl, read_records
 from kvw_ledger.errors import BadInputError
-from kvw_ledger.evaluate import evaluate_split
+from kvw_ledger.evaluate import evaluate_records
 from kvw_ledger.kvw import KVWConfig
 from kvw_ledger.ledger import Ledger
 from kvw_ledger.loading import load_model, load_processor, torch_threads
@@ -41,17 +43,20 @@ class DemoConfig:
     n_people: int = 200  # fictitious people in the benchmark (count)
     seed: int = 0  # data seed (the model's seed is instill.seed)
     instill: InstillConfig = field(default_factory=InstillConfig)  # the model and its training
-    # The calibrated accessor (retain --statistic q90 at the request's batch size): issue
-    # 15 measured it forgetting as much as the mean with gamma 0.6, at gamma 16, with
-    # groups not yet requested spared and a reverted group brought back further.
-    statistic: str = "q90"  # retain statistic C_f is compared with (kvw_ledger.retain_stat)
-    gamma: float = 16.0  # KVW strength per batch (0.6 with the mean: docs/demo-model.md)
+    # The paper's accessor with each request's group as one batch: of the settings swept
+    # on the recipe-4 model (docs/demo-model.md, "Three requests in a row") it met the
+    # most targets. q90 could not bring group 1's image questions below 0.33 at any gamma.
+    statistic: str = "mean"  # retain statistic C_f is compared with (kvw_ledger.retain_stat)
+    gamma: float = 5.0  # KVW strength per batch
     layers: tuple[int, int] = (0, 3)  # inclusive layer range weakened
-    batch_size: int = 24  # forget records per batch
+    batch_size: int = 240  # forget records per batch: a demo group is 240 records
     epochs: int = 1  # passes over each forget group
     retain_records: int = 400  # retain records for C_r (a seeded sample; count)
     eval_records: int = 160  # retain records evaluated per version (count)
-    threads: int = 0  # torch CPU threads; 0: the cores other processes leave free, re-read per step
+    # torch CPU threads. 1: the same bits whatever the load (float sums depend on the
+    # thread count), so a second run's evaluations are cache hits; 0: the cores other
+    # processes leave free, re-read per step.
+    threads: int = 1
     # The audit's relearning attack: stronger than the verb's default (1e-5), because
     # this model was trained at 5e-4 and a weaker attack would show nothing either way.
     relearn_steps: int = 30  # AdamW steps on a third of group 1's people
@@ -104,6 +109,7 @@ def _run(workdir: Path, say: Echo, config: DemoConfig) -> dict[str, Any]:
     limits = {**{g: None for g in groups}, "retain": config.eval_records}
 
     meter = CoreMeter() if config.threads == 0 else None
+    cache = _EvalCache(workdir / "eval-cache", model_dir)
 
     def pace() -> None:
         # Each step is seconds long: re-read the free cores before it, not once per run.
@@ -114,7 +120,7 @@ def _run(workdir: Path, say: Echo, config: DemoConfig) -> dict[str, Any]:
         pace()
         version = ledger.materialize(model)
         figures = {
-            name: evaluate_split(model, processor, path, max_records=limits[name])
+            name: _cached_evaluation(cache, model, processor, path, limits[name])
             for name, path in splits.items()
         }
         row = {
@@ -174,7 +180,7 @@ def _run(workdir: Path, say: Echo, config: DemoConfig) -> dict[str, Any]:
     certificate: dict[str, Any] | None = None
     if config.audit:
         say(f"[6/7] audit group-1's request ({', '.join(config.quantize)}; relearning on a third of its people)")
-        audited = _audit_group(ledger, paths, config, workdir)
+        audited = _audit_group(ledger, paths, config, workdir, cache)
         for line in audited["lines"]:
             say(line)
         certificate = _certify_group(ledger, workdir)
@@ -206,7 +212,69 @@ def _run(workdir: Path, say: Echo, config: DemoConfig) -> dict[str, Any]:
     return report
 
 
-def _audit_group(ledger: Ledger, paths: Any, config: DemoConfig, workdir: Path) -> dict[str, Any]:
+class _EvalCache:
+    """Evaluation figures by what they are a function of: the weights, the records, the code.
+
+    A second run replays the same seeded ledger steps on the same thread count, so it
+    materialises bit-identical weights and every evaluation is a hit; any change of a
+    weight, a record, an image, the tokenizer or ``evaluate.py`` is a miss, measured
+    afresh. Called like :func:`kvw_ledger.evaluate.evaluate_records`.
+    """
+
+    def __init__(self, root: Path, model_dir: Path) -> None:
+        from kvw_ledger import evaluate
+
+        self.root = root
+        self._base = hashlib.sha256()
+        self._base.update(Path(evaluate.__file__).read_bytes())  # how figures are computed
+        for name in sorted(p.name for p in model_dir.iterdir() if p.suffix != ".safetensors"):
+            self._base.update(name.encode() + (model_dir / name).read_bytes())  # tokenizer, configs
+        self._images: dict[Path, str] = {}
+
+    def _key(self, model: Any, records: Sequence[Record], options: Any) -> str:
+        h = self._base.copy()
+        h.update(repr(options).encode())
+        for r in records:
+            fields = [r.question, r.answer, r.id, dict(r.extra)]  # options and answers included
+            h.update(json.dumps(fields, sort_keys=True, default=str).encode())
+            if r.image is not None:  # the image's bytes, not its path
+                if r.image not in self._images:
+                    self._images[r.image] = hashlib.sha256(r.image.read_bytes()).hexdigest()
+                h.update(self._images[r.image].encode())
+        for name, tensor in sorted(model.state_dict().items()):
+            h.update(name.encode())
+            h.update(tensor.detach().contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
+    def __call__(
+        self, model: Any, processor: Any, records: Sequence[Record], *args: Any, **kwargs: Any
+    ) -> dict[str, dict[str, float]]:
+        key = self._key(model, records, (args, sorted(kwargs.items())))
+        path = self.root / f"{key}.json"
+        if path.is_file():
+            return json.loads(path.read_text())  # type: ignore[no-any-return]
+        figures = evaluate_records(model, processor, records, *args, **kwargs)
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(figures))
+        tmp.replace(path)  # never a half-written hit
+        return figures
+
+
+def _cached_evaluation(
+    cache: _EvalCache, model: Any, processor: Any, path: Path, max_records: int | None
+) -> dict[str, Any]:
+    """``evaluate_split(model, processor, path, max_records=...)``, through the cache."""
+    records = read_records(path)
+    if max_records is not None and len(records) > max_records:
+        keep = sorted(random.Random(0).sample(range(len(records)), max_records))  # as evaluate_split
+        records = [records[i] for i in keep]
+    return cache(model, processor, records)
+
+
+def _audit_group(
+    ledger: Ledger, paths: Any, config: DemoConfig, workdir: Path, cache: _EvalCache
+) -> dict[str, Any]:
     """Audits group-1 at HEAD against the version before its request."""
     from kvw_ledger.audit import audit, summary_lines
 
@@ -225,6 +293,7 @@ def _audit_group(ledger: Ledger, paths: Any, config: DemoConfig, workdir: Path) 
         relearn_steps=config.relearn_steps,
         relearn_lr=config.relearn_lr,
         progress=False,
+        evaluator=cache,
     )
     lines = summary_lines(entry.body)
     if taught is None:
@@ -325,6 +394,11 @@ def _targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
             checks[f"group-{i} {modality} forgotten (<= 0.30)"] = _gen(row, f"group-{i}", modality)
             retained = _gen(row, "retain", modality) / max(_gen(before, "retain", modality), 1e-9)
             checks[f"retain {modality} after group-{i} (>= 0.90 of before)"] = retained
+            if i < 3:  # issue 15: the groups not yet requested are spared (the worst of them)
+                checks[f"groups not yet requested, {modality}, after group-{i} (>= 0.95 of before)"] = min(
+                    _gen(row, f"group-{j}", modality) / max(_gen(before, f"group-{j}", modality), 1e-9)
+                    for j in range(i + 1, 4)
+                )
     last = rows[-1]
     for modality in ("image", "text"):
         checks[f"group-1 {modality} still forgotten at the end (<= 0.30)"] = _gen(
@@ -343,6 +417,8 @@ def _passes(name: str, value: float) -> bool:
         return value <= 0.30
     if ">= 0.90" in name:
         return value >= 0.90
+    if ">= 0.95" in name:
+        return value >= 0.95
     return value <= 0.05
 
 

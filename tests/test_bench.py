@@ -250,6 +250,59 @@ def test_ffn_learns_only_at_answer_positions() -> None:
     assert answer != everywhere  # the other positions' share is gone
 
 
+def test_answer_only_ffn_matches_a_masked_full_graph() -> None:
+    """Recomputing the FFN at answer positions only gives a masked full graph's gradients."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=2, hidden_act="relu2",
+        )
+    )  # fmt: skip
+    ids = torch.randint(0, 50, (3, 7))
+    labels = torch.full_like(ids, -100)
+    labels[:, 5:] = ids[:, 5:]
+    mask = torch.ones_like(ids)
+    positions = instill.cause_mask(labels, mask)
+    l1 = 0.3
+
+    def run(ours: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad()
+        penalty: list[torch.Tensor] = []
+        handles = []
+        if ours:
+            hooks = instill._FFNTraining(model, True, l1)
+            hooks.mask = positions
+        else:  # the formulation it replaced: mask a full graph's output
+            keep = positions[..., None].float()
+            for layer in model.model.layers:
+                handles.append(layer.mlp.register_forward_hook(
+                    lambda m, a, out: out * keep + out.detach() * (1 - keep)))
+                handles.append(layer.mlp.down_proj.register_forward_pre_hook(
+                    lambda m, a: penalty.append(l1 * a[0][positions].abs().mean())))  # fmt: skip
+        try:
+            out = model(input_ids=ids, attention_mask=mask, labels=labels)
+            extra = hooks.pop_penalty() if ours else sum(penalty)
+            (out.loss + extra).backward()
+        finally:
+            if ours:
+                hooks.remove()
+            for h in handles:
+                h.remove()
+        return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    logits, grads = run(True)
+    ref_logits, ref_grads = run(False)
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert any(g.abs().sum() > 0 for n, g in grads.items() if ".mlp." in n)
+    # remove() gives every MLP its class's forward back
+    assert not any("forward" in layer.mlp.__dict__ for layer in model.model.layers)
+
+
 def test_training_follows_the_free_cores(
     bench: BenchPaths, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -269,8 +322,11 @@ def test_training_follows_the_free_cores(
         # Re-read as it ran (every stage, every few steps), and on one thread throughout.
         assert len(seen) >= 4 and set(seen[1:]) == {1}
         assert torch.get_num_threads() == 2
-        # The thread count is not part of the model's identity: the cache hits.
-        assert instill.build_model(tmp_path, bench, instill.InstillConfig(**{**auto.__dict__, "threads": 2})) == out
+        # The thread count is part of the model's identity (1 and 2 threads train
+        # different bits): another count is another model directory.
+        assert instill.config_hash(auto, bench) != instill.config_hash(TINY, bench)
+        assert out.name == f"model-{instill.config_hash(auto, bench)[:12]}"
+        assert TINY.threads == 1
     finally:
         torch.set_num_threads(before)
 

@@ -58,10 +58,68 @@ def test_demo_runs_the_whole_life_of_a_ledger(tmp_path: Path) -> None:
     checked = check_certificate(certificate, public_key=tmp_path / "demo-issuer.pub",
                                 ledger=Ledger.open(tmp_path / "ledger"))
     assert checked.ok and checked.signed and checked.model_checked, checked.to_json()
-    # A second run reuses the trained model (cached by its configuration's hash).
+    # A second run reuses the trained model (cached by its configuration's hash), and
+    # replays the same weights, so every evaluation is a hit: no new figures measured.
     models = sorted((tmp_path / "models").iterdir())
-    # ... also when it picks its thread count from the free cores (threads=0, the default),
-    # and without the audit (covered above; its model copies are the slow part).
+    measured = sorted((tmp_path / "eval-cache").iterdir())
+    assert len(measured) >= 5  # the versions' splits and the audit's probes
+    again = run_demo(tmp_path, echo=None, config=config)
+    assert sorted((tmp_path / "models").iterdir()) == models
+    assert sorted((tmp_path / "eval-cache").iterdir()) == measured
+    assert again["rows"] == report["rows"]
+    # ... also when it picks its thread count from the free cores (threads=0), and
+    # without the audit (covered above; its model copies are the slow part).
     run_demo(tmp_path, echo=None, config=replace(config, threads=0, audit=False))
     assert sorted((tmp_path / "models").iterdir()) == models
     assert torch.get_num_threads() == threads
+
+
+def test_the_evaluation_cache_misses_when_a_weight_changes(tmp_path: Path) -> None:
+    from kvw_ledger.bench.instill import build_model
+    from kvw_ledger.bench.profiles import BenchConfig, generate
+    from kvw_ledger.data import read_records
+    from kvw_ledger.demo import _EvalCache
+    from kvw_ledger.loading import load_model, load_processor
+
+    paths = generate(tmp_path / "data", config=BenchConfig(n_people=20, seed=0))
+    model_dir = build_model(tmp_path / "models", paths, TINY)
+    model, processor = load_model(model_dir), load_processor(model_dir)
+    records = read_records(paths.groups[0])[:4]
+    cache = _EvalCache(tmp_path / "cache", model_dir)
+    first = cache(model, processor, records)
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+    assert cache(model, processor, records) == first  # a hit
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] += 1e-3
+    cache(model, processor, records)
+    assert len(list((tmp_path / "cache").iterdir())) == 2  # measured afresh
+    cache(model, processor, records[:3])
+    assert len(list((tmp_path / "cache").iterdir())) == 3  # other records: another entry
+
+
+def test_targets_include_the_groups_not_yet_requested() -> None:
+    from kvw_ledger.demo import _passes, _targets
+
+    def row(step: str, **acc: tuple[float, float]) -> dict:
+        return {"step": step, "metrics": {s: {"image": {"gen_acc": a[0]}, "text": {"gen_acc": a[1]}}
+                                          for s, a in acc.items()}}  # fmt: skip
+
+    full = (1.0, 1.0)
+    rows = [
+        row("before", **{"group-1": full, "group-2": full, "group-3": full, "retain": full}),
+        row("forget group-1", **{"group-1": (0.2, 0.1), "group-2": (0.96, 0.9), "group-3": (1.0, 0.99), "retain": full}),
+        row("forget group-2", **{"group-1": (0.2, 0.1), "group-2": (0.2, 0.2), "group-3": (0.97, 0.94), "retain": full}),
+        row("forget group-3", **{"group-1": (0.2, 0.1), "group-2": (0.2, 0.2), "group-3": (0.2, 0.2), "retain": full}),
+        row("revert group-2", **{"group-1": (0.2, 0.1), "group-2": (0.93, 0.9), "group-3": (0.2, 0.2), "retain": full}),
+    ]  # fmt: skip
+    checks = _targets(rows)
+    spared = {k: v for k, v in checks.items() if k.startswith("groups not yet requested")}
+    assert spared == {
+        "groups not yet requested, image, after group-1 (>= 0.95 of before)": 0.96,
+        "groups not yet requested, text, after group-1 (>= 0.95 of before)": 0.9,
+        "groups not yet requested, image, after group-2 (>= 0.95 of before)": 0.97,
+        "groups not yet requested, text, after group-2 (>= 0.95 of before)": 0.94,
+    }
+    assert [_passes(k, v) for k, v in spared.items()] == [True, False, True, False]
+    assert len(checks) == 20

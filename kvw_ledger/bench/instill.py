@@ -33,7 +33,6 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -68,7 +67,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MARKER = "instill.json"  # written last into a finished model dir: the cache's commit point
-_RECIPE_VERSION = 3  # bump when the training code changes what a config produces
+_RECIPE_VERSION = 4  # bump when the training code changes what a config produces
 _THREAD_CHECK = 20  # optimiser steps between re-reads of the free cores (threads=0)
 
 
@@ -107,7 +106,12 @@ class InstillConfig:
     frozen_ffn_layers: tuple[int, ...] = ()  # language-model layers whose FFN keeps its init
     grad_clip: float = 1.0  # global gradient-norm clip (0: none)
     seed: int = 0  # initialisation and shuffling seed
-    threads: int = 0  # torch CPU threads; 0: the cores other processes leave free, re-read as it runs
+    # torch CPU threads. A kernel's float sums depend on how many threads split it (a
+    # down_proj matmul differs by ~2e-8 between 1 and 2), and training amplifies that, so
+    # the count is part of what a config produces. 1: the same model whatever the load.
+    # 0: the cores other processes leave free, re-read as it runs (faster on an idle
+    # machine, but the bits then follow the load).
+    threads: int = 1
 
     def __post_init__(self) -> None:
         if self.ffn_grad not in ("answer", "all"):
@@ -123,9 +127,8 @@ class InstillConfig:
 def config_hash(config: InstillConfig, paths: BenchPaths) -> str:
     """Hash of the configuration, recipe version and training data (hex sha256)."""
     h = hashlib.sha256()
-    # The thread count is how fast, not what: a model trained on 1 thread serves a 2-thread config.
-    recipe = {k: v for k, v in asdict(config).items() if k != "threads"}
-    h.update(json.dumps({"v": _RECIPE_VERSION, **recipe}, sort_keys=True).encode())
+    # The thread count enters too: 1 and 2 threads train different bits (InstillConfig.threads).
+    h.update(json.dumps({"v": _RECIPE_VERSION, **asdict(config)}, sort_keys=True).encode())
     for f in (paths.train, paths.heldout, paths.people):
         h.update(Path(f).read_bytes())
     return h.hexdigest()
@@ -243,26 +246,37 @@ class _FFNTraining:
         self.l1 = l1
         self.penalty: torch.Tensor | None = None
         self.handles = []
+        self._patched: list[torch.nn.Module] = []
         for layer in lm_layers(model):
             if answer_only:
-                self.handles.append(layer.mlp.register_forward_hook(self._gate_grad))
+                layer.mlp.forward = self._answer_only(layer.mlp.forward)
+                self._patched.append(layer.mlp)
             if l1 > 0:
                 self.handles.append(layer.mlp.down_proj.register_forward_pre_hook(self._l1))
 
-    # Hooks act only while ``mask`` is set (inside a training step), never
+    # Both act only while ``mask`` is set (inside a training step), never
     # during evaluation that a callback runs between epochs.
-    def _gate_grad(self, module: torch.nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
-        if self.mask is None:
+    def _answer_only(self, plain: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            if self.mask is None:
+                return plain(x)
+            # The value everywhere without a graph, then the answer-predicting positions
+            # again with one: the same gradients as masking a full-graph output, but the
+            # FFN's backward (two thirds of its cost) runs on ~2 of ~25 positions a record.
+            with torch.no_grad():
+                out = plain(x)  # (B, T, D)
+            out[self.mask] = plain(x[self.mask])  # (N, D) -> (B, T, D), grad at N only
             return out
-        keep = self.mask[..., None].to(out.dtype)  # (B, T, 1)
-        return out * keep + out.detach() * (1 - keep)
+
+        return forward
 
     def _l1(self, module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        if self.mask is None:
+        if self.mask is None or not torch.is_grad_enabled():
             return
         # Only where KVW measures: elsewhere (image tokens, the question) the
         # activations' size is no concern, and penalising it slows learning.
-        term = self.l1 * args[0][self.mask].abs().mean()  # (N, d_ff) -> ()
+        acts = args[0] if args[0].dim() == 2 else args[0][self.mask]  # (N, d_ff)
+        term = self.l1 * acts.abs().mean()  # (N, d_ff) -> ()
         self.penalty = term if self.penalty is None else self.penalty + term
 
     def pop_penalty(self) -> torch.Tensor | None:
@@ -272,6 +286,9 @@ class _FFNTraining:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+        for mlp in self._patched:
+            del mlp.forward  # the class's forward again
+        self._patched = []
 
 
 def train(
