@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -67,10 +68,11 @@ _CODEC_ERRORS = (ValueError, RuntimeError, TypeError, IndexError, KeyError)
 
 
 
-def read_bytes(path: Path) -> bytes | None:
+def read_bytes(path: Path | str) -> bytes | None:
     """A file's bytes, or None when it does not exist."""
     try:
-        return path.read_bytes()
+        with open(path, "rb") as f:
+            return f.read()
     except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as e:
@@ -174,6 +176,12 @@ def write_array(
 _META_CACHE: dict[tuple[Any, ...], bytes] = {}
 
 
+def _under(root: Path, rel: str) -> str:
+    """``str(root / rel)`` for a checked relative ``rel``, without building Paths."""
+    top = str(root)
+    return rel if top == "." else os.path.join(top, rel)
+
+
 def read_array(root: Path, name: str) -> torch.Tensor:
     """Read array ``name`` (a path under directory ``root``) with its torch dtype restored.
 
@@ -181,8 +189,9 @@ def read_array(root: Path, name: str) -> torch.Tensor:
         RefNotFoundError: naming the array, if it does not exist or is a group.
         IntegrityError: naming the file, if metadata or a chunk is damaged or missing.
     """
-    meta_path = root / name / "zarr.json"
-    if not meta_path.is_file():
+    # Strings, not Paths, on this path: verify reads some 50,000 arrays at 1,000 requests.
+    meta_path = _under(root, f"{name}/zarr.json")
+    if not os.path.isfile(meta_path):
         raise RefNotFoundError(f"no array {name} in ledger {root}")
     meta = _read_meta(meta_path)
     if meta.get("node_type") != "array":
@@ -255,7 +264,7 @@ def _own_layout(meta: Mapping[str, Any]) -> tuple[tuple[int, ...], tuple[int, ..
 def _read_own_chunks(
     root: Path,
     name: str,
-    meta_path: Path,
+    meta_path: Path | str,
     dtype: torch.dtype,
     shape: tuple[int, ...],
     chunks: tuple[int, ...],
@@ -272,7 +281,7 @@ def _read_own_chunks(
     grid = [-(-s // k) for s, k in zip(shape, chunks, strict=True)]
     for coords in itertools.product(*(range(n) for n in grid)):
         rel = f"{name}/c/{'/'.join(map(str, coords))}"
-        raw = read_bytes(root / rel)
+        raw = read_bytes(_under(root, rel))
         if raw is None:
             raise IntegrityError(f"chunk file {rel} is missing; the ledger is damaged")
         try:

@@ -17,14 +17,15 @@ __all__ = ["FORMAT_VERSION", "read_root_attrs", "read_zarr_meta"]
 FORMAT_VERSION = 1
 
 
-def read_zarr_meta(path: Path) -> dict[str, Any]:
+def read_zarr_meta(path: Path | str) -> dict[str, Any]:
     """One Zarr v3 ``zarr.json`` as a dict.
 
     Raises:
         IntegrityError: the file is unreadable, not JSON, or not Zarr v3 metadata.
     """
     try:
-        meta = json.loads(path.read_bytes())
+        with open(path, "rb") as f:
+            meta = json.loads(f.read())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise IntegrityError(f"{path} is unreadable ({e}); the ledger is damaged") from e
     if not isinstance(meta, dict) or meta.get("zarr_format") != 3:

@@ -591,11 +591,8 @@ class Store:
         top = self.path / rel
         if top.is_file():
             return [] if _PARTIAL_RE.fullmatch(top.name) else [rel]
-        out = []
-        for dirpath, _dirnames, filenames in os.walk(top):
-            for f in filenames:
-                if not _PARTIAL_RE.fullmatch(f):
-                    out.append((Path(dirpath) / f).relative_to(self.path).as_posix())
+        out: list[str] = []
+        _walk_files(str(top), top.relative_to(self.path).as_posix(), out)
         return sorted(out)
 
     def _nodes(self, prefix: str) -> Iterator[tuple[str, str]]:
@@ -618,6 +615,35 @@ class Store:
 
 
 # ------------------------------------------------------------------ helpers
+
+
+def _walk_files(directory: str, rel: str, out: list[str]) -> None:
+    """Appends ``rel/...`` for every file under ``directory`` as ``os.walk`` finds them (links
+    to directories not followed, unreadable directories skipped), minus ``*.partial``.
+
+    Strings, not Paths: verify lists some 100,000 files at 1,000 requests, and building
+    a Path per file was seconds of it.
+    """
+    try:
+        with os.scandir(directory) as it:
+            entries = list(it)
+    except OSError:
+        return
+    for entry in entries:
+        try:
+            is_dir = entry.is_dir()
+        except OSError:
+            is_dir = False
+        if not is_dir:
+            if not _PARTIAL_RE.fullmatch(entry.name):
+                out.append(f"{rel}/{entry.name}")
+            continue
+        try:
+            linked = entry.is_symlink()
+        except OSError:
+            linked = False
+        if not linked:
+            _walk_files(entry.path, f"{rel}/{entry.name}", out)
 
 
 @contextlib.contextmanager

@@ -117,15 +117,18 @@ def diff(
     """
     from kvw_ledger.weakening import Weakening  # torch: `log` and `show` stay without it
 
+    in_a = set(a.active)  # sets: lists made this quadratic in the number of requests
+
     def same(request_id: str) -> bool:
-        return request_id in a.active and all(
+        return request_id in in_a and all(
             getattr(a, kind).get(request_id) == getattr(b, kind).get(request_id)
             for kind in ("exponents", "log_scales")
         )
 
     common = [r for r in b.active if same(r)]
-    plus = Weakening.total(sites, (read(r, b) for r in b.active if r not in common))
-    minus = Weakening.total(sites, (read(r, a) for r in a.active if r not in common))
+    in_common = set(common)
+    plus = Weakening.total(sites, (read(r, b) for r in b.active if r not in in_common))
+    minus = Weakening.total(sites, (read(r, a) for r in a.active if r not in in_common))
     scaled = set(plus.log_scales) | set(minus.log_scales)
     for request_id in common:
         if request_id in b.log_scales:

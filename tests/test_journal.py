@@ -568,3 +568,73 @@ def test_adopt_copies_entries_byte_for_byte_and_only_in_chain_order(tmp_path: Pa
     with pytest.raises(IntegrityError, match="does not follow version 3"):
         mirror.adopt(other.raw(4), parent)
     assert [e.version for e in mirror.entries()] == [1, 2, 3]
+
+
+# --- the fast parse of a sound entry -----------------------------------------------------
+
+
+def _strict(raw: bytes, version: int, where: str) -> Entry | str:
+    from kvw_ledger.journal import _parse_entry_strictly
+
+    try:
+        return _parse_entry_strictly(raw, version, where)
+    except IntegrityError as e:
+        return str(e)
+
+
+def _parsed(raw: bytes, version: int, where: str) -> Entry | str:
+    from kvw_ledger.journal import parse_entry
+
+    try:
+        return parse_entry(raw, version, where)
+    except IntegrityError as e:
+        return str(e)
+
+
+def _resealed(content: dict[str, Any]) -> bytes:
+    content = {k: v for k, v in content.items() if k != "digest"}
+    content["digest"] = hashlib.sha256(canonical_json(content)).hexdigest()
+    return canonical_json(content)
+
+
+def test_the_fast_parse_accepts_and_rejects_exactly_what_the_strict_one_does(tmp_path: Path) -> None:
+    from kvw_ledger.journal import _parse_sound_entry
+
+    journal = _journal(tmp_path)
+    init = journal.append("init", {}, _add_file(tmp_path, "zarr.json", b"{}"), parent=None)
+    gc = journal.append(
+        "gc", {"deleted_files": ["requests/a/x"], "note": {"digest": "0" * 64, "files": {}}},
+        {"requests/b/c/d": "a" * 64}, parent=init,
+    )
+    raw = journal.raw(2)
+    content = json.loads(raw)
+    assert _parse_sound_entry(raw, 2) == gc == _strict(raw, 2, "w")
+    variants = {
+        "duplicate key": raw.replace(b'{"body":', b'{"op":"gc","body":', 1),
+        "spaces": raw.replace(b'","', b'", "', 1),
+        "a NaN": raw.replace(b'"note":{', b'"nan":NaN,"note":{', 1),
+        "one byte": raw.replace(b'"gc"', b'"gC"', 1),
+        "wrong version": raw,
+    }
+    for field, value in (
+        ("files", {"requests/../x": "a" * 64}),
+        ("files", {"requests//x": "a" * 64}),
+        ("files", {"a\\b": "a" * 64}),
+        ("files", {"": "a" * 64}),
+        ("files", {"ok": "A" * 64}),
+        ("files", {"ok": "a" * 63}),
+        ("body", {"deleted_files": ["./x"]}),
+        ("body", {"deleted_files": "x"}),
+        ("time", "2026-02-30T00:00:00Z"),
+        ("operator", ""),
+    ):
+        variants[f"{field}={value!r}"] = _resealed({**content, field: value})
+    for why, altered in variants.items():
+        version = 3 if why == "wrong version" else 2
+        strict = _strict(altered, version, "w")
+        assert isinstance(strict, str), why  # each variant is one the strict parser refuses
+        assert _parse_sound_entry(altered, version) is None, why
+        assert _parsed(altered, version, "w") == strict, why
+    odd = _resealed({**content, "files": {"a/...": "b" * 64, "..a/b.": "c" * 64, "x\n": "d" * 64}})
+    assert _parse_sound_entry(odd, 2) == _strict(odd, 2, "w") == _parsed(odd, 2, "w")
+    assert isinstance(_parsed(odd, 2, "w"), Entry)
