@@ -1,0 +1,188 @@
+"""The checks a write makes before it commits: the files it reads, hashed against
+their entries, and the staged HEAD held to the stability limits.
+
+A write stages the sum it would commit; nothing is written until these pass (or
+``on_fail`` is warn). ``Ledger.forget``, ``revert``, ``rederive`` and ``probe`` call them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kvw_ledger import data, weights
+from kvw_ledger.devices import Placement
+from kvw_ledger.errors import BadInputError, IntegrityError, StabilityCheckError
+from kvw_ledger.journal import hash_files
+from kvw_ledger.loading import max_length
+from kvw_ledger.replay import LedgerState
+from kvw_ledger.stability import (
+    StabilityLimits,
+    StabilityReport,
+    check_attenuation,
+    check_exponents,
+    check_log_scales,
+    check_zeroed,
+    compare_probes,
+    overflowing,
+    probe_metrics,
+)
+from kvw_ledger.store import Store
+from kvw_ledger.weakening import Weakening
+
+if TYPE_CHECKING:
+    from kvw_ledger.ledger import Ledger
+
+
+def resolve_limits(ledger: Ledger, state: LedgerState, given: StabilityLimits | None) -> StabilityLimits:
+    """``given``, else the defaults overridden by the ledger's limits (set with ``probe``)."""
+    if given is not None:
+        return given
+    unknown = set(state.limits) - set(StabilityLimits.__dataclass_fields__)
+    if unknown:
+        raise BadInputError(f"unknown stability limit(s): {', '.join(sorted(unknown))}")
+    return StabilityLimits(**state.limits)
+
+
+def check_reads(
+    ledger: Ledger,
+    operation: str,
+    state: LedgerState,
+    *,
+    base: bool = True,
+    stats: str | None = None,
+    traces: Iterable[str] = (),
+) -> None:
+    """Refuses a write that would read or build on a damaged file.
+
+    Hashes exactly the files this write reads, each against the sha256 its journal
+    entry recorded: the base (when ``base``), the retain stats ``stats``, the
+    current arrays of the requests active at ``state`` (HEAD is their sum), the C_f
+    traces of ``traces``, the probe sets, and the sealed head cache. A full check
+    of everything is `verify`'s job; this one costs what the write reads anyway.
+
+    Raises:
+        IntegrityError: naming the first damaged file; nothing was written.
+    """
+    recorded: dict[str, tuple[str, int]] = {}
+    deleted: set[str] = set()
+    for entry in ledger.entries():
+        recorded.update({path: (digest, entry.version) for path, digest in entry.files.items()})
+        deleted.update(entry.body.get("deleted_files", []))
+    prefixes = [Store.base_path()] if base else []
+    if stats is not None:
+        prefixes.append(Store.retain_path(stats))
+    for request_id in state.active:
+        prefixes.append(state.exponent_prefix(request_id))
+        if request_id in state.log_scales:
+            prefixes.append(state.log_scales[request_id])
+    prefixes += [state.traces[r] for r in traces if r in state.traces]
+    prefixes += [p["path"].rsplit("/", 1)[0] for p in state.probes.values()]
+    wanted = sorted(
+        path for path in recorded if path not in deleted and any(path.startswith(f"{x}/") for x in prefixes)
+    )
+    problems = [(path, why) for path, why in ledger.store.check_head()]
+    for path, actual in hash_files(ledger.path, set(wanted)).items():
+        expected, version = recorded[path]
+        if isinstance(actual, FileNotFoundError):
+            problems.append((path, f"is missing; journal/{version:08d}.json recorded it"))
+        elif isinstance(actual, OSError):
+            problems.append((path, f"cannot be read ({actual.strerror or actual})"))
+        elif actual != expected:
+            problems.append((path, f"has sha256 {actual[:12]}... but journal/{version:08d}.json recorded {expected[:12]}..."))
+    if problems:
+        path, why = sorted(problems)[0]
+        more = f" (and {len(problems) - 1} more damaged file(s))" if len(problems) > 1 else ""
+        raise IntegrityError(
+            f"{operation} refused: {path} {why}{more}; the ledger is damaged and {operation} "
+            f"would build on it. Nothing was written. Run `kvw-ledger verify {ledger.location}` "
+            "to list the damage, and restore the file from a backup"
+        )
+
+
+def check_staged(
+    ledger: Ledger,
+    state: LedgerState,
+    weakening: Weakening,
+    limits: StabilityLimits,
+    *,
+    model: Any = None,
+    processor: Any = None,
+    forget_records: Sequence[data.Record] | None = None,
+    forget_label_eos: bool = False,
+    model_dir: str | Path | None = None,
+    placement: Placement | None = None,
+    progress: bool = True,
+) -> StabilityReport:
+    """Checks a staged HEAD; raises StabilityCheckError on failure unless on_fail is warn.
+
+    ``model`` (when given) already holds the staged weights; ``forget_records``
+    are measured as efficacy, never held to a limit.
+    """
+    report = StabilityReport()
+    staged, staged_scales = weakening.exponents, weakening.log_scales
+    bad = overflowing(staged)
+    if bad is not None:
+        raise StabilityCheckError(
+            f"the step was not committed: {bad}. Its strength is far too high (a lower --gamma, "
+            "fewer --epochs or narrower --layers); such a step is refused even with --on-fail warn"
+        )
+    report.checks += check_exponents(staged)
+    report.checks += check_log_scales(staged_scales)
+    axes = {s.name: s.axis for s in ledger.sites}
+    bases = {name: ledger.base(name) for name in staged}
+    checks, report.attenuation = check_attenuation(
+        bases, staged, axes, limits.max_attenuation, staged_scales
+    )
+    report.checks += checks
+    checks, _ = check_zeroed(staged, limits.max_zeroed, limits.zero_floor, staged_scales)
+    report.checks += checks
+    if state.probes or forget_records is not None:
+        if model is None:
+            model, processor = weights.load(ledger, model_dir, 1, placement or Placement.resolve(), progress)
+            weights.materialize(ledger, model, weakening)
+        # Each probe is encoded as its base figures were measured.
+        sets = {kind: (ledger.store.read_probe(p["path"]), labels_eos(p)) for kind, p in state.probes.items()}
+        if forget_records is not None:
+            sets["forget"] = (list(forget_records), forget_label_eos)
+        for kind, (records, label_eos) in sets.items():
+            encoder = data.Encoder(processor, max_length(model), label_eos=label_eos)
+            report.probes[kind] = probe_metrics(model, data.encode_all(encoder, records), encoder.pad_token_id)
+        base = {kind: p["base"] for kind, p in state.probes.items()}
+        report.checks += compare_probes(report.probes, base, state.probe_figures, limits)
+    report.on_fail = limits.on_fail
+    if not report.passed and limits.on_fail == "abort":
+        failed = "; ".join(c.describe() for c in report.failures())
+        raise StabilityCheckError(
+            f"the step failed {len(report.failures())} stability check(s) and was not committed: {failed}. "
+            "Weaken less (a lower --gamma or narrower --layers for forget), raise the limit, "
+            "or pass --on-fail warn to commit anyway"
+        )
+    return report
+
+
+def labels_eos(body: Mapping[str, Any]) -> bool:
+    """Whether a retain, forget or probe record labelled the eos; entries from before the
+    option existed did."""
+    return bool(body.get("label_eos", True))
+
+
+def same_positions(what: str, label_eos: bool, stats_id: str, stats_label_eos: bool) -> None:
+    """C_f and C_r must count the same positions, or the accessor compares unlike means."""
+    if label_eos != stats_label_eos:
+        flag = "with --label-eos" if stats_label_eos else "without --label-eos"
+        raise BadInputError(
+            f"{what} {'labels' if label_eos else 'does not label'} the eos token, but retain stats "
+            f"{stats_id!r} were measured {flag}; use the same setting, or register retain stats "
+            "measured with it (`kvw-ledger retain LEDGER DATA --id ID [--label-eos]`)"
+        )
+
+
+def check_limits_type(limits: object) -> None:
+    """Limits are one typed value; a mapping (the old form) is refused saying what to pass."""
+    if limits is not None and not isinstance(limits, StabilityLimits):
+        raise BadInputError(
+            f"limits must be a StabilityLimits, not {type(limits).__name__}; pass "
+            "ledger.limits(max_attenuation=..., on_fail=...) or StabilityLimits(...)"
+        )
