@@ -71,7 +71,7 @@ def revert_retain_with(
     )
     del model
     retain_means = ledger.retain_means(stats_id)
-    derived = chain(ledger, state, active, set(active), retain_means, {}, None, None, progress)
+    derived = rederive_chain(ledger, state, active, set(active), retain_means, {}, None, None, progress)
     rederived_files, rederived_arrays, changes = write_rederived(ledger, head.version + 1, state, derived, {})
     files.update(retain_files)
     files.update(rederived_files)
@@ -140,12 +140,12 @@ def rederive(
             staging.same_positions(f"request {request_id!r}", staging.labels_eos(state.requests[request_id].body),
                             stats_id, staging.labels_eos(state.retain_info[stats_id]))
         retain_means = ledger.retain_means(stats_id)
-        exact_records = {r: exact_records(ledger, state, r, path) for r, path in exact.items()}
+        exact_records = {r: read_exact(ledger, state, r, path) for r, path in exact.items()}
         model: Any = None
         processor: Any = None
         if exact_records:
             model, processor = weights.load(ledger, model_dir, 1, placement, progress)
-        derived = chain(ledger, state, state.active, set(ordered), retain_means, exact_records, model, processor, progress
+        derived = rederive_chain(ledger, state, state.active, set(ordered), retain_means, exact_records, model, processor, progress
         )
         if model is not None:  # it holds the last exact request's loop, not the staged HEAD
             weights.materialize(ledger, model, derived.staged)
@@ -158,7 +158,7 @@ def rederive(
         return tx.commit("rederive", body, files, parent=head, weakening=derived.staged)
 
 
-def chain(
+def rederive_chain(
     ledger: Ledger,
     state: LedgerState,
     chain: Sequence[str],
@@ -252,7 +252,7 @@ def write_rederived(
     return files, arrays, changes
 
 
-def exact_records(ledger: Ledger, state: LedgerState, request_id: str, path: str | Path) -> list[data.Record]:
+def read_exact(ledger: Ledger, state: LedgerState, request_id: str, path: str | Path) -> list[data.Record]:
     records = data.read_records(path)
     recorded = state.requests[request_id].body["data_fingerprint"]
     if data.fingerprint(records) != recorded:
