@@ -73,7 +73,7 @@ from kvw_ledger.stability import (
     StabilityLimits,
     probe_metrics,
 )
-from kvw_ledger.store import HeadCache, Store, check_id
+from kvw_ledger.store import HeadCache, Store
 from kvw_ledger.target import TargetSearch
 from kvw_ledger.verify import VerifyReport, verify_ledger
 from kvw_ledger.weakening import Weakening
@@ -497,7 +497,7 @@ class Ledger:
             entries = self.entries()[: write.head.version]
             version = self.resolve(at, entries)
             head = entries[-1]
-            stats_id = check_id(f"retain-{head.version + 1}" if stats_id is None else stats_id, "retain stats id")
+            stats_id = refs.check_id(f"retain-{head.version + 1}" if stats_id is None else stats_id, "retain stats id")
             state = self.state(head.version)
             if stats_id in state.retain_stats:
                 raise BadInputError(f"retain stats {stats_id!r} already exist; choose another --id")
@@ -587,7 +587,7 @@ class Ledger:
             head = write.head
             state = self.state(head.version)
             checked = staging.resolve_limits(self, state, limits)  # bad limits fail before the forward passes
-            request_id = _check_request_id(f"request-{head.version + 1}" if request_id is None else request_id)
+            request_id = refs.check_request_id(f"request-{head.version + 1}" if request_id is None else request_id)
             if request_id in state.requests:
                 raise BadInputError(f"request {request_id!r} already exists; choose another --id")
             stats_id = retain_stats or state.latest_retain
@@ -1078,13 +1078,4 @@ class Ledger:
             weakening = self._sum(self.state(entry.version))
         self.store.write_head(weakening, entry.version, entry.hash)
 
-
-def _check_request_id(request_id: str) -> str:
-    """A request id must not read as another kind of REF."""
-    check_id(request_id)
-    if request_id.isdigit() or refs.HEAD_REF.fullmatch(request_id):
-        raise BadInputError(
-            f"request id {request_id!r} reads as a version REF; choose an id with a letter, e.g. req-{request_id}"
-        )
-    return request_id
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from kvw_ledger import data, retaining, staging, weights
+from kvw_ledger import data, refs, retaining, staging, weights
 from kvw_ledger.devices import Placement
 from kvw_ledger.errors import BadInputError, RefNotFoundError, RequestStateError
 from kvw_ledger.journal import Entry
@@ -23,7 +23,7 @@ from kvw_ledger.kvw import KVWConfig, column_log_norms, exponents_from_trace, lo
 from kvw_ledger.loading import max_length
 from kvw_ledger.replay import LedgerState
 from kvw_ledger.stability import StabilityLimits
-from kvw_ledger.store import Store, check_id
+from kvw_ledger.store import Store
 from kvw_ledger.weakening import Weakening
 
 if TYPE_CHECKING:
@@ -51,7 +51,7 @@ def revert_retain_with(
             "--retain-with replaces the retain statistics, but none are registered; "
             "revert without it"
         )
-    stats_id = check_id(retain_id or f"retain-{head.version + 1}", "retain stats id")
+    stats_id = refs.check_id(retain_id or f"retain-{head.version + 1}", "retain stats id")
     if stats_id in state.retain_stats:
         raise BadInputError(f"retain stats {stats_id!r} already exist; choose another --retain-id")
     like = state.retain_info[previous]
