@@ -65,9 +65,7 @@ def export_transform(
         name = by_location.get((file, key))
         if name is None:
             return None
-        return weakened(
-            tensor, weakening.exponents[name], ledger._sites_by_name[name].axis, weakening.log_scale(name)
-        )
+        return weakened(tensor, weakening, name, ledger._sites_by_name[name].axis)
 
     return transform, by_location
 

@@ -404,11 +404,9 @@ class Ledger:
             cache[site] = value
         return value
 
-    def effective(
-        self, site: str, exponent: torch.Tensor, log_scale: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """``base * exp(log_scale - exponent)`` for one site, in float32, cast once."""
-        return weakened(self.base(site), exponent, self._sites_by_name[site].axis, log_scale)
+    def effective(self, site: str, weakening: Weakening) -> torch.Tensor:
+        """``base * exp(S - W)`` of ``weakening`` for one site, in float32, cast once."""
+        return weakened(self.base(site), weakening, site, self._sites_by_name[site].axis)
 
     def materialize(self, model: nn.Module, at: str | int = "HEAD") -> int:
         """Writes the value matrices of version ``at`` into a live model, from the base.

@@ -132,11 +132,9 @@ def check_staged(
     report.checks += check_log_scales(staged_scales)
     axes = {s.name: s.axis for s in ledger.sites}
     bases = {name: ledger.base(name) for name in staged}
-    checks, report.attenuation = check_attenuation(
-        bases, staged, axes, limits.max_attenuation, staged_scales
-    )
+    checks, report.attenuation = check_attenuation(bases, weakening, axes, limits.max_attenuation)
     report.checks += checks
-    checks, _ = check_zeroed(staged, limits.max_zeroed, limits.zero_floor, staged_scales)
+    checks, _ = check_zeroed(weakening, limits.max_zeroed, limits.zero_floor)
     report.checks += checks
     if state.probes or forget_records is not None:
         if model is None:

@@ -85,7 +85,7 @@ def materialize(ledger: Ledger, model: Any, weakening: Weakening) -> None:
             # The factors are computed on the CPU (where the sums are), the product on
             # the weight's device, cast once into the weight's dtype.
             base = ledger.base(site.name).to(weight.device)
-            weakened(base, weakening.exponents[site.name], site.axis, weakening.log_scale(site.name), out=weight)
+            weakened(base, weakening, site.name, site.axis, out=weight)
 
 
 def rank_device(device: str | torch.device | None, world: World) -> str | torch.device | None:
