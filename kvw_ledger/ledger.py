@@ -17,21 +17,18 @@ import datetime as _dt
 import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import nn
 
 from kvw_ledger import (
-    coefficients,
-    data,
     exporting,
     forgetting,
     model_files,
     rederive,
     refs,
     repair,
-    retain_stat,
     retaining,
     staging,
     views,
@@ -58,10 +55,9 @@ from kvw_ledger.journal import (
 )
 from kvw_ledger.kvw import (
     KVWConfig,
-    run_kvw,
     weakened,
 )
-from kvw_ledger.loading import DeviceMap, load_model, max_length
+from kvw_ledger.loading import DeviceMap, load_model
 from kvw_ledger.lock import WriterLock
 from kvw_ledger.reader import LedgerReader
 from kvw_ledger.remote import Remote, is_url, local_path, mirror_dir
@@ -71,7 +67,6 @@ from kvw_ledger.sites import Site, discover_sites, site_weight
 from kvw_ledger.stability import (
     OnFail,
     StabilityLimits,
-    probe_metrics,
 )
 from kvw_ledger.store import HeadCache, Store
 from kvw_ledger.target import TargetSearch
@@ -483,49 +478,11 @@ class Ledger:
         parallel (``world``) each rank measures its share of every batch and rank 0
         alone commits; every rank returns its entry (or raises its error).
         """
-        placement = Placement.resolve(weights.rank_device(device, world), dtype)  # fails before anything runs
-        retain_stat.check_statistic(statistic)
-        if statistic != "mean" and world.parallel:
-            raise BadInputError(
-                f"--statistic {statistic} is measured in one process; under torchrun use --statistic mean"
-            )
-        progress = progress and world.is_main
-        records = world.call(data.read_records, data_path)
-        with self._parallel_write("retain", world) as write:
-            entries = self.entries()[: write.head.version]
-            version = self.resolve(at, entries)
-            head = entries[-1]
-            stats_id = refs.check_id(f"retain-{head.version + 1}" if stats_id is None else stats_id, "retain stats id")
-            state = self.state(head.version)
-            if stats_id in state.retain_stats:
-                raise BadInputError(f"retain stats {stats_id!r} already exist; choose another --id")
-            staging.check_reads(self, "retain", self.state(version))
-            model, processor = weights.load(self, model_dir, version, placement, progress)
-            encoder = data.Encoder(processor, max_length(model), label_eos=label_eos)
-            examples = data.encode_all(encoder, records)
-            batches = retaining.batches(examples, batch_size, encoder.pad_token_id, world)
-            total = -(-len(examples) // batch_size)
-            write.ready()
-            if statistic == "mean":
-                measured = coefficients.collect(
-                    model, self.sites, batches, total=total, desc="retain", progress=progress,
-                    world=world, pad_token_id=encoder.pad_token_id,
-                )
-                if not world.is_main:
-                    return self._entry(write.finish())
-                means = measured.means()
-                values = {s.name: means[s.name].cpu() for s in self.sites}
-                counts = {s.name: int(measured.counts[s.name]) for s in self.sites}
-                n_batches = total
-            else:
-                stat = retain_stat.measure(
-                    model, self.sites, examples, statistic, batch_size, encoder.pad_token_id, progress=progress
-                )
-                values, counts, n_batches = stat.values, stat.counts, stat.batches
-            files, body = retaining.write_retain(self, records, stats_id, version, batch_size, statistic, label_eos, values, counts, n_batches
-            )
-            body["active"] = state.active
-            return self._current().commit("retain", body, files, parent=head)  # same active set, new version
+        return retaining.retain(
+            self, data_path, stats_id=stats_id, at=at, batch_size=batch_size, statistic=statistic,
+            label_eos=label_eos, model_dir=model_dir, progress=progress, device=device, dtype=dtype,
+            world=world,
+        )
 
     def forget(
         self,
@@ -571,109 +528,11 @@ class Ledger:
             TargetNotReachedError: with ``target``, no gamma reached it within the limits;
                 nothing was written.
         """
-        staging.check_limits_type(limits)
-        config = config or KVWConfig()
-        placement = Placement.resolve(weights.rank_device(device, world), dtype)
-        if target is not None and forget_probe is None:
-            raise BadInputError("--target-forget needs --forget-probe FILE, the records it measures")
-        if target is not None and world.parallel:
-            raise BadInputError("--target-forget searches in one process; under torchrun give --gamma")
-        progress = progress and world.is_main
-        records = world.call(data.read_records, data_path)
-        probe_records = world.call(data.read_records, forget_probe) if forget_probe is not None else None
-        with self._parallel_write("forget", world) as write:
-            head = write.head
-            state = self.state(head.version)
-            checked = staging.resolve_limits(self, state, limits)  # bad limits fail before the forward passes
-            request_id = refs.check_request_id(f"request-{head.version + 1}" if request_id is None else request_id)
-            if request_id in state.requests:
-                raise BadInputError(f"request {request_id!r} already exists; choose another --id")
-            stats_id = retain_stats or state.latest_retain
-            if stats_id is None:
-                raise BadInputError(
-                    "no retain statistics are registered; run `kvw-ledger retain LEDGER RETAIN.jsonl` first"
-                )
-            if stats_id not in state.retain_stats:
-                raise RefNotFoundError(f"retain stats {stats_id!r} do not exist in this ledger")
-            staging.check_reads(self, "forget", state, stats=stats_id)
-            stats_label_eos = staging.labels_eos(state.retain_info[stats_id])
-            label_eos = stats_label_eos if label_eos is None else label_eos
-            staging.same_positions("the request", label_eos, stats_id, stats_label_eos)
-            retain_means = self.retain_means(stats_id)
-            fingerprint = data.fingerprint(records)
-            same = [r for r in state.active if state.requests[r].body.get("data_fingerprint") == fingerprint]
-            if same and world.is_main:
-                self._warn(
-                    f"{data_path} holds the same records as active request {same[0]!r} "
-                    f"(data fingerprint {fingerprint[:12]}...); forgetting it again weakens the same "
-                    "vectors further. The match is recorded in the entry"
-                )
-            model, processor = weights.load(self, model_dir, head.version, placement, progress)
-            encoder = data.Encoder(processor, max_length(model), label_eos=label_eos)
-            examples = data.encode_all(encoder, records)
-            _, start = self.sums(head.version)
-            tx = self._tx  # None on the ranks of a data-parallel job that do not write
-            if tx is not None and start.is_zero() and weights.holds_base_dtype(self, model):
-                # Nothing active: load() left the checked files' weights, the bases bit for
-                # bit. Copying them spares decompressing every base from the store.
-                tx.bases.update(
-                    {s.name: site_weight(model, s).detach().to("cpu", copy=True) for s in self.sites}
-                )
-            write.ready()
-            bases = {s.name: self.base(s.name) for s in self.sites}
-
-            def weaken(config: KVWConfig) -> Any:
-                return run_kvw(
-                    model, self.sites, examples, retain_means, config, pad_token_id=encoder.pad_token_id,
-                    base=bases, start=dict(start.exponents), start_log_scale=dict(start.log_scales),
-                    progress=progress, world=world,
-                )
-
-            def staged_sums(result: Any) -> Weakening:
-                return start + Weakening(result.exponents, result.log_scales or {})
-
-            searched: dict[str, Any] | None = None
-            if target is None:
-                result = weaken(config)
-            else:
-                config, result, searched = forgetting.search_gamma(self, state, model, processor, config, target, cast(Path, forget_probe), checked, weaken, staged_sums,
-                    start, progress,
-                )
-            if not world.is_main:
-                return self._entry(write.finish())
-            staged = staged_sums(result)
-            report = staging.check_staged(self, state, staged, checked, model=model, processor=processor,
-                forget_records=probe_records, forget_label_eos=label_eos, placement=placement, progress=progress,
-            )
-            tx = self._current()
-            tx.claim(Store.request_path(request_id))
-            files, arrays = {}, {}
-            for kind, written in (
-                ("exponent", result.exponents), ("trace", result.trace or {}), ("log_scale", result.log_scales or {})
-            ):
-                kind_files, kind_arrays = self.store.write_sites(Store.request_path(request_id, kind), written)
-                files.update(kind_files)
-                arrays.update(kind_arrays)
-            files.update(self.store.group_files(Store.request_path(request_id)))
-            active = [*state.active, request_id]
-            body = {
-                "request": request_id,
-                "reason": reason,
-                "params": config.to_dict(),
-                "retain_stats": stats_id,
-                "data_fingerprint": fingerprint,
-                **({"same_data_as": same} if same else {}),
-                "label_eos": label_eos,  # absent in older entries: they labelled it
-                "records": len(records),
-                "batches": result.n_batches,
-                "tokens": result.n_tokens,
-                "arrays": arrays,
-                "active": active,
-                "stability": report.to_json(),
-            }
-            if searched is not None:
-                body["target"] = searched
-            return tx.commit("forget", body, files, parent=head, weakening=staged)
+        return forgetting.forget(
+            self, data_path, request_id=request_id, reason=reason, config=config,
+            retain_stats=retain_stats, limits=limits, forget_probe=forget_probe, label_eos=label_eos,
+            target=target, model_dir=model_dir, progress=progress, device=device, dtype=dtype, world=world,
+        )
 
     def revert(
         self,
@@ -703,33 +562,10 @@ class Ledger:
                 is taken, or another active request has no C_f trace.
             StabilityCheckError: the staged HEAD failed a check (on_fail abort).
         """
-        staging.check_limits_type(limits)
-        placement = Placement.resolve(device, dtype)
-        records = data.read_records(retain_with) if retain_with is not None else None
-        with self._session("revert") as tx:
-            head = self.head()
-            state = self.state(head.version)
-            if request_id not in state.requests:
-                raise RequestStateError(
-                    f"no request {request_id!r} in this ledger (see `kvw-ledger log`)"
-                )
-            if request_id not in state.active:
-                raise RequestStateError(f"request {request_id!r} is already reverted")
-            checked = staging.resolve_limits(self, state, limits)
-            staging.check_reads(self, "revert", state)
-            active = [r for r in state.active if r != request_id]
-            body: dict[str, Any] = {"request": request_id, "reason": reason, "active": active}
-            files: dict[str, str] = {}
-            if records is None:
-                staged = self._sum(state, active)
-            else:
-                staged = rederive.revert_retain_with(self, state, head, active, records, retain_id, body, files, model_dir, placement, progress
-                )
-            report = staging.check_staged(self, state, staged, checked, model_dir=model_dir, placement=placement,
-                progress=progress,
-            )
-            body["stability"] = report.to_json()
-            return tx.commit("revert", body, files, parent=head, weakening=staged)
+        return rederive.revert(
+            self, request_id, reason=reason, retain_with=retain_with, retain_id=retain_id, limits=limits,
+            model_dir=model_dir, progress=progress, device=device, dtype=dtype,
+        )
 
     def probe(
         self,
@@ -747,46 +583,10 @@ class Ledger:
         The probes are measured on the base and on HEAD now; later checks compare
         each staged step with both.
         """
-        placement = Placement.resolve(device, dtype)
-        sources = {k: v for k, v in (("retain", retain), ("general", general)) if v is not None}
-        staging.check_limits_type(limits)
-        if not sources and limits is None:
-            raise BadInputError(
-                "probe has nothing to do; pass --retain FILE, --general FILE or a limit such as "
-                "--max-attenuation 0.3"
-            )
-        for source in sources.values():
-            data.read_records(source)  # a bad file fails before the model loads
-        with self._session("probe") as tx:
-            head = self.head()
-            state = self.state(head.version)
-            current = staging.resolve_limits(self, state, None).to_dict()
-            # Only the limits this changes are recorded: replay merges them over earlier ones.
-            given = {k: v for k, v in (limits.to_dict() if limits else {}).items() if current[k] != v}
-            staging.check_reads(self, "probe", state)
-            version = head.version + 1
-            files: dict[str, str] = {}
-            stored: dict[str, dict[str, Any]] = {}
-            figures: dict[str, dict[str, float]] = {}
-            if sources:
-                model, processor = weights.load(self, model_dir, 1, placement, progress)
-                encoder = data.Encoder(processor, max_length(model))
-                for kind, source in sources.items():
-                    tx.claim(Store.probe_path(version, kind))
-                    path, written = self.store.write_probe(version, kind, source)
-                    files.update(written)
-                    records = self.store.read_probe(path)
-                    stored[kind] = {"path": path, "records": len(records), "data_fingerprint": data.fingerprint(records),
-                                    "label_eos": False}  # absent in older entries: they labelled it
-                examples = {k: data.encode_all(encoder, self.store.read_probe(v["path"])) for k, v in stored.items()}
-                for kind, ex in examples.items():
-                    stored[kind]["base"] = probe_metrics(model, ex, encoder.pad_token_id)
-                self.materialize(model, head.version)
-                for kind, ex in examples.items():
-                    figures[kind] = probe_metrics(model, ex, encoder.pad_token_id)
-            body = {"probes": stored, "limits": given, "figures": {**state.probe_figures, **figures},
-                    "active": state.active}
-            return tx.commit("probe", body, files, parent=head)
+        return staging.probe(
+            self, retain=retain, general=general, limits=limits, model_dir=model_dir, progress=progress,
+            device=device, dtype=dtype,
+        )
 
     def record_audit(self, body: Mapping[str, Any]) -> Entry:
         """Commits an audit's figures (see :mod:`kvw_ledger.audit`) as an ``audit`` entry.

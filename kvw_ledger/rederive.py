@@ -3,7 +3,8 @@
 Fast mode rebuilds a request's exponents from its stored per-batch C_f trace and
 the new C_r (no forward pass); exact mode re-runs the progressive loop on the model
 as re-derived so far. ``rederive`` and ``revert --retain-with`` both write one
-``rederived/v<N>/`` group and commit it in their single entry.
+``rederived/v<N>/`` group and commit it in their single entry; ``revert`` lives
+here for that reason.
 """
 
 from __future__ import annotations
@@ -271,3 +272,60 @@ class Rederived:
     traces: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # exact mode only
     log_scales: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # rescaled ones
     staged: Weakening = field(default_factory=Weakening)  # the chain's sum: the staged HEAD
+
+
+def revert(
+    ledger: Ledger,
+    request_id: str,
+    *,
+    reason: str = "",
+    retain_with: str | Path | None = None,
+    retain_id: str | None = None,
+    limits: StabilityLimits | None = None,
+    model_dir: str | Path | None = None,
+    progress: bool = True,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> Entry:
+    """Takes one request back; later requests stay. History is appended, never rewritten.
+
+    With ``retain_with`` (a retain set that again holds the withdrawn request's
+    data: its person has withdrawn the request, so it is retain data again) the same
+    entry also measures and registers retain statistics on it, made as the latest
+    registered ones were (statistic, batch size, positions, version measured on),
+    and re-derives every other active request fast from its C_f trace with them:
+    one commit point, so an interrupted revert leaves nothing.
+
+    Raises:
+        RequestStateError: the request does not exist or is not active.
+        BadInputError: with ``retain_with``, no retain stats are registered, the id
+            is taken, or another active request has no C_f trace.
+        StabilityCheckError: the staged HEAD failed a check (on_fail abort).
+    """
+    staging.check_limits_type(limits)
+    placement = Placement.resolve(device, dtype)
+    records = data.read_records(retain_with) if retain_with is not None else None
+    with ledger._session("revert") as tx:
+        head = ledger.head()
+        state = ledger.state(head.version)
+        if request_id not in state.requests:
+            raise RequestStateError(
+                f"no request {request_id!r} in this ledger (see `kvw-ledger log`)"
+            )
+        if request_id not in state.active:
+            raise RequestStateError(f"request {request_id!r} is already reverted")
+        checked = staging.resolve_limits(ledger, state, limits)
+        staging.check_reads(ledger, "revert", state)
+        active = [r for r in state.active if r != request_id]
+        body: dict[str, Any] = {"request": request_id, "reason": reason, "active": active}
+        files: dict[str, str] = {}
+        if records is None:
+            staged = ledger._sum(state, active)
+        else:
+            staged = revert_retain_with(ledger, state, head, active, records, retain_id, body, files, model_dir, placement, progress
+            )
+        report = staging.check_staged(ledger, state, staged, checked, model_dir=model_dir, placement=placement,
+            progress=progress,
+        )
+        body["stability"] = report.to_json()
+        return tx.commit("revert", body, files, parent=head, weakening=staged)

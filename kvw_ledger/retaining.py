@@ -1,15 +1,20 @@
-"""Retain statistics: measuring C_r in one process and writing ``retain/<id>`` with
-the body of the entry that registers it (``Ledger.retain``, ``revert --retain-with``)."""
+"""Retain statistics: ``retain`` measures C_r (in one process, or a data-parallel job)
+and writes ``retain/<id>`` with the body of the entry that registers it; ``revert
+--retain-with`` measures through the same code."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from kvw_ledger import data, retain_stat
-from kvw_ledger.distributed import World
+from kvw_ledger import coefficients, data, refs, retain_stat, staging, weights
+from kvw_ledger.devices import Placement
+from kvw_ledger.distributed import LOCAL, World
+from kvw_ledger.errors import BadInputError
+from kvw_ledger.journal import Entry
 from kvw_ledger.loading import max_length
 from kvw_ledger.store import Store
 
@@ -77,7 +82,7 @@ def write_retain(
     return files, body
 
 
-def batches(
+def retain_batches(
     examples: Sequence[data.Example], batch_size: int, pad_token_id: int, world: World
 ) -> Iterable[data.Batch] | list[list[data.Example]]:
     """Retain batches: collated for one process; under data parallel the examples of each,
@@ -85,3 +90,73 @@ def batches(
     if not world.parallel:
         return data.iter_batches(examples, batch_size, pad_token_id)
     return [list(examples[i : i + batch_size]) for i in range(0, len(examples), batch_size)]
+
+
+def retain(
+    ledger: Ledger,
+    data_path: str | Path,
+    *,
+    stats_id: str | None = None,
+    at: str | int = "HEAD",
+    batch_size: int = 1,
+    statistic: str = "mean",
+    label_eos: bool = False,
+    model_dir: str | Path | None = None,
+    progress: bool = True,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    world: World = LOCAL,
+) -> Entry:
+    """Measures retain statistics (C_r per site) on version ``at`` and registers them.
+
+    ``statistic`` is what the accessor compares with (see :mod:`kvw_ledger.retain_stat`):
+    the pooled mean (the paper's), or a per-neuron quantile or maximum of batch means
+    at ``batch_size``. ``label_eos`` also counts the positions that predict the eos
+    or end-of-turn token; requests that use these stats must be made the same way.
+    ``device`` and ``dtype`` place the model as :meth:`load` does. Under data
+    parallel (``world``) each rank measures its share of every batch and rank 0
+    alone commits; every rank returns its entry (or raises its error).
+    """
+    placement = Placement.resolve(weights.rank_device(device, world), dtype)  # fails before anything runs
+    retain_stat.check_statistic(statistic)
+    if statistic != "mean" and world.parallel:
+        raise BadInputError(
+            f"--statistic {statistic} is measured in one process; under torchrun use --statistic mean"
+        )
+    progress = progress and world.is_main
+    records = world.call(data.read_records, data_path)
+    with ledger._parallel_write("retain", world) as write:
+        entries = ledger.entries()[: write.head.version]
+        version = ledger.resolve(at, entries)
+        head = entries[-1]
+        stats_id = refs.check_id(f"retain-{head.version + 1}" if stats_id is None else stats_id, "retain stats id")
+        state = ledger.state(head.version)
+        if stats_id in state.retain_stats:
+            raise BadInputError(f"retain stats {stats_id!r} already exist; choose another --id")
+        staging.check_reads(ledger, "retain", ledger.state(version))
+        model, processor = weights.load(ledger, model_dir, version, placement, progress)
+        encoder = data.Encoder(processor, max_length(model), label_eos=label_eos)
+        examples = data.encode_all(encoder, records)
+        batches = retain_batches(examples, batch_size, encoder.pad_token_id, world)
+        total = -(-len(examples) // batch_size)
+        write.ready()
+        if statistic == "mean":
+            measured = coefficients.collect(
+                model, ledger.sites, batches, total=total, desc="retain", progress=progress,
+                world=world, pad_token_id=encoder.pad_token_id,
+            )
+            if not world.is_main:
+                return ledger._entry(write.finish())
+            means = measured.means()
+            values = {s.name: means[s.name].cpu() for s in ledger.sites}
+            counts = {s.name: int(measured.counts[s.name]) for s in ledger.sites}
+            n_batches = total
+        else:
+            stat = retain_stat.measure(
+                model, ledger.sites, examples, statistic, batch_size, encoder.pad_token_id, progress=progress
+            )
+            values, counts, n_batches = stat.values, stat.counts, stat.batches
+        files, body = write_retain(ledger, records, stats_id, version, batch_size, statistic, label_eos, values, counts, n_batches
+        )
+        body["active"] = state.active
+        return ledger._current().commit("retain", body, files, parent=head)  # same active set, new version

@@ -2,7 +2,8 @@
 their entries, and the staged HEAD held to the stability limits.
 
 A write stages the sum it would commit; nothing is written until these pass (or
-``on_fail`` is warn). ``Ledger.forget``, ``revert``, ``rederive`` and ``probe`` call them.
+``on_fail`` is warn). ``Ledger.forget``, ``revert`` and ``rederive`` call them;
+``probe`` registers the probe sets and limits they hold a step to.
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from kvw_ledger import data, weights
 from kvw_ledger.devices import Placement
 from kvw_ledger.errors import BadInputError, IntegrityError, StabilityCheckError
-from kvw_ledger.journal import hash_files
+from kvw_ledger.journal import Entry, hash_files
 from kvw_ledger.loading import max_length
 from kvw_ledger.replay import LedgerState
 from kvw_ledger.stability import (
@@ -184,3 +187,61 @@ def check_limits_type(limits: object) -> None:
             f"limits must be a StabilityLimits, not {type(limits).__name__}; pass "
             "ledger.limits(max_attenuation=..., on_fail=...) or StabilityLimits(...)"
         )
+
+
+def probe(
+    ledger: Ledger,
+    *,
+    retain: str | Path | None = None,
+    general: str | Path | None = None,
+    limits: StabilityLimits | None = None,
+    model_dir: str | Path | None = None,
+    progress: bool = True,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> Entry:
+    """Registers probe sets (kept in the ledger) and/or ledger-wide stability limits.
+
+    The probes are measured on the base and on HEAD now; later checks compare
+    each staged step with both.
+    """
+    placement = Placement.resolve(device, dtype)
+    sources = {k: v for k, v in (("retain", retain), ("general", general)) if v is not None}
+    check_limits_type(limits)
+    if not sources and limits is None:
+        raise BadInputError(
+            "probe has nothing to do; pass --retain FILE, --general FILE or a limit such as "
+            "--max-attenuation 0.3"
+        )
+    for source in sources.values():
+        data.read_records(source)  # a bad file fails before the model loads
+    with ledger._session("probe") as tx:
+        head = ledger.head()
+        state = ledger.state(head.version)
+        current = resolve_limits(ledger, state, None).to_dict()
+        # Only the limits this changes are recorded: replay merges them over earlier ones.
+        given = {k: v for k, v in (limits.to_dict() if limits else {}).items() if current[k] != v}
+        check_reads(ledger, "probe", state)
+        version = head.version + 1
+        files: dict[str, str] = {}
+        stored: dict[str, dict[str, Any]] = {}
+        figures: dict[str, dict[str, float]] = {}
+        if sources:
+            model, processor = weights.load(ledger, model_dir, 1, placement, progress)
+            encoder = data.Encoder(processor, max_length(model))
+            for kind, source in sources.items():
+                tx.claim(Store.probe_path(version, kind))
+                path, written = ledger.store.write_probe(version, kind, source)
+                files.update(written)
+                records = ledger.store.read_probe(path)
+                stored[kind] = {"path": path, "records": len(records), "data_fingerprint": data.fingerprint(records),
+                                "label_eos": False}  # absent in older entries: they labelled it
+            examples = {k: data.encode_all(encoder, ledger.store.read_probe(v["path"])) for k, v in stored.items()}
+            for kind, ex in examples.items():
+                stored[kind]["base"] = probe_metrics(model, ex, encoder.pad_token_id)
+            ledger.materialize(model, head.version)
+            for kind, ex in examples.items():
+                figures[kind] = probe_metrics(model, ex, encoder.pad_token_id)
+        body = {"probes": stored, "limits": given, "figures": {**state.probe_figures, **figures},
+                "active": state.active}
+        return tx.commit("probe", body, files, parent=head)
