@@ -12,16 +12,20 @@ from typing import TYPE_CHECKING
 import torch
 
 from kvw_ledger import model_files, weights
-from kvw_ledger.errors import KVWLedgerError, StorageError
+from kvw_ledger.errors import BadInputError, KVWLedgerError, StorageError
+from kvw_ledger.export import export_model
 from kvw_ledger.journal import Entry
 from kvw_ledger.kvw import weakened
 
 if TYPE_CHECKING:
-    pass
+    from kvw_ledger.ledger import Ledger
+
+
+EXPORT_FORMATS = ("safetensors", "peft")  # export: a full model directory, or a peft IA3 adapter
 
 
 def export_adapter(
-    ledger, out_dir: str | Path, version: int, entries: Sequence[Entry], model_dir: str | Path | None
+    ledger: Ledger, out_dir: str | Path, version: int, entries: Sequence[Entry], model_dir: str | Path | None
 ) -> Path:
     from kvw_ledger.adapter import check_ia3_sites, write_ia3_adapter
 
@@ -94,3 +98,58 @@ def tensor_hashes(
                 value = tensor if changed is None else changed
                 hashes[key] = hashlib.sha256(model_files.raw_bits(value).numpy().tobytes()).hexdigest()
     return dict(sorted(hashes.items()))
+
+
+def export(
+    ledger: Ledger,
+    out_dir: str | Path,
+    *,
+    at: str | int = "HEAD",
+    model_dir: str | Path | None = None,
+    progress: bool = True,
+    format: str = "safetensors",
+) -> int:
+    """Writes version ``at`` as a Hugging Face model directory, one shard at a time;
+    returns the version exported (``out_dir`` holds it, with its provenance).
+
+    The weight files come from the model directory (fingerprint-checked, so they
+    are the base); only the sites' tensors change. No ledger array goes in.
+
+    ``format="peft"`` writes the version instead as a peft IA3 adapter on the
+    value projections (``exp(S - W)`` per value vector, see :mod:`kvw_ledger.adapter`),
+    to load with ``PeftModel.from_pretrained(base, out_dir)`` on the base model.
+
+    Raises:
+        BadInputError: an unknown format, or a site IA3 cannot express (named).
+    """
+    if format not in EXPORT_FORMATS:
+        raise BadInputError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, not {format!r}")
+    entries = ledger.entries()
+    version = ledger.resolve(at, entries)
+    if format == "peft":
+        export_adapter(ledger, out_dir, version, entries, model_dir)
+        return version
+    directory = ledger.model_dir(model_dir)
+    weights.check_model_dir(ledger, directory, progress)
+    transform, by_location = export_transform(ledger, version)
+    state = ledger.state(version)
+    provenance = {
+        "ledger_version": version,
+        "entry_hash": entries[version - 1].hash,
+        "head_hash": entries[-1].hash,
+        "active_requests": state.active,
+        "tool": "kvw-ledger",
+    }
+    try:
+        export_model(
+            directory, out_dir, transform, provenance, progress=progress,
+            touches=lambda file, key: (file, key) in by_location,
+        )
+        return version
+    except OSError as e:
+        if isinstance(e, KVWLedgerError):
+            raise
+        # export_model built it in a temporary sibling and removed that: nothing is left
+        raise StorageError(
+            f"could not write the export to {out_dir} ({e.strerror or e}); nothing was exported"
+        ) from e

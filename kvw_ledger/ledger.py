@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import torch
 from torch import nn
 
 from kvw_ledger import (
+    creating,
     exporting,
     forgetting,
     model_files,
@@ -34,36 +34,30 @@ from kvw_ledger import (
     views,
     weights,
 )
-from kvw_ledger._fs import sha256_file
 from kvw_ledger.devices import Placement
 from kvw_ledger.distributed import LOCAL, Step, World, is_shared
 from kvw_ledger.errors import (
     BadInputError,
     IntegrityError,
-    KVWLedgerError,
-    LedgerExistsError,
     RefNotFoundError,
     RequestStateError,
-    StorageError,
     TornEntryError,
 )
-from kvw_ledger.export import export_model
 from kvw_ledger.journal import (
     Entry,
     Journal,
-    check_operator,
 )
 from kvw_ledger.kvw import (
     KVWConfig,
     weakened,
 )
-from kvw_ledger.loading import DeviceMap, load_model
+from kvw_ledger.loading import DeviceMap
 from kvw_ledger.lock import WriterLock
 from kvw_ledger.reader import LedgerReader
-from kvw_ledger.remote import Remote, is_url, local_path, mirror_dir
+from kvw_ledger.remote import Remote
 from kvw_ledger.replay import LedgerState, RequestInfo, replay, request_prefixes
 from kvw_ledger.session import WriteSession, open_session
-from kvw_ledger.sites import Site, discover_sites, site_weight
+from kvw_ledger.sites import Site
 from kvw_ledger.stability import (
     OnFail,
     StabilityLimits,
@@ -75,7 +69,6 @@ from kvw_ledger.weakening import Weakening
 
 __all__ = ["Ledger", "LedgerState", "RequestInfo", "VerifyReport"]
 
-EXPORT_FORMATS = ("safetensors", "peft")  # export: a full model directory, or a peft IA3 adapter
 
 
 def _utc_now() -> _dt.datetime:
@@ -130,82 +123,10 @@ class Ledger:
             LedgerExistsError: ``path`` exists and is not empty.
             UnknownArchitectureError: no FFN value projection was found.
         """
-        if is_url(path):
-            return cls._create_remote(
-                str(path), model_dir, towers=towers, site_glob=site_glob, progress=progress, clock=clock,
-                device_map=device_map,
-                operator=operator,
-            )
-        path = local_path(path)
-        if operator is not None:
-            check_operator(operator)  # before the model is read
-        model_dir = Path(model_dir).resolve()
-        model_files.weight_files(model_dir)  # refuses pickle-only weights, saying how to convert
-        model = load_model(model_dir, progress=progress, device_map=device_map)
-        sites = discover_sites(model, towers, site_glob)
-        wanted = {s.name: site_weight(model, s) for s in sites}
-        locations = model_files.locate_tensors(model_dir, wanted)
-        fingerprint = model_files.fingerprint(model_dir, progress)
-        attrs: dict[str, Any] = {
-            "model": {
-                "dir": str(model_dir),
-                "fingerprint": fingerprint,
-                "model_type": str(getattr(model.config, "model_type", "")),
-                "class": type(model).__name__,
-            },
-            "towers": towers,
-            "site_glob": site_glob,
-            "sites": [s.to_dict() for s in sites],
-            "locations": {n: {"file": loc.file, "key": loc.key} for n, loc in locations.items()},
-        }
-        store = Store.create(Path(path), attrs)
-        ledger = cls(store, Journal(store.path, clock=clock or _utc_now))
-        ledger.operator = operator
-        try:
-            with WriterLock(store.path, operation="init"):
-                files = {"zarr.json": sha256_file(store.path / "zarr.json")}
-                written, hashes = store.write_sites(
-                    Store.base_path(), {s.name: wanted[s.name].detach().cpu() for s in sites}
-                )
-                files.update(written)
-                files.update(store.group_files(Store.base_path()))
-                body = {
-                    "model_type": attrs["model"]["model_type"],
-                    "model_fingerprint": fingerprint,
-                    "sites": len(sites),
-                    "arrays": hashes,
-                    "active": [],
-                }
-                entry = ledger.journal.append("init", body, files, parent=None, operator=operator)
-                ledger._write_head(entry)
-        except BaseException as e:
-            # The directory is ours (create refuses existing ones): leave nothing half made.
-            shutil.rmtree(store.path, ignore_errors=True)
-            if isinstance(e, OSError) and not isinstance(e, KVWLedgerError):
-                raise StorageError(f"could not write the ledger at {store.path} ({e.strerror or e})") from e
-            raise
-        del model
-        return ledger
-
-    @classmethod
-    def _create_remote(cls, url: str, model_dir: str | Path, **options: Any) -> Ledger:
-        """``create`` at a URL: made in a fresh mirror, then published under the URL's lock."""
-        remote = Remote(url)
-        if remote.exists():
-            raise LedgerExistsError(f"{remote.url} already holds a ledger; choose a new URL for the ledger")
-        mirror = mirror_dir(remote.url)
-        shutil.rmtree(mirror, ignore_errors=True)  # a mirror of a ledger no longer at the URL
-        ledger = cls.create(mirror, model_dir, **options)
-        try:
-            with remote.lock("init"):
-                if remote.versions():
-                    raise LedgerExistsError(f"another writer created a ledger at {remote.url} first")
-                remote.push(mirror, options.get("progress", True))
-        except BaseException:
-            shutil.rmtree(mirror, ignore_errors=True)
-            raise
-        ledger.remote = remote
-        return ledger
+        return creating.create(
+            cls, path, model_dir, towers=towers, site_glob=site_glob, progress=progress, clock=clock,
+            device_map=device_map, operator=operator,
+        )
 
     @classmethod
     def open(
@@ -627,37 +548,7 @@ class Ledger:
         Raises:
             BadInputError: an unknown format, or a site IA3 cannot express (named).
         """
-        if format not in EXPORT_FORMATS:
-            raise BadInputError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, not {format!r}")
-        entries = self.entries()
-        version = self.resolve(at, entries)
-        if format == "peft":
-            exporting.export_adapter(self, out_dir, version, entries, model_dir)
-            return version
-        directory = self.model_dir(model_dir)
-        weights.check_model_dir(self, directory, progress)
-        transform, by_location = exporting.export_transform(self, version)
-        state = self.state(version)
-        provenance = {
-            "ledger_version": version,
-            "entry_hash": entries[version - 1].hash,
-            "head_hash": entries[-1].hash,
-            "active_requests": state.active,
-            "tool": "kvw-ledger",
-        }
-        try:
-            export_model(
-                directory, out_dir, transform, provenance, progress=progress,
-                touches=lambda file, key: (file, key) in by_location,
-            )
-            return version
-        except OSError as e:
-            if isinstance(e, KVWLedgerError):
-                raise
-            # export_model built it in a temporary sibling and removed that: nothing is left
-            raise StorageError(
-                f"could not write the export to {out_dir} ({e.strerror or e}); nothing was exported"
-            ) from e
+        return exporting.export(self, out_dir, at=at, model_dir=model_dir, progress=progress, format=format)
 
     def tensor_hashes(
         self, at: str | int = "HEAD", *, model_dir: str | Path | None = None, progress: bool = True
