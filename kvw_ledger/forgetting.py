@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
-from kvw_ledger import data, refs, staging, weights
+from kvw_ledger import data, refs, session, staging, weights
 from kvw_ledger.devices import Placement
 from kvw_ledger.distributed import LOCAL, World
 from kvw_ledger.errors import BadInputError, RefNotFoundError
@@ -131,7 +131,7 @@ def forget(
     progress = progress and world.is_main
     records = world.call(data.read_records, data_path)
     probe_records = world.call(data.read_records, forget_probe) if forget_probe is not None else None
-    with ledger._parallel_write("forget", world) as write:
+    with session.parallel_write(ledger, "forget", world) as write:
         head = write.head
         state = ledger.state(head.version)
         checked = staging.resolve_limits(ledger, state, limits)  # bad limits fail before the forward passes
@@ -190,7 +190,7 @@ def forget(
                 start, progress,
             )
         if not world.is_main:
-            return ledger._entry(write.finish())
+            return session.entry_at(ledger, write.finish())
         staged = staged_sums(result)
         report = staging.check_staged(ledger, state, staged, checked, model=model, processor=processor,
             forget_records=probe_records, forget_label_eos=label_eos, placement=placement, progress=progress,

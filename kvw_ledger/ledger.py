@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ from kvw_ledger import (
     weights,
 )
 from kvw_ledger.devices import Placement
-from kvw_ledger.distributed import LOCAL, Step, World, is_shared
+from kvw_ledger.distributed import LOCAL, World
 from kvw_ledger.errors import (
     BadInputError,
     IntegrityError,
@@ -698,46 +698,6 @@ class Ledger:
         if self._tx is None:
             raise RuntimeError("no write is open on this ledger")
         return self._tx
-
-    @contextlib.contextmanager
-    def _parallel_write(self, operation: str, world: World) -> Iterator[Step]:
-        """:meth:`_session` for one rank of a data-parallel job (one process: just that).
-
-        Rank 0 takes the write and finds HEAD under its lock; every rank gets that entry
-        as ``step.head``. The body calls ``step.ready()`` before its forward passes, and
-        on every rank but 0, ``step.finish()`` after them. Rank 0's commit (or any
-        rank's error) then reaches every rank.
-        """
-        step = Step(world)
-        tx: WriteSession | None = None
-        if not world.parallel:
-            with self._session(operation):
-                step.head = self.head()
-                yield step
-            return
-        try:
-            with contextlib.ExitStack() as held:
-                with world.together() as plan:
-                    if world.is_main:
-                        tx = held.enter_context(self._session(operation))
-                        plan.value = self.head().version
-                with world.together():
-                    step.head = self.head() if world.is_main else self._entry(plan.main)
-                yield step
-        except Exception as e:
-            if not step.finished and not is_shared(e):
-                step.finish(error=e)  # tells the others, and raises here
-            raise
-        if not step.finished:
-            step.finish(tx.committed.version if tx is not None and tx.committed is not None else None)
-
-    def _entry(self, version: int) -> Entry:
-        """Entry ``version``; a URL ledger's mirror catches up first if it lacks it
-        (another rank's writer may have pulled past this rank's mirror)."""
-        if self.remote is not None and self.head().version < version:
-            with WriterLock(self.path, operation="pull").holding(self.lock_timeout, self.on_wait):
-                self.remote.pull(self.path, progress=False)
-        return self.journal.get(version)
 
     lock_timeout: float = 600.0  # seconds a writer waits for another writer to finish
     device_map: DeviceMap | None = None  # how load() places the model (accelerate); None: the CPU

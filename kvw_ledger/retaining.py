@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from kvw_ledger import coefficients, data, refs, retain_stat, staging, weights
+from kvw_ledger import coefficients, data, refs, retain_stat, session, staging, weights
 from kvw_ledger.devices import Placement
 from kvw_ledger.distributed import LOCAL, World
 from kvw_ledger.errors import BadInputError
@@ -125,7 +125,7 @@ def retain(
         )
     progress = progress and world.is_main
     records = world.call(data.read_records, data_path)
-    with ledger._parallel_write("retain", world) as write:
+    with session.parallel_write(ledger, "retain", world) as write:
         entries = ledger.entries()[: write.head.version]
         version = ledger.resolve(at, entries)
         head = entries[-1]
@@ -146,7 +146,7 @@ def retain(
                 world=world, pad_token_id=encoder.pad_token_id,
             )
             if not world.is_main:
-                return ledger._entry(write.finish())
+                return session.entry_at(ledger, write.finish())
             means = measured.means()
             values = {s.name: means[s.name].cpu() for s in ledger.sites}
             counts = {s.name: int(measured.counts[s.name]) for s in ledger.sites}
