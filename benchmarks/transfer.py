@@ -44,6 +44,7 @@ from kvw_ledger.ledger import Ledger
 from kvw_ledger.live import LiveModel
 from kvw_ledger.loading import load_model
 from kvw_ledger.sites import site_weight
+from kvw_ledger.weakening import Weakening
 
 from common import Figure, Result, in_fresh_process, median_seconds, mib
 from scale import first_request, no_fsync, rss_over, rss_over_second, save_model
@@ -146,8 +147,8 @@ def materialize_vs_copy(ledger: Ledger, model: nn.Module, repeats: int) -> dict[
     copying the same tensors in, and of reading the sums at HEAD (part of every
     ``materialize``; part of ``apply`` only after a commit); plus the one-off seconds
     of building the LiveModel (every base read once)."""
-    exponents = ledger.exponents()
-    values = {s.name: ledger.effective(s.name, exponents[s.name]) for s in ledger.sites}
+    exponents = Weakening(ledger.exponents())
+    values = {s.name: ledger.effective(s.name, exponents) for s in ledger.sites}
     weights = {s.name: site_weight(model, s) for s in ledger.sites}
     start = time.perf_counter()
     live = LiveModel(ledger, model)

@@ -104,9 +104,7 @@ def build_history(ledger: Ledger) -> list[VersionRecord]:
             continue
         per_layer: dict[int, float] = {}
         for spot in ledger.sites:
-            share = attenuation(
-                bases[spot.name], total.exponents[spot.name], spot.axis, total.log_scale(spot.name)
-            )
+            share = attenuation(bases[spot.name], total, spot.name, spot.axis)
             per_layer[spot.layer] = max(per_layer.get(spot.layer, 0.0), share)
         row.attenuation = dict(sorted(per_layer.items()))
         for layer, share in row.attenuation.items():

@@ -35,6 +35,7 @@ from kvw_ledger.data import Example
 from kvw_ledger.distributed import LOCAL, World
 from kvw_ledger.errors import BadInputError, NonFiniteActivationError
 from kvw_ledger.sites import Site, select_layers, site_weight
+from kvw_ledger.weakening import Weakening
 
 
 @dataclass(frozen=True)
@@ -132,15 +133,16 @@ def scale_vectors(weight: torch.Tensor, factor: torch.Tensor, axis: int) -> torc
 
 def weakened(
     base: torch.Tensor,
-    exponent: torch.Tensor,
+    weakening: Weakening,
+    site: str,
     axis: int,
-    log_scale: torch.Tensor | None = None,
     *,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``base * exp(-exponent)`` along ``axis``, in float32, cast once to the base's dtype.
+    """``base * exp(-W)`` along ``axis`` for ``site`` of ``weakening``, in float32, cast
+    once to the base's dtype.
 
-    With a ``log_scale`` S (a float32 scalar) the factor is ``exp(S - exponent)``.
+    Where ``weakening`` holds a log-scale S for the site the factor is ``exp(S - W)``.
     With ``out`` (a tensor of the base's shape, e.g. a live weight, on any device)
     the result is written there, cast once to ``out``'s dtype, and ``out`` returned:
     a model loaded in float32 from a bfloat16 checkpoint holds the float32 product,
@@ -149,7 +151,8 @@ def weakened(
     """
     # exp runs where the exponent lives (the CPU for stored exponents), so a model on a
     # GPU gets the very factors an export computes, and so the same bits.
-    w = exponent.to(torch.float32)
+    w = weakening.exponents[site].to(torch.float32)
+    log_scale = weakening.log_scale(site)
     if log_scale is None:
         factor = torch.exp(-w)
     else:
@@ -336,7 +339,8 @@ class _SiteState:
             s = log_scale(self.log_sq[name], self.start[name], total)
             self.log_scales[name] = s
             scale = s if scale is None else scale + s
-        weakened(self.base[name], total, site.axis, scale, out=self.weights[name])
+        now = Weakening({name: total}, {} if scale is None else {name: scale})
+        weakened(self.base[name], now, name, site.axis, out=self.weights[name])
 
 
 def _private_base(weight: torch.Tensor, given: torch.Tensor | None) -> torch.Tensor:

@@ -13,80 +13,62 @@ cache (the sum of active exponents at the newest version).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime as _dt
-import hashlib
-import json
-import os
-import shutil
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import nn
 
-from kvw_ledger import coefficients, data, model_files, refs, retain_stat, views
-from kvw_ledger._fs import fsync_dir, sha256_file
+from kvw_ledger import (
+    creating,
+    exporting,
+    forgetting,
+    model_files,
+    rederive,
+    refs,
+    repair,
+    retaining,
+    staging,
+    views,
+    weights,
+)
 from kvw_ledger.devices import Placement
-from kvw_ledger.distributed import LOCAL, Step, World, is_shared
+from kvw_ledger.distributed import LOCAL, World
 from kvw_ledger.errors import (
     BadInputError,
     IntegrityError,
-    KVWLedgerError,
-    LedgerExistsError,
-    ModelMismatchError,
     RefNotFoundError,
     RequestStateError,
-    StabilityCheckError,
-    StorageError,
     TornEntryError,
 )
-from kvw_ledger.export import export_model
-from kvw_ledger.fingerprint_cache import CACHE_NAME, FingerprintCache
 from kvw_ledger.journal import (
     Entry,
     Journal,
-    canonical_json,
-    check_operator,
-    hash_files,
 )
 from kvw_ledger.kvw import (
     KVWConfig,
-    column_log_norms,
-    exponents_from_trace,
-    log_scale,
-    run_kvw,
     weakened,
 )
-from kvw_ledger.loading import DeviceMap, load_model, load_processor, max_length
+from kvw_ledger.loading import DeviceMap
 from kvw_ledger.lock import WriterLock
 from kvw_ledger.reader import LedgerReader
-from kvw_ledger.remote import Remote, is_url, local_path, mirror_dir
+from kvw_ledger.remote import Remote
 from kvw_ledger.replay import LedgerState, RequestInfo, replay, request_prefixes
-from kvw_ledger.session import WriteSession, open_session, unnamed
-from kvw_ledger.sites import Site, discover_sites, site_weight
+from kvw_ledger.session import WriteSession, open_session
+from kvw_ledger.sites import Site
 from kvw_ledger.stability import (
     OnFail,
     StabilityLimits,
-    StabilityReport,
-    check_attenuation,
-    check_exponents,
-    check_log_scales,
-    check_zeroed,
-    compare_probes,
-    overflowing,
-    probe_metrics,
 )
-from kvw_ledger.store import HeadCache, Store, check_id
-from kvw_ledger.target import TargetSearch, Trial, search
+from kvw_ledger.store import HeadCache, Store
+from kvw_ledger.target import TargetSearch
 from kvw_ledger.verify import VerifyReport, verify_ledger
 from kvw_ledger.weakening import Weakening
 
 __all__ = ["Ledger", "LedgerState", "RequestInfo", "VerifyReport"]
 
-EXPORT_FORMATS = ("safetensors", "peft")  # export: a full model directory, or a peft IA3 adapter
 
 
 def _utc_now() -> _dt.datetime:
@@ -141,82 +123,10 @@ class Ledger:
             LedgerExistsError: ``path`` exists and is not empty.
             UnknownArchitectureError: no FFN value projection was found.
         """
-        if is_url(path):
-            return cls._create_remote(
-                str(path), model_dir, towers=towers, site_glob=site_glob, progress=progress, clock=clock,
-                device_map=device_map,
-                operator=operator,
-            )
-        path = local_path(path)
-        if operator is not None:
-            check_operator(operator)  # before the model is read
-        model_dir = Path(model_dir).resolve()
-        model_files.weight_files(model_dir)  # refuses pickle-only weights, saying how to convert
-        model = load_model(model_dir, progress=progress, device_map=device_map)
-        sites = discover_sites(model, towers, site_glob)
-        wanted = {s.name: site_weight(model, s) for s in sites}
-        locations = model_files.locate_tensors(model_dir, wanted)
-        fingerprint = model_files.fingerprint(model_dir, progress)
-        attrs: dict[str, Any] = {
-            "model": {
-                "dir": str(model_dir),
-                "fingerprint": fingerprint,
-                "model_type": str(getattr(model.config, "model_type", "")),
-                "class": type(model).__name__,
-            },
-            "towers": towers,
-            "site_glob": site_glob,
-            "sites": [s.to_dict() for s in sites],
-            "locations": {n: {"file": loc.file, "key": loc.key} for n, loc in locations.items()},
-        }
-        store = Store.create(Path(path), attrs)
-        ledger = cls(store, Journal(store.path, clock=clock or _utc_now))
-        ledger.operator = operator
-        try:
-            with WriterLock(store.path, operation="init"):
-                files = {"zarr.json": sha256_file(store.path / "zarr.json")}
-                written, hashes = store.write_sites(
-                    Store.base_path(), {s.name: wanted[s.name].detach().cpu() for s in sites}
-                )
-                files.update(written)
-                files.update(store.group_files(Store.base_path()))
-                body = {
-                    "model_type": attrs["model"]["model_type"],
-                    "model_fingerprint": fingerprint,
-                    "sites": len(sites),
-                    "arrays": hashes,
-                    "active": [],
-                }
-                entry = ledger.journal.append("init", body, files, parent=None, operator=operator)
-                ledger._write_head(entry)
-        except BaseException as e:
-            # The directory is ours (create refuses existing ones): leave nothing half made.
-            shutil.rmtree(store.path, ignore_errors=True)
-            if isinstance(e, OSError) and not isinstance(e, KVWLedgerError):
-                raise StorageError(f"could not write the ledger at {store.path} ({e.strerror or e})") from e
-            raise
-        del model
-        return ledger
-
-    @classmethod
-    def _create_remote(cls, url: str, model_dir: str | Path, **options: Any) -> Ledger:
-        """``create`` at a URL: made in a fresh mirror, then published under the URL's lock."""
-        remote = Remote(url)
-        if remote.exists():
-            raise LedgerExistsError(f"{remote.url} already holds a ledger; choose a new URL for the ledger")
-        mirror = mirror_dir(remote.url)
-        shutil.rmtree(mirror, ignore_errors=True)  # a mirror of a ledger no longer at the URL
-        ledger = cls.create(mirror, model_dir, **options)
-        try:
-            with remote.lock("init"):
-                if remote.versions():
-                    raise LedgerExistsError(f"another writer created a ledger at {remote.url} first")
-                remote.push(mirror, options.get("progress", True))
-        except BaseException:
-            shutil.rmtree(mirror, ignore_errors=True)
-            raise
-        ledger.remote = remote
-        return ledger
+        return creating.create(
+            cls, path, model_dir, towers=towers, site_glob=site_glob, progress=progress, clock=clock,
+            device_map=device_map, operator=operator,
+        )
 
     @classmethod
     def open(
@@ -410,11 +320,9 @@ class Ledger:
             cache[site] = value
         return value
 
-    def effective(
-        self, site: str, exponent: torch.Tensor, log_scale: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """``base * exp(log_scale - exponent)`` for one site, in float32, cast once."""
-        return weakened(self.base(site), exponent, self._sites_by_name[site].axis, log_scale)
+    def effective(self, site: str, weakening: Weakening) -> torch.Tensor:
+        """``base * exp(S - W)`` of ``weakening`` for one site, in float32, cast once."""
+        return weakened(self.base(site), weakening, site, self._sites_by_name[site].axis)
 
     def materialize(self, model: nn.Module, at: str | int = "HEAD") -> int:
         """Writes the value matrices of version ``at`` into a live model, from the base.
@@ -423,7 +331,7 @@ class Ledger:
             The version materialised.
         """
         version, weakening = self.sums(at)
-        self._materialize(model, weakening)
+        weights.materialize(self, model, weakening)
         return version
 
     # --- the model --------------------------------------------------------------------
@@ -451,32 +359,7 @@ class Ledger:
         Raises:
             BadInputError: a bad ``device`` or ``dtype`` (see :class:`Placement`).
         """
-        return self._load(model_dir, at, Placement.resolve(device, dtype), progress)
-
-    def _load(
-        self, model_dir: str | Path | None, at: str | int, placement: Placement, progress: bool
-    ) -> tuple[nn.Module, Any]:
-        directory = self.model_dir(model_dir)
-        self._check_model_dir(directory, progress)
-        model = load_model(
-            directory, progress=progress, placement=placement,
-            device_map=self.device_map, offload_folder=self.offload_folder,
-        )  # a device_map (accelerate) overrides placement's device
-        _, weakening = self.sums(at)
-        if not weakening.is_zero():
-            self._materialize(model, weakening)
-        # else the version is the base, and the checked files hold exactly the base
-        # (base * exp(-0) is the base, bit for bit, and widening or rounding it into
-        # another dtype is the one cast from_pretrained made): nothing to read or write.
-        return model, load_processor(directory)
-
-    def _model_holds_base_dtype(self, model: nn.Module) -> bool:
-        """Whether every site's weight has its stored base's dtype (no --dtype cast at load)."""
-        return all(
-            str(site_weight(model, s).dtype).removeprefix("torch.")
-            == self.store.array_attrs(Store.base_path(s.name)).get("dtype")
-            for s in self.sites
-        )
+        return weights.load(self, model_dir, at, Placement.resolve(device, dtype), progress)
 
     def _check_model_dir(self, directory: Path, progress: bool = True, *, cached: bool = True) -> None:
         """The model directory must hold the model init saw: same architecture, same bytes.
@@ -487,20 +370,7 @@ class Ledger:
         Raises:
             ModelMismatchError: another architecture, or a weight file or config that differs.
         """
-        recorded = self.model_info.get("model_type")
-        try:
-            found = json.loads((directory / "config.json").read_text(encoding="utf-8")).get("model_type")
-        except (OSError, ValueError, AttributeError):
-            found = None  # check_fingerprint names what is wrong with the directory
-        if recorded and found and found != recorded:
-            raise ModelMismatchError(
-                f"{directory} holds a {found} model, but this ledger was made for a {recorded} model "
-                f"({self.model_info.get('dir')}); pass that model directory, or create a new ledger"
-            )
-        cache = FingerprintCache.open(self.path / CACHE_NAME) if cached else None
-        model_files.check_fingerprint(
-            directory, self.model_info["fingerprint"], progress, cache, init_dir=self.model_info.get("dir")
-        )
+        weights.check_model_dir(self, directory, progress, cached=cached)
 
     # --- verbs that write -------------------------------------------------------------
 
@@ -529,109 +399,11 @@ class Ledger:
         parallel (``world``) each rank measures its share of every batch and rank 0
         alone commits; every rank returns its entry (or raises its error).
         """
-        placement = Placement.resolve(_rank_device(device, world), dtype)  # fails before anything runs
-        retain_stat.check_statistic(statistic)
-        if statistic != "mean" and world.parallel:
-            raise BadInputError(
-                f"--statistic {statistic} is measured in one process; under torchrun use --statistic mean"
-            )
-        progress = progress and world.is_main
-        records = world.call(data.read_records, data_path)
-        with self._parallel_write("retain", world) as write:
-            entries = self.entries()[: write.head.version]
-            version = self.resolve(at, entries)
-            head = entries[-1]
-            stats_id = check_id(f"retain-{head.version + 1}" if stats_id is None else stats_id, "retain stats id")
-            state = self.state(head.version)
-            if stats_id in state.retain_stats:
-                raise BadInputError(f"retain stats {stats_id!r} already exist; choose another --id")
-            self._check_reads("retain", self.state(version))
-            model, processor = self._load(model_dir, version, placement, progress)
-            encoder = data.Encoder(processor, max_length(model), label_eos=label_eos)
-            examples = data.encode_all(encoder, records)
-            batches = _batches(examples, batch_size, encoder.pad_token_id, world)
-            total = -(-len(examples) // batch_size)
-            write.ready()
-            if statistic == "mean":
-                measured = coefficients.collect(
-                    model, self.sites, batches, total=total, desc="retain", progress=progress,
-                    world=world, pad_token_id=encoder.pad_token_id,
-                )
-                if not world.is_main:
-                    return self._entry(write.finish())
-                means = measured.means()
-                values = {s.name: means[s.name].cpu() for s in self.sites}
-                counts = {s.name: int(measured.counts[s.name]) for s in self.sites}
-                n_batches = total
-            else:
-                stat = retain_stat.measure(
-                    model, self.sites, examples, statistic, batch_size, encoder.pad_token_id, progress=progress
-                )
-                values, counts, n_batches = stat.values, stat.counts, stat.batches
-            files, body = self._write_retain(
-                records, stats_id, version, batch_size, statistic, label_eos, values, counts, n_batches
-            )
-            body["active"] = state.active
-            return self._current().commit("retain", body, files, parent=head)  # same active set, new version
-
-    def _measure_retain(
-        self,
-        model: Any,
-        processor: Any,
-        records: Sequence[data.Record],
-        stats_id: str,
-        version: int,
-        batch_size: int,
-        statistic: str,
-        label_eos: bool,
-        progress: bool,
-    ) -> tuple[dict[str, str], dict[str, Any]]:
-        """Measures and writes ``retain/<stats_id>`` on ``model`` (at ``version``), in this
-        process: the files written and the body of the entry that registers them (less
-        ``active``)."""
-        encoder = data.Encoder(processor, max_length(model), label_eos=label_eos)
-        examples = data.encode_all(encoder, records)
-        measured = retain_stat.measure(
-            model, self.sites, examples, statistic, batch_size, encoder.pad_token_id, progress=progress
+        return retaining.retain(
+            self, data_path, stats_id=stats_id, at=at, batch_size=batch_size, statistic=statistic,
+            label_eos=label_eos, model_dir=model_dir, progress=progress, device=device, dtype=dtype,
+            world=world,
         )
-        return self._write_retain(
-            records, stats_id, version, batch_size, statistic, label_eos, measured.values,
-            measured.counts, measured.batches,
-        )
-
-    def _write_retain(
-        self,
-        records: Sequence[data.Record],
-        stats_id: str,
-        version: int,
-        batch_size: int,
-        statistic: str,
-        label_eos: bool,
-        values: Mapping[str, torch.Tensor],
-        counts: Mapping[str, int],
-        n_batches: int,
-    ) -> tuple[dict[str, str], dict[str, Any]]:
-        """Writes measured retain statistics as ``retain/<stats_id>``: (files, entry body less ``active``)."""
-        prefix = Store.retain_path(stats_id)
-        self._current().claim(prefix)
-        files, hashes = self.store.write_sites(prefix, {s.name: values[s.name] for s in self.sites})
-        files.update(self.store.group_files(prefix))
-        body: dict[str, Any] = {
-            "stats": stats_id,
-            "measured_at": version,
-            "data_fingerprint": data.fingerprint(records),
-            "records": len(records),
-            "tokens": dict(counts),
-            "batch_size": batch_size,
-            "arrays": hashes,
-            # Absent in entries older than these options: the mean, with the eos labelled.
-            "statistic": statistic,
-            "label_eos": label_eos,
-        }
-        if statistic != "mean":
-            body["batches"] = n_batches
-            body["shuffle_seed"] = retain_stat.SHUFFLE_SEED
-        return files, body
 
     def forget(
         self,
@@ -677,158 +449,11 @@ class Ledger:
             TargetNotReachedError: with ``target``, no gamma reached it within the limits;
                 nothing was written.
         """
-        _check_limits_type(limits)
-        config = config or KVWConfig()
-        placement = Placement.resolve(_rank_device(device, world), dtype)
-        if target is not None and forget_probe is None:
-            raise BadInputError("--target-forget needs --forget-probe FILE, the records it measures")
-        if target is not None and world.parallel:
-            raise BadInputError("--target-forget searches in one process; under torchrun give --gamma")
-        progress = progress and world.is_main
-        records = world.call(data.read_records, data_path)
-        probe_records = world.call(data.read_records, forget_probe) if forget_probe is not None else None
-        with self._parallel_write("forget", world) as write:
-            head = write.head
-            state = self.state(head.version)
-            checked = self._limits(state, limits)  # bad limits fail before the forward passes
-            request_id = _check_request_id(f"request-{head.version + 1}" if request_id is None else request_id)
-            if request_id in state.requests:
-                raise BadInputError(f"request {request_id!r} already exists; choose another --id")
-            stats_id = retain_stats or state.latest_retain
-            if stats_id is None:
-                raise BadInputError(
-                    "no retain statistics are registered; run `kvw-ledger retain LEDGER RETAIN.jsonl` first"
-                )
-            if stats_id not in state.retain_stats:
-                raise RefNotFoundError(f"retain stats {stats_id!r} do not exist in this ledger")
-            self._check_reads("forget", state, stats=stats_id)
-            stats_label_eos = _label_eos(state.retain_info[stats_id])
-            label_eos = stats_label_eos if label_eos is None else label_eos
-            _same_positions("the request", label_eos, stats_id, stats_label_eos)
-            retain_means = self.retain_means(stats_id)
-            fingerprint = data.fingerprint(records)
-            same = [r for r in state.active if state.requests[r].body.get("data_fingerprint") == fingerprint]
-            if same and world.is_main:
-                self._warn(
-                    f"{data_path} holds the same records as active request {same[0]!r} "
-                    f"(data fingerprint {fingerprint[:12]}...); forgetting it again weakens the same "
-                    "vectors further. The match is recorded in the entry"
-                )
-            model, processor = self._load(model_dir, head.version, placement, progress)
-            encoder = data.Encoder(processor, max_length(model), label_eos=label_eos)
-            examples = data.encode_all(encoder, records)
-            _, start = self.sums(head.version)
-            tx = self._tx  # None on the ranks of a data-parallel job that do not write
-            if tx is not None and start.is_zero() and self._model_holds_base_dtype(model):
-                # Nothing active: load() left the checked files' weights, the bases bit for
-                # bit. Copying them spares decompressing every base from the store.
-                tx.bases.update(
-                    {s.name: site_weight(model, s).detach().to("cpu", copy=True) for s in self.sites}
-                )
-            write.ready()
-            bases = {s.name: self.base(s.name) for s in self.sites}
-
-            def weaken(config: KVWConfig) -> Any:
-                return run_kvw(
-                    model, self.sites, examples, retain_means, config, pad_token_id=encoder.pad_token_id,
-                    base=bases, start=dict(start.exponents), start_log_scale=dict(start.log_scales),
-                    progress=progress, world=world,
-                )
-
-            def staged_sums(result: Any) -> Weakening:
-                return start + Weakening(result.exponents, result.log_scales or {})
-
-            searched: dict[str, Any] | None = None
-            if target is None:
-                result = weaken(config)
-            else:
-                config, result, searched = self._search_gamma(
-                    state, model, processor, config, target, cast(Path, forget_probe), checked, weaken, staged_sums,
-                    start, progress,
-                )
-            if not world.is_main:
-                return self._entry(write.finish())
-            staged = staged_sums(result)
-            report = self._check_staged(
-                state, staged, checked, model=model, processor=processor,
-                forget_records=probe_records, forget_label_eos=label_eos, placement=placement, progress=progress,
-            )
-            tx = self._current()
-            tx.claim(Store.request_path(request_id))
-            files, arrays = {}, {}
-            for kind, written in (
-                ("exponent", result.exponents), ("trace", result.trace or {}), ("log_scale", result.log_scales or {})
-            ):
-                kind_files, kind_arrays = self.store.write_sites(Store.request_path(request_id, kind), written)
-                files.update(kind_files)
-                arrays.update(kind_arrays)
-            files.update(self.store.group_files(Store.request_path(request_id)))
-            active = [*state.active, request_id]
-            body = {
-                "request": request_id,
-                "reason": reason,
-                "params": config.to_dict(),
-                "retain_stats": stats_id,
-                "data_fingerprint": fingerprint,
-                **({"same_data_as": same} if same else {}),
-                "label_eos": label_eos,  # absent in older entries: they labelled it
-                "records": len(records),
-                "batches": result.n_batches,
-                "tokens": result.n_tokens,
-                "arrays": arrays,
-                "active": active,
-                "stability": report.to_json(),
-            }
-            if searched is not None:
-                body["target"] = searched
-            return tx.commit("forget", body, files, parent=head, weakening=staged)
-
-    def _search_gamma(
-        self,
-        state: LedgerState,
-        model: Any,
-        processor: Any,
-        config: KVWConfig,
-        spec: TargetSearch,
-        forget_probe: str | Path,
-        limits: StabilityLimits,
-        weaken: Callable[[KVWConfig], Any],
-        staged_sums: Callable[[Any], Weakening],
-        start: Weakening,
-        progress: bool,
-    ) -> tuple[KVWConfig, Any, dict[str, Any]]:
-        """``forget --target-forget``: trials on the loaded model, each from HEAD; returns the
-        chosen config, its result (the model left holding it) and the search's record."""
-        from kvw_ledger.evaluate import evaluate_split  # generation: only this search needs it
-
-        results: dict[float, Any] = {}
-        warn = dataclasses.replace(limits, on_fail="warn")
-
-        def trial(gamma: float) -> Trial:
-            self._materialize(model, start)  # each trial starts at HEAD
-            candidate = dataclasses.replace(config, gamma=gamma)
-            result = weaken(candidate)
-            figures = evaluate_split(model, processor, forget_probe, multiple_choice=False)
-            accuracy = max(f["gen_acc"] for f in figures.values())  # the worst modality
-            report = self._check_staged(state, staged_sums(result), warn, model=model,
-                                        processor=processor, progress=progress)
-            failed = [c.describe() for c in report.failures()]
-            results.clear()  # only the newest is kept: a trace per trial could be large
-            results[gamma] = result
-            return Trial(gamma, accuracy, report.passed, failed)
-
-        chosen, trials = search(trial, config.gamma, spec)
-        if chosen.gamma not in results:  # a later trial replaced it: weaken once more
-            self._materialize(model, start)
-            results[chosen.gamma] = weaken(dataclasses.replace(config, gamma=chosen.gamma))
-        record = {
-            "forget_acc": spec.target,
-            "metric": "greedy generation accuracy on the forget probe, worst modality",
-            "probe_fingerprint": data.fingerprint(data.read_records(forget_probe)),
-            "chosen_gamma": chosen.gamma,
-            "trials": [t.to_json() for t in trials],
-        }
-        return dataclasses.replace(config, gamma=chosen.gamma), results[chosen.gamma], record
+        return forgetting.forget(
+            self, data_path, request_id=request_id, reason=reason, config=config,
+            retain_stats=retain_stats, limits=limits, forget_probe=forget_probe, label_eos=label_eos,
+            target=target, model_dir=model_dir, progress=progress, device=device, dtype=dtype, world=world,
+        )
 
     def revert(
         self,
@@ -858,87 +483,10 @@ class Ledger:
                 is taken, or another active request has no C_f trace.
             StabilityCheckError: the staged HEAD failed a check (on_fail abort).
         """
-        _check_limits_type(limits)
-        placement = Placement.resolve(device, dtype)
-        records = data.read_records(retain_with) if retain_with is not None else None
-        with self._session("revert") as tx:
-            head = self.head()
-            state = self.state(head.version)
-            if request_id not in state.requests:
-                raise RequestStateError(
-                    f"no request {request_id!r} in this ledger (see `kvw-ledger log`)"
-                )
-            if request_id not in state.active:
-                raise RequestStateError(f"request {request_id!r} is already reverted")
-            checked = self._limits(state, limits)
-            self._check_reads("revert", state)
-            active = [r for r in state.active if r != request_id]
-            body: dict[str, Any] = {"request": request_id, "reason": reason, "active": active}
-            files: dict[str, str] = {}
-            if records is None:
-                staged = self._sum(state, active)
-            else:
-                staged = self._revert_retain_with(
-                    state, head, active, records, retain_id, body, files, model_dir, placement, progress
-                )
-            report = self._check_staged(
-                state, staged, checked, model_dir=model_dir, placement=placement,
-                progress=progress,
-            )
-            body["stability"] = report.to_json()
-            return tx.commit("revert", body, files, parent=head, weakening=staged)
-
-    def _revert_retain_with(
-        self,
-        state: LedgerState,
-        head: Entry,
-        active: Sequence[str],
-        records: Sequence[data.Record],
-        retain_id: str | None,
-        body: dict[str, Any],
-        files: dict[str, str],
-        model_dir: str | Path | None,
-        placement: Placement,
-        progress: bool,
-    ) -> Weakening:
-        """The retain stats and re-derivation of ``revert --retain-with``, written into
-        ``body`` and ``files``; returns the staged sum."""
-        previous = state.latest_retain
-        if previous is None:
-            raise BadInputError(
-                "--retain-with replaces the retain statistics, but none are registered; "
-                "revert without it"
-            )
-        stats_id = check_id(retain_id or f"retain-{head.version + 1}", "retain stats id")
-        if stats_id in state.retain_stats:
-            raise BadInputError(f"retain stats {stats_id!r} already exist; choose another --retain-id")
-        like = state.retain_info[previous]
-        label_eos = _label_eos(like)
-        for other in active:
-            if other not in state.traces:
-                raise BadInputError(
-                    f"request {other!r} has no C_f trace, so it cannot be re-derived fast; revert "
-                    "without --retain-with, then `kvw-ledger rederive LEDGER --retain-stats ID "
-                    f"--exact {other}=DATA.jsonl`"
-                )
-            _same_positions(f"request {other!r}", _label_eos(state.requests[other].body), previous, label_eos)
-        model, processor = self._load(model_dir, like["measured_at"], placement, progress)
-        statistic = like.get("statistic", "mean")
-        retain_files, retain_body = self._measure_retain(
-            model, processor, records, stats_id, like["measured_at"], like["batch_size"], statistic,
-            label_eos, progress,
+        return rederive.revert(
+            self, request_id, reason=reason, retain_with=retain_with, retain_id=retain_id, limits=limits,
+            model_dir=model_dir, progress=progress, device=device, dtype=dtype,
         )
-        del model
-        retain_means = self.retain_means(stats_id)
-        derived = self._rederive_chain(state, active, set(active), retain_means, {}, None, None, progress)
-        rederived_files, rederived_arrays, changes = self._write_rederived(head.version + 1, state, derived, {})
-        files.update(retain_files)
-        files.update(rederived_files)
-        # The registration and the re-derivation, each as its own entry would record it.
-        body["retain"] = retain_body
-        body["rederived"] = {"stats": stats_id, "requests": changes}
-        body["arrays"] = {**retain_body["arrays"], **rederived_arrays}
-        return derived.staged
 
     def probe(
         self,
@@ -956,46 +504,10 @@ class Ledger:
         The probes are measured on the base and on HEAD now; later checks compare
         each staged step with both.
         """
-        placement = Placement.resolve(device, dtype)
-        sources = {k: v for k, v in (("retain", retain), ("general", general)) if v is not None}
-        _check_limits_type(limits)
-        if not sources and limits is None:
-            raise BadInputError(
-                "probe has nothing to do; pass --retain FILE, --general FILE or a limit such as "
-                "--max-attenuation 0.3"
-            )
-        for source in sources.values():
-            data.read_records(source)  # a bad file fails before the model loads
-        with self._session("probe") as tx:
-            head = self.head()
-            state = self.state(head.version)
-            current = self._limits(state, None).to_dict()
-            # Only the limits this changes are recorded: replay merges them over earlier ones.
-            given = {k: v for k, v in (limits.to_dict() if limits else {}).items() if current[k] != v}
-            self._check_reads("probe", state)
-            version = head.version + 1
-            files: dict[str, str] = {}
-            stored: dict[str, dict[str, Any]] = {}
-            figures: dict[str, dict[str, float]] = {}
-            if sources:
-                model, processor = self._load(model_dir, 1, placement, progress)
-                encoder = data.Encoder(processor, max_length(model))
-                for kind, source in sources.items():
-                    tx.claim(Store.probe_path(version, kind))
-                    path, written = self.store.write_probe(version, kind, source)
-                    files.update(written)
-                    records = self.store.read_probe(path)
-                    stored[kind] = {"path": path, "records": len(records), "data_fingerprint": data.fingerprint(records),
-                                    "label_eos": False}  # absent in older entries: they labelled it
-                examples = {k: data.encode_all(encoder, self.store.read_probe(v["path"])) for k, v in stored.items()}
-                for kind, ex in examples.items():
-                    stored[kind]["base"] = probe_metrics(model, ex, encoder.pad_token_id)
-                self.materialize(model, head.version)
-                for kind, ex in examples.items():
-                    figures[kind] = probe_metrics(model, ex, encoder.pad_token_id)
-            body = {"probes": stored, "limits": given, "figures": {**state.probe_figures, **figures},
-                    "active": state.active}
-            return tx.commit("probe", body, files, parent=head)
+        return staging.probe(
+            self, retain=retain, general=general, limits=limits, model_dir=model_dir, progress=progress,
+            device=device, dtype=dtype,
+        )
 
     def record_audit(self, body: Mapping[str, Any]) -> Entry:
         """Commits an audit's figures (see :mod:`kvw_ledger.audit`) as an ``audit`` entry.
@@ -1036,87 +548,7 @@ class Ledger:
         Raises:
             BadInputError: an unknown format, or a site IA3 cannot express (named).
         """
-        if format not in EXPORT_FORMATS:
-            raise BadInputError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, not {format!r}")
-        entries = self.entries()
-        version = self.resolve(at, entries)
-        if format == "peft":
-            self._export_adapter(out_dir, version, entries, model_dir)
-            return version
-        directory = self.model_dir(model_dir)
-        self._check_model_dir(directory, progress)
-        transform, by_location = self._export_transform(version)
-        state = self.state(version)
-        provenance = {
-            "ledger_version": version,
-            "entry_hash": entries[version - 1].hash,
-            "head_hash": entries[-1].hash,
-            "active_requests": state.active,
-            "tool": "kvw-ledger",
-        }
-        try:
-            export_model(
-                directory, out_dir, transform, provenance, progress=progress,
-                touches=lambda file, key: (file, key) in by_location,
-            )
-            return version
-        except OSError as e:
-            if isinstance(e, KVWLedgerError):
-                raise
-            # export_model built it in a temporary sibling and removed that: nothing is left
-            raise StorageError(
-                f"could not write the export to {out_dir} ({e.strerror or e}); nothing was exported"
-            ) from e
-
-    def _export_adapter(
-        self, out_dir: str | Path, version: int, entries: Sequence[Entry], model_dir: str | Path | None
-    ) -> Path:
-        from kvw_ledger.adapter import check_ia3_sites, write_ia3_adapter
-
-        check_ia3_sites(self.sites)  # before any array is read
-        _, weakening = self.sums(version)
-        exponents, scales = weakening.exponents, weakening.log_scales
-        zero = torch.zeros((), dtype=torch.float32)
-        factors = {
-            s.name: torch.exp(scales.get(s.name, zero).to(torch.float32) - exponents[s.name])
-            for s in self.sites
-        }
-        provenance = {
-            "ledger_version": version,
-            "entry_hash": entries[version - 1].hash,
-            "head_hash": entries[-1].hash,
-            "active_requests": self.state(version).active,
-            "model_fingerprint": self.model_info["fingerprint"],
-            "format": "peft-ia3",
-            "tool": "kvw-ledger",
-        }
-        base = str(self.model_dir(model_dir))
-        try:
-            return write_ia3_adapter(out_dir, self.sites, factors, base, provenance)
-        except OSError as e:
-            if isinstance(e, KVWLedgerError):
-                raise
-            raise StorageError(
-                f"could not write the adapter to {out_dir} ({e.strerror or e}); nothing was exported"
-            ) from e
-
-    def _export_transform(
-        self, version: int
-    ) -> tuple[Callable[[str, str, torch.Tensor], torch.Tensor | None], dict[tuple[str, str], str]]:
-        """What an export of ``version`` does to each checkpoint tensor (None: left as is),
-        and the (file, key) of every site's tensor."""
-        _, weakening = self.sums(version)
-        by_location = {(loc.file, loc.key): name for name, loc in self.locations.items()}
-
-        def transform(file: str, key: str, tensor: torch.Tensor) -> torch.Tensor | None:
-            name = by_location.get((file, key))
-            if name is None:
-                return None
-            return weakened(
-                tensor, weakening.exponents[name], self._sites_by_name[name].axis, weakening.log_scale(name)
-            )
-
-        return transform, by_location
+        return exporting.export(self, out_dir, at=at, model_dir=model_dir, progress=progress, format=format)
 
     def tensor_hashes(
         self, at: str | int = "HEAD", *, model_dir: str | Path | None = None, progress: bool = True
@@ -1127,21 +559,7 @@ class Ledger:
         tensors), one tensor at a time, without writing an export: each hash is of the
         tensor's raw bytes, which a safetensors file stores as they are.
         """
-        from safetensors import safe_open
-
-        version = self.resolve(at)
-        directory = self.model_dir(model_dir)
-        self._check_model_dir(directory, progress)
-        transform, _ = self._export_transform(version)
-        hashes: dict[str, str] = {}
-        for path in model_files.weight_files(directory):
-            with safe_open(str(path), "pt") as fh:
-                for key in fh.keys():  # noqa: SIM118 - safe_open is not a mapping
-                    tensor = fh.get_tensor(key)
-                    changed = transform(path.name, key, tensor)
-                    value = tensor if changed is None else changed
-                    hashes[key] = hashlib.sha256(_bits(value).numpy().tobytes()).hexdigest()
-        return dict(sorted(hashes.items()))
+        return exporting.tensor_hashes(self, at, model_dir=model_dir, progress=progress)
 
     def rederive(
         self,
@@ -1168,148 +586,10 @@ class Ledger:
             BadInputError: a request has no trace and no exact data, or exact data
                 differs from the recorded fingerprint.
         """
-        _check_limits_type(limits)
-        exact = dict(exact or {})
-        placement = Placement.resolve(device, dtype)
-        with self._session("rederive") as tx:
-            head = self.head()
-            state = self.state(head.version)
-            if stats_id not in state.retain_stats:
-                raise RefNotFoundError(
-                    f"retain stats {stats_id!r} do not exist in this ledger; register them with "
-                    "`kvw-ledger retain LEDGER DATA --id ID` (see `kvw-ledger log`)"
-                )
-            checked = self._limits(state, limits)
-            chosen = list(request_ids) or list(state.active)
-            if not chosen and not exact:
-                raise BadInputError("no request is active; there is nothing to re-derive")
-            for request_id in [*chosen, *exact]:
-                if request_id not in state.requests:
-                    raise RequestStateError(f"no request {request_id!r} in this ledger (see `kvw-ledger log`)")
-                if request_id not in state.active:
-                    raise RequestStateError(
-                        f"request {request_id!r} is reverted; only active requests are re-derived"
-                    )
-            ordered = [r for r in state.active if r in chosen or r in exact]
-            for request_id in ordered:
-                if request_id not in exact and request_id not in state.traces:
-                    raise BadInputError(
-                        f"request {request_id!r} has no C_f trace; pass --exact {request_id}=DATA.jsonl"
-                    )
-            self._check_reads("rederive", state, stats=stats_id, traces=[r for r in ordered if r not in exact])
-            for request_id in ordered:
-                _same_positions(f"request {request_id!r}", _label_eos(state.requests[request_id].body),
-                                stats_id, _label_eos(state.retain_info[stats_id]))
-            retain_means = self.retain_means(stats_id)
-            exact_records = {r: self._exact_records(state, r, path) for r, path in exact.items()}
-            model: Any = None
-            processor: Any = None
-            if exact_records:
-                model, processor = self._load(model_dir, 1, placement, progress)
-            derived = self._rederive_chain(
-                state, state.active, set(ordered), retain_means, exact_records, model, processor, progress
-            )
-            if model is not None:  # it holds the last exact request's loop, not the staged HEAD
-                self._materialize(model, derived.staged)
-            report = self._check_staged(state, derived.staged, checked, model=model,
-                                        processor=processor, model_dir=model_dir, placement=placement,
-                                        progress=progress)
-            files, arrays, changes = self._write_rederived(head.version + 1, state, derived, exact)
-            body = {"stats": stats_id, "requests": changes, "arrays": arrays, "active": state.active,
-                    "stability": report.to_json()}
-            return tx.commit("rederive", body, files, parent=head, weakening=derived.staged)
-
-    def _rederive_chain(
-        self,
-        state: LedgerState,
-        chain: Sequence[str],
-        redo: set[str],
-        retain_means: Mapping[str, torch.Tensor],
-        exact_records: Mapping[str, Sequence[data.Record]],
-        model: Any,
-        processor: Any,
-        progress: bool,
-    ) -> _Rederived:
-        """Re-derives the requests in ``redo`` along ``chain`` (the active requests, in
-        order), fast from their traces or exactly (``exact_records``, on ``model``)."""
-        derived = _Rederived()
-        new, new_traces, new_scales = derived.exponents, derived.traces, derived.log_scales
-        log_sq: dict[str, torch.Tensor] = {}  # site -> column_log_norms of its base
-        # One pass in chain order: ``running`` is the sum of the requests before the
-        # current one, as re-derived so far; at the end, the staged HEAD.
-        running = Weakening.zero(self.sites)
-        for request_id in chain:
-            if request_id in redo:
-                params = KVWConfig.from_dict(state.requests[request_id].body["params"])
-                if request_id in exact_records:
-                    self._materialize(model, running)
-                    encoder = data.Encoder(processor, max_length(model),
-                                           label_eos=_label_eos(state.requests[request_id].body))
-                    result = run_kvw(
-                        model, self.sites, data.encode_all(encoder, exact_records[request_id]), retain_means,
-                        params, pad_token_id=encoder.pad_token_id,
-                        base={s.name: self.base(s.name) for s in self.sites}, start=dict(running.exponents),
-                        start_log_scale=dict(running.log_scales), progress=progress,
-                    )
-                    new[request_id] = result.exponents
-                    new_traces[request_id] = result.trace or {}
-                    if result.log_scales is not None:
-                        new_scales[request_id] = result.log_scales
-                else:
-                    traces = {n.rsplit("/", 1)[1]: self.store.read_array(n)
-                              for n in self.store.list_arrays(state.traces[request_id])}
-                    new[request_id] = {site: exponents_from_trace(t, retain_means[site], params)
-                                       for site, t in traces.items()}
-                    if params.rescale:  # s restores the norm the site had before this request
-                        for site in new[request_id]:
-                            if site not in log_sq:
-                                log_sq[site] = column_log_norms(self.base(site), self._sites_by_name[site].axis)
-                        new_scales[request_id] = {
-                            site: log_scale(log_sq[site], running.exponents[site], running.exponents[site] + w)
-                            for site, w in new[request_id].items()
-                        }
-            exps = new[request_id] if request_id in new else self.request_exponents(request_id, state)
-            scales = (new_scales[request_id] if request_id in new_scales
-                      else self.request_log_scales(request_id, state))
-            running = running + Weakening(exps, scales)
-        derived.staged = running
-        return derived
-
-    def _write_rederived(
-        self, version: int, state: LedgerState, derived: _Rederived, exact: Mapping[str, Any]
-    ) -> tuple[dict[str, str], dict[str, str], dict[str, Any]]:
-        """Writes the re-derived arrays of the entry ``version``: (files, arrays, per-request changes)."""
-        top = Store.rederived_path(version)
-        self._current().claim(top)
-        files: dict[str, str] = {}
-        arrays: dict[str, str] = {}
-        changes: dict[str, Any] = {}
-
-        def write(request_id: str, kind: str, values: Mapping[str, torch.Tensor]) -> tuple[str, dict[str, str]]:
-            prefix = Store.rederived_path(version, request_id, kind)
-            written, hashes = self.store.write_sites(prefix, values)
-            files.update(written)
-            arrays.update(hashes)
-            return prefix, hashes
-
-        def old_hashes(prefix: str) -> dict[str, str]:
-            return {n: self.store.content_hash(n) for n in self.store.list_arrays(prefix)}
-
-        for request_id, exps in derived.exponents.items():
-            change: dict[str, Any] = {"mode": "exact" if request_id in exact else "fast"}
-            old = old_hashes(state.exponents[request_id])
-            change["exponent"], new = write(request_id, "exponent", exps)
-            change.update({"old": old, "new": new})
-            if request_id in derived.log_scales:
-                old_prefix = state.log_scales.get(request_id)
-                old_scales = old_hashes(old_prefix) if old_prefix else {}
-                change["log_scale"], new_scales = write(request_id, "log_scale", derived.log_scales[request_id])
-                change.update({"old_log_scale": old_scales, "new_log_scale": new_scales})
-            if derived.traces.get(request_id):
-                change["trace"], _ = write(request_id, "trace", derived.traces[request_id])
-            changes[request_id] = change
-        files.update(self.store.group_files(top))
-        return files, arrays, changes
+        return rederive.rederive(
+            self, stats_id, request_ids, exact=exact, limits=limits, model_dir=model_dir,
+            progress=progress, device=device, dtype=dtype,
+        )
 
     def retain_means(self, stats_id: str) -> dict[str, torch.Tensor]:
         """The registered retain statistic ``stats_id``, per site."""
@@ -1328,7 +608,7 @@ class Ledger:
             entries = self.entries()
             head = entries[-1]
             state = self.state(head.version)
-            self._check_reads("gc", state, base=False)  # its head refresh sums the active requests
+            staging.check_reads(self, "gc", state, base=False)  # its head refresh sums the active requests
             victims = sorted(r for r in state.reverted if r not in state.active and r not in state.deleted)
             prefixes = {r: request_prefixes(r, entries) for r in [*victims, *state.deleted]}
             on_disk = self.store.files()
@@ -1344,26 +624,6 @@ class Ledger:
                 for prefix in held:
                     self.store.delete(prefix)
             return entry
-
-    def _exact_records(self, state: LedgerState, request_id: str, path: str | Path) -> list[data.Record]:
-        records = data.read_records(path)
-        recorded = state.requests[request_id].body["data_fingerprint"]
-        if data.fingerprint(records) != recorded:
-            raise BadInputError(
-                f"{path} is not the data request {request_id!r} was applied with (fingerprint differs); "
-                "exact re-derivation needs the same records and images"
-            )
-        return records
-
-    def _materialize(self, model: Any, weakening: Weakening) -> None:
-        """Writes ``base * exp(S - W)`` of ``weakening`` into every site of ``model``."""
-        with torch.no_grad():
-            for site in self.sites:
-                weight = site_weight(model, site)
-                # The factors are computed on the CPU (where the sums are), the product on
-                # the weight's device, cast once into the weight's dtype.
-                base = self.base(site.name).to(weight.device)
-                weakened(base, weakening.exponents[site.name], site.axis, weakening.log_scale(site.name), out=weight)
 
     # --- repair -----------------------------------------------------------------------
 
@@ -1383,59 +643,7 @@ class Ledger:
                 changes; the message names it.
             BadInputError: a URL ledger (repair its mirror's source by hand).
         """
-        if self.remote is not None:
-            raise BadInputError(f"repair works on a ledger directory, not on {self.remote.url}")
-        with WriterLock(self.path, operation="repair", on_stale=self._on_stale).holding(self.lock_timeout, self.on_wait):
-            try:
-                newest = self.journal.head()
-            except TornEntryError as e:
-                torn = e
-            else:
-                try:
-                    self.journal.entries()
-                except IntegrityError as e:
-                    raise IntegrityError(
-                        f"{e}. repair only moves a torn newest entry aside, and the newest "
-                        f"({f'journal/{newest.version:08d}.json' if newest else 'none'}) is valid: it "
-                        "changes nothing here. Restore the damaged entry from a backup "
-                        "(`kvw-ledger verify` lists the damage)"
-                    ) from e
-                return {"repaired": False, "newest": None if newest is None else f"journal/{newest.version:08d}.json",
-                        "message": "nothing to repair: the newest journal entry is valid"}
-            try:
-                self.journal.entries()
-            except TornEntryError as e:
-                if e.version != torn.version or e.valid is None:
-                    raise
-            if torn.version == 1:
-                raise torn
-            stamp = _utc_now().strftime("%Y%m%dT%H%M%SZ")
-            folder = self.path / "repair" / f"{stamp}-v{torn.version:08d}"
-            folder.mkdir(mode=0o700, parents=True)
-            source = self.path / torn.path
-            raw = source.read_bytes()
-            record: dict[str, Any] = {
-                "repaired": True,
-                "time": stamp,
-                "moved": torn.path,
-                "to": f"{folder.relative_to(self.path).as_posix()}/{source.name}",
-                "sha256": hashlib.sha256(raw).hexdigest(),
-                "bytes": len(raw),
-                "why": str(torn),
-                "head_after": torn.version - 1,
-            }
-            os.rename(source, folder / source.name)
-            fsync_dir(source.parent)
-            self.torn = None
-            leftovers = unnamed(self)  # what the torn entry's write added: kept, not deleted
-            for prefix in leftovers:
-                (folder / "files" / prefix).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-                os.rename(self.path / prefix, folder / "files" / prefix)
-            record["moved_arrays"] = leftovers
-            (folder / "record.json").write_bytes(canonical_json(record))
-            fsync_dir(folder)
-            self._write_head(self.head())
-            return record
+        return repair.repair(self)
 
     # --- verification -----------------------------------------------------------------
 
@@ -1478,132 +686,8 @@ class Ledger:
             "on_fail": on_fail,
         }
         state = self.state()
-        return StabilityLimits(**{**self._limits(state, None).to_dict(),
+        return StabilityLimits(**{**staging.resolve_limits(self, state, None).to_dict(),
                                   **{k: v for k, v in given.items() if v is not None}})
-
-    def _limits(self, state: LedgerState, given: StabilityLimits | None) -> StabilityLimits:
-        """``given``, else the defaults overridden by the ledger's limits (set with ``probe``)."""
-        if given is not None:
-            return given
-        unknown = set(state.limits) - set(StabilityLimits.__dataclass_fields__)
-        if unknown:
-            raise BadInputError(f"unknown stability limit(s): {', '.join(sorted(unknown))}")
-        return StabilityLimits(**state.limits)
-
-    def _check_reads(
-        self,
-        operation: str,
-        state: LedgerState,
-        *,
-        base: bool = True,
-        stats: str | None = None,
-        traces: Iterable[str] = (),
-    ) -> None:
-        """Refuses a write that would read or build on a damaged file.
-
-        Hashes exactly the files this write reads, each against the sha256 its journal
-        entry recorded: the base (when ``base``), the retain stats ``stats``, the
-        current arrays of the requests active at ``state`` (HEAD is their sum), the C_f
-        traces of ``traces``, the probe sets, and the sealed head cache. A full check
-        of everything is `verify`'s job; this one costs what the write reads anyway.
-
-        Raises:
-            IntegrityError: naming the first damaged file; nothing was written.
-        """
-        recorded: dict[str, tuple[str, int]] = {}
-        deleted: set[str] = set()
-        for entry in self.entries():
-            recorded.update({path: (digest, entry.version) for path, digest in entry.files.items()})
-            deleted.update(entry.body.get("deleted_files", []))
-        prefixes = [Store.base_path()] if base else []
-        if stats is not None:
-            prefixes.append(Store.retain_path(stats))
-        for request_id in state.active:
-            prefixes.append(state.exponent_prefix(request_id))
-            if request_id in state.log_scales:
-                prefixes.append(state.log_scales[request_id])
-        prefixes += [state.traces[r] for r in traces if r in state.traces]
-        prefixes += [p["path"].rsplit("/", 1)[0] for p in state.probes.values()]
-        wanted = sorted(
-            path for path in recorded if path not in deleted and any(path.startswith(f"{x}/") for x in prefixes)
-        )
-        problems = [(path, why) for path, why in self.store.check_head()]
-        for path, actual in hash_files(self.path, set(wanted)).items():
-            expected, version = recorded[path]
-            if isinstance(actual, FileNotFoundError):
-                problems.append((path, f"is missing; journal/{version:08d}.json recorded it"))
-            elif isinstance(actual, OSError):
-                problems.append((path, f"cannot be read ({actual.strerror or actual})"))
-            elif actual != expected:
-                problems.append((path, f"has sha256 {actual[:12]}... but journal/{version:08d}.json recorded {expected[:12]}..."))
-        if problems:
-            path, why = sorted(problems)[0]
-            more = f" (and {len(problems) - 1} more damaged file(s))" if len(problems) > 1 else ""
-            raise IntegrityError(
-                f"{operation} refused: {path} {why}{more}; the ledger is damaged and {operation} "
-                f"would build on it. Nothing was written. Run `kvw-ledger verify {self.location}` "
-                "to list the damage, and restore the file from a backup"
-            )
-
-    def _check_staged(
-        self,
-        state: LedgerState,
-        weakening: Weakening,
-        limits: StabilityLimits,
-        *,
-        model: Any = None,
-        processor: Any = None,
-        forget_records: Sequence[data.Record] | None = None,
-        forget_label_eos: bool = False,
-        model_dir: str | Path | None = None,
-        placement: Placement | None = None,
-        progress: bool = True,
-    ) -> StabilityReport:
-        """Checks a staged HEAD; raises StabilityCheckError on failure unless on_fail is warn.
-
-        ``model`` (when given) already holds the staged weights; ``forget_records``
-        are measured as efficacy, never held to a limit.
-        """
-        report = StabilityReport()
-        staged, staged_scales = weakening.exponents, weakening.log_scales
-        bad = overflowing(staged)
-        if bad is not None:
-            raise StabilityCheckError(
-                f"the step was not committed: {bad}. Its strength is far too high (a lower --gamma, "
-                "fewer --epochs or narrower --layers); such a step is refused even with --on-fail warn"
-            )
-        report.checks += check_exponents(staged)
-        report.checks += check_log_scales(staged_scales)
-        axes = {s.name: s.axis for s in self.sites}
-        bases = {name: self.base(name) for name in staged}
-        checks, report.attenuation = check_attenuation(
-            bases, staged, axes, limits.max_attenuation, staged_scales
-        )
-        report.checks += checks
-        checks, _ = check_zeroed(staged, limits.max_zeroed, limits.zero_floor, staged_scales)
-        report.checks += checks
-        if state.probes or forget_records is not None:
-            if model is None:
-                model, processor = self._load(model_dir, 1, placement or Placement.resolve(), progress)
-                self._materialize(model, weakening)
-            # Each probe is encoded as its base figures were measured.
-            sets = {kind: (self.store.read_probe(p["path"]), _label_eos(p)) for kind, p in state.probes.items()}
-            if forget_records is not None:
-                sets["forget"] = (list(forget_records), forget_label_eos)
-            for kind, (records, label_eos) in sets.items():
-                encoder = data.Encoder(processor, max_length(model), label_eos=label_eos)
-                report.probes[kind] = probe_metrics(model, data.encode_all(encoder, records), encoder.pad_token_id)
-            base = {kind: p["base"] for kind, p in state.probes.items()}
-            report.checks += compare_probes(report.probes, base, state.probe_figures, limits)
-        report.on_fail = limits.on_fail
-        if not report.passed and limits.on_fail == "abort":
-            failed = "; ".join(c.describe() for c in report.failures())
-            raise StabilityCheckError(
-                f"the step failed {len(report.failures())} stability check(s) and was not committed: {failed}. "
-                "Weaken less (a lower --gamma or narrower --layers for forget), raise the limit, "
-                "or pass --on-fail warn to commit anyway"
-            )
-        return report
 
     def _session(self, operation: str) -> contextlib.AbstractContextManager[WriteSession]:
         """One write (see :mod:`kvw_ledger.session`): ``with self._session(op) as tx``."""
@@ -1614,46 +698,6 @@ class Ledger:
         if self._tx is None:
             raise RuntimeError("no write is open on this ledger")
         return self._tx
-
-    @contextlib.contextmanager
-    def _parallel_write(self, operation: str, world: World) -> Iterator[Step]:
-        """:meth:`_session` for one rank of a data-parallel job (one process: just that).
-
-        Rank 0 takes the write and finds HEAD under its lock; every rank gets that entry
-        as ``step.head``. The body calls ``step.ready()`` before its forward passes, and
-        on every rank but 0, ``step.finish()`` after them. Rank 0's commit (or any
-        rank's error) then reaches every rank.
-        """
-        step = Step(world)
-        tx: WriteSession | None = None
-        if not world.parallel:
-            with self._session(operation):
-                step.head = self.head()
-                yield step
-            return
-        try:
-            with contextlib.ExitStack() as held:
-                with world.together() as plan:
-                    if world.is_main:
-                        tx = held.enter_context(self._session(operation))
-                        plan.value = self.head().version
-                with world.together():
-                    step.head = self.head() if world.is_main else self._entry(plan.main)
-                yield step
-        except Exception as e:
-            if not step.finished and not is_shared(e):
-                step.finish(error=e)  # tells the others, and raises here
-            raise
-        if not step.finished:
-            step.finish(tx.committed.version if tx is not None and tx.committed is not None else None)
-
-    def _entry(self, version: int) -> Entry:
-        """Entry ``version``; a URL ledger's mirror catches up first if it lacks it
-        (another rank's writer may have pulled past this rank's mirror)."""
-        if self.remote is not None and self.head().version < version:
-            with WriterLock(self.path, operation="pull").holding(self.lock_timeout, self.on_wait):
-                self.remote.pull(self.path, progress=False)
-        return self.journal.get(version)
 
     lock_timeout: float = 600.0  # seconds a writer waits for another writer to finish
     device_map: DeviceMap | None = None  # how load() places the model (accelerate); None: the CPU
@@ -1684,68 +728,3 @@ class Ledger:
         self.store.write_head(weakening, entry.version, entry.hash)
 
 
-@dataclass
-class _Rederived:
-    """What one re-derivation computed, per request (the requests re-derived only)."""
-
-    exponents: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
-    traces: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # exact mode only
-    log_scales: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # rescaled ones
-    staged: Weakening = field(default_factory=Weakening)  # the chain's sum: the staged HEAD
-
-
-def _label_eos(body: Mapping[str, Any]) -> bool:
-    """Whether a retain, forget or probe record labelled the eos; entries from before the
-    option existed did."""
-    return bool(body.get("label_eos", True))
-
-
-def _same_positions(what: str, label_eos: bool, stats_id: str, stats_label_eos: bool) -> None:
-    """C_f and C_r must count the same positions, or the accessor compares unlike means."""
-    if label_eos != stats_label_eos:
-        flag = "with --label-eos" if stats_label_eos else "without --label-eos"
-        raise BadInputError(
-            f"{what} {'labels' if label_eos else 'does not label'} the eos token, but retain stats "
-            f"{stats_id!r} were measured {flag}; use the same setting, or register retain stats "
-            "measured with it (`kvw-ledger retain LEDGER DATA --id ID [--label-eos]`)"
-        )
-
-
-def _check_limits_type(limits: object) -> None:
-    """Limits are one typed value; a mapping (the old form) is refused saying what to pass."""
-    if limits is not None and not isinstance(limits, StabilityLimits):
-        raise BadInputError(
-            f"limits must be a StabilityLimits, not {type(limits).__name__}; pass "
-            "ledger.limits(max_attenuation=..., on_fail=...) or StabilityLimits(...)"
-        )
-
-
-def _rank_device(device: str | torch.device | None, world: World) -> str | torch.device | None:
-    """Under nccl, ``auto`` is this rank's own GPU (not every rank on cuda:0)."""
-    if world.backend == "nccl" and (device is None or str(device).strip().lower() == "auto"):
-        return f"cuda:{world.local_rank}"
-    return device
-
-
-def _batches(
-    examples: Sequence[data.Example], batch_size: int, pad_token_id: int, world: World
-) -> Iterable[data.Batch] | list[list[data.Example]]:
-    """Retain batches: collated for one process; under data parallel the examples of each,
-    which every rank sees alike and measures its share of."""
-    if not world.parallel:
-        return data.iter_batches(examples, batch_size, pad_token_id)
-    return [list(examples[i : i + batch_size]) for i in range(0, len(examples), batch_size)]
-
-
-def _check_request_id(request_id: str) -> str:
-    """A request id must not read as another kind of REF."""
-    check_id(request_id)
-    if request_id.isdigit() or refs.HEAD_REF.fullmatch(request_id):
-        raise BadInputError(
-            f"request id {request_id!r} reads as a version REF; choose an id with a letter, e.g. req-{request_id}"
-        )
-    return request_id
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().reshape(-1).view(torch.uint8)

@@ -254,8 +254,8 @@ def check_fingerprint(
             )
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    # Compare raw bytes, not values: NaN == NaN and -0.0 != 0.0 bitwise.
+def raw_bits(t: torch.Tensor) -> torch.Tensor:
+    """A tensor's raw bytes, flat (uint8): compared or hashed bitwise, NaN == NaN and -0.0 != 0.0."""
     return t.detach().contiguous().reshape(-1).view(torch.uint8)
 
 
@@ -263,7 +263,7 @@ def _edge_digest(first: torch.Tensor, last: torch.Tensor) -> bytes:
     # A cheap signature (first and last row) so only likely matches are loaded whole.
     h = hashlib.blake2b(digest_size=16)
     for t in (first, last):
-        h.update(_bits(t.to("cpu")).numpy().tobytes())
+        h.update(raw_bits(t.to("cpu")).numpy().tobytes())
     return h.digest()
 
 
@@ -344,8 +344,8 @@ def locate_tensors(
                     for name in names:
                         w = wanted[name]
                         if w.device not in on_device:
-                            on_device[w.device] = _bits(stored.to(w.device))
-                        if torch.equal(on_device[w.device], _bits(w)):
+                            on_device[w.device] = raw_bits(stored.to(w.device))
+                        if torch.equal(on_device[w.device], raw_bits(w)):
                             found[name].append(TensorLocation(file.name, key))
                     del stored, on_device  # one file tensor in memory at a time
         except SafetensorError as e:

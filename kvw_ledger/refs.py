@@ -1,4 +1,5 @@
-"""REFs: a version number, a request id, ``HEAD`` or ``HEAD~N``, resolved against the journal.
+"""REFs: a version number, a request id, ``HEAD`` or ``HEAD~N``, resolved against the journal;
+and the ids a REF or an array path may name, checked as plain strings.
 
 A REF is resolved from the entries alone (no array is read), so the read verbs
 resolve one without importing torch or zarr.
@@ -9,12 +10,13 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from kvw_ledger.errors import RefNotFoundError, TornEntryError
+from kvw_ledger.errors import BadInputError, RefNotFoundError, TornEntryError
 from kvw_ledger.journal import Entry
 
-__all__ = ["HEAD_REF", "names_version", "resolve"]
+__all__ = ["HEAD_REF", "check_id", "check_request_id", "names_version", "resolve"]
 
 HEAD_REF = re.compile(r"HEAD(?:~([0-9]+))?")  # ASCII digits only, as version numbers
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 def resolve(ref: str | int, entries: Sequence[Entry], torn: TornEntryError | None = None) -> int:
@@ -66,3 +68,33 @@ def _small_int(digits: str) -> int | None:
     """ASCII digits as an int, or None past any journal's length (int() refuses > 4300 digits)."""
     digits = digits.lstrip("0") or "0"
     return int(digits) if len(digits) <= 18 else None
+
+
+def check_id(value: str, what: str = "request id") -> str:
+    """Validate a request or stats id; return it unchanged.
+
+    Raises:
+        BadInputError: naming the id, if it is not 1-128 of ``A-Za-z0-9._-``
+            starting with a letter or digit.
+    """
+    if isinstance(value, str) and not value.strip():
+        raise BadInputError(
+            f"the {what} {value!r} is empty or blank; give --id a name such as req-1, "
+            "or leave --id out for the default"
+        )
+    if not isinstance(value, str) or not _ID_RE.fullmatch(value):
+        raise BadInputError(
+            f"bad {what} {value!r}: use 1-128 characters from A-Z a-z 0-9 . _ -, "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+def check_request_id(request_id: str) -> str:
+    """A request id must not read as another kind of REF."""
+    check_id(request_id)
+    if request_id.isdigit() or HEAD_REF.fullmatch(request_id):
+        raise BadInputError(
+            f"request id {request_id!r} reads as a version REF; choose an id with a letter, e.g. req-{request_id}"
+        )
+    return request_id

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from kvw_ledger.distributed import Step, World, is_shared
 from kvw_ledger.errors import KVWLedgerError, StorageError
 from kvw_ledger.interrupts import InterruptGuard
 from kvw_ledger.journal import Entry, default_operator
@@ -33,7 +34,7 @@ from kvw_ledger.weakening import Weakening
 if TYPE_CHECKING:
     from kvw_ledger.ledger import Ledger
 
-__all__ = ["PER_WRITE_GROUPS", "WriteSession", "open_session", "unnamed"]
+__all__ = ["PER_WRITE_GROUPS", "WriteSession", "entry_at", "open_session", "parallel_write", "unnamed"]
 
 PER_WRITE_GROUPS = ("requests", "retain", "rederived", "probes")  # a write adds one child to one
 
@@ -212,3 +213,45 @@ def unnamed(ledger: Ledger) -> list[str]:
                 children.append(prefix)
         found += [group] if len(children) == len(os.listdir(top)) else children
     return found
+
+
+@contextlib.contextmanager
+def parallel_write(ledger: Ledger, operation: str, world: World) -> Iterator[Step]:
+    """:func:`open_session` for one rank of a data-parallel job (one process: just that).
+
+    Rank 0 takes the write and finds HEAD under its lock; every rank gets that entry
+    as ``step.head``. The body calls ``step.ready()`` before its forward passes, and
+    on every rank but 0, ``step.finish()`` after them. Rank 0's commit (or any
+    rank's error) then reaches every rank.
+    """
+    step = Step(world)
+    tx: WriteSession | None = None
+    if not world.parallel:
+        with open_session(ledger, operation):
+            step.head = ledger.head()
+            yield step
+        return
+    try:
+        with contextlib.ExitStack() as held:
+            with world.together() as plan:
+                if world.is_main:
+                    tx = held.enter_context(open_session(ledger, operation))
+                    plan.value = ledger.head().version
+            with world.together():
+                step.head = ledger.head() if world.is_main else entry_at(ledger, plan.main)
+            yield step
+    except Exception as e:
+        if not step.finished and not is_shared(e):
+            step.finish(error=e)  # tells the others, and raises here
+        raise
+    if not step.finished:
+        step.finish(tx.committed.version if tx is not None and tx.committed is not None else None)
+
+
+def entry_at(ledger: Ledger, version: int) -> Entry:
+    """Entry ``version``; a URL ledger's mirror catches up first if it lacks it
+    (another rank's writer may have pulled past this rank's mirror)."""
+    if ledger.remote is not None and ledger.head().version < version:
+        with WriterLock(ledger.path, operation="pull").holding(ledger.lock_timeout, ledger.on_wait):
+            ledger.remote.pull(ledger.path, progress=False)
+    return ledger.journal.get(version)

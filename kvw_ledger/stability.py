@@ -21,6 +21,7 @@ from kvw_ledger.coefficients import model_device
 from kvw_ledger.data import IGNORE_INDEX, Batch, Example, iter_batches
 from kvw_ledger.errors import BadInputError
 from kvw_ledger.kvw import weakened
+from kvw_ledger.weakening import Weakening
 
 OnFail = Literal["abort", "warn"]
 
@@ -141,22 +142,16 @@ def overflowing(exponents: Mapping[str, torch.Tensor]) -> str | None:
     return None
 
 
-def check_zeroed(
-    exponents: Mapping[str, torch.Tensor],
-    limit: float,
-    floor: float,
-    log_scales: Mapping[str, torch.Tensor] | None = None,
-) -> tuple[list[Check], dict[str, float]]:
+def check_zeroed(weakening: Weakening, limit: float, floor: float) -> tuple[list[Check], dict[str, float]]:
     """Per site, the share of value vectors whose factor ``exp(s - w)`` is under ``floor``.
 
     The Frobenius budget can miss a step that wipes out many vectors of small norm
     (or leaves a few large ones), so effectively-zeroed vectors are counted as such.
     """
-    scales = log_scales or {}
     log_floor = math.log(floor)
     shares = {}
-    for name, w in exponents.items():
-        s = scales.get(name)
+    for name, w in weakening.exponents.items():
+        s = weakening.log_scale(name)
         log_factor = -w if s is None else s.reshape(()) - w  # (n_vectors,)
         shares[name] = float((log_factor < log_floor).float().mean()) if w.numel() else 0.0
     checks = [
@@ -177,35 +172,26 @@ def check_log_scales(log_scales: Mapping[str, torch.Tensor]) -> list[Check]:
     return checks
 
 
-def attenuation(
-    base: torch.Tensor, exponent: torch.Tensor, axis: int, log_scale: torch.Tensor | None = None
-) -> float:
-    """Share of the value matrix's Frobenius norm removed: 1 - ||W|| / ||W0||.
+def attenuation(base: torch.Tensor, weakening: Weakening, site: str, axis: int) -> float:
+    """Share of ``site``'s value matrix's Frobenius norm removed: 1 - ||W|| / ||W0||.
 
-    W is the effective matrix, ``base * exp(log_scale - exponent)``: a rescaled site
+    W is the effective matrix, ``base * exp(S - W)`` of ``weakening``: a rescaled site
     has its norm back, so it measures about 0.
     """
     original = base.to(torch.float32)
     norm0 = float(torch.linalg.vector_norm(original))
     if norm0 == 0:
         return 0.0
-    norm = float(torch.linalg.vector_norm(weakened(original, exponent, axis, log_scale)))
+    norm = float(torch.linalg.vector_norm(weakened(original, weakening, site, axis)))
     return 1.0 - norm / norm0
 
 
 def check_attenuation(
-    bases: Mapping[str, torch.Tensor],
-    exponents: Mapping[str, torch.Tensor],
-    axes: Mapping[str, int],
-    limit: float,
-    log_scales: Mapping[str, torch.Tensor] | None = None,
+    bases: Mapping[str, torch.Tensor], weakening: Weakening, axes: Mapping[str, int], limit: float
 ) -> tuple[list[Check], dict[str, float]]:
-    """The attenuation budget, per site, on the effective matrices (log-scales included)."""
-    scales = log_scales or {}
-    shares = {
-        name: attenuation(bases[name], exponents[name], axes[name], scales.get(name))
-        for name in exponents
-    }
+    """The attenuation budget, per site of ``weakening``, on the effective matrices
+    (log-scales included)."""
+    shares = {name: attenuation(bases[name], weakening, name, axes[name]) for name in weakening.exponents}
     checks = [
         Check(f"attenuation {name}", share <= limit, share, limit) for name, share in shares.items()
     ]

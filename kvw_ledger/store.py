@@ -53,7 +53,9 @@ from kvw_ledger.errors import (
     RefNotFoundError,
 )
 from kvw_ledger.fingerprint_cache import CACHE_NAME
+from kvw_ledger.head import HeadCache, check_meta, log_scale_attr, sealed_meta
 from kvw_ledger.interrupts import uninterrupted
+from kvw_ledger.refs import check_id
 from kvw_ledger.root import FORMAT_VERSION, read_root_attrs
 from kvw_ledger.root import read_zarr_meta as _read_meta
 from kvw_ledger.weakening import Weakening
@@ -75,7 +77,6 @@ __all__ = [
 # (the brief allows 4-16 MiB): small enough to stream, large enough to compress.
 _CHUNK_BYTES = 8 << 20
 
-_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _SITE_RE = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
 # Root-level scratch directories (array.tmp-*, head.tmp-*, head.old-*...) and the
 # ``<name>.<uuid4 hex>.partial`` files zarr's LocalStore writes before renaming.
@@ -113,33 +114,6 @@ class ArrayRecord:
     files: dict[str, str] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class HeadCache:
-    """What :meth:`Store.read_head_cache` read."""
-
-    weakening: Weakening  # the summed exponents and log-scales at ``version``
-    version: int
-    digest: str
-
-
-def check_id(value: str, what: str = "request id") -> str:
-    """Validate a request or stats id; return it unchanged.
-
-    Raises:
-        BadInputError: naming the id, if it is not 1-128 of ``A-Za-z0-9._-``
-            starting with a letter or digit.
-    """
-    if isinstance(value, str) and not value.strip():
-        raise BadInputError(
-            f"the {what} {value!r} is empty or blank; give --id a name such as req-1, "
-            "or leave --id out for the default"
-        )
-    if not isinstance(value, str) or not _ID_RE.fullmatch(value):
-        raise BadInputError(
-            f"bad {what} {value!r}: use 1-128 characters from A-Z a-z 0-9 . _ -, "
-            "starting with a letter or digit"
-        )
-    return value
 
 
 def check_site(value: str) -> str:
@@ -472,7 +446,7 @@ class Store:
                     for rel in self._files_under(tmp.name)
                 }
                 (tmp / "zarr.json").write_bytes(
-                    _sealed_head_meta({"version": version, "digest": digest, "files": files})
+                    sealed_meta({"version": version, "digest": digest, "files": files})
                 )
                 self._swap_in(tmp, self.path / "head")
             finally:
@@ -490,7 +464,7 @@ class Store:
         raw = _read_bytes(meta_path)
         if raw is None:
             return None
-        attrs = _check_head_meta(raw)
+        attrs = check_meta(raw)
         sites = sorted(
             rel.split("/")[1]
             for rel in attrs["files"]
@@ -499,7 +473,7 @@ class Store:
         try:
             tensors = {site: self.read_array(f"head/{site}") for site in sites}
             scales = {
-                site: _head_log_scale(self.array_attrs(f"head/{site}"), site) for site in sites
+                site: log_scale_attr(self.array_attrs(f"head/{site}"), site) for site in sites
             }
         except (IntegrityError, RefNotFoundError, OSError) as e:
             if _read_bytes(meta_path) != raw:
@@ -526,7 +500,7 @@ class Store:
                 for f in sorted(on_disk)
             ]
         try:
-            listed = _check_head_meta(raw)["files"]
+            listed = check_meta(raw)["files"]
         except IntegrityError as e:
             return [("head/zarr.json", str(e))]
         problems = []
@@ -660,83 +634,6 @@ def _write_zarr_array(path: Path, tensor: torch.Tensor, attrs: Mapping[str, Any]
     """:func:`kvw_ledger._codec.write_array` at this layout's chunk size."""
     _codec.write_array(path, tensor, attrs, _CHUNK_BYTES)
 
-
-def _canonical(obj: Any) -> bytes:
-    """Sorted keys, no spaces, a newline: one byte form per content (as the journal's)."""
-    return (
-        json.dumps(
-            obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-        ).encode()
-        + b"\n"
-    )
-
-
-def _head_seal(meta: Mapping[str, Any]) -> str:
-    unsealed = {**meta, "attributes": {k: v for k, v in meta["attributes"].items() if k != "seal"}}
-    return hashlib.sha256(_canonical(unsealed)).hexdigest()
-
-
-def _sealed_head_meta(attrs: Mapping[str, Any]) -> bytes:
-    """The head group's zarr.json: canonical JSON whose ``seal`` hashes the rest."""
-    meta: dict[str, Any] = {"attributes": dict(attrs), "node_type": "group", "zarr_format": 3}
-    meta["attributes"]["seal"] = _head_seal(meta)
-    return _canonical(meta)
-
-
-def _check_head_meta(raw: bytes) -> dict[str, Any]:
-    """The attributes of a sealed head zarr.json; IntegrityError naming it otherwise."""
-
-    def bad(why: str) -> IntegrityError:
-        return IntegrityError(
-            f"head/zarr.json {why}; the head cache was altered (the next write rebuilds it)"
-        )
-
-    try:
-        meta = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
-        canonical = _canonical(meta)
-    except (UnicodeDecodeError, ValueError, TypeError, RecursionError) as e:
-        raise bad(f"is not valid JSON ({e})") from e
-    if canonical != raw:
-        raise bad("is not a sealed head record in canonical form")
-    attrs = meta.get("attributes") if isinstance(meta, dict) else None
-    if set(meta) != {"attributes", "node_type", "zarr_format"} or not isinstance(attrs, dict):
-        raise bad("does not have the keys of a head record")
-    if set(attrs) != {"version", "digest", "files", "seal"} or attrs.get("seal") != _head_seal(
-        meta
-    ):
-        raise bad("does not match its seal")
-    version, files = attrs["version"], attrs["files"]
-    if not (isinstance(version, int) and not isinstance(version, bool) and version >= 0):
-        raise bad(f"names version {version!r}")
-    if not (isinstance(attrs["digest"], str) and isinstance(files, dict)):
-        raise bad("has a malformed digest or file list")
-    for rel, digest in files.items():
-        parts = rel.split("/")
-        if (
-            parts[0] != "head"
-            or len(parts) < 3
-            or any(p in ("", ".", "..") for p in parts)
-            or not isinstance(digest, str)
-        ):
-            raise bad(f"lists a bad file {rel!r}")
-    return attrs
-
-
-def _head_log_scale(attrs: Mapping[str, Any], site: str) -> torch.Tensor | None:
-    """Attr ``log_scale`` of a head array as a float32 scalar (None when absent)."""
-    value = attrs.get("log_scale")
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise IntegrityError(f"head/{site}/zarr.json has a malformed log_scale {value!r}")
-    return torch.tensor(value, dtype=torch.float32)
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        raise ValueError("duplicate key")
-    return out
 
 
 def _check_name(name: str) -> list[str]:

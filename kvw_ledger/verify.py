@@ -19,6 +19,7 @@ import torch
 
 from kvw_ledger.errors import IntegrityError, KVWLedgerError, RefNotFoundError
 from kvw_ledger.journal import Entry, Problem, hash_workers
+from kvw_ledger.model_files import raw_bits as _bits
 from kvw_ledger.replay import LedgerState, apply, replay
 from kvw_ledger.store import HeadCache, Store, tensor_hash
 
@@ -310,6 +311,3 @@ def _verify_base(ledger: Ledger, model_dir: str | Path | None) -> list[Problem]:
             problems.append(Problem(Store.base_path(name), f"differs from {loc.key} in {loc.file}"))
     return problems
 
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().reshape(-1).view(torch.uint8)

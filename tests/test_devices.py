@@ -15,6 +15,7 @@ import torch
 from click.testing import CliRunner
 from safetensors import safe_open
 
+from kvw_ledger import weights
 from kvw_ledger.cli import main
 from kvw_ledger.devices import Placement
 from kvw_ledger.errors import BadInputError
@@ -178,8 +179,8 @@ def test_bfloat16_on_a_float32_checkpoint_rounds_once_from_the_float32_base(tmp_
         want = (base * torch.exp(-ledger.exponents()[site.name]).unsqueeze(0)).to(torch.bfloat16)
         assert tiny.same_bits(site_weight(model, site), want), site.name
     # The first request took its bases from the store, not from the bfloat16 weights.
-    assert not ledger._model_holds_base_dtype(model)
-    assert ledger._model_holds_base_dtype(ledger.load(device="cpu")[0])
+    assert not weights.holds_base_dtype(ledger, model)
+    assert weights.holds_base_dtype(ledger, ledger.load(device="cpu")[0])
 
 
 def test_help_of_every_model_verb_shows_device_and_dtype() -> None:

@@ -213,7 +213,7 @@ def test_a_failure_on_one_rank_reaches_every_rank(tmp_path: Path) -> None:
 
 
 def test_under_nccl_auto_is_each_ranks_own_gpu() -> None:
-    from kvw_ledger.ledger import _rank_device
+    from kvw_ledger.weights import rank_device as _rank_device
 
     rank3 = World(rank=3, size=4, local_rank=3, backend="nccl")
     assert _rank_device(None, rank3) == _rank_device("auto", rank3) == "cuda:3"

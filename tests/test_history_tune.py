@@ -19,6 +19,7 @@ from kvw_ledger.history import build_history, plot_history
 from kvw_ledger.kvw import KVWConfig, weakened
 from kvw_ledger.ledger import Ledger
 from kvw_ledger.tune import TuneRow, parse_buckets, parse_gammas, recommend
+from kvw_ledger.weakening import Weakening
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,7 @@ def test_history_attenuation_is_the_norm_share_removed_at_each_version(ledger_di
         exponents = ledger.exponents(row["version"])
         for site in ledger.sites:
             base = ledger.base(site.name).float()
-            share = 1 - float(weakened(base, exponents[site.name], site.axis).norm() / base.norm())
+            share = 1 - float(weakened(base, Weakening(exponents), site.name, site.axis).norm() / base.norm())
             assert row["attenuation"][str(site.layer)] == pytest.approx(share, abs=1e-6)
     assert rows[0]["attenuation"] == {str(layer): 0.0 for layer in range(4)}
     version_a = rows[3]

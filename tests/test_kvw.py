@@ -24,6 +24,7 @@ from kvw_ledger.data import (
 from kvw_ledger.errors import BadInputError, NonFiniteActivationError
 from kvw_ledger.kvw import KVWConfig, accessor, gate, run_kvw, weakened
 from kvw_ledger.sites import discover_sites, select_layers, site_weight
+from kvw_ledger.weakening import Weakening
 
 
 def records(n: int, offset: int = 0) -> list[Record]:
@@ -451,10 +452,10 @@ def test_weakened_into_a_weight_gives_the_same_bits(dtype: torch.dtype, axis: in
     gen = torch.Generator().manual_seed(7)
     base = torch.randn(6, 5, generator=gen).to(dtype)
     exponent = torch.rand(base.shape[axis], generator=gen) * 3
-    scale = torch.tensor(0.25) if scaled else None
+    weakening = Weakening({"s": exponent}, {"s": torch.tensor(0.25)} if scaled else {})
     out = torch.full_like(base, float("nan"))
-    assert weakened(base, exponent, axis, scale, out=out) is out
-    assert tiny.same_bits(out, weakened(base, exponent, axis, scale))
+    assert weakened(base, weakening, "s", axis, out=out) is out
+    assert tiny.same_bits(out, weakened(base, weakening, "s", axis))
 
 
 def test_a_base_sharing_the_weights_memory_is_copied_and_a_separate_one_only_read() -> None:

@@ -32,6 +32,7 @@ from kvw_ledger.ledger import Ledger
 from kvw_ledger.loading import load_model, load_processor, max_length
 from kvw_ledger.sites import site_weight
 from kvw_ledger.stability import check_attenuation
+from kvw_ledger.weakening import Weakening
 
 CONFIG = KVWConfig(gamma=0.5)
 N_FORGET_SETS = 10
@@ -441,7 +442,7 @@ def test_the_first_request_copies_its_bases_from_the_checked_model(
     for name, w in result.exponents.items():
         assert tiny.same_bits(_exponent(ledger, "A", name, w.numel()), w), name
     staged = {s.name: result.exponents.get(s.name, torch.zeros(s.n_vectors)) for s in ledger.sites}
-    _, shares = check_attenuation(stored, staged, {s.name: s.axis for s in ledger.sites}, 1.0)
+    _, shares = check_attenuation(stored, Weakening(staged), {s.name: s.axis for s in ledger.sites}, 1.0)
     assert entry.body["stability"]["attenuation"] == shares
 
     # With a request active the model no longer holds the bases: they are read.

@@ -52,6 +52,7 @@ from kvw_ledger.kvw import KVWConfig
 from kvw_ledger.ledger import Ledger
 from kvw_ledger.lock import WriterLock
 from kvw_ledger.store import Store
+from kvw_ledger.weakening import Weakening
 
 SEED = int(os.environ.get("KVW_CRASH_SEED", "0"))
 RANDOM_TRIALS = 10  # per verb; with the protocol-step trials, over 50 kills in all
@@ -300,9 +301,9 @@ def test_killed_export_leaves_no_complete_looking_directory(
     scenario: crashkit.Scenario, tmp_path: Path
 ) -> None:
     ledger = Ledger.open(scenario.prepared)
-    exponents = ledger.exponents()
+    exponents = Weakening(ledger.exponents())
     expected = {
-        ledger.locations[s.name].key: ledger.effective(s.name, exponents[s.name])
+        ledger.locations[s.name].key: ledger.effective(s.name, exponents)
         for s in ledger.sites
     }
     rng = random.Random(f"{SEED}/export")
@@ -405,9 +406,9 @@ def test_concurrent_writers_and_readers(scenario: crashkit.Scenario, tmp_path: P
         assert entries[version - 1].hash == provenance["entry_hash"], out.name
         assert provenance["active_requests"] == ledger.state(version).active, out.name
         if version not in weights:
-            exps = ledger.exponents(version)
+            exps = Weakening(ledger.exponents(version))
             weights[version] = {
-                ledger.locations[s.name].key: ledger.effective(s.name, exps[s.name])
+                ledger.locations[s.name].key: ledger.effective(s.name, exps)
                 for s in ledger.sites
             }
         with safe_open(str(out / "model.safetensors"), framework="pt") as f:

@@ -38,6 +38,7 @@ from kvw_ledger.stability import (
     overflowing,
 )
 from kvw_ledger.store import tensor_hash
+from kvw_ledger.weakening import Weakening
 
 # gamma 0.5 is a power of two: gamma * A is exact, so a recomputation that multiplies
 # and adds separately must agree bit for bit with one that fuses them.
@@ -197,12 +198,12 @@ def test_attenuation_is_the_share_of_the_frobenius_norm_removed() -> None:
     base = torch.randn(6, 10, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     w = torch.linspace(0, 2, 10)
     expected = 1 - float((base.double() * torch.exp(-w.double())).norm() / base.double().norm())
-    assert attenuation(base, w, 1) == pytest.approx(expected, abs=1e-6)
-    assert attenuation(base.T.contiguous(), w, 0) == pytest.approx(
+    assert attenuation(base, Weakening({"s": w}), "s", 1) == pytest.approx(expected, abs=1e-6)
+    assert attenuation(base.T.contiguous(), Weakening({"s": w}), "s", 0) == pytest.approx(
         expected, abs=1e-6
     )  # Conv1D axis
-    assert attenuation(base, torch.zeros(10), 1) == 0.0
-    assert attenuation(torch.zeros(6, 10), w, 1) == 0.0
+    assert attenuation(base, Weakening({"s": torch.zeros(10)}), "s", 1) == 0.0
+    assert attenuation(torch.zeros(6, 10), Weakening({"s": w}), "s", 1) == 0.0
 
 
 def test_compare_probes_limits_retain_figures_and_records_forget_as_efficacy() -> None:
@@ -302,12 +303,12 @@ def test_a_broken_budget_aborts_leaving_every_file_unchanged(
 
 def test_check_zeroed_counts_vectors_scaled_below_the_floor() -> None:
     w = torch.tensor([0.0, 6.0, 7.0, 50.0])  # factors 1, 2.5e-3, 9.1e-4, 2e-22
-    checks, shares = check_zeroed({"s": w}, 0.25, 1e-3)
+    checks, shares = check_zeroed(Weakening({"s": w}), 0.25, 1e-3)
     assert shares == {"s": 0.5} and not checks[0].passed and checks[0].name == "zeroed s"
-    assert check_zeroed({"s": w}, 0.5, 1e-3)[0][0].passed
-    assert check_zeroed({"s": w}, 0.25, 1e-2)[1] == {"s": 0.75}
+    assert check_zeroed(Weakening({"s": w}), 0.5, 1e-3)[0][0].passed
+    assert check_zeroed(Weakening({"s": w}), 0.25, 1e-2)[1] == {"s": 0.75}
     # a log-scale lifts every factor of its site: exp(5 - 7) is no longer under 1e-3
-    assert check_zeroed({"s": w}, 0.25, 1e-3, {"s": torch.tensor(5.0)})[1] == {"s": 0.25}
+    assert check_zeroed(Weakening({"s": w}, {"s": torch.tensor(5.0)}), 0.25, 1e-3)[1] == {"s": 0.25}
 
 
 def test_overflowing_names_non_finite_and_huge_exponents() -> None:
