@@ -77,12 +77,7 @@ def export_transform(
 def tensor_hashes(
     ledger, at: str | int = "HEAD", *, model_dir: str | Path | None = None, progress: bool = True
 ) -> dict[str, str]:
-    """sha256 of every weight tensor that ``export(at=...)`` writes, by checkpoint key.
-
-    Computed as the export computes them (the same transform of the same checkpoint
-    tensors), one tensor at a time, without writing an export: each hash is of the
-    tensor's raw bytes, which a safetensors file stores as they are.
-    """
+    """The body of :meth:`Ledger.tensor_hashes`, which documents it."""
     from safetensors import safe_open
 
     version = ledger.resolve(at)
@@ -109,19 +104,7 @@ def export(
     progress: bool = True,
     format: str = "safetensors",
 ) -> int:
-    """Writes version ``at`` as a Hugging Face model directory, one shard at a time;
-    returns the version exported (``out_dir`` holds it, with its provenance).
-
-    The weight files come from the model directory (fingerprint-checked, so they
-    are the base); only the sites' tensors change. No ledger array goes in.
-
-    ``format="peft"`` writes the version instead as a peft IA3 adapter on the
-    value projections (``exp(S - W)`` per value vector, see :mod:`kvw_ledger.adapter`),
-    to load with ``PeftModel.from_pretrained(base, out_dir)`` on the base model.
-
-    Raises:
-        BadInputError: an unknown format, or a site IA3 cannot express (named).
-    """
+    """The body of :meth:`Ledger.export`, which documents it."""
     if format not in EXPORT_FORMATS:
         raise BadInputError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, not {format!r}")
     entries = ledger.entries()

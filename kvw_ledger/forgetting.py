@@ -95,32 +95,7 @@ def forget(
     dtype: str | torch.dtype | None = None,
     world: World = LOCAL,
 ) -> Entry:
-    """Answers one deletion request: KVW on the model at HEAD, checks, then a commit.
-
-    Args:
-        limits: the stability limits of this call (default: the ledger's, see
-            :meth:`limits`; ``ledger.limits(on_fail="warn")`` changes one of them).
-        forget_probe: a JSONL file whose figures are recorded as efficacy.
-        device, dtype: where and how the model runs (see :meth:`load`); the stored
-            base and exponents do not depend on them.
-        world: the data-parallel job this process is a rank of: every rank runs the
-            progressive loop on its share of each batch, rank 0 alone checks and
-            commits, and every rank returns its entry (or raises its error).
-        label_eos: also count the positions that predict the eos (default: as the
-            retain statistics were measured, which must agree).
-        target: search gamma (from ``config.gamma``) for the smallest that brings the
-            forget probe's generation accuracy to ``target.target`` within the
-            stability limits, and commit that (see :mod:`kvw_ledger.target`); needs
-            ``forget_probe``. The search is recorded in the entry.
-
-    Raises:
-        BadInputError: no retain statistics are registered, the id is taken, or
-            the data is unusable.
-        StabilityCheckError: the staged HEAD failed a check and ``on_fail`` is abort;
-            nothing was written.
-        TargetNotReachedError: with ``target``, no gamma reached it within the limits;
-            nothing was written.
-    """
+    """The body of :meth:`Ledger.forget`, which documents it."""
     staging.check_limits_type(limits)
     config = config or KVWConfig()
     placement = Placement.resolve(weights.rank_device(device, world), dtype)

@@ -20,7 +20,7 @@ import os
 import re
 import secrets
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -279,16 +279,7 @@ def _parse_sound_entry(raw: bytes, version: int) -> Entry | None:
     at = raw.rfind(member + b',"files":{')
     if at < 0 or sha256_bytes(raw[:at] + raw[at + len(member) :]) != digest:
         return None
-    return Entry(
-        version=version,
-        op=data["op"],
-        time=data["time"],
-        parent=data["parent"],
-        files=data["files"],
-        body=data["body"],
-        hash=sha256_bytes(raw),
-        operator=data.get("operator"),
-    )
+    return _entry(version, data, raw)
 
 
 # Paths joined with NUL (which no sound path holds): one match checks them all.
@@ -344,16 +335,7 @@ def _parse_entry_strictly(raw: bytes, version: int, where: Path | str) -> Entry:
     content = {key: value for key, value in data.items() if key != "digest"}
     if sha256_bytes(canonical_json(content)) != data["digest"]:
         raise IntegrityError(f"journal entry {where} does not match its digest; it was altered")
-    return Entry(
-        version=version,
-        op=data["op"],
-        time=data["time"],
-        parent=data["parent"],
-        files=data["files"],
-        body=data["body"],
-        hash=sha256_bytes(raw),
-        operator=data.get("operator"),
-    )
+    return _entry(version, data, raw)
 
 
 @dataclass(frozen=True)
@@ -788,3 +770,17 @@ def _hash_files(root: Path, paths: set[str]) -> dict[str, str | OSError]:
 
 
 _HASH_BATCH = 256  # files hashed per thread task
+
+
+def _entry(version: int, data: Mapping[str, Any], raw: bytes) -> Entry:
+    """The Entry a checked file holds: ``data`` parsed from ``raw``, its hash the file's."""
+    return Entry(
+        version=version,
+        op=data["op"],
+        time=data["time"],
+        parent=data["parent"],
+        files=data["files"],
+        body=data["body"],
+        hash=sha256_bytes(raw),
+        operator=data.get("operator"),
+    )

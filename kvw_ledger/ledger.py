@@ -362,14 +362,7 @@ class Ledger:
         return weights.load(self, model_dir, at, Placement.resolve(device, dtype), progress)
 
     def _check_model_dir(self, directory: Path, progress: bool = True, *, cached: bool = True) -> None:
-        """The model directory must hold the model init saw: same architecture, same bytes.
-
-        With ``cached``, files the ledger's fingerprint cache trusts are not read again
-        (see :mod:`kvw_ledger.fingerprint_cache`); ``verify`` passes False and hashes all.
-
-        Raises:
-            ModelMismatchError: another architecture, or a weight file or config that differs.
-        """
+        """See :func:`kvw_ledger.weights.check_model_dir`."""
         weights.check_model_dir(self, directory, progress, cached=cached)
 
     # --- verbs that write -------------------------------------------------------------

@@ -95,19 +95,7 @@ def rederive(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
 ) -> Entry:
-    """Recomputes requests with other retain statistics, as one atomic entry.
-
-    Requests (default: every active one) are re-derived in chain order. Fast mode
-    uses each request's stored per-batch C_f trace with the new C_r, no forward
-    pass; a request in ``exact`` (id -> its forget data) re-runs the progressive
-    loop on the model as re-derived so far, and its data must be the data it was
-    applied with.
-
-    Raises:
-        RequestStateError: a named request is not active.
-        BadInputError: a request has no trace and no exact data, or exact data
-            differs from the recorded fingerprint.
-    """
+    """The body of :meth:`Ledger.rederive`, which documents it."""
     staging.check_limits_type(limits)
     exact = dict(exact or {})
     placement = Placement.resolve(device, dtype)
@@ -287,21 +275,7 @@ def revert(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
 ) -> Entry:
-    """Takes one request back; later requests stay. History is appended, never rewritten.
-
-    With ``retain_with`` (a retain set that again holds the withdrawn request's
-    data: its person has withdrawn the request, so it is retain data again) the same
-    entry also measures and registers retain statistics on it, made as the latest
-    registered ones were (statistic, batch size, positions, version measured on),
-    and re-derives every other active request fast from its C_f trace with them:
-    one commit point, so an interrupted revert leaves nothing.
-
-    Raises:
-        RequestStateError: the request does not exist or is not active.
-        BadInputError: with ``retain_with``, no retain stats are registered, the id
-            is taken, or another active request has no C_f trace.
-        StabilityCheckError: the staged HEAD failed a check (on_fail abort).
-    """
+    """The body of :meth:`Ledger.revert`, which documents it."""
     staging.check_limits_type(limits)
     placement = Placement.resolve(device, dtype)
     records = data.read_records(retain_with) if retain_with is not None else None

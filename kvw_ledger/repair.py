@@ -17,21 +17,7 @@ if TYPE_CHECKING:
 
 
 def repair(ledger: Ledger) -> dict[str, Any]:
-    """Moves a torn newest journal entry aside, with a record of what was done.
-
-    Acts only when the newest entry file is not a valid entry: it goes, with the
-    arrays no remaining entry names (what that write added), into
-    ``repair/<time>-v<version>/`` beside a ``record.json``; the head cache is rebuilt
-    for the version before it. A valid newest entry is never touched.
-
-    Returns:
-        The record (``{"repaired": False, ...}`` when there was nothing to repair).
-
-    Raises:
-        IntegrityError: some other entry is damaged or missing, which repair never
-            changes; the message names it.
-        BadInputError: a URL ledger (repair its mirror's source by hand).
-    """
+    """The body of :meth:`Ledger.repair`, which documents it."""
     if ledger.remote is not None:
         raise BadInputError(f"repair works on a ledger directory, not on {ledger.remote.url}")
     with WriterLock(ledger.path, operation="repair", on_stale=ledger._on_stale).holding(ledger.lock_timeout, ledger.on_wait):

@@ -42,8 +42,9 @@ def measure_retain(
     measured = retain_stat.measure(
         model, ledger.sites, examples, statistic, batch_size, encoder.pad_token_id, progress=progress
     )
-    return write_retain(ledger, records, stats_id, version, batch_size, statistic, label_eos, measured.values,
-        measured.counts, measured.batches,
+    return write_retain(
+        ledger, records, stats_id, version, batch_size, statistic, label_eos,
+        measured.values, measured.counts, measured.batches,
     )
 
 
@@ -107,16 +108,7 @@ def retain(
     dtype: str | torch.dtype | None = None,
     world: World = LOCAL,
 ) -> Entry:
-    """Measures retain statistics (C_r per site) on version ``at`` and registers them.
-
-    ``statistic`` is what the accessor compares with (see :mod:`kvw_ledger.retain_stat`):
-    the pooled mean (the paper's), or a per-neuron quantile or maximum of batch means
-    at ``batch_size``. ``label_eos`` also counts the positions that predict the eos
-    or end-of-turn token; requests that use these stats must be made the same way.
-    ``device`` and ``dtype`` place the model as :meth:`load` does. Under data
-    parallel (``world``) each rank measures its share of every batch and rank 0
-    alone commits; every rank returns its entry (or raises its error).
-    """
+    """The body of :meth:`Ledger.retain`, which documents it."""
     placement = Placement.resolve(weights.rank_device(device, world), dtype)  # fails before anything runs
     retain_stat.check_statistic(statistic)
     if statistic != "mean" and world.parallel:

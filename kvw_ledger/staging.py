@@ -200,11 +200,7 @@ def probe(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
 ) -> Entry:
-    """Registers probe sets (kept in the ledger) and/or ledger-wide stability limits.
-
-    The probes are measured on the base and on HEAD now; later checks compare
-    each staged step with both.
-    """
+    """The body of :meth:`Ledger.probe`, which documents it."""
     placement = Placement.resolve(device, dtype)
     sources = {k: v for k, v in (("retain", retain), ("general", general)) if v is not None}
     check_limits_type(limits)
