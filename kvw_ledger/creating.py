@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kvw_ledger import model_files
+from kvw_ledger import model_files, sums
 from kvw_ledger._fs import sha256_file
 from kvw_ledger.errors import KVWLedgerError, LedgerExistsError, StorageError
 from kvw_ledger.journal import Journal, check_operator
@@ -84,7 +84,7 @@ def create(
                 "active": [],
             }
             entry = ledger.journal.append("init", body, files, parent=None, operator=operator)
-            ledger._write_head(entry)
+            sums.write_head(ledger, entry)
     except BaseException as e:
         # The directory is ours (create refuses existing ones): leave nothing half made.
         shutil.rmtree(store.path, ignore_errors=True)

@@ -5,9 +5,9 @@ is ``base * exp(-sum of the active requests' exponents)``, computed in float32 f
 the base and cast once, so revert and replay are bit-exact and nothing is ever
 divided to undo a request. Requests made with ``rescale`` also keep a per-site
 log-scale s, summed like the exponents: the factor is then ``exp(S - W)``.
-Every write follows one protocol: take the writer lock,
-write arrays, append the journal entry (the commit point), then refresh the head
-cache (the sum of active exponents at the newest version).
+Every write follows one protocol: take the writer lock, write arrays, append the
+journal entry (the commit point), then refresh the head cache (the sum at the newest
+version, see :mod:`kvw_ledger.sums`).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from kvw_ledger import (
+    collecting,
     creating,
     exporting,
     forgetting,
@@ -31,44 +32,28 @@ from kvw_ledger import (
     repair,
     retaining,
     staging,
+    sums,
     views,
     weights,
 )
 from kvw_ledger.devices import Placement
 from kvw_ledger.distributed import LOCAL, World
-from kvw_ledger.errors import (
-    BadInputError,
-    IntegrityError,
-    RefNotFoundError,
-    RequestStateError,
-    TornEntryError,
-)
-from kvw_ledger.journal import (
-    Entry,
-    Journal,
-)
-from kvw_ledger.kvw import (
-    KVWConfig,
-    weakened,
-)
+from kvw_ledger.errors import IntegrityError, RequestStateError, TornEntryError
+from kvw_ledger.journal import Entry, Journal
+from kvw_ledger.kvw import KVWConfig, weakened
 from kvw_ledger.loading import DeviceMap
-from kvw_ledger.lock import WriterLock
 from kvw_ledger.reader import LedgerReader
 from kvw_ledger.remote import Remote
-from kvw_ledger.replay import LedgerState, RequestInfo, replay, request_prefixes
+from kvw_ledger.replay import LedgerState, RequestInfo, replay
 from kvw_ledger.session import WriteSession, open_session
 from kvw_ledger.sites import Site
-from kvw_ledger.stability import (
-    OnFail,
-    StabilityLimits,
-)
-from kvw_ledger.store import HeadCache, Store
+from kvw_ledger.stability import OnFail, StabilityLimits
+from kvw_ledger.store import Store
 from kvw_ledger.target import TargetSearch
 from kvw_ledger.verify import VerifyReport, verify_ledger
 from kvw_ledger.weakening import Weakening
 
 __all__ = ["Ledger", "LedgerState", "RequestInfo", "VerifyReport"]
-
 
 
 def _utc_now() -> _dt.datetime:
@@ -142,27 +127,17 @@ class Ledger:
             LedgerNotFoundError: nothing at ``path`` is a ledger.
             FormatVersionError: it was written by a newer kvw-ledger.
         """
-        reader = LedgerReader.open(
-            path, clock=clock or _utc_now, check_root=check_root, lock_timeout=cls.lock_timeout
-        )
+        reader = LedgerReader.open(path, clock=clock or _utc_now, check_root=check_root, lock_timeout=cls.lock_timeout)
         ledger = cls(Store(reader.path, reader.attrs), reader.journal)
         if reader.remote is not None:
             ledger.remote = reader.remote
-            ledger._refresh_head()
+            sums.refresh_head(ledger)
         return ledger
 
     @property
     def location(self) -> str:
         """Where the ledger lives: its URL, or its directory."""
         return self.remote.url if self.remote is not None else str(self.path)
-
-    def _refresh_head(self) -> None:
-        """Rebuilds a mirror's head cache when a pull moved HEAD past it."""
-        head = self.head()
-        if self._head_cache(head) is None:
-            with WriterLock(self.path, operation="head").holding(self.lock_timeout, self.on_wait):
-                if self._head_cache(self.head()) is None:
-                    self._write_head(self.head())
 
     # --- reading history ------------------------------------------------------------
 
@@ -208,12 +183,7 @@ class Ledger:
         site the exponents that changed (the dict ``diff --json`` prints; see :func:`views.diff`)."""
         entries = self.entries()
         a, b = (replay(entries, self.resolve(ref, entries)) for ref in (ref_a, ref_b))
-        return views.diff(self.sites, a, b, self.request_weakening, self._scaled_sites, top)
-
-    def _scaled_sites(self, request_id: str, state: LedgerState) -> set[str]:
-        """The sites ``request_id`` holds a log-scale for at ``state`` (listed, not read)."""
-        prefix = state.log_scales.get(request_id)
-        return set() if prefix is None else {n.rsplit("/", 1)[1] for n in self.store.list_arrays(prefix)}
+        return views.diff(self.sites, a, b, self.request_weakening, lambda r, s: sums.scaled_sites(self, r, s), top)
 
     # --- weights ----------------------------------------------------------------------
 
@@ -240,52 +210,19 @@ class Ledger:
         cache only, so its cost does not grow with the number of requests; any other
         REF, or a stale or damaged cache, replays the journal and sums the requests.
         """
-        try:
-            head: Entry | None = self.head()
-        except TornEntryError:
-            head = None  # older versions replay from the valid entries; HEAD refuses in resolve()
-        if head is not None and refs.names_version(at, head.version):
-            cached = self._head_cache(head)
-            if cached is not None:
-                return head.version, cached.weakening
-        state = self.state(at)
-        if head is not None and state.version == head.version and not refs.names_version(at, head.version):
-            cached = self._head_cache(head)  # a request id that names HEAD
-            if cached is not None:
-                return state.version, cached.weakening
-        return state.version, self._sum(state)
-
-    def _head_cache(self, head: Entry) -> HeadCache | None:
-        """The head cache if it stands for ``head`` (same version and entry hash)."""
-        try:
-            cached = self.store.read_head_cache()
-        except IntegrityError:
-            return None  # a damaged cache is only slower: `verify` reports it
-        if cached is None or cached.version != head.version or cached.digest != head.hash:
-            return None
-        return cached
-
-    def _sum(self, state: LedgerState, active: Sequence[str] | None = None) -> Weakening:
-        """Sums the current arrays of ``active`` (default: the state's) in chain order."""
-        chain = state.active if active is None else active
-        return Weakening.total(self.sites, (self.request_weakening(r, state) for r in chain))
+        return sums.summed(self, at)
 
     def request_weakening(self, request_id: str, state: LedgerState | None = None) -> Weakening:
         """One request's current exponents and log-scales (see :meth:`request_exponents`)."""
-        state = state or self.state()
-        return Weakening(self.request_exponents(request_id, state), self.request_log_scales(request_id, state))
+        return sums.request(self, request_id, state or self.state())
 
-    def request_log_scales(
-        self, request_id: str, state: LedgerState | None = None
-    ) -> dict[str, torch.Tensor]:
+    def request_log_scales(self, request_id: str, state: LedgerState | None = None) -> dict[str, torch.Tensor]:
         """One request's current log-scales per site; empty unless it was made with ``rescale``.
 
         Raises:
             RefNotFoundError: the request's arrays were deleted by ``gc``.
         """
-        state = state or self.state()
-        prefix = state.log_scales.get(request_id)
-        return {} if prefix is None else self._request_arrays(prefix, request_id, "log-scales")
+        return sums.request_log_scales(self, request_id, state or self.state())
 
     def request_exponents(self, request_id: str, state: LedgerState | None = None) -> dict[str, torch.Tensor]:
         """One request's current exponents per site (sites outside its layers are absent).
@@ -293,18 +230,7 @@ class Ledger:
         Raises:
             RefNotFoundError: the request's arrays were deleted by ``gc``.
         """
-        state = state or self.state()
-        return self._request_arrays(state.exponent_prefix(request_id), request_id, "exponents")
-
-    def _request_arrays(self, prefix: str, request_id: str, what: str) -> dict[str, torch.Tensor]:
-        """site -> array for every array under ``prefix`` (one request's ``what``)."""
-        arrays = self.store.read_sites(prefix)
-        if not arrays:
-            raise RefNotFoundError(
-                f"the {what} of request {request_id!r} are gone (deleted by gc, or never written); "
-                "versions where it was active can no longer be rebuilt"
-            )
-        return arrays
+        return sums.request_exponents(self, request_id, state or self.state())
 
     def base(self, site: str) -> torch.Tensor:
         """The value matrix of ``site`` as first seen (original dtype).
@@ -312,13 +238,7 @@ class Ledger:
         Within one write each base is read once (it is immutable); the KVW loop and
         the stability checks share it.
         """
-        cache = self._tx.bases if self._tx is not None else None
-        if cache is not None and site in cache:
-            return cache[site]
-        value = self.store.read_base(site)
-        if cache is not None:
-            cache[site] = value
-        return value
+        return self._tx.base(site) if self._tx is not None else self.store.read_base(site)
 
     def effective(self, site: str, weakening: Weakening) -> torch.Tensor:
         """``base * exp(S - W)`` of ``weakening`` for one site, in float32, cast once."""
@@ -595,30 +515,7 @@ class Ledger:
         their hashes, and this entry lists them, so ``verify`` still passes. Versions
         at which a deleted request was active can no longer be rebuilt.
         """
-        if not reverted:
-            raise BadInputError("gc needs --reverted (the only kind of garbage it collects)")
-        with self._session("gc") as tx:
-            entries = self.entries()
-            head = entries[-1]
-            state = self.state(head.version)
-            staging.check_reads(self, "gc", state, base=False)  # its head refresh sums the active requests
-            victims = sorted(r for r in state.reverted if r not in state.active and r not in state.deleted)
-            prefixes = {r: request_prefixes(r, entries) for r in [*victims, *state.deleted]}
-            on_disk = self.store.files()
-            deleted_files = sorted(
-                f for r in victims for prefix in prefixes[r] for f in on_disk if f.startswith(f"{prefix}/")
-            )
-            body = {"deleted": victims, "deleted_files": deleted_files, "active": state.active}
-            entry = tx.commit("gc", body, {}, parent=head)  # the active set is unchanged; no deleted array is needed
-            # Delete only after the commit: a crash in between leaves files the journal already
-            # calls deleted (the next gc removes them), never a missing file an entry still needs.
-            # Requests deleted by an earlier gc are swept again for such leftovers.
-            for held in prefixes.values():
-                for prefix in held:
-                    self.store.delete(prefix)
-            return entry
-
-    # --- repair -----------------------------------------------------------------------
+        return collecting.gc(self, reverted=reverted)
 
     def repair(self) -> dict[str, Any]:
         """Moves a torn newest journal entry aside, with a record of what was done.
@@ -640,9 +537,7 @@ class Ledger:
 
     # --- verification -----------------------------------------------------------------
 
-    def verify(
-        self, *, model_dir: str | Path | None = None, check_model: bool = True
-    ) -> VerifyReport:
+    def verify(self, *, model_dir: str | Path | None = None, check_model: bool = True) -> VerifyReport:
         """Re-hashes the chain, every file and array, the head cache and the base.
 
         Arrays and files that no entry names (left by a crash) are warnings.
@@ -670,17 +565,10 @@ class Ledger:
         Raises:
             BadInputError: a limit is out of range.
         """
-        given = {
-            "max_attenuation": max_attenuation,
-            "max_retain_drop": max_retain_drop,
-            "max_nll_increase": max_nll_increase,
-            "max_zeroed": max_zeroed,
-            "zero_floor": zero_floor,
-            "on_fail": on_fail,
-        }
-        state = self.state()
-        return StabilityLimits(**{**staging.resolve_limits(self, state, None).to_dict(),
-                                  **{k: v for k, v in given.items() if v is not None}})
+        return staging.limits(self, {
+            "max_attenuation": max_attenuation, "max_retain_drop": max_retain_drop, "max_nll_increase": max_nll_increase,
+            "max_zeroed": max_zeroed, "zero_floor": zero_floor, "on_fail": on_fail,
+        })
 
     def _session(self, operation: str) -> contextlib.AbstractContextManager[WriteSession]:
         """One write (see :mod:`kvw_ledger.session`): ``with self._session(op) as tx``."""
@@ -713,11 +601,3 @@ class Ledger:
     def _warn(self, message: str) -> None:
         if self.on_warning is not None:
             self.on_warning(message)
-
-    def _write_head(self, entry: Entry, weakening: Weakening | None = None) -> None:
-        """Caches the sum at ``entry``: the one given (from a staged step), else replayed."""
-        if weakening is None:
-            weakening = self._sum(self.state(entry.version))
-        self.store.write_head(weakening, entry.version, entry.hash)
-
-

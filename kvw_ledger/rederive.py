@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from kvw_ledger import data, refs, retaining, staging, weights
+from kvw_ledger import data, refs, retaining, staging, sums, weights
 from kvw_ledger.devices import Placement
 from kvw_ledger.errors import BadInputError, RefNotFoundError, RequestStateError
 from kvw_ledger.journal import Entry
@@ -294,7 +294,7 @@ def revert(
         body: dict[str, Any] = {"request": request_id, "reason": reason, "active": active}
         files: dict[str, str] = {}
         if records is None:
-            staged = ledger._sum(state, active)
+            staged = sums.total(ledger, state, active)
         else:
             staged = revert_retain_with(ledger, state, head, active, records, retain_id, body, files, model_dir, placement, progress
             )

@@ -6,6 +6,7 @@ import hashlib
 import os
 from typing import TYPE_CHECKING, Any
 
+from kvw_ledger import sums
 from kvw_ledger._fs import fsync_dir
 from kvw_ledger.errors import BadInputError, IntegrityError, TornEntryError
 from kvw_ledger.journal import canonical_json
@@ -71,5 +72,5 @@ def repair(ledger: Ledger) -> dict[str, Any]:
         record["moved_arrays"] = leftovers
         (folder / "record.json").write_bytes(canonical_json(record))
         fsync_dir(folder)
-        ledger._write_head(ledger.head())
+        sums.write_head(ledger, ledger.head())
         return record

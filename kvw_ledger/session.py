@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from kvw_ledger import sums
 from kvw_ledger.distributed import Step, World, is_shared
 from kvw_ledger.errors import KVWLedgerError, StorageError
 from kvw_ledger.interrupts import InterruptGuard
@@ -49,6 +50,12 @@ class WriteSession:
         self.claimed: list[str] = []  # prefixes this write owns until it commits
         self.committed: Entry | None = None  # the entry this write committed, if any
         self.bases: dict[str, torch.Tensor] = {}  # bases read during this write (immutable)
+
+    def base(self, site: str) -> torch.Tensor:
+        """The base of ``site``, read from the store once in this write (it never changes)."""
+        if site not in self.bases:
+            self.bases[site] = self.ledger.store.read_base(site)
+        return self.bases[site]
 
     def claim(self, prefix: str) -> None:
         """Removes what an interrupted writer left under ``prefix``, and owns it until commit.
@@ -99,7 +106,7 @@ class WriteSession:
 
     def write_head(self, entry: Entry, weakening: Weakening | None = None) -> None:
         """Caches the sum at ``entry``: ``weakening`` (a staged step's), else replayed."""
-        self.ledger._write_head(entry, weakening)
+        sums.write_head(self.ledger, entry, weakening)
 
 
 @contextlib.contextmanager

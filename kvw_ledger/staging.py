@@ -48,6 +48,13 @@ def resolve_limits(ledger: Ledger, state: LedgerState, given: StabilityLimits | 
     return StabilityLimits(**state.limits)
 
 
+def limits(ledger: Ledger, given: Mapping[str, Any]) -> StabilityLimits:
+    """The body of :meth:`Ledger.limits`, which documents it (``given``: limit -> value or None)."""
+    state = ledger.state()
+    return StabilityLimits(**{**resolve_limits(ledger, state, None).to_dict(),
+                              **{k: v for k, v in given.items() if v is not None}})
+
+
 def check_reads(
     ledger: Ledger,
     operation: str,

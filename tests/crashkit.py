@@ -41,7 +41,7 @@ import tiny
 import torch
 from tqdm import std as tqdm_std
 
-from kvw_ledger import cli
+from kvw_ledger import cli, sums
 from kvw_ledger import journal as journal_module
 from kvw_ledger import lock as lock_module
 from kvw_ledger import store as store_module
@@ -543,7 +543,7 @@ def _check_weights(ledger: Ledger, outcome: Outcome) -> None:
     state = ledger.state()
     try:
         got = ledger.exponents()
-        want = ledger._sum(state).exponents
+        want = sums.total(ledger, state).exponents
     except Exception as e:
         outcome.errors.append(f"HEAD's exponents cannot be read: {e!r}")
         return

@@ -23,6 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from kvw_ledger import sums
 from kvw_ledger.cli import main
 from kvw_ledger.coefficients import collect
 from kvw_ledger.data import Encoder, Example, Record, encode_all, iter_batches
@@ -412,7 +413,7 @@ def test_rederive_recomputes_the_scales_and_gc_deletes_them(
     ledger.materialize(live)
     for site in ledger.sites:
         base = originals[ledger.locations[site.name].key]
-        w = ledger._sum(state).exponents[site.name]
+        w = sums.total(ledger, state).exponents[site.name]
         s = ledger.log_scales().get(site.name)
         assert tiny.same_bits(site_weight(live, site).detach(), _expected(base, w, s)), site.name
     assert ledger.verify().problems == []
