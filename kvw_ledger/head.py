@@ -3,7 +3,8 @@
 The head is named by no journal entry, so its group ``zarr.json`` seals itself:
 canonical JSON whose ``seal`` hashes the rest, listing every head file's sha256.
 :class:`~kvw_ledger.store.Store` writes and reads the arrays; this module owns the
-value it reads back and the seal's format.
+value it reads back, what a head may hold, the seal's format and the check of the
+head's files against it.
 """
 
 from __future__ import annotations
@@ -11,16 +12,26 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from kvw_ledger.errors import IntegrityError
+from kvw_ledger._tree import check_site
+from kvw_ledger.errors import BadInputError, IntegrityError
 from kvw_ledger.weakening import Weakening
 
-__all__ = ["HeadCache", "check_meta", "log_scale_attr", "sealed_meta"]
+__all__ = [
+    "HeadCache",
+    "check_files",
+    "check_meta",
+    "checked_scales",
+    "log_scale_attr",
+    "sealed_meta",
+    "sealed_sites",
+]
 
 
 @dataclass(frozen=True)
@@ -30,6 +41,27 @@ class HeadCache:
     weakening: Weakening  # the summed exponents and log-scales at ``version``
     version: int
     digest: str
+
+
+def checked_scales(weakening: Weakening, version: int, digest: str) -> dict[str, float]:
+    """The log-scales a head at ``version`` (entry hash ``digest``) keeps, site -> float,
+    once every site, scale, ``version`` and ``digest`` is one a head can hold.
+
+    Raises:
+        BadInputError: naming the value at fault.
+    """
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise BadInputError(f"head version must be an int >= 0, got {version!r}")
+    if not isinstance(digest, str):
+        raise BadInputError(f"head digest must be a str, got {type(digest).__name__}")
+    tensors = weakening.exponents
+    for site in tensors:
+        check_site(site)
+    scales = {site: float(value) for site, value in weakening.log_scales.items()}
+    for site, value in scales.items():
+        if site not in tensors or not math.isfinite(value):
+            raise BadInputError(f"head log-scale of {site!r} must be finite and name a site")
+    return scales
 
 
 def _canonical(obj: Any) -> bytes:
@@ -91,6 +123,54 @@ def check_meta(raw: bytes) -> dict[str, Any]:
         ):
             raise bad(f"lists a bad file {rel!r}")
     return attrs
+
+
+def sealed_sites(attrs: Mapping[str, Any]) -> list[str]:
+    """The sites whose arrays a sealed head record (:func:`check_meta`'s attributes) lists."""
+    return sorted(
+        rel.split("/")[1]
+        for rel in attrs["files"]
+        if re.fullmatch(r"head/[^/]+/zarr\.json", rel)
+    )
+
+
+def check_files(
+    raw: bytes | None, on_disk: set[str], sha256: Callable[[str], str]
+) -> list[tuple[str, str]]:
+    """Every head file against the seal in ``raw`` (``head/zarr.json``'s bytes, None when
+    absent): ``on_disk`` the ledger-relative files under ``head/``, ``sha256`` the digest of one.
+
+    Returns:
+        (ledger-relative path, what is wrong) per damaged, missing or extra file;
+        empty when the head is whole, or absent (a crash between the two renames).
+    """
+    if raw is None:
+        return [
+            (f, "is in head/, which has no zarr.json; the head cache was altered")
+            for f in sorted(on_disk)
+        ]
+    try:
+        listed = check_meta(raw)["files"]
+    except IntegrityError as e:
+        return [("head/zarr.json", str(e))]
+    problems = []
+    for rel in sorted((on_disk - {"head/zarr.json"}) | set(listed)):
+        if rel not in on_disk:
+            problems.append((rel, "is missing; head/zarr.json lists it"))
+        elif rel not in listed:
+            problems.append(
+                (rel, "is not listed in head/zarr.json; it was added to the head cache")
+            )
+        else:
+            actual = sha256(rel)
+            if actual != listed[rel]:
+                problems.append(
+                    (
+                        rel,
+                        f"has sha256 {actual} but head/zarr.json recorded {listed[rel]}; it was altered",
+                    )
+                )
+    return problems
 
 
 def log_scale_attr(attrs: Mapping[str, Any], site: str) -> torch.Tensor | None:

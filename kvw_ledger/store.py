@@ -20,13 +20,10 @@ as an :class:`IntegrityError` naming the file.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
-import math
 import os
-import re
 import secrets
 import shutil
 import sys
@@ -40,20 +37,31 @@ import torch
 import zarr
 from zarr.storage import LocalStore
 
-from kvw_ledger import _codec, layout
+from kvw_ledger import _codec, _tree, layout
 from kvw_ledger._codec import dtype_name, to_numpy
 from kvw_ledger._codec import read_bytes as _read_bytes
 from kvw_ledger._fs import fsync_path as _fsync
 from kvw_ledger._fs import fsync_tree as _fsync_tree
 from kvw_ledger._fs import sha256_file as _file_sha256
+from kvw_ledger._tree import check_name as _check_name
+from kvw_ledger._tree import check_prefix as _check_prefix
+from kvw_ledger._tree import check_site
+from kvw_ledger._tree import owner_only as _owner_only
 from kvw_ledger.errors import (
     BadInputError,
     IntegrityError,
     LedgerExistsError,
     RefNotFoundError,
 )
-from kvw_ledger.fingerprint_cache import CACHE_NAME
-from kvw_ledger.head import HeadCache, check_meta, log_scale_attr, sealed_meta
+from kvw_ledger.head import (
+    HeadCache,
+    check_files,
+    check_meta,
+    checked_scales,
+    log_scale_attr,
+    sealed_meta,
+    sealed_sites,
+)
 from kvw_ledger.interrupts import uninterrupted
 from kvw_ledger.refs import check_id
 from kvw_ledger.root import FORMAT_VERSION, read_root_attrs
@@ -77,26 +85,6 @@ __all__ = [
 # (the brief allows 4-16 MiB): small enough to stream, large enough to compress.
 _CHUNK_BYTES = 8 << 20
 
-_SITE_RE = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
-# Root-level scratch directories (array.tmp-*, head.tmp-*, head.old-*...) and the
-# ``<name>.<uuid4 hex>.partial`` files zarr's LocalStore writes before renaming.
-_TEMP_ROOT_RE = re.compile(r"[a-z]+\.(?:tmp|old)-[A-Za-z0-9_-]+")
-_PARTIAL_RE = re.compile(r".*\.[0-9a-f]{32}\.partial")
-# Owned by journal.py and lock.py, the model fingerprint cache (never hashed, never
-# named by an entry: see fingerprint_cache.py), and repair/ (Ledger.repair's quarantine).
-_NOT_OURS = frozenset({"journal", "lock", CACHE_NAME, "repair"})
-
-# Which path components follow each top-level group: "id", "site", or a set of
-# literal names.
-_LAYOUT: dict[str, tuple[str | frozenset[str], ...]] = {
-    "base": ("site",),
-    "retain": ("id", "site"),
-    "requests": ("id", frozenset({"exponent", "trace", "log_scale"}), "site"),
-    # re-derived exponents and traces: rederived/v<version>/<request>/{exponent,trace}/<site>
-    "rederived": ("id", "id", frozenset({"exponent", "trace", "log_scale"}), "site"),
-    "head": ("site",),
-}
-
 
 @dataclass(frozen=True)
 class ArrayRecord:
@@ -112,27 +100,6 @@ class ArrayRecord:
     name: str
     sha256: str
     files: dict[str, str] = field(default_factory=dict)
-
-
-
-
-def check_site(value: str) -> str:
-    """Validate a site name (a module path such as ``model.layers.3.mlp.down_proj``).
-
-    Raises:
-        BadInputError: naming the site, if it is empty, has empty parts or a "/".
-    """
-    if (
-        not isinstance(value, str)
-        or len(value) > 255
-        or value.startswith("__")  # reserved by Zarr
-        or not _SITE_RE.fullmatch(value)
-    ):
-        raise BadInputError(
-            f"bad site name {value!r}: expected dot-separated parts of A-Z a-z 0-9 _ -, "
-            "no '/', no empty parts, not starting with '__'"
-        )
-    return value
 
 
 def tensor_hash(t: torch.Tensor) -> str:
@@ -242,7 +209,7 @@ class Store:
                 self._swap_in(tmp, final)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
-        files = {rel: _file_sha256(self.path / rel) for rel in self._files_under(name)}
+        files = {rel: _file_sha256(self.path / rel) for rel in _tree.files_under(self.path, name)}
         return ArrayRecord(name=name, sha256=digest, files=files)
 
     def read_array(self, name: str) -> torch.Tensor:
@@ -276,7 +243,7 @@ class Store:
         return sorted(n for n, kind in self._nodes(prefix) if kind == "array")
 
     # ------------------------------------------------------------------ layout
-    # The only place that spells where each kind of array lives (see _LAYOUT).
+    # The only place that spells where each kind of array lives (see _tree.LAYOUT).
 
     base_path = staticmethod(layout.base_path)
     head_path = staticmethod(layout.head_path)
@@ -337,12 +304,7 @@ class Store:
     def files(self) -> list[str]:
         """Every file under the ledger root, relative and sorted, except the journal's
         (``journal/``, ``lock``) and crash leftovers (temp dirs, ``*.partial``)."""
-        out: list[str] = []
-        for entry in sorted(os.listdir(self.path)):
-            if entry in _NOT_OURS or _TEMP_ROOT_RE.fullmatch(entry):
-                continue
-            out += self._files_under(entry)
-        return sorted(out)
+        return _tree.files(self.path)
 
     def delete(self, prefix: str) -> list[str]:
         """Delete the group or array ``prefix`` with everything under it.
@@ -350,63 +312,16 @@ class Store:
         The subtree is first renamed away, so a crash never leaves it half there.
         Returns the ledger-relative paths of the files removed ([] if absent).
         """
-        if not _check_prefix(prefix):
-            raise BadInputError("refusing to delete the whole ledger; name a group or array")
-        target = self.path / prefix
-        if not target.is_dir():
-            return []
-        removed = self._files_under(prefix)
-        trash = self.path / f"trash.old-{secrets.token_hex(8)}"
-        os.rename(target, trash)
-        _fsync(target.parent)
-        _fsync(self.path)
-        shutil.rmtree(trash)
-        return removed
+        return _tree.delete(self.path, prefix)
 
     def discard(self, rel: str) -> None:
         """Remove the file or subtree ``rel`` (ledger-relative, not the journal's), whatever
         it holds: what an interrupted writer left. Renamed away first, as :meth:`delete`."""
-        parts = rel.split("/")
-        if not rel or parts[0] in _NOT_OURS or any(p in ("", ".", "..") for p in parts):
-            raise BadInputError(f"refusing to discard {rel!r}; name a path inside the ledger's arrays")
-        target = self.path / rel
-        if not target.exists():
-            return
-        trash = self.path / f"trash.old-{secrets.token_hex(8)}"
-        os.rename(target, trash)
-        _fsync(target.parent)
-        _fsync(self.path)
-        if trash.is_dir():
-            shutil.rmtree(trash)
-        else:
-            trash.unlink()
+        _tree.discard(self.path, rel)
 
     def clean_temp(self) -> list[str]:
         """Remove crash leftovers (temp dirs, ``*.partial`` files); return their paths."""
-        removed: list[str] = []
-        for entry in sorted(os.listdir(self.path)):
-            if _TEMP_ROOT_RE.fullmatch(entry):
-                if (self.path / entry).is_dir():
-                    shutil.rmtree(self.path / entry, ignore_errors=True)
-                else:  # a file: the fingerprint cache's scratch, left by a killed process
-                    with contextlib.suppress(OSError):
-                        (self.path / entry).unlink()
-                removed.append(entry)
-        for dirpath, dirnames, filenames in os.walk(self.path):
-            parts = Path(dirpath).relative_to(self.path).parts
-            if not parts:
-                dirnames[:] = [d for d in dirnames if d not in _NOT_OURS]
-            elif parts[0] in _LAYOUT and len(parts) == len(_LAYOUT[parts[0]]):
-                # The children are arrays, built in scratch directories and renamed in
-                # whole, so no partial file is ever written inside one. Skipping their
-                # chunks keeps this walk (run by every write) to the groups, not O(files).
-                dirnames[:] = []
-            for f in filenames:
-                if _PARTIAL_RE.fullmatch(f):
-                    p = Path(dirpath) / f
-                    p.unlink(missing_ok=True)
-                    removed.append(p.relative_to(self.path).as_posix())
-        return sorted(removed)
+        return _tree.clean_temp(self.path)
 
     # ------------------------------------------------------------------- head
 
@@ -419,17 +334,8 @@ class Store:
         The new head is built in ``head.tmp-*`` and fsynced, then swapped in by two
         renames; a crash in between leaves no ``head`` and :meth:`read_head_cache` says None.
         """
-        if not isinstance(version, int) or isinstance(version, bool) or version < 0:
-            raise BadInputError(f"head version must be an int >= 0, got {version!r}")
-        if not isinstance(digest, str):
-            raise BadInputError(f"head digest must be a str, got {type(digest).__name__}")
+        scales = checked_scales(weakening, version, digest)
         tensors = weakening.exponents
-        for site in tensors:
-            check_site(site)
-        scales = {site: float(value) for site, value in weakening.log_scales.items()}
-        for site, value in scales.items():
-            if site not in tensors or not math.isfinite(value):
-                raise BadInputError(f"head log-scale of {site!r} must be finite and name a site")
         with _owner_only():
             tmp = self._scratch("head.tmp")
             try:
@@ -443,7 +349,7 @@ class Store:
                     f"head/{Path(rel).relative_to(tmp.name).as_posix()}": _file_sha256(
                         self.path / rel
                     )
-                    for rel in self._files_under(tmp.name)
+                    for rel in _tree.files_under(self.path, tmp.name)
                 }
                 (tmp / "zarr.json").write_bytes(
                     sealed_meta({"version": version, "digest": digest, "files": files})
@@ -465,11 +371,7 @@ class Store:
         if raw is None:
             return None
         attrs = check_meta(raw)
-        sites = sorted(
-            rel.split("/")[1]
-            for rel in attrs["files"]
-            if re.fullmatch(r"head/[^/]+/zarr\.json", rel)
-        )
+        sites = sealed_sites(attrs)
         try:
             tensors = {site: self.read_array(f"head/{site}") for site in sites}
             scales = {
@@ -492,35 +394,9 @@ class Store:
             empty when the head is whole, or absent (a crash between the two renames).
         """
         meta_path = self.path / "head" / "zarr.json"
-        on_disk = set(self._files_under("head")) if (self.path / "head").is_dir() else set()
+        on_disk = set(_tree.files_under(self.path, "head")) if (self.path / "head").is_dir() else set()
         raw = _read_bytes(meta_path)
-        if raw is None:
-            return [
-                (f, "is in head/, which has no zarr.json; the head cache was altered")
-                for f in sorted(on_disk)
-            ]
-        try:
-            listed = check_meta(raw)["files"]
-        except IntegrityError as e:
-            return [("head/zarr.json", str(e))]
-        problems = []
-        for rel in sorted((on_disk - {"head/zarr.json"}) | set(listed)):
-            if rel not in on_disk:
-                problems.append((rel, "is missing; head/zarr.json lists it"))
-            elif rel not in listed:
-                problems.append(
-                    (rel, "is not listed in head/zarr.json; it was added to the head cache")
-                )
-            else:
-                actual = _file_sha256(self.path / rel)
-                if actual != listed[rel]:
-                    problems.append(
-                        (
-                            rel,
-                            f"has sha256 {actual} but head/zarr.json recorded {listed[rel]}; it was altered",
-                        )
-                    )
-        return problems
+        return check_files(raw, on_disk, lambda rel: _file_sha256(self.path / rel))
 
     # ---------------------------------------------------------------- private
 
@@ -551,6 +427,10 @@ class Store:
                 _fsync(self.path / sub)
                 _fsync((self.path / sub).parent)
 
+    def _nodes(self, prefix: str) -> Iterator[tuple[str, str]]:
+        """(name, "array" | "group") for every node at or under ``prefix``."""
+        return _tree.nodes(self.path, prefix)
+
     def _array_meta(self, name: str) -> dict[str, Any]:
         meta_path = self.path / name / "zarr.json"
         if not meta_path.is_file():
@@ -560,114 +440,9 @@ class Store:
             raise RefNotFoundError(f"{name} in ledger {self.path} is a group, not an array")
         return meta
 
-    def _files_under(self, rel: str) -> list[str]:
-        """Ledger-relative paths of the files at or under ``rel``, minus ``*.partial``."""
-        top = self.path / rel
-        if top.is_file():
-            return [] if _PARTIAL_RE.fullmatch(top.name) else [rel]
-        out: list[str] = []
-        _walk_files(str(top), top.relative_to(self.path).as_posix(), out)
-        return sorted(out)
-
-    def _nodes(self, prefix: str) -> Iterator[tuple[str, str]]:
-        """(name, "array" | "group") for every node at or under ``prefix``."""
-        parts = _check_prefix(prefix)
-        if parts:
-            stack = [prefix]
-        else:
-            stack = [e for e in os.listdir(self.path) if e not in _NOT_OURS]
-            stack = [e for e in stack if not _TEMP_ROOT_RE.fullmatch(e)]
-        while stack:
-            name = stack.pop()
-            meta_path = self.path / name / "zarr.json"
-            if not meta_path.is_file():
-                continue
-            kind = _read_meta(meta_path).get("node_type")
-            yield name, str(kind)
-            if kind == "group":
-                stack += [f"{name}/{e}" for e in os.listdir(self.path / name) if e != "zarr.json"]
-
-
 # ------------------------------------------------------------------ helpers
-
-
-def _walk_files(directory: str, rel: str, out: list[str]) -> None:
-    """Appends ``rel/...`` for every file under ``directory`` as ``os.walk`` finds them (links
-    to directories not followed, unreadable directories skipped), minus ``*.partial``.
-
-    Strings, not Paths: verify lists some 100,000 files at 1,000 requests, and building
-    a Path per file was seconds of it.
-    """
-    try:
-        with os.scandir(directory) as it:
-            entries = list(it)
-    except OSError:
-        return
-    for entry in entries:
-        try:
-            is_dir = entry.is_dir()
-        except OSError:
-            is_dir = False
-        if not is_dir:
-            if not _PARTIAL_RE.fullmatch(entry.name):
-                out.append(f"{rel}/{entry.name}")
-            continue
-        try:
-            linked = entry.is_symlink()
-        except OSError:
-            linked = False
-        if not linked:
-            _walk_files(entry.path, f"{rel}/{entry.name}", out)
-
-
-@contextlib.contextmanager
-def _owner_only() -> Iterator[None]:
-    # umask is process-wide: new files come out 0o600 and directories 0o700.
-    old = os.umask(0o077)
-    try:
-        yield
-    finally:
-        os.umask(old)
 
 
 def _write_zarr_array(path: Path, tensor: torch.Tensor, attrs: Mapping[str, Any] | None) -> None:
     """:func:`kvw_ledger._codec.write_array` at this layout's chunk size."""
     _codec.write_array(path, tensor, attrs, _CHUNK_BYTES)
-
-
-
-def _check_name(name: str) -> list[str]:
-    """Validate an array name against the layout; return its parts."""
-    parts = name.split("/") if isinstance(name, str) else []
-    pattern = _LAYOUT.get(parts[0]) if parts else None
-    if pattern is None or len(parts) != len(pattern) + 1:
-        forms = (
-            "base/<site>, retain/<stats-id>/<site>, requests/<id>/{exponent,trace,log_scale}/<site>, "
-            "head/<site>"
-        )
-        raise BadInputError(
-            f"bad array name {name!r}: expected one of {forms} (site names cannot contain '/')"
-        )
-    for part, want in zip(parts[1:], pattern, strict=True):
-        if want == "site":
-            check_site(part)
-        elif want == "id":
-            check_id(part, "stats id" if parts[0] == "retain" else "request id")
-        elif isinstance(want, frozenset) and part not in want:
-            raise BadInputError(f"bad array name {name!r}: {part!r} must be one of {sorted(want)}")
-    return parts
-
-
-def _check_prefix(prefix: str) -> list[str]:
-    """Validate a group/array prefix ("" is the root); return its parts."""
-    if prefix == "":
-        return []
-    parts = prefix.split("/") if isinstance(prefix, str) else [""]
-    if parts[0] not in _LAYOUT or any(p in ("", ".", "..") for p in parts):
-        raise BadInputError(
-            f"bad prefix {prefix!r}: expected a path under one of {sorted(_LAYOUT)}, "
-            "with no empty, '.' or '..' parts"
-        )
-    return parts
-
-

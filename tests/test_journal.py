@@ -574,7 +574,7 @@ def test_adopt_copies_entries_byte_for_byte_and_only_in_chain_order(tmp_path: Pa
 
 
 def _strict(raw: bytes, version: int, where: str) -> Entry | str:
-    from kvw_ledger.journal import _parse_entry_strictly
+    from kvw_ledger.entry import _parse_entry_strictly
 
     try:
         return _parse_entry_strictly(raw, version, where)
@@ -598,7 +598,7 @@ def _resealed(content: dict[str, Any]) -> bytes:
 
 
 def test_the_fast_parse_accepts_and_rejects_exactly_what_the_strict_one_does(tmp_path: Path) -> None:
-    from kvw_ledger.journal import _parse_sound_entry
+    from kvw_ledger.entry import _parse_sound_entry
 
     journal = _journal(tmp_path)
     init = journal.append("init", {}, _add_file(tmp_path, "zarr.json", b"{}"), parent=None)
