@@ -6,7 +6,7 @@ exit codes: 0 success, 1 a failed check, 2 bad input, 75 another writer in the w
 verb has it) the result, or the error as ``{"error", "exit_code"}``, is one JSON
 object on stdout, and the exit code is the same.
 
-The verbs import torch, transformers and zarr inside themselves, where they need them:
+Each verb imports torch, transformers and zarr inside itself, only when it needs them:
 ``--help``, ``log`` and ``show`` of a non-forget entry read JSON files only.
 
 ``_options`` holds the options the verbs share, ``_common`` how a verb runs (errors,
