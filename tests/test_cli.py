@@ -451,7 +451,7 @@ def test_gc_help_does_not_show_reverted_as_required_and_gc_without_it_is_bad_inp
 
 
 def test_show_columns_stay_apart_for_large_exponents() -> None:
-    from kvw_ledger.cli import _column
+    from kvw_ledger.cli.reading import _column
 
     assert _column(0.1234567) == "    0.1235"
     row = _column(292928535.0000773) + _column(773858.6875)
@@ -500,7 +500,7 @@ def test_llava_ledger_with_all_towers(tmp_path: Path) -> None:
 
 
 def test_log_lines_stay_short_with_many_active_requests() -> None:
-    from kvw_ledger.cli import _active_list
+    from kvw_ledger.cli.reading import _active_list
 
     assert _active_list([]) == "-"
     assert _active_list([f"r{i}" for i in range(8)]) == "r0, r1, r2, r3, r4, r5, r6, r7"

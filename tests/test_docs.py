@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from kvw_ledger import cli, sites
+from kvw_ledger.cli import writing
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 VERBS = sorted(cli.main.commands)
@@ -63,4 +64,4 @@ def test_help_says_what_the_data_refs_and_layers_are() -> None:
 
 
 def test_the_tower_choices_are_those_sites_knows() -> None:
-    assert cli.TOWER_CHOICES == sites.TOWER_CHOICES
+    assert writing.TOWER_CHOICES == sites.TOWER_CHOICES

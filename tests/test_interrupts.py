@@ -66,6 +66,8 @@ def test_other_unraisable_errors_go_to_the_default_hook(monkeypatch: pytest.Monk
 
 @pytest.mark.parametrize("where", ["before click's handling", "inside click's handling"])
 def test_a_ctrl_c_before_any_verb_runs_exits_130(monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    import click
+
     from kvw_ledger import cli
 
     def interrupt(*args: object, **kwargs: object) -> Any:
@@ -73,9 +75,9 @@ def test_a_ctrl_c_before_any_verb_runs_exits_130(monkeypatch: pytest.MonkeyPatch
         time.sleep(0.5)  # click's own start-up: no verb runs yet
 
     if where == "before click's handling":
-        monkeypatch.setattr(cli.click.core, "_detect_program_name", interrupt)
+        monkeypatch.setattr(click.core, "_detect_program_name", interrupt)
     else:
-        monkeypatch.setattr(cli.click.Context, "__enter__", interrupt)
+        monkeypatch.setattr(click.Context, "__enter__", interrupt)
     with pytest.raises(SystemExit) as exited:
         cli.main(["log", "nowhere"])
     assert exited.value.code == cli.INTERRUPTED

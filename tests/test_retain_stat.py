@@ -189,6 +189,7 @@ def test_the_eos_changes_the_request(env: dict[str, Path]) -> None:
 
 
 def test_the_cli_lists_the_statistics_the_library_knows() -> None:
-    from kvw_ledger import cli, retain_stat
+    from kvw_ledger import retain_stat
+    from kvw_ledger.cli import writing
 
-    assert cli.STATISTICS == retain_stat.STATISTICS
+    assert writing.STATISTICS == retain_stat.STATISTICS
