@@ -14,10 +14,13 @@ integer of the same width, with the torch dtype's name in attr ``dtype``.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import itertools
 import json
 import math
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -30,8 +33,9 @@ from numcodecs.zstd import Zstd
 from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.storage import LocalStore
 
+from kvw_ledger._fs import sha256_bytes
 from kvw_ledger.errors import BadInputError, IntegrityError, RefNotFoundError
-from kvw_ledger.root import read_zarr_meta as _read_meta
+from kvw_ledger.root import parse_zarr_meta
 
 __all__ = [
     "chunk_shape",
@@ -39,6 +43,8 @@ __all__ = [
     "from_numpy",
     "read_array",
     "read_bytes",
+    "read_hashed",
+    "tensor_hash",
     "to_numpy",
     "write_array",
 ]
@@ -69,15 +75,38 @@ _CODEC_ERRORS = (ValueError, RuntimeError, TypeError, IndexError, KeyError)
 
 
 def read_bytes(path: Path | str) -> bytes | None:
-    """A file's bytes, or None when it does not exist."""
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except OSError as e:
-        raise IntegrityError(f"{path} is unreadable ({e}); the ledger is damaged") from e
+    """A file's bytes, or None when it does not exist.
 
+    Raises:
+        IntegrityError: naming the file, when it exists and cannot be read.
+    """
+    return _read_file(Path(), str(path), None)
+
+
+Digests = dict[str, str | OSError]  # ledger-relative file -> sha256, or the error reading it
+
+
+_ABSENT = (FileNotFoundError, NotADirectoryError)
+
+
+def _read_file(
+    root: Path, rel: str, digests: Digests | None, absent: tuple[type[OSError], ...] = _ABSENT
+) -> bytes | None:
+    """The bytes of file ``rel`` under ``root``, None when it is ``absent``, as
+    :func:`read_bytes`; with ``digests``, its sha256 or the OSError opening it (what
+    the journal's own hashing of the file would have met) put in there."""
+    try:
+        with open(_under(root, rel), "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        if digests is not None:
+            digests[rel] = e
+        if isinstance(e, absent):
+            return None
+        raise IntegrityError(f"{_under(root, rel)} is unreadable ({e}); the ledger is damaged") from e
+    if digests is not None:
+        digests[rel] = sha256_bytes(raw)
+    return raw
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -182,30 +211,77 @@ def _under(root: Path, rel: str) -> str:
     return rel if top == "." else os.path.join(top, rel)
 
 
-def read_array(root: Path, name: str) -> torch.Tensor:
+def read_array(root: Path, name: str, *, digests: Digests | None = None) -> torch.Tensor:
     """Read array ``name`` (a path under directory ``root``) with its torch dtype restored.
+
+    Args:
+        digests: when given, the sha256 of every file this read opens is put in it
+            (ledger-relative path -> hex digest, or the OSError opening it raised), from
+            the same bytes that were decoded: verify checks the journal's file hashes
+            without reading the files a second time. Arrays in a layout only zarr reads
+            add nothing.
 
     Raises:
         RefNotFoundError: naming the array, if it does not exist or is a group.
         IntegrityError: naming the file, if metadata or a chunk is damaged or missing.
     """
+    return _read(root, name, digests, hashed=False)[0]
+
+
+def read_hashed(root: Path, name: str, *, digests: Digests | None = None) -> tuple[torch.Tensor, str]:
+    """:func:`read_array` and the array's :func:`tensor_hash`, hashed from the decoded
+    chunks without a round trip through torch (what verify does for 50,000 arrays)."""
+    tensor, digest = _read(root, name, digests, hashed=True)
+    assert digest is not None  # hashed=True always hashes
+    return tensor, digest
+
+
+def _read(root: Path, name: str, digests: Digests | None, *, hashed: bool) -> tuple[torch.Tensor, str | None]:
     # Strings, not Paths, on this path: verify reads some 50,000 arrays at 1,000 requests.
     meta_path = _under(root, f"{name}/zarr.json")
-    if not os.path.isfile(meta_path):
+    # A directory named zarr.json is no array, as os.path.isfile would say.
+    raw = _read_file(root, f"{name}/zarr.json", digests, (*_ABSENT, IsADirectoryError))
+    if raw is None:
         raise RefNotFoundError(f"no array {name} in ledger {root}")
-    meta = _read_meta(meta_path)
+    meta, dtype, layout = _parsed_meta(raw, meta_path)
     if meta.get("node_type") != "array":
         raise RefNotFoundError(f"{name} in ledger {root} is a group, not an array")
+    if layout is not None and dtype is not None:
+        data = _read_own_chunks(root, name, meta_path, dtype, *layout, digests)
+        return from_numpy(data, dtype), _array_digest(dtype, data) if hashed else None
+    tensor = _read_through_zarr(root, name, meta_path, dtype)
+    return tensor, tensor_hash(tensor) if hashed else None
+
+
+def _parsed_meta(
+    raw: bytes, meta_path: str
+) -> tuple[dict[str, Any], torch.dtype | None, tuple[tuple[int, ...], tuple[int, ...], np.dtype] | None]:
+    """A ``zarr.json``'s metadata, the torch dtype its attributes name and its
+    :func:`_own_layout`: remembered by the file's bytes, because a model's arrays
+    repeat a handful of them and parsing and checking each cost more than its decode."""
+    known = _PARSED.get(raw)
+    if known is not None:
+        return known
+    meta = parse_zarr_meta(raw, meta_path)
     dtype = getattr(torch, str(meta.get("attributes", {}).get("dtype")), None)
-    layout = _own_layout(meta)
-    if layout is not None and isinstance(dtype, torch.dtype):
-        return from_numpy(_read_own_chunks(root, name, meta_path, dtype, *layout), dtype)
+    parsed = (meta, dtype if isinstance(dtype, torch.dtype) else None, _own_layout(meta))
+    if len(_PARSED) < 256:
+        _PARSED[raw] = parsed
+    return parsed
+
+
+# Parsed metadata by its zarr.json bytes (read-only once made; a pure function of them).
+_PARSED: dict[bytes, tuple[dict[str, Any], torch.dtype | None, Any]] = {}
+
+
+def _read_through_zarr(root: Path, name: str, meta_path: str, dtype: torch.dtype | None) -> torch.Tensor:
+    """An array in a layout :func:`write_array` does not write, read chunk by chunk by zarr."""
     try:
-        if not isinstance(dtype, torch.dtype):
+        if dtype is None:
             raise ValueError("attribute 'dtype' does not name a torch dtype")
         arr = zarr.open_array(store=LocalStore(root, read_only=True), path=name, mode="r")
         chunks, grid = arr.chunks, arr.cdata_shape
-        if arr.dtype != to_numpy(torch.empty(0, dtype=dtype)).dtype:
+        if arr.dtype != _stored_dtype(dtype):
             raise ValueError(f"stored dtype {arr.dtype} does not hold {dtype}")
     except _CODEC_ERRORS as e:
         raise IntegrityError(f"{meta_path} is damaged ({e}); the ledger is damaged") from e
@@ -222,6 +298,37 @@ def read_array(root: Path, name: str) -> torch.Tensor:
         except _CODEC_ERRORS as e:
             raise IntegrityError(f"chunk file {rel} is damaged ({e}); the ledger is damaged") from e
     return from_numpy(out, dtype)
+
+
+@functools.cache
+def _stored_dtype(dtype: torch.dtype) -> np.dtype:
+    """The NumPy dtype :func:`to_numpy` gives a tensor of ``dtype``."""
+    return to_numpy(torch.empty(0, dtype=dtype)).dtype
+
+
+def tensor_hash(t: torch.Tensor) -> str:
+    """The logical sha256 of a tensor, independent of how it is stored.
+
+    The digest covers the UTF-8 line ``{"dtype":"<torch name>","shape":[...]}\\n``
+    (compact JSON) followed by the raw C-order little-endian bytes of the data.
+    """
+    data = to_numpy(t)  # first: it names what is not a dense tensor
+    return _array_digest(t.dtype, data)
+
+
+def _array_digest(dtype: torch.dtype, data: np.ndarray) -> str:
+    """:func:`tensor_hash` of the tensor of ``dtype`` whose bits ``data`` holds."""
+    h = hashlib.sha256(_hash_header(dtype, data.shape))
+    if data.dtype.byteorder == ">" or (data.dtype.byteorder == "=" and sys.byteorder == "big"):
+        data = data.astype(data.dtype.newbyteorder("<"))
+    h.update(np.ascontiguousarray(data).reshape(-1).view(np.uint8).data)
+    return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=256)
+def _hash_header(dtype: torch.dtype, shape: tuple[int, ...]) -> bytes:
+    header = json.dumps({"dtype": dtype_name(dtype), "shape": list(shape)}, separators=(",", ":"))
+    return header.encode() + b"\n"
 
 
 # The layout write_array writes, read without zarr: every zarr call is a round
@@ -269,9 +376,10 @@ def _read_own_chunks(
     shape: tuple[int, ...],
     chunks: tuple[int, ...],
     stored: np.dtype,
+    digests: Digests | None,
 ) -> np.ndarray:
     """Decodes every chunk file of an array in :func:`_own_layout`, each checked by its crc32c."""
-    if stored != to_numpy(torch.empty(0, dtype=dtype)).dtype:
+    if stored != _stored_dtype(dtype):
         raise IntegrityError(
             f"{meta_path} is damaged (stored dtype {stored} does not hold {dtype}); the ledger is damaged"
         )
@@ -281,7 +389,7 @@ def _read_own_chunks(
     grid = [-(-s // k) for s, k in zip(shape, chunks, strict=True)]
     for coords in itertools.product(*(range(n) for n in grid)):
         rel = f"{name}/c/{'/'.join(map(str, coords))}"
-        raw = read_bytes(_under(root, rel))
+        raw = _read_file(root, rel, digests)
         if raw is None:
             raise IntegrityError(f"chunk file {rel} is missing; the ledger is damaged")
         try:

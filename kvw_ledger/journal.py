@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -385,11 +385,14 @@ class Journal:
         os.chmod(self.path, 0o700)  # mkdir's mode is filtered by the umask
         fsync_dir(self.root)
 
-    def verify(self, root: Path) -> list[Problem]:
+    def verify(self, root: Path, *, digests: Mapping[str, str | OSError] | None = None) -> list[Problem]:
         """Checks the hash chain and every file each entry recorded, in journal order.
 
         Args:
             root: the directory the entries' file paths are relative to (the ledger root).
+            digests: files already hashed (path -> sha256, or the OSError reading it
+                raised), as verify's array reads hash the bytes they decode; every other
+                named file is read and hashed here.
 
         Returns:
             Problems, the first naming the first broken file; empty when all is well.
@@ -406,7 +409,8 @@ class Journal:
                 for path in item.entry.body.get("deleted_files", []):
                     deleted_at[path] = item.entry.version
         named = {path for item in scanned if item.entry is not None for path in item.entry.files}
-        hashes = _hash_files(root, named)
+        known = {path: digests[path] for path in named & digests.keys()} if digests else {}
+        hashes = {**known, **_hash_files(root, named - known.keys())}
         problems: list[Problem] = []
         previous: _Scanned | None = None
         for item in scanned:

@@ -17,11 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from kvw_ledger._codec import Digests
 from kvw_ledger.errors import IntegrityError, KVWLedgerError, RefNotFoundError
-from kvw_ledger.journal import Entry, Problem, hash_workers
+from kvw_ledger.journal import Entry, Problem, hash_files, hash_workers
 from kvw_ledger.model_files import raw_bits as _bits
 from kvw_ledger.replay import LedgerState, apply, replay
-from kvw_ledger.store import HeadCache, Store, tensor_hash
+from kvw_ledger.store import HeadCache, Store
 
 if TYPE_CHECKING:
     from kvw_ledger.ledger import Ledger
@@ -59,15 +60,18 @@ class VerifyReport:
 
 def verify_ledger(ledger: Ledger, model_dir: str | Path | None, check_model: bool) -> VerifyReport:
     """See :meth:`Ledger.verify`."""
-    problems = list(ledger.journal.verify(ledger.path))
     try:
         entries = ledger.entries()
     except IntegrityError as e:
-        return VerifyReport([*problems, Problem("journal", str(e))], 0, 0)
-    # The head and base checks trust the sites and locations in the root zarr.json.
-    trusted = not any(p.path == "zarr.json" for p in problems)
+        return VerifyReport([*ledger.journal.verify(ledger.path), Problem("journal", str(e))], 0, 0)
+    # The head and base checks trust the sites and locations in the root zarr.json,
+    # so it is checked first; the journal's check below reports it in its own words.
+    digests: Digests = dict(hash_files(ledger.path, {"zarr.json"}))
+    trusted = all(e.files["zarr.json"] == digests["zarr.json"] for e in entries if "zarr.json" in e.files)
     head = _HeadSum(ledger, entries if trusted else [])
-    contents = head.hash_and_sum({a for e in entries for a in e.body.get("arrays", {})})
+    # Every array is decoded from the same bytes its files are hashed from, once.
+    contents = head.hash_and_sum({a for e in entries for a in e.body.get("arrays", {})}, digests)
+    problems = list(ledger.journal.verify(ledger.path, digests=digests))
     named: set[str] = set()
     checked = 0
     state = LedgerState(0)
@@ -179,30 +183,31 @@ class _HeadSum:
                 for name in names:
                     chains.setdefault(name.rsplit("/", 1)[1], []).append(name)
 
-    def hash_and_sum(self, arrays: set[str]) -> dict[str, _Hash]:
-        """Each of ``arrays``' content hash; the head's sums are computed on the way."""
+    def hash_and_sum(self, arrays: set[str], digests: Digests) -> dict[str, _Hash]:
+        """Each of ``arrays``' content hash; the head's sums are computed on the way, and
+        every file read is hashed into ``digests``."""
         hashes: dict[str, _Hash] = {}
         alone = set(arrays) - {n for c in (*self.chains.values(), *self.scale_chains.values()) for n in c}
 
         def batch(some: list[str]) -> None:
             for array in some:
-                hashes[array] = _read_hash(self.store, array)[1]
+                hashes[array] = _read_hash(self.store, array, digests)[1]
 
         def chain(site: str, names: list[str], sums: dict[str, torch.Tensor | KVWLedgerError], zero: torch.Tensor) -> None:
             total = zero
             for name in names:
                 try:
-                    value = self.store.read_array(name)
+                    value, digest = self.store.read_hashed(name, digests=digests)
                 except KVWLedgerError as e:
                     sums[site] = e
                     if name in arrays:
                         hashes[name] = e if isinstance(e, IntegrityError) else None
                     for rest in names[names.index(name) + 1 :]:
                         if rest in arrays:
-                            hashes[rest] = _read_hash(self.store, rest)[1]
+                            hashes[rest] = _read_hash(self.store, rest, digests)[1]
                     return
                 if name in arrays:
-                    hashes[name] = tensor_hash(value)
+                    hashes[name] = digest
                 if zero.dim() == 0:  # a log-scale: as Weakening adds them
                     total = total + value.reshape(())
                 else:
@@ -276,11 +281,11 @@ class _HeadSum:
         return [stale] if version < last else []
 
 
-def _read_hash(store: Store, array: str) -> tuple[str, _Hash]:
+def _read_hash(store: Store, array: str, digests: Digests) -> tuple[str, _Hash]:
     try:
         # read_array raises RefNotFoundError exactly where has_array says False, so asking
         # has_array first only read each array's zarr.json twice.
-        return array, store.content_hash(array)
+        return array, store.content_hash(array, digests=digests)
     except RefNotFoundError:
         return array, None
     except IntegrityError as e:

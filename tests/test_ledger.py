@@ -11,6 +11,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import tiny
@@ -546,25 +547,37 @@ def test_diff_reads_only_the_requests_that_differ(
         assert [t["change"] for t in row["top"]] == [float(delta[t["vector"]]) for t in row["top"]]
 
 
-def test_verify_reads_every_array_once(
+def test_verify_reads_every_file_once(
     history: tuple[Ledger, list[list[str]]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from kvw_ledger.store import Store
+    from kvw_ledger import _codec, journal
 
     ledger, _ = history
     reads: dict[str, int] = {}
-    real = Store.read_array
+    real_read = _codec._read_file
 
-    def counted(self: Store, name: str) -> torch.Tensor:
-        reads[name] = reads.get(name, 0) + 1
-        return real(self, name)
+    def counted(root: Path, rel: str, digests: Any, absent: Any = _codec._ABSENT) -> bytes | None:
+        if not Path(rel).is_absolute():  # an array's file (read_bytes of a whole path is not)
+            reads[rel] = reads.get(rel, 0) + 1
+        return real_read(root, rel, digests, absent)
 
-    monkeypatch.setattr(Store, "read_array", counted)
+    hashed_by_journal: set[str] = set()
+    real_hash = journal._hash_files
+
+    def recorded(root: Path, paths: set[str]) -> dict[str, str | OSError]:
+        hashed_by_journal.update(paths)
+        return real_hash(root, paths)
+
+    monkeypatch.setattr(_codec, "_read_file", counted)
+    monkeypatch.setattr(journal, "_hash_files", recorded)
     report = ledger.verify(check_model=False)
     assert report.ok and report.problems == []
     exponents = [n for n in reads if "/exponent/" in n]
     assert exponents and max(reads[n] for n in exponents) == 1  # hashed and summed for the head in one read
     assert max(reads.values()) == 1
+    # The files the array reads hashed are not read again for the journal's file check.
+    chunks = {rel for rel in reads if "/c/" in rel}
+    assert chunks and not chunks & hashed_by_journal
 
 
 def test_history_reads_the_journal_once(
