@@ -15,12 +15,9 @@ integer of the same width, with the torch dtype's name in attr ``dtype``.
 from __future__ import annotations
 
 import functools
-import hashlib
 import itertools
 import json
 import math
-import os
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -33,9 +30,9 @@ from numcodecs.zstd import Zstd
 from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.storage import LocalStore
 
-from kvw_ledger._fs import sha256_bytes
-from kvw_ledger.errors import BadInputError, IntegrityError, RefNotFoundError
-from kvw_ledger.root import parse_zarr_meta
+from kvw_ledger import _chunks
+from kvw_ledger._chunks import CODEC_ERRORS, Digests
+from kvw_ledger.errors import BadInputError, IntegrityError
 
 __all__ = [
     "chunk_shape",
@@ -70,7 +67,6 @@ _NATIVE = frozenset(
     }
 )
 _INT_OF_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-_CODEC_ERRORS = (ValueError, RuntimeError, TypeError, IndexError, KeyError)
 
 
 
@@ -80,33 +76,7 @@ def read_bytes(path: Path | str) -> bytes | None:
     Raises:
         IntegrityError: naming the file, when it exists and cannot be read.
     """
-    return _read_file(Path(), str(path), None)
-
-
-Digests = dict[str, str | OSError]  # ledger-relative file -> sha256, or the error reading it
-
-
-_ABSENT = (FileNotFoundError, NotADirectoryError)
-
-
-def _read_file(
-    root: Path, rel: str, digests: Digests | None, absent: tuple[type[OSError], ...] = _ABSENT
-) -> bytes | None:
-    """The bytes of file ``rel`` under ``root``, None when it is ``absent``, as
-    :func:`read_bytes`; with ``digests``, its sha256 or the OSError opening it (what
-    the journal's own hashing of the file would have met) put in there."""
-    try:
-        with open(_under(root, rel), "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        if digests is not None:
-            digests[rel] = e
-        if isinstance(e, absent):
-            return None
-        raise IntegrityError(f"{_under(root, rel)} is unreadable ({e}); the ledger is damaged") from e
-    if digests is not None:
-        digests[rel] = sha256_bytes(raw)
-    return raw
+    return _chunks.read_file(Path(), str(path), None)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -205,12 +175,6 @@ def write_array(
 _META_CACHE: dict[tuple[Any, ...], bytes] = {}
 
 
-def _under(root: Path, rel: str) -> str:
-    """``str(root / rel)`` for a checked relative ``rel``, without building Paths."""
-    top = str(root)
-    return rel if top == "." else os.path.join(top, rel)
-
-
 def read_array(root: Path, name: str, *, digests: Digests | None = None) -> torch.Tensor:
     """Read array ``name`` (a path under directory ``root``) with its torch dtype restored.
 
@@ -237,41 +201,24 @@ def read_hashed(root: Path, name: str, *, digests: Digests | None = None) -> tup
 
 
 def _read(root: Path, name: str, digests: Digests | None, *, hashed: bool) -> tuple[torch.Tensor, str | None]:
-    # Strings, not Paths, on this path: verify reads some 50,000 arrays at 1,000 requests.
-    meta_path = _under(root, f"{name}/zarr.json")
-    # A directory named zarr.json is no array, as os.path.isfile would say.
-    raw = _read_file(root, f"{name}/zarr.json", digests, (*_ABSENT, IsADirectoryError))
-    if raw is None:
-        raise RefNotFoundError(f"no array {name} in ledger {root}")
-    meta, dtype, layout = _parsed_meta(raw, meta_path)
-    if meta.get("node_type") != "array":
-        raise RefNotFoundError(f"{name} in ledger {root} is a group, not an array")
+    meta_path, _, attr, layout = _chunks.read_meta(root, name, digests)
+    dtype = _torch_dtype(attr)
     if layout is not None and dtype is not None:
-        data = _read_own_chunks(root, name, meta_path, dtype, *layout, digests)
-        return from_numpy(data, dtype), _array_digest(dtype, data) if hashed else None
+        if layout[2] != _stored_dtype(dtype):
+            raise IntegrityError(
+                f"{meta_path} is damaged (stored dtype {layout[2]} does not hold {dtype}); the ledger is damaged"
+            )
+        data = _chunks.read_own_chunks(root, name, layout, digests)
+        return from_numpy(data, dtype), _chunks.array_digest(dtype_name(dtype), data) if hashed else None
     tensor = _read_through_zarr(root, name, meta_path, dtype)
     return tensor, tensor_hash(tensor) if hashed else None
 
 
-def _parsed_meta(
-    raw: bytes, meta_path: str
-) -> tuple[dict[str, Any], torch.dtype | None, tuple[tuple[int, ...], tuple[int, ...], np.dtype] | None]:
-    """A ``zarr.json``'s metadata, the torch dtype its attributes name and its
-    :func:`_own_layout`: remembered by the file's bytes, because a model's arrays
-    repeat a handful of them and parsing and checking each cost more than its decode."""
-    known = _PARSED.get(raw)
-    if known is not None:
-        return known
-    meta = parse_zarr_meta(raw, meta_path)
-    dtype = getattr(torch, str(meta.get("attributes", {}).get("dtype")), None)
-    parsed = (meta, dtype if isinstance(dtype, torch.dtype) else None, _own_layout(meta))
-    if len(_PARSED) < 256:
-        _PARSED[raw] = parsed
-    return parsed
-
-
-# Parsed metadata by its zarr.json bytes (read-only once made; a pure function of them).
-_PARSED: dict[bytes, tuple[dict[str, Any], torch.dtype | None, Any]] = {}
+@functools.lru_cache(maxsize=256)
+def _torch_dtype(attr: str) -> torch.dtype | None:
+    """The torch dtype attribute ``dtype`` names, or None."""
+    dtype = getattr(torch, attr, None)
+    return dtype if isinstance(dtype, torch.dtype) else None
 
 
 def _read_through_zarr(root: Path, name: str, meta_path: str, dtype: torch.dtype | None) -> torch.Tensor:
@@ -283,7 +230,7 @@ def _read_through_zarr(root: Path, name: str, meta_path: str, dtype: torch.dtype
         chunks, grid = arr.chunks, arr.cdata_shape
         if arr.dtype != _stored_dtype(dtype):
             raise ValueError(f"stored dtype {arr.dtype} does not hold {dtype}")
-    except _CODEC_ERRORS as e:
+    except CODEC_ERRORS as e:
         raise IntegrityError(f"{meta_path} is damaged ({e}); the ledger is damaged") from e
     out = np.empty(arr.shape, dtype=arr.dtype)
     # Chunk by chunk, so a damaged or missing chunk is reported by its file name
@@ -295,7 +242,7 @@ def _read_through_zarr(root: Path, name: str, meta_path: str, dtype: torch.dtype
         sel = tuple(slice(c * k, (c + 1) * k) for c, k in zip(coords, chunks, strict=True))
         try:
             out[sel] = arr[sel]
-        except _CODEC_ERRORS as e:
+        except CODEC_ERRORS as e:
             raise IntegrityError(f"chunk file {rel} is damaged ({e}); the ledger is damaged") from e
     return from_numpy(out, dtype)
 
@@ -306,6 +253,14 @@ def _stored_dtype(dtype: torch.dtype) -> np.dtype:
     return to_numpy(torch.empty(0, dtype=dtype)).dtype
 
 
+@functools.cache
+def stored_dtypes() -> dict[str, np.dtype]:
+    """The name of each dtype a model's weights or the ledger's arrays come in -> the
+    NumPy dtype :func:`to_numpy` stores it as (any other is read through torch)."""
+    wide = [getattr(torch, n) for n in ("bfloat16", "float8_e4m3fn", "float8_e5m2") if hasattr(torch, n)]
+    return {dtype_name(d): _stored_dtype(d) for d in (*_NATIVE, *wide)}
+
+
 def tensor_hash(t: torch.Tensor) -> str:
     """The logical sha256 of a tensor, independent of how it is stored.
 
@@ -313,108 +268,13 @@ def tensor_hash(t: torch.Tensor) -> str:
     (compact JSON) followed by the raw C-order little-endian bytes of the data.
     """
     data = to_numpy(t)  # first: it names what is not a dense tensor
-    return _array_digest(t.dtype, data)
+    return _chunks.array_digest(dtype_name(t.dtype), data)
 
 
-def _array_digest(dtype: torch.dtype, data: np.ndarray) -> str:
-    """:func:`tensor_hash` of the tensor of ``dtype`` whose bits ``data`` holds."""
-    h = hashlib.sha256(_hash_header(dtype, data.shape))
-    if data.dtype.byteorder == ">" or (data.dtype.byteorder == "=" and sys.byteorder == "big"):
-        data = data.astype(data.dtype.newbyteorder("<"))
-    h.update(np.ascontiguousarray(data).reshape(-1).view(np.uint8).data)
-    return h.hexdigest()
-
-
-@functools.lru_cache(maxsize=256)
-def _hash_header(dtype: torch.dtype, shape: tuple[int, ...]) -> bytes:
-    header = json.dumps({"dtype": dtype_name(dtype), "shape": list(shape)}, separators=(",", ":"))
-    return header.encode() + b"\n"
-
-
-# The layout write_array writes, read without zarr: every zarr call is a round
-# trip through its event-loop thread (about 1 ms each), which made reading the small
-# exponent arrays cost ~2 ms apiece, and verify, diff and materialise grow with it.
-_OWN_CODECS = ["bytes", "zstd", "crc32c"]
-_OWN_KEYS = {"name": "default", "configuration": {"separator": "/"}}
-_ZSTD = Zstd()  # decoding needs no level; the frame says how it was made
+# The layout write_array writes is read without zarr (_chunks): every zarr call is a
+# round trip through its event-loop thread (about 1 ms each), which made reading the
+# small exponent arrays cost ~2 ms apiece, and verify, diff and materialise grow with it.
 _ZSTD_LEVEL_3 = Zstd(level=3, checksum=False)  # as ZstdCodec(level=3) in write_array
-
-
-def _own_layout(meta: Mapping[str, Any]) -> tuple[tuple[int, ...], tuple[int, ...], np.dtype] | None:
-    """(shape, chunk shape, stored dtype) when ``meta`` is exactly what
-    :func:`write_array` writes (a regular grid of ``c/i/j`` chunks, bytes
-    little-endian -> zstd -> crc32c, at least one dimension); None otherwise, and
-    zarr reads it."""
-    try:
-        codecs = meta["codecs"]
-        shape = tuple(meta["shape"])
-        chunks = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
-        ok = (
-            [c["name"] for c in codecs] == _OWN_CODECS
-            and codecs[0]["configuration"] == {"endian": "little"}
-            and meta["chunk_grid"]["name"] == "regular"
-            and meta["chunk_key_encoding"] == _OWN_KEYS
-            and not meta.get("storage_transformers")
-            and len(shape) == len(chunks) >= 1
-            and all(type(s) is int and s >= 0 for s in shape)
-            and all(type(c) is int and c >= 1 for c in chunks)
-            and isinstance(meta["data_type"], str)
-        )
-        stored = np.dtype(meta["data_type"]) if ok else None
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError):
-        return None
-    if stored is None or stored.name != meta["data_type"] or stored.kind not in "biufc":
-        return None
-    return shape, chunks, stored
-
-
-def _read_own_chunks(
-    root: Path,
-    name: str,
-    meta_path: Path | str,
-    dtype: torch.dtype,
-    shape: tuple[int, ...],
-    chunks: tuple[int, ...],
-    stored: np.dtype,
-    digests: Digests | None,
-) -> np.ndarray:
-    """Decodes every chunk file of an array in :func:`_own_layout`, each checked by its crc32c."""
-    if stored != _stored_dtype(dtype):
-        raise IntegrityError(
-            f"{meta_path} is damaged (stored dtype {stored} does not hold {dtype}); the ledger is damaged"
-        )
-    out = np.empty(shape, dtype=stored)
-    on_disk = stored.newbyteorder("<")
-    size = math.prod(chunks) * stored.itemsize  # zarr pads edge chunks to the full shape
-    grid = [-(-s // k) for s, k in zip(shape, chunks, strict=True)]
-    for coords in itertools.product(*(range(n) for n in grid)):
-        rel = f"{name}/c/{'/'.join(map(str, coords))}"
-        raw = _read_file(root, rel, digests)
-        if raw is None:
-            raise IntegrityError(f"chunk file {rel} is missing; the ledger is damaged")
-        try:
-            data = _decode_chunk(raw, size)
-        except _CODEC_ERRORS as e:
-            raise IntegrityError(f"chunk file {rel} is damaged ({e}); the ledger is damaged") from e
-        block = np.frombuffer(data, dtype=on_disk).reshape(chunks)
-        sel = tuple(
-            slice(c * k, min((c + 1) * k, s)) for c, k, s in zip(coords, chunks, shape, strict=True)
-        )
-        out[sel] = block[tuple(slice(0, part.stop - part.start) for part in sel)]
-    return out
-
-
-def _decode_chunk(raw: bytes, size: int) -> bytes:
-    """crc32c (little-endian, last 4 bytes) checked, then zstd; ValueError if anything is off."""
-    if len(raw) < 4:
-        raise ValueError("shorter than its checksum")
-    body = raw[:-4]
-    if google_crc32c.value(body).to_bytes(4, "little") != raw[-4:]:
-        raise ValueError("crc32c checksum mismatch")
-    data = bytes(_ZSTD.decode(body))
-    if len(data) != size:
-        raise ValueError(f"decodes to {len(data)} bytes, expected {size}")
-    return data
 
 
 def _write_own_chunks(path: Path, data: np.ndarray, chunks: tuple[int, ...]) -> None:

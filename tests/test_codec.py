@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
 from zarr.storage import LocalStore
 
-from kvw_ledger import _codec
+from kvw_ledger import _chunks, _codec
 from kvw_ledger.errors import IntegrityError
 from kvw_ledger.store import tensor_hash
 
@@ -157,7 +157,7 @@ def test_the_codec_reads_what_zarr_writes_in_its_layout(
         root = Path(tmp)
         _zarr_writes(root / "a", t, chunks, compressors=[ZstdCodec(level=level), Crc32cCodec()])
         meta = json.loads((root / "a" / "zarr.json").read_text())
-        assert _codec._own_layout(meta) is not None  # the fast path, not zarr, reads it
+        assert _chunks.own_layout(meta) is not None  # the fast path, not zarr, reads it
         back = _codec.read_array(root, "a")
         assert back.dtype == t.dtype and back.shape == t.shape and _bits(back) == _bits(t)
 
@@ -177,7 +177,7 @@ def test_other_zarr_layouts_are_read_through_zarr(layout: dict[str, Any], dtype:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         _zarr_writes(root / "a", t, (2, 2), **layout)
-        assert _codec._own_layout(json.loads((root / "a" / "zarr.json").read_text())) is None
+        assert _chunks.own_layout(json.loads((root / "a" / "zarr.json").read_text())) is None
         back = _codec.read_array(root, "a")
         assert back.dtype == dtype and tensor_hash(back) == tensor_hash(t)
         # Missing chunks are named, not filled with zeros as zarr would.

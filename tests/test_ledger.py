@@ -550,13 +550,13 @@ def test_diff_reads_only_the_requests_that_differ(
 def test_verify_reads_every_file_once(
     history: tuple[Ledger, list[list[str]]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from kvw_ledger import _codec, journal
+    from kvw_ledger import _chunks, journal
 
     ledger, _ = history
     reads: dict[str, int] = {}
-    real_read = _codec._read_file
+    real_read = _chunks.read_file
 
-    def counted(root: Path, rel: str, digests: Any, absent: Any = _codec._ABSENT) -> bytes | None:
+    def counted(root: Path, rel: str, digests: Any, absent: Any = _chunks.ABSENT) -> bytes | None:
         if not Path(rel).is_absolute():  # an array's file (read_bytes of a whole path is not)
             reads[rel] = reads.get(rel, 0) + 1
         return real_read(root, rel, digests, absent)
@@ -568,7 +568,7 @@ def test_verify_reads_every_file_once(
         hashed_by_journal.update(paths)
         return real_hash(root, paths)
 
-    monkeypatch.setattr(_codec, "_read_file", counted)
+    monkeypatch.setattr(_chunks, "read_file", counted)
     monkeypatch.setattr(journal, "_hash_files", recorded)
     report = ledger.verify(check_model=False)
     assert report.ok and report.problems == []
@@ -578,6 +578,75 @@ def test_verify_reads_every_file_once(
     # The files the array reads hashed are not read again for the journal's file check.
     chunks = {rel for rel in reads if "/c/" in rel}
     assert chunks and not chunks & hashed_by_journal
+
+
+def _verify_with(ledger: Ledger, monkeypatch: pytest.MonkeyPatch, *, processes: bool) -> dict[str, Any]:
+    """verify's report with its array reads in forked workers, or on threads."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from kvw_ledger import scrub, verify
+
+    made: list[int] = []
+
+    class Counted(ProcessPoolExecutor):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            made.append(1)
+            super().__init__(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(scrub, "ProcessPoolExecutor", Counted)
+        m.setattr(scrub, "PROCESS_MIN_ARRAYS", 0 if processes else 10**9)
+        m.setattr(verify, "hash_workers", lambda: 2)
+        report = ledger.verify(check_model=False).to_json()
+    assert bool(made) == processes  # the path under test was the one taken
+    return report
+
+
+def test_worker_processes_find_what_threads_find(
+    history: tuple[Ledger, list[list[str]]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The forked readers' content hashes, file digests and head sums (NumPy) are the
+    threads' (torch), on a sound ledger and on one with a damaged and a missing chunk."""
+    ledger, _ = history
+    sound = _verify_with(ledger, monkeypatch, processes=True)
+    assert sound == _verify_with(ledger, monkeypatch, processes=False)
+    assert sound["ok"] and sound["problems"] == [] and sound["checked_arrays"] > 50
+
+    damaged = _copy(ledger.path, tmp_path / "led")
+    state = damaged.state()
+    active = state.active[-1]
+    traces = damaged.path / state.traces[active]
+    trace = sorted(p for p in traces.rglob("*") if p.is_file() and "/c/" in p.as_posix())[0]
+    trace.write_bytes(trace.read_bytes()[:-1] + bytes([trace.read_bytes()[-1] ^ 1]))
+    exponent = sorted((damaged.path / state.exponent_prefix(active)).glob("*/c/0"))[0]
+    exponent.unlink()
+    report = _verify_with(damaged, monkeypatch, processes=True)
+    assert report == _verify_with(damaged, monkeypatch, processes=False)
+    paths = [p["path"] for p in report["problems"] if p["severity"] == "error"]
+    rel = lambda f: f.relative_to(damaged.path).as_posix()  # noqa: E731
+    assert rel(trace) in paths and rel(exponent) in paths and "head" in paths
+
+
+def test_ctrl_c_in_verify_stops_its_worker_processes(
+    history: tuple[Ledger, list[list[str]]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gc
+    import multiprocessing
+
+    from kvw_ledger import scrub, verify
+
+    ledger, _ = history
+
+    def interrupted(self: scrub.Findings, other: scrub.Findings) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(scrub, "PROCESS_MIN_ARRAYS", 0)
+    monkeypatch.setattr(verify, "hash_workers", lambda: 2)
+    monkeypatch.setattr(scrub.Findings, "add", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ledger.verify(check_model=False)
+    assert multiprocessing.active_children() == []
+    assert gc.get_freeze_count() == 0 and gc.isenabled()  # the parent's collector is as it was
 
 
 def test_history_reads_the_journal_once(
