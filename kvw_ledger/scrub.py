@@ -87,6 +87,8 @@ def scrub(
 
 class Reads:
     """Arrays handed to workers as they are known; :meth:`results` waits for them all.
+    The workers exist once the block is entered (forked then, so a thread started
+    inside it cannot hold a lock a worker inherits).
 
     Each array is read once: the content hash of each in ``wanted``, each chain's
     float32 sum in chain order, and the sha256 of every file read. A missing array's
@@ -154,6 +156,7 @@ def _executor(workers: int, count: int) -> Iterator[Executor]:
         pool = ProcessPoolExecutor(
             max_workers=workers, mp_context=multiprocessing.get_context("fork"), initializer=_ignore_sigint
         )
+        pool.submit(int)  # forks every worker now, before the caller starts another thread
     try:
         yield pool
     except BaseException:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import gc
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -95,11 +95,16 @@ def _verify(ledger: Ledger, model_dir: str | Path | None, check_model: bool) -> 
     # The listing and the base check need nothing the array reads find, so they run
     # beside them (the reads are in worker processes, or threads that wait on I/O).
     with ThreadPoolExecutor(max_workers=1) as beside:
-        listed = beside.submit(ledger.store.files)
-        base = beside.submit(_verify_base, ledger, model_dir) if check_model and trusted else None
+        futures: list[Future[Any]] = []
+
+        def start_beside() -> None:
+            futures.append(beside.submit(ledger.store.files))
+            if check_model and trusted:
+                futures.append(beside.submit(_verify_base, ledger, model_dir))
+
         # Every array is decoded from the same bytes its files are hashed from, once.
-        contents = head.hash_and_sum({a for e in entries for a in e.body.get("arrays", {})}, digests)
-        files, base_problems = listed.result(), base.result() if base is not None else []
+        contents = head.hash_and_sum({a for e in entries for a in e.body.get("arrays", {})}, digests, start_beside)
+        files, base_problems = futures[0].result(), futures[1].result() if len(futures) > 1 else []
     problems = list(ledger.journal.verify(ledger.path, digests=digests, scanned=scanned))
     named: set[str] = set()
     checked = 0
@@ -225,14 +230,16 @@ class _HeadSum:
                 for name in names:
                     chains.setdefault(name.rsplit("/", 1)[1], []).append(name)
 
-    def hash_and_sum(self, arrays: set[str], digests: Digests) -> dict[str, _Hash]:
+    def hash_and_sum(self, arrays: set[str], digests: Digests, started: Callable[[], None]) -> dict[str, _Hash]:
         """Each of ``arrays``' content hash; the head's sums are computed on the way, and
-        every file read is hashed into ``digests``."""
+        every file read is hashed into ``digests``. ``started`` is called once the
+        readers exist: a thread it starts cannot be inside a lock when they fork."""
         prefixes = self._prefixes()
         maybe = {a for a in arrays if _under(a, prefixes)}
         sites = {s.name: s.n_vectors for s in self.ledger.sites}
         workers, stored = hash_workers(), stored_dtypes()
         with Reads(self.store.path, arrays, stored, workers=workers, expected=len(arrays)) as reads:
+            started()
             reads.alone(sorted(arrays - maybe))  # read while the head's arrays are listed
             self._plan()
             chained = {n for c in (*self.chains.values(), *self.scale_chains.values()) for n in c}

@@ -580,36 +580,13 @@ def test_verify_reads_every_file_once(
     assert chunks and not chunks & hashed_by_journal
 
 
-def _verify_with(ledger: Ledger, monkeypatch: pytest.MonkeyPatch, *, processes: bool) -> dict[str, Any]:
-    """verify's report with its array reads in forked workers, or on threads."""
-    from concurrent.futures import ProcessPoolExecutor
-
-    from kvw_ledger import scrub, verify
-
-    made: list[int] = []
-
-    class Counted(ProcessPoolExecutor):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            made.append(1)
-            super().__init__(*args, **kwargs)
-
-    with monkeypatch.context() as m:
-        m.setattr(scrub, "ProcessPoolExecutor", Counted)
-        m.setattr(scrub, "PROCESS_MIN_ARRAYS", 0 if processes else 10**9)
-        m.setattr(verify, "hash_workers", lambda: 2)
-        report = ledger.verify(check_model=False).to_json()
-    assert bool(made) == processes  # the path under test was the one taken
-    return report
-
-
 def test_worker_processes_find_what_threads_find(
     history: tuple[Ledger, list[list[str]]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The forked readers' content hashes, file digests and head sums (NumPy) are the
     threads' (torch), on a sound ledger and on one with a damaged and a missing chunk."""
     ledger, _ = history
-    sound = _verify_with(ledger, monkeypatch, processes=True)
-    assert sound == _verify_with(ledger, monkeypatch, processes=False)
+    sound = tiny.verify_both_ways(ledger, monkeypatch)
     assert sound["ok"] and sound["problems"] == [] and sound["checked_arrays"] > 50
 
     damaged = _copy(ledger.path, tmp_path / "led")
@@ -620,8 +597,7 @@ def test_worker_processes_find_what_threads_find(
     trace.write_bytes(trace.read_bytes()[:-1] + bytes([trace.read_bytes()[-1] ^ 1]))
     exponent = sorted((damaged.path / state.exponent_prefix(active)).glob("*/c/0"))[0]
     exponent.unlink()
-    report = _verify_with(damaged, monkeypatch, processes=True)
-    assert report == _verify_with(damaged, monkeypatch, processes=False)
+    report = tiny.verify_both_ways(damaged, monkeypatch)
     paths = [p["path"] for p in report["problems"] if p["severity"] == "error"]
     rel = lambda f: f.relative_to(damaged.path).as_posix()  # noqa: E731
     assert rel(trace) in paths and rel(exponent) in paths and "head" in paths
