@@ -1,10 +1,12 @@
 """``verify``: the chain, every file and array, the head cache and the base, re-checked.
 
-Every array is read once. The arrays the head cache is the sum of (the current
-exponents and log-scales of the requests active at its version) are read per site
-in chain order, hashed against their entries and summed as they are read, so
-checking the head costs no second read of the request arrays; the others are
-hashed on their own. Both run on threads (sha256 and the codecs release the GIL).
+Every file is read once: the bytes of an array's files are hashed for the journal's
+check and decoded for the array's content hash. The arrays the head cache is the
+sum of (the current exponents and log-scales of the requests active at its version)
+are read per site in chain order, hashed against their entries and summed as they
+are read, so checking the head costs no second read of the request arrays. The
+reads run in worker processes for a large ledger (``scrub.py``), beside a thread
+that lists the files and checks the base.
 """
 
 from __future__ import annotations
@@ -255,9 +257,10 @@ class _HeadSum:
         for array in found.redo:
             hashes[array] = _read_hash(self.store, array, digests)[1]
         for site in found.redo_chains:
-            self._chain(site, self.chains[site], self.sums, torch.zeros(sites.get(site, 0)), arrays, hashes, digests)
+            zero = torch.zeros(sites.get(site, 0), dtype=torch.float32)
+            self._chain(site, self.chains[site], self.sums, zero, arrays, hashes, digests)
         for site, names in self.scale_chains.items():
-            self._chain(site, names, self.scale_sums, torch.zeros(()), arrays, hashes, digests)
+            self._chain(site, names, self.scale_sums, torch.zeros((), dtype=torch.float32), arrays, hashes, digests)
         for array in arrays:
             hashes.setdefault(array, None)
         return hashes
