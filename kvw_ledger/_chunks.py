@@ -63,8 +63,8 @@ def read_file(
         IntegrityError: naming the file, when it exists and cannot be read.
     """
     try:
-        with open(under(root, rel), "rb") as f:
-            raw = f.read()
+        with open(under(root, rel), "rb", buffering=0) as f:  # one read: no buffer to fill
+            raw = f.readall()
     except OSError as e:
         if digests is not None:
             digests[rel] = e
