@@ -25,7 +25,14 @@ from pathlib import Path
 from typing import Any
 
 # fsync_dir and sha256_file stay importable from here, where they were first defined.
-from kvw_ledger._fs import fsync_dir, fsync_file, sha256_bytes, sha256_file
+from kvw_ledger._fs import (
+    fsync_dir,
+    fsync_file,
+    hash_files,
+    hash_workers,
+    sha256_bytes,
+    sha256_file,
+)
 
 # The entry's schema and parsers moved to entry.py; they stay importable from here.
 from kvw_ledger.entry import (
@@ -428,7 +435,7 @@ class Journal:
                     deleted_at[path] = item.entry.version
         named = {path for item in scanned if item.entry is not None for path in item.entry.files}
         known = {path: digests[path] for path in named & digests.keys()} if digests else {}
-        hashes = {**known, **_hash_files(root, named - known.keys())}
+        hashes = {**known, **hash_files(root, named - known.keys())}
         problems: list[Problem] = []
         previous: _Scanned | None = None
         for item in scanned:
@@ -487,40 +494,3 @@ def _alive(pid: int) -> bool:
     except (PermissionError, OverflowError):
         return True
     return True
-
-
-def hash_workers() -> int:
-    """Threads for hashing many files: sha256 and the codecs release the GIL, so a
-    verify of a large ledger uses the cores it has (at most 8)."""
-    return max(1, min(8, os.cpu_count() or 1))
-
-
-def hash_files(root: Path, paths: set[str]) -> dict[str, str | OSError]:
-    """sha256 of each ledger-relative file, or the OSError reading it raised (on threads)."""
-    return _hash_files(root, paths)
-
-
-def _hash_files(root: Path, paths: set[str]) -> dict[str, str | OSError]:
-    """sha256 of each ledger-relative file, or the OSError reading it raised."""
-
-    top = str(root)
-
-    def batch(some: list[str]) -> list[tuple[str, str | OSError]]:
-        found: list[tuple[str, str | OSError]] = []
-        for path in some:
-            try:  # the paths are checked relative POSIX paths: a join is all a Path would do
-                found.append((path, sha256_file(Path(os.path.join(top, path)))))
-            except OSError as e:
-                found.append((path, e))
-        return found
-
-    from concurrent.futures import ThreadPoolExecutor  # verify only: `log` starts without it
-
-    ordered = sorted(paths)
-    # Batches, not a task per file: at 100,000 small files the futures cost more than the hashing.
-    batches = [ordered[i : i + _HASH_BATCH] for i in range(0, len(ordered), _HASH_BATCH)]
-    with ThreadPoolExecutor(max_workers=hash_workers()) as pool:
-        return {path: digest for found in pool.map(batch, batches) for path, digest in found}
-
-
-_HASH_BATCH = 256  # files hashed per thread task

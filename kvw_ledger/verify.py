@@ -23,8 +23,9 @@ import numpy as np
 import torch
 
 from kvw_ledger._codec import Digests, stored_dtypes
+from kvw_ledger._fs import hash_files, hash_workers
 from kvw_ledger.errors import IntegrityError, KVWLedgerError, RefNotFoundError
-from kvw_ledger.journal import Entry, Problem, hash_files, hash_workers
+from kvw_ledger.journal import Entry, Problem
 from kvw_ledger.model_files import raw_bits as _bits
 from kvw_ledger.replay import LedgerState, apply, replay
 from kvw_ledger.scrub import Chain, Reads

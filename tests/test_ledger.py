@@ -562,14 +562,14 @@ def test_verify_reads_every_file_once(
         return real_read(root, rel, digests, absent)
 
     hashed_by_journal: set[str] = set()
-    real_hash = journal._hash_files
+    real_hash = journal.hash_files
 
     def recorded(root: Path, paths: set[str]) -> dict[str, str | OSError]:
         hashed_by_journal.update(paths)
         return real_hash(root, paths)
 
     monkeypatch.setattr(_chunks, "read_file", counted)
-    monkeypatch.setattr(journal, "_hash_files", recorded)
+    monkeypatch.setattr(journal, "hash_files", recorded)
     report = ledger.verify(check_model=False)
     assert report.ok and report.problems == []
     exponents = [n for n in reads if "/exponent/" in n]
