@@ -14,10 +14,10 @@ integer of the same width, with the torch dtype's name in attr ``dtype``.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -30,8 +30,9 @@ from numcodecs.zstd import Zstd
 from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.storage import LocalStore
 
-from kvw_ledger.errors import BadInputError, IntegrityError, RefNotFoundError
-from kvw_ledger.root import read_zarr_meta as _read_meta
+from kvw_ledger import _chunks
+from kvw_ledger._chunks import CODEC_ERRORS, Digests
+from kvw_ledger.errors import BadInputError, IntegrityError
 
 __all__ = [
     "chunk_shape",
@@ -39,6 +40,8 @@ __all__ = [
     "from_numpy",
     "read_array",
     "read_bytes",
+    "read_hashed",
+    "tensor_hash",
     "to_numpy",
     "write_array",
 ]
@@ -64,20 +67,16 @@ _NATIVE = frozenset(
     }
 )
 _INT_OF_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-_CODEC_ERRORS = (ValueError, RuntimeError, TypeError, IndexError, KeyError)
 
 
 
 def read_bytes(path: Path | str) -> bytes | None:
-    """A file's bytes, or None when it does not exist."""
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except OSError as e:
-        raise IntegrityError(f"{path} is unreadable ({e}); the ledger is damaged") from e
+    """A file's bytes, or None when it does not exist.
 
+    Raises:
+        IntegrityError: naming the file, when it exists and cannot be read.
+    """
+    return _chunks.read_file(Path(), str(path), None)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -176,38 +175,62 @@ def write_array(
 _META_CACHE: dict[tuple[Any, ...], bytes] = {}
 
 
-def _under(root: Path, rel: str) -> str:
-    """``str(root / rel)`` for a checked relative ``rel``, without building Paths."""
-    top = str(root)
-    return rel if top == "." else os.path.join(top, rel)
-
-
-def read_array(root: Path, name: str) -> torch.Tensor:
+def read_array(root: Path, name: str, *, digests: Digests | None = None) -> torch.Tensor:
     """Read array ``name`` (a path under directory ``root``) with its torch dtype restored.
+
+    Args:
+        digests: when given, the sha256 of every file this read opens is put in it
+            (ledger-relative path -> hex digest, or the OSError opening it raised), from
+            the same bytes that were decoded: verify checks the journal's file hashes
+            without reading the files a second time. Arrays in a layout only zarr reads
+            add nothing.
 
     Raises:
         RefNotFoundError: naming the array, if it does not exist or is a group.
         IntegrityError: naming the file, if metadata or a chunk is damaged or missing.
     """
-    # Strings, not Paths, on this path: verify reads some 50,000 arrays at 1,000 requests.
-    meta_path = _under(root, f"{name}/zarr.json")
-    if not os.path.isfile(meta_path):
-        raise RefNotFoundError(f"no array {name} in ledger {root}")
-    meta = _read_meta(meta_path)
-    if meta.get("node_type") != "array":
-        raise RefNotFoundError(f"{name} in ledger {root} is a group, not an array")
-    dtype = getattr(torch, str(meta.get("attributes", {}).get("dtype")), None)
-    layout = _own_layout(meta)
-    if layout is not None and isinstance(dtype, torch.dtype):
-        return from_numpy(_read_own_chunks(root, name, meta_path, dtype, *layout), dtype)
+    return _read(root, name, digests, hashed=False)[0]
+
+
+def read_hashed(root: Path, name: str, *, digests: Digests | None = None) -> tuple[torch.Tensor, str]:
+    """:func:`read_array` and the array's :func:`tensor_hash`, hashed from the decoded
+    chunks without a round trip through torch (what verify does for 50,000 arrays)."""
+    tensor, digest = _read(root, name, digests, hashed=True)
+    assert digest is not None  # hashed=True always hashes
+    return tensor, digest
+
+
+def _read(root: Path, name: str, digests: Digests | None, *, hashed: bool) -> tuple[torch.Tensor, str | None]:
+    meta_path, _, attr, layout = _chunks.read_meta(root, name, digests)
+    dtype = _torch_dtype(attr)
+    if layout is not None and dtype is not None:
+        if layout[2] != _stored_dtype(dtype):
+            raise IntegrityError(
+                f"{meta_path} is damaged (stored dtype {layout[2]} does not hold {dtype}); the ledger is damaged"
+            )
+        data = _chunks.read_own_chunks(root, name, layout, digests)
+        return from_numpy(data, dtype), _chunks.array_digest(dtype_name(dtype), data) if hashed else None
+    tensor = _read_through_zarr(root, name, meta_path, dtype)
+    return tensor, tensor_hash(tensor) if hashed else None
+
+
+@functools.lru_cache(maxsize=256)
+def _torch_dtype(attr: str) -> torch.dtype | None:
+    """The torch dtype attribute ``dtype`` names, or None."""
+    dtype = getattr(torch, attr, None)
+    return dtype if isinstance(dtype, torch.dtype) else None
+
+
+def _read_through_zarr(root: Path, name: str, meta_path: str, dtype: torch.dtype | None) -> torch.Tensor:
+    """An array in a layout :func:`write_array` does not write, read chunk by chunk by zarr."""
     try:
-        if not isinstance(dtype, torch.dtype):
+        if dtype is None:
             raise ValueError("attribute 'dtype' does not name a torch dtype")
         arr = zarr.open_array(store=LocalStore(root, read_only=True), path=name, mode="r")
         chunks, grid = arr.chunks, arr.cdata_shape
-        if arr.dtype != to_numpy(torch.empty(0, dtype=dtype)).dtype:
+        if arr.dtype != _stored_dtype(dtype):
             raise ValueError(f"stored dtype {arr.dtype} does not hold {dtype}")
-    except _CODEC_ERRORS as e:
+    except CODEC_ERRORS as e:
         raise IntegrityError(f"{meta_path} is damaged ({e}); the ledger is damaged") from e
     out = np.empty(arr.shape, dtype=arr.dtype)
     # Chunk by chunk, so a damaged or missing chunk is reported by its file name
@@ -219,94 +242,39 @@ def read_array(root: Path, name: str) -> torch.Tensor:
         sel = tuple(slice(c * k, (c + 1) * k) for c, k in zip(coords, chunks, strict=True))
         try:
             out[sel] = arr[sel]
-        except _CODEC_ERRORS as e:
+        except CODEC_ERRORS as e:
             raise IntegrityError(f"chunk file {rel} is damaged ({e}); the ledger is damaged") from e
     return from_numpy(out, dtype)
 
 
-# The layout write_array writes, read without zarr: every zarr call is a round
-# trip through its event-loop thread (about 1 ms each), which made reading the small
-# exponent arrays cost ~2 ms apiece, and verify, diff and materialise grow with it.
-_OWN_CODECS = ["bytes", "zstd", "crc32c"]
-_OWN_KEYS = {"name": "default", "configuration": {"separator": "/"}}
-_ZSTD = Zstd()  # decoding needs no level; the frame says how it was made
+@functools.cache
+def _stored_dtype(dtype: torch.dtype) -> np.dtype:
+    """The NumPy dtype :func:`to_numpy` gives a tensor of ``dtype``."""
+    return to_numpy(torch.empty(0, dtype=dtype)).dtype
+
+
+@functools.cache
+def stored_dtypes() -> dict[str, np.dtype]:
+    """The name of each dtype a model's weights or the ledger's arrays come in -> the
+    NumPy dtype :func:`to_numpy` stores it as (any other is read through torch)."""
+    wide = [getattr(torch, n) for n in ("bfloat16", "float8_e4m3fn", "float8_e5m2") if hasattr(torch, n)]
+    return {dtype_name(d): _stored_dtype(d) for d in (*_NATIVE, *wide)}
+
+
+def tensor_hash(t: torch.Tensor) -> str:
+    """The logical sha256 of a tensor, independent of how it is stored.
+
+    The digest covers the UTF-8 line ``{"dtype":"<torch name>","shape":[...]}\\n``
+    (compact JSON) followed by the raw C-order little-endian bytes of the data.
+    """
+    data = to_numpy(t)  # first: it names what is not a dense tensor
+    return _chunks.array_digest(dtype_name(t.dtype), data)
+
+
+# The layout write_array writes is read without zarr (_chunks): every zarr call is a
+# round trip through its event-loop thread (about 1 ms each), which made reading the
+# small exponent arrays cost ~2 ms apiece, and verify, diff and materialise grow with it.
 _ZSTD_LEVEL_3 = Zstd(level=3, checksum=False)  # as ZstdCodec(level=3) in write_array
-
-
-def _own_layout(meta: Mapping[str, Any]) -> tuple[tuple[int, ...], tuple[int, ...], np.dtype] | None:
-    """(shape, chunk shape, stored dtype) when ``meta`` is exactly what
-    :func:`write_array` writes (a regular grid of ``c/i/j`` chunks, bytes
-    little-endian -> zstd -> crc32c, at least one dimension); None otherwise, and
-    zarr reads it."""
-    try:
-        codecs = meta["codecs"]
-        shape = tuple(meta["shape"])
-        chunks = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
-        ok = (
-            [c["name"] for c in codecs] == _OWN_CODECS
-            and codecs[0]["configuration"] == {"endian": "little"}
-            and meta["chunk_grid"]["name"] == "regular"
-            and meta["chunk_key_encoding"] == _OWN_KEYS
-            and not meta.get("storage_transformers")
-            and len(shape) == len(chunks) >= 1
-            and all(type(s) is int and s >= 0 for s in shape)
-            and all(type(c) is int and c >= 1 for c in chunks)
-            and isinstance(meta["data_type"], str)
-        )
-        stored = np.dtype(meta["data_type"]) if ok else None
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError):
-        return None
-    if stored is None or stored.name != meta["data_type"] or stored.kind not in "biufc":
-        return None
-    return shape, chunks, stored
-
-
-def _read_own_chunks(
-    root: Path,
-    name: str,
-    meta_path: Path | str,
-    dtype: torch.dtype,
-    shape: tuple[int, ...],
-    chunks: tuple[int, ...],
-    stored: np.dtype,
-) -> np.ndarray:
-    """Decodes every chunk file of an array in :func:`_own_layout`, each checked by its crc32c."""
-    if stored != to_numpy(torch.empty(0, dtype=dtype)).dtype:
-        raise IntegrityError(
-            f"{meta_path} is damaged (stored dtype {stored} does not hold {dtype}); the ledger is damaged"
-        )
-    out = np.empty(shape, dtype=stored)
-    on_disk = stored.newbyteorder("<")
-    size = math.prod(chunks) * stored.itemsize  # zarr pads edge chunks to the full shape
-    grid = [-(-s // k) for s, k in zip(shape, chunks, strict=True)]
-    for coords in itertools.product(*(range(n) for n in grid)):
-        rel = f"{name}/c/{'/'.join(map(str, coords))}"
-        raw = read_bytes(_under(root, rel))
-        if raw is None:
-            raise IntegrityError(f"chunk file {rel} is missing; the ledger is damaged")
-        try:
-            data = _decode_chunk(raw, size)
-        except _CODEC_ERRORS as e:
-            raise IntegrityError(f"chunk file {rel} is damaged ({e}); the ledger is damaged") from e
-        block = np.frombuffer(data, dtype=on_disk).reshape(chunks)
-        sel = tuple(
-            slice(c * k, min((c + 1) * k, s)) for c, k, s in zip(coords, chunks, shape, strict=True)
-        )
-        out[sel] = block[tuple(slice(0, part.stop - part.start) for part in sel)]
-    return out
-
-
-def _decode_chunk(raw: bytes, size: int) -> bytes:
-    """crc32c (little-endian, last 4 bytes) checked, then zstd; ValueError if anything is off."""
-    if len(raw) < 4:
-        raise ValueError("shorter than its checksum")
-    body = raw[:-4]
-    if google_crc32c.value(body).to_bytes(4, "little") != raw[-4:]:
-        raise ValueError("crc32c checksum mismatch")
-    data = bytes(_ZSTD.decode(body))
-    if len(data) != size:
-        raise ValueError(f"decodes to {len(data)} bytes, expected {size}")
-    return data
 
 
 def _write_own_chunks(path: Path, data: np.ndarray, chunks: tuple[int, ...]) -> None:

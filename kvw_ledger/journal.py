@@ -18,14 +18,21 @@ from __future__ import annotations
 import os
 import re
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 # fsync_dir and sha256_file stay importable from here, where they were first defined.
-from kvw_ledger._fs import fsync_dir, fsync_file, sha256_bytes, sha256_file
+from kvw_ledger._fs import (
+    fsync_dir,
+    fsync_file,
+    hash_files,
+    hash_workers,
+    sha256_bytes,
+    sha256_file,
+)
 
 # The entry's schema and parsers moved to entry.py; they stay importable from here.
 from kvw_ledger.entry import (
@@ -160,25 +167,35 @@ class Journal:
                 error = error or e
             yield _Scanned(version, path, raw_hash, None if error else entry, error)
 
-    def entries(self) -> list[Entry]:
-        """Returns all entries in version order, parsed and validated.
+    def scan(self) -> list[_Scanned]:
+        """Every entry file read and parsed once, for :meth:`entries`, :meth:`readable` and
+        :meth:`verify` to share (verify needs all three; at 1,000 entries a read is ~1 s).
+
+        Raises:
+            IntegrityError: the journal directory cannot be listed.
+        """
+        return list(self._scan())
+
+    def entries(self, scanned: Sequence[_Scanned] | None = None) -> list[Entry]:
+        """Returns all entries in version order, parsed and validated (from ``scanned``,
+        a :meth:`scan`, when given).
 
         Raises:
             IntegrityError: an entry file is malformed, altered or missing from the numbering;
                 the message names the file.
         """
         result: list[Entry] = []
-        scanned_all = list(self._scan())
-        for i, scanned in enumerate(scanned_all):
-            if scanned.error is not None:
-                if i == len(scanned_all) - 1 and scanned.entry is None and self._unparsable(scanned):
-                    raise self._torn(scanned.version, scanned.path, scanned.error, result)
-                raise scanned.error
-            if scanned.entry is not None:
-                result.append(scanned.entry)
+        scanned_all = list(self._scan()) if scanned is None else list(scanned)
+        for i, item in enumerate(scanned_all):
+            if item.error is not None:
+                if i == len(scanned_all) - 1 and item.entry is None and self._unparsable(item):
+                    raise self._torn(item.version, item.path, item.error, result)
+                raise item.error
+            if item.entry is not None:
+                result.append(item.entry)
         return result
 
-    def readable(self) -> tuple[list[Entry], TornEntryError | None]:
+    def readable(self, scanned: Sequence[_Scanned] | None = None) -> tuple[list[Entry], TornEntryError | None]:
         """The entries, and None; or, when only the newest entry file is torn, the entries
         before it and that file's error (older versions stay readable by number).
 
@@ -186,7 +203,7 @@ class Journal:
             IntegrityError: any other damage, or a torn version 1.
         """
         try:
-            return self.entries(), None
+            return self.entries(scanned), None
         except TornEntryError as e:
             if not e.valid:
                 raise
@@ -385,28 +402,40 @@ class Journal:
         os.chmod(self.path, 0o700)  # mkdir's mode is filtered by the umask
         fsync_dir(self.root)
 
-    def verify(self, root: Path) -> list[Problem]:
+    def verify(
+        self,
+        root: Path,
+        *,
+        digests: Mapping[str, str | OSError] | None = None,
+        scanned: Sequence[_Scanned] | None = None,
+    ) -> list[Problem]:
         """Checks the hash chain and every file each entry recorded, in journal order.
 
         Args:
             root: the directory the entries' file paths are relative to (the ledger root).
+            digests: files already hashed (path -> sha256, or the OSError reading it
+                raised), as verify's array reads hash the bytes they decode; every other
+                named file is read and hashed here.
+            scanned: the journal as :meth:`scan` read it, or None to read it here.
 
         Returns:
             Problems, the first naming the first broken file; empty when all is well.
             A file that a later ``gc`` entry lists in ``body["deleted_files"]`` may be missing.
         """
         root = Path(root)
-        try:
-            scanned = list(self._scan())
-        except IntegrityError as e:
-            return [Problem("journal", str(e))]
+        if scanned is None:
+            try:
+                scanned = list(self._scan())
+            except IntegrityError as e:
+                return [Problem("journal", str(e))]
         deleted_at: dict[str, int] = {}
         for item in scanned:
             if item.entry is not None and item.entry.op == "gc":
                 for path in item.entry.body.get("deleted_files", []):
                     deleted_at[path] = item.entry.version
         named = {path for item in scanned if item.entry is not None for path in item.entry.files}
-        hashes = _hash_files(root, named)
+        known = {path: digests[path] for path in named & digests.keys()} if digests else {}
+        hashes = {**known, **hash_files(root, named - known.keys())}
         problems: list[Problem] = []
         previous: _Scanned | None = None
         for item in scanned:
@@ -465,40 +494,3 @@ def _alive(pid: int) -> bool:
     except (PermissionError, OverflowError):
         return True
     return True
-
-
-def hash_workers() -> int:
-    """Threads for hashing many files: sha256 and the codecs release the GIL, so a
-    verify of a large ledger uses the cores it has (at most 8)."""
-    return max(1, min(8, os.cpu_count() or 1))
-
-
-def hash_files(root: Path, paths: set[str]) -> dict[str, str | OSError]:
-    """sha256 of each ledger-relative file, or the OSError reading it raised (on threads)."""
-    return _hash_files(root, paths)
-
-
-def _hash_files(root: Path, paths: set[str]) -> dict[str, str | OSError]:
-    """sha256 of each ledger-relative file, or the OSError reading it raised."""
-
-    top = str(root)
-
-    def batch(some: list[str]) -> list[tuple[str, str | OSError]]:
-        found: list[tuple[str, str | OSError]] = []
-        for path in some:
-            try:  # the paths are checked relative POSIX paths: a join is all a Path would do
-                found.append((path, sha256_file(Path(os.path.join(top, path)))))
-            except OSError as e:
-                found.append((path, e))
-        return found
-
-    from concurrent.futures import ThreadPoolExecutor  # verify only: `log` starts without it
-
-    ordered = sorted(paths)
-    # Batches, not a task per file: at 100,000 small files the futures cost more than the hashing.
-    batches = [ordered[i : i + _HASH_BATCH] for i in range(0, len(ordered), _HASH_BATCH)]
-    with ThreadPoolExecutor(max_workers=hash_workers()) as pool:
-        return {path: digest for found in pool.map(batch, batches) for path, digest in found}
-
-
-_HASH_BATCH = 256  # files hashed per thread task

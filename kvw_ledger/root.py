@@ -12,7 +12,7 @@ from typing import Any
 
 from kvw_ledger.errors import FormatVersionError, IntegrityError, LedgerNotFoundError
 
-__all__ = ["FORMAT_VERSION", "read_root_attrs", "read_zarr_meta"]
+__all__ = ["FORMAT_VERSION", "parse_zarr_meta", "read_root_attrs", "read_zarr_meta"]
 
 FORMAT_VERSION = 1
 
@@ -25,8 +25,21 @@ def read_zarr_meta(path: Path | str) -> dict[str, Any]:
     """
     try:
         with open(path, "rb") as f:
-            meta = json.loads(f.read())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raw = f.read()
+    except OSError as e:
+        raise IntegrityError(f"{path} is unreadable ({e}); the ledger is damaged") from e
+    return parse_zarr_meta(raw, path)
+
+
+def parse_zarr_meta(raw: bytes, path: Path | str) -> dict[str, Any]:
+    """:func:`read_zarr_meta` of a ``zarr.json`` already read (its bytes were also hashed).
+
+    Raises:
+        IntegrityError: naming ``path``, when ``raw`` is not JSON or not Zarr v3 metadata.
+    """
+    try:
+        meta = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise IntegrityError(f"{path} is unreadable ({e}); the ledger is damaged") from e
     if not isinstance(meta, dict) or meta.get("zarr_format") != 3:
         raise IntegrityError(f"{path} is not Zarr v3 metadata; the ledger is damaged")

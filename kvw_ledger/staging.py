@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kvw_ledger import data, weights
+from kvw_ledger._fs import hash_files
 from kvw_ledger.devices import Placement
 from kvw_ledger.errors import BadInputError, IntegrityError, StabilityCheckError
-from kvw_ledger.journal import Entry, hash_files
+from kvw_ledger.journal import Entry
 from kvw_ledger.loading import max_length
 from kvw_ledger.replay import LedgerState
 from kvw_ledger.stability import (

@@ -21,24 +21,21 @@ as an :class:`IntegrityError` naming the file.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import secrets
 import shutil
-import sys
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 import zarr
 from zarr.storage import LocalStore
 
 from kvw_ledger import _codec, _tree, layout
-from kvw_ledger._codec import dtype_name, to_numpy
+from kvw_ledger._codec import Digests, tensor_hash
 from kvw_ledger._codec import read_bytes as _read_bytes
 from kvw_ledger._fs import fsync_path as _fsync
 from kvw_ledger._fs import fsync_tree as _fsync_tree
@@ -102,21 +99,6 @@ class ArrayRecord:
     files: dict[str, str] = field(default_factory=dict)
 
 
-def tensor_hash(t: torch.Tensor) -> str:
-    """The logical sha256 of a tensor, independent of how it is stored.
-
-    The digest covers the UTF-8 line ``{"dtype":"<torch name>","shape":[...]}\\n``
-    (compact JSON) followed by the raw C-order little-endian bytes of the data.
-    """
-    data = to_numpy(t)
-    header = json.dumps(
-        {"dtype": dtype_name(t.dtype), "shape": list(t.shape)}, separators=(",", ":")
-    )
-    h = hashlib.sha256(header.encode() + b"\n")
-    if data.dtype.byteorder == ">" or (data.dtype.byteorder == "=" and sys.byteorder == "big"):
-        data = data.astype(data.dtype.newbyteorder("<"))
-    h.update(np.ascontiguousarray(data).reshape(-1).view(np.uint8).data)
-    return h.hexdigest()
 
 
 class Store:
@@ -212,15 +194,16 @@ class Store:
         files = {rel: _file_sha256(self.path / rel) for rel in _tree.files_under(self.path, name)}
         return ArrayRecord(name=name, sha256=digest, files=files)
 
-    def read_array(self, name: str) -> torch.Tensor:
-        """Read array ``name`` with its original dtype restored.
+    def read_array(self, name: str, *, digests: Digests | None = None) -> torch.Tensor:
+        """Read array ``name`` with its original dtype restored (with ``digests``, each
+        file read is hashed into it: see :func:`_codec.read_array`).
 
         Raises:
             RefNotFoundError: naming the array, if it does not exist.
             IntegrityError: naming the file, if metadata or a chunk is damaged or missing.
         """
         _check_name(name)
-        return _codec.read_array(self.path, name)
+        return _codec.read_array(self.path, name, digests=digests)
 
     def array_attrs(self, name: str) -> dict[str, Any]:
         """The attributes stored with array ``name`` (``dtype`` and the caller's)."""
@@ -228,9 +211,14 @@ class Store:
         meta = self._array_meta(name)
         return dict(meta.get("attributes", {}))
 
-    def content_hash(self, name: str) -> str:
+    def content_hash(self, name: str, *, digests: Digests | None = None) -> str:
         """Recompute :func:`tensor_hash` of array ``name`` from the stored chunks."""
-        return tensor_hash(self.read_array(name))
+        return self.read_hashed(name, digests=digests)[1]
+
+    def read_hashed(self, name: str, *, digests: Digests | None = None) -> tuple[torch.Tensor, str]:
+        """:meth:`read_array` and the array's :func:`tensor_hash`, from one read."""
+        _check_name(name)
+        return _codec.read_hashed(self.path, name, digests=digests)
 
     def has_array(self, name: str) -> bool:
         """Whether array ``name`` exists."""

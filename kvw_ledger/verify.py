@@ -1,27 +1,35 @@
 """``verify``: the chain, every file and array, the head cache and the base, re-checked.
 
-Every array is read once. The arrays the head cache is the sum of (the current
-exponents and log-scales of the requests active at its version) are read per site
-in chain order, hashed against their entries and summed as they are read, so
-checking the head costs no second read of the request arrays; the others are
-hashed on their own. Both run on threads (sha256 and the codecs release the GIL).
+Every file is read once: the bytes of an array's files are hashed for the journal's
+check and decoded for the array's content hash. The arrays the head cache is the
+sum of (the current exponents and log-scales of the requests active at its version)
+are read per site in chain order, hashed against their entries and summed as they
+are read, so checking the head costs no second read of the request arrays. The
+reads run in worker processes for a large ledger (``scrub.py``), beside a thread
+that lists the files and checks the base.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+import contextlib
+import gc
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
+from kvw_ledger._codec import Digests, stored_dtypes
+from kvw_ledger._fs import hash_files, hash_workers
 from kvw_ledger.errors import IntegrityError, KVWLedgerError, RefNotFoundError
-from kvw_ledger.journal import Entry, Problem, hash_workers
+from kvw_ledger.journal import Entry, Problem
 from kvw_ledger.model_files import raw_bits as _bits
 from kvw_ledger.replay import LedgerState, apply, replay
-from kvw_ledger.store import HeadCache, Store, tensor_hash
+from kvw_ledger.scrub import Chain, Reads
+from kvw_ledger.store import HeadCache, Store
 
 if TYPE_CHECKING:
     from kvw_ledger.ledger import Ledger
@@ -59,15 +67,48 @@ class VerifyReport:
 
 def verify_ledger(ledger: Ledger, model_dir: str | Path | None, check_model: bool) -> VerifyReport:
     """See :meth:`Ledger.verify`."""
-    problems = list(ledger.journal.verify(ledger.path))
+    # verify makes some 300,000 objects at 1,000 requests (paths, digests, entries) and
+    # none of them cyclic garbage: collections on the way only walked them, for seconds.
+    with _collector_paused():
+        return _verify(ledger, model_dir, check_model)
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    enabled = gc.isenabled()
+    gc.disable()
     try:
-        entries = ledger.entries()
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _verify(ledger: Ledger, model_dir: str | Path | None, check_model: bool) -> VerifyReport:
+    try:
+        scanned = ledger.journal.scan()  # read once for the entries and the chain check
+        entries, _ = ledger.journal.readable(scanned)
     except IntegrityError as e:
-        return VerifyReport([*problems, Problem("journal", str(e))], 0, 0)
-    # The head and base checks trust the sites and locations in the root zarr.json.
-    trusted = not any(p.path == "zarr.json" for p in problems)
+        return VerifyReport([*ledger.journal.verify(ledger.path), Problem("journal", str(e))], 0, 0)
+    # The head and base checks trust the sites and locations in the root zarr.json,
+    # so it is checked first; the journal's check below reports it in its own words.
+    digests: Digests = dict(hash_files(ledger.path, {"zarr.json"}))
+    trusted = all(e.files["zarr.json"] == digests["zarr.json"] for e in entries if "zarr.json" in e.files)
     head = _HeadSum(ledger, entries if trusted else [])
-    contents = head.hash_and_sum({a for e in entries for a in e.body.get("arrays", {})})
+    # The listing and the base check need nothing the array reads find, so they run
+    # beside them (the reads are in worker processes, or threads that wait on I/O).
+    with ThreadPoolExecutor(max_workers=1) as beside:
+        futures: list[Future[Any]] = []
+
+        def start_beside() -> None:
+            futures.append(beside.submit(ledger.store.files))
+            if check_model and trusted:
+                futures.append(beside.submit(_verify_base, ledger, model_dir))
+
+        # Every array is decoded from the same bytes its files are hashed from, once.
+        contents = head.hash_and_sum({a for e in entries for a in e.body.get("arrays", {})}, digests, start_beside)
+        files, base_problems = futures[0].result(), futures[1].result() if len(futures) > 1 else []
+    problems = list(ledger.journal.verify(ledger.path, digests=digests, scanned=scanned))
     named: set[str] = set()
     checked = 0
     state = LedgerState(0)
@@ -96,13 +137,12 @@ def verify_ledger(ledger: Ledger, model_dir: str | Path | None, check_model: boo
             )
     if trusted:
         problems.extend(head.problems())
-    for path in ledger.store.files():
+    for path in files:
         if path not in named and not path.startswith("head/"):
             problems.append(
                 Problem(path, "no journal entry names this file (left by an interrupted write)", "warning")
             )
-    if check_model and trusted:
-        problems.extend(_verify_base(ledger, model_dir))
+    problems.extend(base_problems)
     if ledger.remote is not None:
         problems.extend(ledger.remote.verify())
     return VerifyReport(problems, len(entries), checked)
@@ -125,6 +165,7 @@ class _HeadSum:
         self.sums: dict[str, torch.Tensor | KVWLedgerError] = {}
         self.scale_sums: dict[str, torch.Tensor | KVWLedgerError] = {}
         self.missing: KVWLedgerError | None = None  # a request with no arrays left (gc)
+        self.at: LedgerState | None = None  # the state at the head cache's version, when checked
         if not entries:
             return  # not to be checked
         self.found = [Problem(path, message) for path, message in self.store.check_head()]
@@ -155,14 +196,27 @@ class _HeadSum:
             ]
             self.cached = None
             return
+        self.at = replay(entries, version)
+
+    def _prefixes(self) -> set[str]:
+        """Where the arrays the head is the sum of lie (the requests active at its version)."""
+        at = self.at
+        if at is None:
+            return set()
+        scales = (at.log_scales.get(r) for r in at.active)
+        return {*(at.exponent_prefix(r) for r in at.active), *(p for p in scales if p is not None)}
+
+    def _plan(self) -> None:
+        """Which arrays, in which order, sum to the head (as ``Ledger.sums`` reads them)."""
+        if self.at is None:
+            return
         try:
-            self._plan(replay(entries, version))
+            self._list(self.at)
         except KVWLedgerError as e:  # a damaged group of a request's arrays, also reported by name
             self.missing = e
             self.chains, self.scale_chains = {}, {}
 
-    def _plan(self, at: LedgerState) -> None:
-        """Which arrays, in which order, sum to the head at ``at`` (as ``Ledger.sums`` reads them)."""
+    def _list(self, at: LedgerState) -> None:
         for request_id in at.active:
             for prefix, chains, what in (
                 (at.exponent_prefix(request_id), self.chains, "exponents"),
@@ -179,53 +233,69 @@ class _HeadSum:
                 for name in names:
                     chains.setdefault(name.rsplit("/", 1)[1], []).append(name)
 
-    def hash_and_sum(self, arrays: set[str]) -> dict[str, _Hash]:
-        """Each of ``arrays``' content hash; the head's sums are computed on the way."""
-        hashes: dict[str, _Hash] = {}
-        alone = set(arrays) - {n for c in (*self.chains.values(), *self.scale_chains.values()) for n in c}
-
-        def batch(some: list[str]) -> None:
-            for array in some:
-                hashes[array] = _read_hash(self.store, array)[1]
-
-        def chain(site: str, names: list[str], sums: dict[str, torch.Tensor | KVWLedgerError], zero: torch.Tensor) -> None:
-            total = zero
-            for name in names:
-                try:
-                    value = self.store.read_array(name)
-                except KVWLedgerError as e:
-                    sums[site] = e
-                    if name in arrays:
-                        hashes[name] = e if isinstance(e, IntegrityError) else None
-                    for rest in names[names.index(name) + 1 :]:
-                        if rest in arrays:
-                            hashes[rest] = _read_hash(self.store, rest)[1]
-                    return
-                if name in arrays:
-                    hashes[name] = tensor_hash(value)
-                if zero.dim() == 0:  # a log-scale: as Weakening adds them
-                    total = total + value.reshape(())
-                else:
-                    total += value  # (n_vectors,), in place as the sums always were
-            sums[site] = total
-
-        with ThreadPoolExecutor(max_workers=hash_workers()) as pool:
-            # Batches, not a task per array: at 50,000 small arrays the futures cost seconds.
-            ordered = sorted(alone)
-            futures = [pool.submit(batch, ordered[i : i + 64]) for i in range(0, len(ordered), 64)]
-            sites = {s.name: s for s in self.ledger.sites}
-            for site, names in self.chains.items():
-                n = sites[site].n_vectors if site in sites else 0
-                futures.append(pool.submit(chain, site, names, self.sums, torch.zeros(n, dtype=torch.float32)))
-            for site, names in self.scale_chains.items():
-                futures.append(
-                    pool.submit(chain, site, names, self.scale_sums, torch.zeros((), dtype=torch.float32))
-                )
-            for f in futures:
-                f.result()
+    def hash_and_sum(self, arrays: set[str], digests: Digests, started: Callable[[], None]) -> dict[str, _Hash]:
+        """Each of ``arrays``' content hash; the head's sums are computed on the way, and
+        every file read is hashed into ``digests``. ``started`` is called once the
+        readers exist: a thread it starts cannot be inside a lock when they fork."""
+        prefixes = self._prefixes()
+        maybe = {a for a in arrays if _under(a, prefixes)}
+        sites = {s.name: s.n_vectors for s in self.ledger.sites}
+        workers, stored = hash_workers(), stored_dtypes()
+        with Reads(self.store.path, arrays, stored, workers=workers, expected=len(arrays)) as reads:
+            started()
+            reads.alone(sorted(arrays - maybe))  # read while the head's arrays are listed
+            self._plan()
+            chained = {n for c in (*self.chains.values(), *self.scale_chains.values()) for n in c}
+            reads.alone(sorted(maybe - chained))
+            reads.chains([Chain(site, tuple(names), sites.get(site, 0)) for site, names in self.chains.items()])
+            found = reads.results()
+        digests.update(found.digests)
+        hashes: dict[str, _Hash] = dict(found.hashes)
+        for site, total in found.sums.items():
+            self.sums[site] = torch.from_numpy(total) if isinstance(total, np.ndarray) else total
+        # What only torch or zarr reads, read here as it always was: the 0-d log-scales,
+        # other layouts and dtypes.
+        for array in found.redo:
+            hashes[array] = _read_hash(self.store, array, digests)[1]
+        for site in found.redo_chains:
+            zero = torch.zeros(sites.get(site, 0), dtype=torch.float32)
+            self._chain(site, self.chains[site], self.sums, zero, arrays, hashes, digests)
+        for site, names in self.scale_chains.items():
+            self._chain(site, names, self.scale_sums, torch.zeros((), dtype=torch.float32), arrays, hashes, digests)
         for array in arrays:
             hashes.setdefault(array, None)
         return hashes
+
+    def _chain(
+        self,
+        site: str,
+        names: list[str],
+        sums: dict[str, torch.Tensor | KVWLedgerError],
+        zero: torch.Tensor,
+        arrays: set[str],
+        hashes: dict[str, _Hash],
+        digests: Digests,
+    ) -> None:
+        """One site's chain summed through torch, as ``Ledger.sums`` adds it."""
+        total = zero
+        for i, name in enumerate(names):
+            try:
+                value, digest = self.store.read_hashed(name, digests=digests)
+            except KVWLedgerError as e:
+                sums[site] = e
+                if name in arrays:
+                    hashes[name] = e if isinstance(e, IntegrityError) else None
+                for rest in names[i + 1 :]:
+                    if rest in arrays:
+                        hashes[rest] = _read_hash(self.store, rest, digests)[1]
+                return
+            if name in arrays:
+                hashes[name] = digest
+            if zero.dim() == 0:  # a log-scale: as Weakening adds them
+                total = total + value.reshape(())
+            else:
+                total += value  # (n_vectors,), in place as the sums always were
+        sums[site] = total
 
     def problems(self) -> list[Problem]:
         """What :meth:`hash_and_sum` found wrong with the head cache."""
@@ -276,11 +346,17 @@ class _HeadSum:
         return [stale] if version < last else []
 
 
-def _read_hash(store: Store, array: str) -> tuple[str, _Hash]:
+def _under(array: str, prefixes: set[str]) -> bool:
+    """Whether ``array`` is at or under one of ``prefixes``."""
+    parts = array.split("/")
+    return any("/".join(parts[:i]) in prefixes for i in range(1, len(parts) + 1))
+
+
+def _read_hash(store: Store, array: str, digests: Digests) -> tuple[str, _Hash]:
     try:
         # read_array raises RefNotFoundError exactly where has_array says False, so asking
         # has_array first only read each array's zarr.json twice.
-        return array, store.content_hash(array)
+        return array, store.content_hash(array, digests=digests)
     except RefNotFoundError:
         return array, None
     except IntegrityError as e:

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
 from zarr.storage import LocalStore
 
-from kvw_ledger import _codec
+from kvw_ledger import _chunks, _codec
 from kvw_ledger.errors import IntegrityError
 from kvw_ledger.store import tensor_hash
 
@@ -157,7 +157,7 @@ def test_the_codec_reads_what_zarr_writes_in_its_layout(
         root = Path(tmp)
         _zarr_writes(root / "a", t, chunks, compressors=[ZstdCodec(level=level), Crc32cCodec()])
         meta = json.loads((root / "a" / "zarr.json").read_text())
-        assert _codec._own_layout(meta) is not None  # the fast path, not zarr, reads it
+        assert _chunks.own_layout(meta) is not None  # the fast path, not zarr, reads it
         back = _codec.read_array(root, "a")
         assert back.dtype == t.dtype and back.shape == t.shape and _bits(back) == _bits(t)
 
@@ -177,10 +177,68 @@ def test_other_zarr_layouts_are_read_through_zarr(layout: dict[str, Any], dtype:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         _zarr_writes(root / "a", t, (2, 2), **layout)
-        assert _codec._own_layout(json.loads((root / "a" / "zarr.json").read_text())) is None
+        assert _chunks.own_layout(json.loads((root / "a" / "zarr.json").read_text())) is None
         back = _codec.read_array(root, "a")
         assert back.dtype == dtype and tensor_hash(back) == tensor_hash(t)
         # Missing chunks are named, not filled with zeros as zarr would.
         (root / "a" / "c" / "2" / "1").unlink()
         with pytest.raises(IntegrityError, match="c/2/1"):
             _codec.read_array(root, "a")
+
+
+def _reference_hash(t: torch.Tensor) -> str:
+    """tensor_hash as its docstring defines it, spelled out independently of the codec."""
+    import hashlib
+
+    header = json.dumps({"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}, separators=(",", ":"))
+    return hashlib.sha256(header.encode() + b"\n" + _bits(t)).hexdigest()
+
+
+@settings(max_examples=60, deadline=None)
+@given(_tensors(), st.sampled_from(_CHUNK_BYTES))
+def test_one_read_gives_the_tensor_its_hash_and_its_files_digests(t: torch.Tensor, chunk_bytes: int) -> None:
+    """What verify reads once: the tensor, its content hash and every file's sha256."""
+    import hashlib
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        _codec.write_array(root / "a", t, None, chunk_bytes)
+        digests: _codec.Digests = {}
+        back, digest = _codec.read_hashed(root, "a", digests=digests)
+        assert back.dtype == t.dtype and back.shape == t.shape and _bits(back) == _bits(t)
+        assert digest == _reference_hash(t) == tensor_hash(t)
+        expected = {f"a/{rel}": hashlib.sha256(raw).hexdigest() for rel, raw in _files(root / "a").items()}
+        if t.dim() > 0:  # a 0-d array zarr wrote whole is read through zarr, which hashes nothing
+            assert digests == expected
+
+
+def test_a_damaged_chunk_is_named_and_its_digest_still_recorded() -> None:
+    """verify reports a damaged chunk by name and the journal's file check sees its real
+    sha256, not a digest of what it should have been."""
+    import hashlib
+
+    t = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        _codec.write_array(root / "a", t, None, 16)
+        chunk = root / "a" / "c" / "1" / "0"
+        chunk.write_bytes(chunk.read_bytes()[:-1] + b"\x00")
+        digests: _codec.Digests = {}
+        with pytest.raises(IntegrityError, match="c/1/0"):
+            _codec.read_hashed(root, "a", digests=digests)
+        assert digests["a/c/1/0"] == hashlib.sha256(chunk.read_bytes()).hexdigest()
+        (root / "a" / "c" / "0" / "0").unlink()
+        digests = {}
+        with pytest.raises(IntegrityError, match="c/0/0 is missing"):
+            _codec.read_hashed(root, "a", digests=digests)
+        assert isinstance(digests["a/c/0/0"], FileNotFoundError)
+
+
+@pytest.mark.parametrize("dtype", _DTYPES)
+def test_arrays_zarr_reads_hash_as_the_codec_does(dtype: torch.dtype) -> None:
+    t = torch.randn(5, 3, generator=torch.Generator().manual_seed(1)).to(dtype)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        _zarr_writes(root / "a", t, (2, 2), compressors=None)
+        back, digest = _codec.read_hashed(root, "a")
+        assert digest == _reference_hash(t) and _bits(back) == _bits(t)

@@ -11,6 +11,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import tiny
@@ -546,25 +547,82 @@ def test_diff_reads_only_the_requests_that_differ(
         assert [t["change"] for t in row["top"]] == [float(delta[t["vector"]]) for t in row["top"]]
 
 
-def test_verify_reads_every_array_once(
+def test_verify_reads_every_file_once(
     history: tuple[Ledger, list[list[str]]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from kvw_ledger.store import Store
+    from kvw_ledger import _chunks, journal
 
     ledger, _ = history
     reads: dict[str, int] = {}
-    real = Store.read_array
+    real_read = _chunks.read_file
 
-    def counted(self: Store, name: str) -> torch.Tensor:
-        reads[name] = reads.get(name, 0) + 1
-        return real(self, name)
+    def counted(root: Path, rel: str, digests: Any, absent: Any = _chunks.ABSENT) -> bytes | None:
+        if not Path(rel).is_absolute():  # an array's file (read_bytes of a whole path is not)
+            reads[rel] = reads.get(rel, 0) + 1
+        return real_read(root, rel, digests, absent)
 
-    monkeypatch.setattr(Store, "read_array", counted)
+    hashed_by_journal: set[str] = set()
+    real_hash = journal.hash_files
+
+    def recorded(root: Path, paths: set[str]) -> dict[str, str | OSError]:
+        hashed_by_journal.update(paths)
+        return real_hash(root, paths)
+
+    monkeypatch.setattr(_chunks, "read_file", counted)
+    monkeypatch.setattr(journal, "hash_files", recorded)
     report = ledger.verify(check_model=False)
     assert report.ok and report.problems == []
     exponents = [n for n in reads if "/exponent/" in n]
     assert exponents and max(reads[n] for n in exponents) == 1  # hashed and summed for the head in one read
     assert max(reads.values()) == 1
+    # The files the array reads hashed are not read again for the journal's file check.
+    chunks = {rel for rel in reads if "/c/" in rel}
+    assert chunks and not chunks & hashed_by_journal
+
+
+def test_worker_processes_find_what_threads_find(
+    history: tuple[Ledger, list[list[str]]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The forked readers' content hashes, file digests and head sums (NumPy) are the
+    threads' (torch), on a sound ledger and on one with a damaged and a missing chunk."""
+    ledger, _ = history
+    sound = tiny.verify_both_ways(ledger, monkeypatch)
+    assert sound["ok"] and sound["problems"] == [] and sound["checked_arrays"] > 50
+
+    damaged = _copy(ledger.path, tmp_path / "led")
+    state = damaged.state()
+    active = state.active[-1]
+    traces = damaged.path / state.traces[active]
+    trace = sorted(p for p in traces.rglob("*") if p.is_file() and "/c/" in p.as_posix())[0]
+    trace.write_bytes(trace.read_bytes()[:-1] + bytes([trace.read_bytes()[-1] ^ 1]))
+    exponent = sorted((damaged.path / state.exponent_prefix(active)).glob("*/c/0"))[0]
+    exponent.unlink()
+    report = tiny.verify_both_ways(damaged, monkeypatch)
+    paths = [p["path"] for p in report["problems"] if p["severity"] == "error"]
+    rel = lambda f: f.relative_to(damaged.path).as_posix()  # noqa: E731
+    assert rel(trace) in paths and rel(exponent) in paths and "head" in paths
+
+
+def test_ctrl_c_in_verify_stops_its_worker_processes(
+    history: tuple[Ledger, list[list[str]]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gc
+    import multiprocessing
+
+    from kvw_ledger import scrub, verify
+
+    ledger, _ = history
+
+    def interrupted(self: scrub.Findings, other: scrub.Findings) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(scrub, "PROCESS_MIN_ARRAYS", 0)
+    monkeypatch.setattr(verify, "hash_workers", lambda: 2)
+    monkeypatch.setattr(scrub.Findings, "add", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ledger.verify(check_model=False)
+    assert multiprocessing.active_children() == []
+    assert gc.get_freeze_count() == 0 and gc.isenabled()  # the parent's collector is as it was
 
 
 def test_history_reads_the_journal_once(

@@ -342,10 +342,11 @@ def test_request_order_changes_only_the_last_bits_with_scales(env: Env, tmp_path
 # --- verify, rederive, gc ----------------------------------------------------------------
 
 
-def test_a_tampered_log_scale_fails_verify(env: Env, tmp_path: Path) -> None:
+def test_a_tampered_log_scale_fails_verify(env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ledger = _copy(env.ledger, tmp_path / "led")
     ledger.forget(env.forget[1], request_id="B", config=RESCALED, progress=False)
     assert ledger.verify().problems == []
+    assert tiny.verify_both_ways(ledger, monkeypatch)["problems"] == []  # log-scales: read by the parent
     site = ledger.sites[2].name
     name = f"requests/B/log_scale/{site}"
     chunk = next(f for f in ledger.state().requests["B"].body["arrays"] if f == name)
@@ -360,6 +361,7 @@ def test_a_tampered_log_scale_fails_verify(env: Env, tmp_path: Path) -> None:
     report = Ledger.open(ledger.path).verify()
     assert not report.ok
     assert any(p.path.startswith(name) for p in report.problems if p.severity == "error")
+    assert tiny.verify_both_ways(Ledger.open(ledger.path), monkeypatch) == report.to_json()
 
 
 def test_a_tampered_head_log_scale_fails_verify(env: Env, tmp_path: Path) -> None:

@@ -334,3 +334,30 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Same dtype, shape and bytes."""
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(bits(a), bits(b))
+
+
+def verify_both_ways(ledger: Any, monkeypatch: Any) -> dict[str, Any]:
+    """``verify --json``'s report, asserted the same with the array reads in forked
+    worker processes and on threads (each path checked to be the one taken)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from kvw_ledger import scrub, verify
+
+    made: list[int] = []
+
+    class Counted(ProcessPoolExecutor):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            made.append(1)
+            super().__init__(*args, **kwargs)
+
+    reports = []
+    for processes in (True, False):
+        before = len(made)
+        with monkeypatch.context() as m:
+            m.setattr(scrub, "ProcessPoolExecutor", Counted)
+            m.setattr(scrub, "PROCESS_MIN_ARRAYS", 0 if processes else 10**9)
+            m.setattr(verify, "hash_workers", lambda: 2)
+            reports.append(ledger.verify(check_model=False).to_json())
+        assert (len(made) > before) == processes
+    assert reports[0] == reports[1]
+    return reports[0]
