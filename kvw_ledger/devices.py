@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from kvw_ledger.errors import BadInputError
 
-if TYPE_CHECKING:  # torch is imported where it is used: cli.py imports this module's names
+if TYPE_CHECKING:  # torch is imported where it is used: the cli package imports this module's names
     import torch
 
 __all__ = ["DEVICE_CHOICES", "DTYPE_CHOICES", "Placement"]
