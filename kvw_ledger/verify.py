@@ -11,9 +11,7 @@ that lists the files and checks the base.
 
 from __future__ import annotations
 
-import contextlib
-import gc
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,24 +65,6 @@ class VerifyReport:
 
 def verify_ledger(ledger: Ledger, model_dir: str | Path | None, check_model: bool) -> VerifyReport:
     """See :meth:`Ledger.verify`."""
-    # verify makes some 300,000 objects at 1,000 requests (paths, digests, entries) and
-    # none of them cyclic garbage: collections on the way only walked them, for seconds.
-    with _collector_paused():
-        return _verify(ledger, model_dir, check_model)
-
-
-@contextlib.contextmanager
-def _collector_paused() -> Iterator[None]:
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
-def _verify(ledger: Ledger, model_dir: str | Path | None, check_model: bool) -> VerifyReport:
     try:
         scanned = ledger.journal.scan()  # read once for the entries and the chain check
         entries, _ = ledger.journal.readable(scanned)

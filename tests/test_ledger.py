@@ -622,7 +622,7 @@ def test_ctrl_c_in_verify_stops_its_worker_processes(
     with pytest.raises(KeyboardInterrupt):
         ledger.verify(check_model=False)
     assert multiprocessing.active_children() == []
-    assert gc.get_freeze_count() == 0 and gc.isenabled()  # the parent's collector is as it was
+    assert gc.get_freeze_count() == 0 and gc.isenabled()  # the parent's collector is as it was (unfrozen)
 
 
 def test_history_reads_the_journal_once(
