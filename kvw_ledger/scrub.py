@@ -20,6 +20,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
 
 import numpy as np
 
@@ -28,7 +29,7 @@ from kvw_ledger._chunks import Digests
 from kvw_ledger._tree import check_name
 from kvw_ledger.errors import IntegrityError, KVWLedgerError, RefNotFoundError
 
-__all__ = ["PROCESS_MIN_ARRAYS", "Chain", "Findings", "Reads", "scrub"]
+__all__ = ["PROCESS_MIN_ARRAYS", "Chain", "Findings", "Reads"]
 
 # Below this many arrays a fork costs more than it saves (and tests verify small ledgers).
 PROCESS_MIN_ARRAYS = 4096
@@ -48,7 +49,7 @@ class Chain:
 
 @dataclass
 class Findings:
-    """What :func:`scrub` read: file digests, content hashes and chain sums, and what it left."""
+    """What :class:`Reads` read: file digests, content hashes and chain sums, and what it left."""
 
     digests: Digests = field(default_factory=dict)
     hashes: dict[str, Hash] = field(default_factory=dict)
@@ -67,22 +68,6 @@ class Findings:
 
 class _Foreign(Exception):
     """The array needs torch or zarr to be read."""
-
-
-def scrub(
-    root: Path,
-    alone: Sequence[str],
-    chains: Sequence[Chain],
-    wanted: set[str],
-    stored: Mapping[str, np.dtype],
-    *,
-    workers: int,
-) -> Findings:
-    """Reads ``alone`` and every chain once (see :class:`Reads`) and returns what it found."""
-    with Reads(root, wanted, stored, workers=workers, expected=len(alone) + sum(len(c.names) for c in chains)) as reads:
-        reads.alone(alone)
-        reads.chains(chains)
-        return reads.results()
 
 
 class Reads:
@@ -117,8 +102,10 @@ class Reads:
         self._pool = self._stack.enter_context(_executor(self._workers, self._expected))
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self._stack.__exit__(*exc)  # type: ignore[arg-type]
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        self._stack.__exit__(kind, error, trace)
 
     def alone(self, names: Sequence[str]) -> None:
         """Arrays to hash only."""

@@ -35,6 +35,14 @@ def test_numpy_chain_sums_are_torchs_bit_for_bit(chunks: list[bytes]) -> None:
     assert ours.view(np.int32).tolist() == theirs.numpy().view(np.int32).tolist()
 
 
+def _read(root: Path, alone: list[str], chains: list[scrub.Chain], wanted: set[str], workers: int) -> scrub.Findings:
+    """What verify does: hand the arrays to a Reads and wait for what it found."""
+    with scrub.Reads(root, wanted, stored_dtypes(), workers=workers, expected=len(alone)) as reads:
+        reads.alone(alone)
+        reads.chains(chains)
+        return reads.results()
+
+
 def _ledger_like(root: Path, arrays: dict[str, torch.Tensor]) -> None:
     for name, value in arrays.items():
         write_array(root / name, value, None, 8 << 20)
@@ -51,12 +59,11 @@ def test_scrub_hashes_sums_and_hands_back_what_it_cannot_read() -> None:
         _ledger_like(root, {"requests/r0/log_scale/s": torch.tensor(0.5)})  # 0-d: zarr writes it whole
         _ledger_like(root, {"requests/r1/exponent/t": torch.rand(6, generator=gen).double()})
         wanted = {*names, "requests/r0/trace/s", "requests/r0/log_scale/s", "requests/r1/exponent/t"}
-        found = scrub.scrub(
+        found = _read(
             root,
             ["requests/r0/trace/s", "requests/r0/log_scale/s", "requests/r9/trace/s"],
             [scrub.Chain("s", tuple(names), 6), scrub.Chain("t", ("requests/r1/exponent/t",), 6)],
             wanted,
-            stored_dtypes(),
             workers=2,
         )
         total = torch.zeros(6)
@@ -74,4 +81,4 @@ def test_scrub_hashes_sums_and_hands_back_what_it_cannot_read() -> None:
 
 def test_a_bad_name_is_refused_as_the_store_refuses_it() -> None:
     with tempfile.TemporaryDirectory() as tmp, pytest.raises(BadInputError, match="bad request id '..'"):
-        scrub.scrub(Path(tmp), ["requests/../../etc"], [], set(), stored_dtypes(), workers=1)
+        _read(Path(tmp), ["requests/../../etc"], [], set(), workers=1)
